@@ -1,0 +1,97 @@
+"""Shared argument checks and backend dispatch for the ops.
+
+Every check here reads only host-side facts (dtype, device, shape, Python ints), so validating never
+syncs with the device. Checks run before any output is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INDEX_DTYPES = (torch.int32, torch.int64)
+BACKENDS = (None, "triton", "torch")
+
+# Largest number of KV-cache groups one launch serves. Group tensors are passed as separate kernel
+# arguments (the interpreter cannot follow pointers loaded from memory); more groups take more
+# launches.
+MAX_GROUPS_PER_LAUNCH = 4
+
+
+@functools.cache
+def has_triton() -> bool:
+    """Whether the Triton kernels can run here: a CUDA device is present (or the interpreter is on)."""
+    return INTERPRET or torch.cuda.is_available()
+
+
+def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
+    """Resolves ``backend`` (None: Triton for CUDA tensors or under the interpreter, else torch)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of None, 'triton', 'torch', got {backend!r}")
+    if backend == "torch":
+        return False
+    on_cuda = tensors[0].is_cuda
+    if backend == "triton":
+        if not (on_cuda or INTERPRET):
+            raise ValueError(
+                "backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+                f"got tensors on {tensors[0].device}"
+            )
+        return True
+    return on_cuda or INTERPRET
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    ndim: int | None = None,
+    device: torch.device | None = None,
+    min_numel: int | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Raises ``TypeError``/``ValueError`` naming ``name`` unless ``t`` fits; returns ``t``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    if min_numel is not None and t.numel() < min_numel:
+        raise ValueError(f"{name}: expected at least {min_numel} elements, got {t.numel()}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    return t
+
+
+def check_index_vector(
+    name: str, t: object, *, device: torch.device | None, min_numel: int | None = None
+) -> torch.Tensor:
+    """A contiguous 1-D int32/int64 tensor."""
+    return check_tensor(
+        name, t, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=min_numel, contiguous=True
+    )
+
+
+def check_int(name: str, v: object, *, minimum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))

@@ -1,0 +1,332 @@
+"""Token positions and KV slot mappings.
+
+Two flavours:
+
+- :func:`prepare_position_slot_ids` (LoRAX/TGI meaning): positions and indices into the engine's
+  flat per-request slot list.
+- :func:`compute_slot_mappings` (vLLM meaning): positions and KV slot ids for several KV-cache groups
+  in one launch, read from the persistent block tables, with the buffers' tails set to PAD.
+
+Slot ids are computed in 64 bits: ``page * page_size`` passes 2^31 on large caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from batchmeta.launch import cached_kernel
+from batchmeta.ops._common import (
+    INDEX_DTYPES,
+    MAX_GROUPS_PER_LAUNCH,
+    check_index_vector,
+    check_int,
+    check_tensor,
+    use_triton,
+)
+
+__all__ = ["PAD_SLOT_ID", "compute_slot_mappings", "prepare_position_slot_ids"]
+
+#: Slot id of a token that must not be written to the KV cache (padding of a CUDA-graph batch).
+PAD_SLOT_ID = -1
+
+_BLOCK = 256
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRAX: positions and slot indices
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _position_slot_kernel(
+    cache_lengths_ptr,  # [B]
+    cu_seqlen_ptr,  # [B + 1]
+    cu_slots_ptr,  # [B + 1] (only the first B are read)
+    position_ids_ptr,  # [>= cu_seqlen[B]]
+    slot_indices_ptr,  # [>= cu_seqlen[B]]
+    out_capacity,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    start = tl.load(cu_seqlen_ptr + b).to(tl.int64)
+    n = tl.load(cu_seqlen_ptr + b + 1).to(tl.int64) - start
+    cache_len = tl.load(cache_lengths_ptr + b).to(tl.int64)
+    slot_start = tl.load(cu_slots_ptr + b).to(tl.int64) + cache_len
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        dst = start + j
+        m = (j < n) & (dst < out_capacity)
+        tl.store(position_ids_ptr + dst, cache_len + j, mask=m)
+        tl.store(slot_indices_ptr + dst, slot_start + j, mask=m)
+
+
+_position_slot = cached_kernel(_position_slot_kernel)
+
+
+def prepare_position_slot_ids(
+    cache_lengths: torch.Tensor,
+    cu_seqlen: torch.Tensor,
+    cu_slots: torch.Tensor,
+    *,
+    position_ids: torch.Tensor,
+    slot_indices: torch.Tensor,
+    backend: str | None = None,
+) -> None:
+    """For row ``b`` and ``j < cu_seqlen[b+1] - cu_seqlen[b]``, with ``t = cu_seqlen[b] + j``:
+    ``position_ids[t] = cache_lengths[b] + j`` and
+    ``slot_indices[t] = cu_slots[b] + cache_lengths[b] + j``.
+
+    ``slot_indices`` index the engine's flat per-request slot list, not the KV cache. Elements past
+    ``cu_seqlen[B]`` are untouched.
+
+    Parameters
+    ----------
+    cache_lengths:
+        ``[B]`` int32/int64 tokens already cached per row.
+    cu_seqlen:
+        ``[B + 1]`` int32/int64 prefix sum of new tokens per row.
+    cu_slots:
+        ``[>= B]`` int32/int64 start of each row in the flat slot list.
+    position_ids, slot_indices:
+        ``[>= cu_seqlen[B]]`` int32/int64 outputs (checked on the host when ``cu_seqlen`` is a CPU
+        tensor; writes past their end are dropped otherwise).
+    """
+    check_index_vector("cache_lengths", cache_lengths, device=None)
+    device = cache_lengths.device
+    num_rows = cache_lengths.numel()
+    check_index_vector("cu_seqlen", cu_seqlen, device=device, min_numel=num_rows + 1)
+    check_index_vector("cu_slots", cu_slots, device=device, min_numel=num_rows)
+    check_index_vector("position_ids", position_ids, device=device)
+    check_index_vector("slot_indices", slot_indices, device=device)
+    capacity = min(position_ids.numel(), slot_indices.numel())
+    if not cu_seqlen.is_cuda and num_rows:
+        counts = cu_seqlen[1 : num_rows + 1] - cu_seqlen[:num_rows]
+        if int(counts.min()) < 0:
+            raise ValueError("cu_seqlen: expected a non-decreasing prefix sum")
+        if int(cu_seqlen[num_rows]) > capacity:
+            name = "position_ids" if position_ids.numel() == capacity else "slot_indices"
+            raise ValueError(f"{name}: expected at least {int(cu_seqlen[num_rows])} elements, got {capacity}")
+    if not cache_lengths.is_cuda and num_rows and int(cache_lengths.min()) < 0:
+        raise ValueError("cache_lengths: expected non-negative lengths")
+    if num_rows == 0:
+        return
+    if use_triton(backend, cache_lengths):
+        _position_slot.launch(
+            (num_rows,),
+            (cache_lengths, cu_seqlen, cu_slots, position_ids, slot_indices, capacity, _BLOCK),
+        )
+        return
+    cu = cu_seqlen[: num_rows + 1].long()
+    counts = cu[1:] - cu[:-1]
+    total = min(int(cu[-1]), capacity)
+    start = int(cu[0])
+    if total <= start:
+        return
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    j = torch.arange(row.numel(), device=device) - (cu[:-1] - cu[0])[row]
+    pos = cache_lengths.long()[row] + j
+    n = total - start
+    position_ids[start:total] = pos[:n].to(position_ids.dtype)
+    slot_indices[start:total] = (cu_slots.long()[row] + pos)[:n].to(slot_indices.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM: positions and slot mappings for several KV-cache groups, PAD tail
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _slot_row(
+    table_ptr, table_stride, page_size, slot_ptr, slot_capacity, req, start, n, cache_len,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = table_ptr + req * table_stride
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        dst = start + j
+        m = (j < n) & (dst < slot_capacity)
+        pos = cache_len + j
+        page = tl.load(row + pos // page_size, mask=m, other=0).to(tl.int64)
+        tl.store(slot_ptr + dst, page * page_size + pos % page_size, mask=m)
+
+
+@triton.jit
+def _pad_tail(ptr, start, capacity, value, BLOCK: tl.constexpr):
+    for off in range(start, capacity, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        tl.store(ptr + i, value, mask=i < capacity)
+
+
+@triton.jit
+def _slot_mapping_kernel(
+    idx_mapping_ptr,  # [B] request slot of each batch row
+    query_start_loc_ptr,  # [B + 1] prefix sum of new tokens
+    cache_lens_ptr,  # [B] tokens cached before this step, per batch row
+    positions_ptr,  # [P] int32/int64 (written by group-0 programs when WRITE_POSITIONS)
+    positions_capacity,
+    num_rows,
+    # Group g: persistent block table [R, W_g] (row stride), page size, slot mapping [S_g].
+    t0, ts0, ps0, o0, oc0,
+    t1, ts1, ps1, o1, oc1,
+    t2, ts2, ps2, o2, oc2,
+    t3, ts3, ps3, o3, oc3,
+    NUM_GROUPS: tl.constexpr,
+    WRITE_POSITIONS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    if b == num_rows:
+        # One extra program per group fills every element past the step's tokens, so a CUDA graph
+        # captured for more tokens than this step has writes nothing for the padding.
+        num_tokens = tl.load(query_start_loc_ptr + num_rows).to(tl.int64)
+        if g == 0:
+            _pad_tail(o0, num_tokens, oc0, -1, BLOCK)
+            if WRITE_POSITIONS:
+                _pad_tail(positions_ptr, num_tokens, positions_capacity, 0, BLOCK)
+        if NUM_GROUPS > 1:
+            if g == 1:
+                _pad_tail(o1, num_tokens, oc1, -1, BLOCK)
+        if NUM_GROUPS > 2:
+            if g == 2:
+                _pad_tail(o2, num_tokens, oc2, -1, BLOCK)
+        if NUM_GROUPS > 3:
+            if g == 3:
+                _pad_tail(o3, num_tokens, oc3, -1, BLOCK)
+    else:
+        req = tl.load(idx_mapping_ptr + b).to(tl.int64)
+        start = tl.load(query_start_loc_ptr + b).to(tl.int64)
+        n = tl.load(query_start_loc_ptr + b + 1).to(tl.int64) - start
+        cache_len = tl.load(cache_lens_ptr + b).to(tl.int64)
+        if g == 0:
+            _slot_row(t0, ts0, ps0, o0, oc0, req, start, n, cache_len, BLOCK)
+            if WRITE_POSITIONS:
+                for off in range(0, n, BLOCK):
+                    j = off + tl.arange(0, BLOCK)
+                    dst = start + j
+                    tl.store(positions_ptr + dst, cache_len + j, mask=(j < n) & (dst < positions_capacity))
+        if NUM_GROUPS > 1:
+            if g == 1:
+                _slot_row(t1, ts1, ps1, o1, oc1, req, start, n, cache_len, BLOCK)
+        if NUM_GROUPS > 2:
+            if g == 2:
+                _slot_row(t2, ts2, ps2, o2, oc2, req, start, n, cache_len, BLOCK)
+        if NUM_GROUPS > 3:
+            if g == 3:
+                _slot_row(t3, ts3, ps3, o3, oc3, req, start, n, cache_len, BLOCK)
+
+
+_slot_mapping = cached_kernel(_slot_mapping_kernel)
+
+
+def compute_slot_mappings(
+    idx_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    cache_lens: torch.Tensor,
+    block_tables: Sequence[torch.Tensor],
+    page_sizes: Sequence[int],
+    *,
+    slot_mappings: Sequence[torch.Tensor],
+    positions: torch.Tensor | None = None,
+    num_tokens: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Positions and per-group KV slot ids of every new token, with PAD tails.
+
+    For batch row ``b`` (request slot ``r = idx_mapping[b]``), token ``j`` of its
+    ``query_start_loc[b+1] - query_start_loc[b]`` new tokens sits at ``t = query_start_loc[b] + j``
+    and position ``p = cache_lens[b] + j``:
+
+    - ``positions[t] = p``; ``positions[t] = 0`` for every ``t >= query_start_loc[B]``;
+    - ``slot_mappings[g][t] = block_tables[g][r, p // ps_g] * ps_g + p % ps_g``;
+      ``slot_mappings[g][t] = -1`` (PAD) for every ``t >= query_start_loc[B]`` up to the end.
+
+    Parameters
+    ----------
+    idx_mapping:
+        ``[B]`` int32/int64 request slot of each batch row.
+    query_start_loc:
+        ``[B + 1]`` int32/int64 prefix sum of new tokens.
+    cache_lens:
+        ``[B]`` int32/int64 tokens cached before this step, per batch row.
+    block_tables:
+        Per group, ``[R, W_g]`` int32 persistent table (unit column stride).
+    page_sizes:
+        Per group, tokens per page.
+    slot_mappings:
+        Per group, ``[S_g]`` int64 (or int32 for small caches) output, written to its end.
+    positions:
+        ``[P]`` int32/int64 output written to its end, or None to skip positions.
+    num_tokens:
+        Host-side ``query_start_loc[B]`` when known; checked against the outputs' sizes.
+    """
+    check_index_vector("idx_mapping", idx_mapping, device=None)
+    device = idx_mapping.device
+    num_rows = idx_mapping.numel()
+    check_index_vector("query_start_loc", query_start_loc, device=device, min_numel=num_rows + 1)
+    check_index_vector("cache_lens", cache_lens, device=device, min_numel=num_rows)
+    num_groups = len(block_tables)
+    if num_groups == 0:
+        raise ValueError("block_tables: expected at least one group, got none")
+    if len(page_sizes) != num_groups or len(slot_mappings) != num_groups:
+        raise ValueError(
+            f"page_sizes, slot_mappings: expected {num_groups} groups each (len(block_tables)), "
+            f"got {len(page_sizes)} and {len(slot_mappings)}"
+        )
+    for g, (bt, ps, sm) in enumerate(zip(block_tables, page_sizes, slot_mappings, strict=True)):
+        check_tensor(f"block_tables[{g}]", bt, dtypes=(torch.int32,), ndim=2, device=device)
+        if bt.shape[1] > 1 and bt.stride(1) != 1:
+            raise ValueError(f"block_tables[{g}]: expected unit column stride, got strides {bt.stride()}")
+        check_int(f"page_sizes[{g}]", ps, minimum=1)
+        check_tensor(f"slot_mappings[{g}]", sm, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
+    if positions is not None:
+        check_index_vector("positions", positions, device=device)
+    outputs = [(f"slot_mappings[{g}]", sm) for g, sm in enumerate(slot_mappings)]
+    if positions is not None:
+        outputs.append(("positions", positions))
+    if num_tokens is None and not query_start_loc.is_cuda:
+        num_tokens = int(query_start_loc[num_rows])
+    if num_tokens is not None:
+        check_int("num_tokens", num_tokens, minimum=0)
+        for name, t in outputs:
+            if t.numel() < num_tokens:
+                raise ValueError(f"{name}: expected at least {num_tokens} elements, got {t.numel()}")
+    if not idx_mapping.is_cuda and num_rows:
+        for g, bt in enumerate(block_tables):
+            lo, hi = int(idx_mapping.min()), int(idx_mapping.max())
+            if lo < 0 or hi >= bt.shape[0]:
+                raise ValueError(
+                    f"idx_mapping: expected request slots in [0, {bt.shape[0]}) (rows of block_tables[{g}]), "
+                    f"got values in [{lo}, {hi}]"
+                )
+    if not cache_lens.is_cuda and num_rows and int(cache_lens[:num_rows].min()) < 0:
+        raise ValueError("cache_lens: expected non-negative lengths")
+
+    if use_triton(backend, idx_mapping):
+        pos = positions if positions is not None else slot_mappings[0]
+        for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):
+            chunk = list(range(first, min(num_groups, first + MAX_GROUPS_PER_LAUNCH)))
+            args: list = [idx_mapping, query_start_loc, cache_lens, pos, pos.numel(), num_rows]
+            for slot in range(MAX_GROUPS_PER_LAUNCH):
+                g = chunk[slot] if slot < len(chunk) else chunk[0]
+                bt, sm = block_tables[g], slot_mappings[g]
+                args += [bt, bt.stride(0), page_sizes[g], sm, sm.numel()]
+            args += [len(chunk), positions is not None and first == 0, _BLOCK]
+            _slot_mapping.launch((num_rows + 1, len(chunk)), tuple(args))
+        return
+
+    qsl = query_start_loc[: num_rows + 1].long()
+    counts = qsl[1:] - qsl[:-1]
+    total = int(qsl[-1])
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    tok = torch.arange(int(qsl[0]), total, device=device)
+    pos_vals = cache_lens.long()[row] + (tok - qsl[:-1][row])
+    reqs = idx_mapping.long()[row]
+    if positions is not None:
+        positions[int(qsl[0]) : total] = pos_vals[: max(0, positions.numel() - int(qsl[0]))].to(positions.dtype)
+        positions[total:] = 0
+    for bt, ps, sm in zip(block_tables, page_sizes, slot_mappings, strict=True):
+        page = bt[reqs, pos_vals // ps].long() if pos_vals.numel() else pos_vals
+        slots = page * ps + pos_vals % ps
+        sm[int(qsl[0]) : total] = slots[: max(0, sm.numel() - int(qsl[0]))].to(sm.dtype)
+        sm[total:] = PAD_SLOT_ID

@@ -1,0 +1,200 @@
+"""Token bookkeeping after sampling: accepted tokens into the history, slot-list compaction."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from batchmeta.launch import cached_kernel
+from batchmeta.ops._common import check_index_vector, check_tensor, use_triton
+
+__all__ = ["copy_next_input_ids_inplace", "slots_filtering"]
+
+_BLOCK = 128
+
+
+@triton.jit
+def _copy_next_kernel(
+    all_input_ids_ptr,  # [B, L], row stride ids_stride, unit column stride
+    ids_stride,
+    ids_width,
+    cache_lengths_ptr,  # [B]
+    input_lengths_ptr,  # [B]
+    prompt_lengths_ptr,  # [B]
+    next_input_ids_ptr,  # [N]
+    next_numel,
+    cu_accepted_ids_ptr,  # [B + 1]
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    src_start = tl.load(cu_accepted_ids_ptr + b).to(tl.int64)
+    n = tl.load(cu_accepted_ids_ptr + b + 1).to(tl.int64) - src_start
+    base = tl.load(cache_lengths_ptr + b).to(tl.int64) + tl.load(input_lengths_ptr + b).to(tl.int64)
+    prompt_len = tl.load(prompt_lengths_ptr + b).to(tl.int64)
+    row = all_input_ids_ptr + b.to(tl.int64) * ids_stride
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        col = base + j
+        src = src_start + j
+        # A request still inside its prompt (chunked prefill) keeps its prompt tokens.
+        m = (j < n) & (col >= prompt_len) & (col < ids_width) & (src < next_numel)
+        v = tl.load(next_input_ids_ptr + src, mask=m)
+        tl.store(row + col, v, mask=m)
+
+
+_copy_next = cached_kernel(_copy_next_kernel)
+
+
+def copy_next_input_ids_inplace(
+    all_input_ids: torch.Tensor,
+    cache_lengths: torch.Tensor,
+    input_lengths: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    next_input_ids: torch.Tensor,
+    cu_accepted_ids: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Writes the accepted tokens of each row into its token history (speculative-decoding aware).
+
+    For row ``b``, ``j < cu_accepted_ids[b+1] - cu_accepted_ids[b]`` and
+    ``c = cache_lengths[b] + input_lengths[b] + j``:
+    ``all_input_ids[b, c] = next_input_ids[cu_accepted_ids[b] + j]`` where ``c >= prompt_lengths[b]``
+    (and ``c`` is inside the row). Call it before the lengths are advanced.
+
+    Parameters
+    ----------
+    all_input_ids:
+        ``[B, L]`` token history (any integer dtype), unit column stride.
+    cache_lengths, input_lengths, prompt_lengths:
+        ``[B]`` int32/int64.
+    next_input_ids:
+        ``[N]`` sampled tokens, accepted ones of each row back to back; same dtype as
+        ``all_input_ids``.
+    cu_accepted_ids:
+        ``[B + 1]`` int32/int64 prefix sum of accepted tokens per row.
+    """
+    check_tensor("all_input_ids", all_input_ids, ndim=2)
+    device = all_input_ids.device
+    if all_input_ids.shape[1] > 1 and all_input_ids.stride(1) != 1:
+        raise ValueError(f"all_input_ids: expected unit column stride, got strides {all_input_ids.stride()}")
+    num_rows = all_input_ids.shape[0]
+    for name, t in (("cache_lengths", cache_lengths), ("input_lengths", input_lengths),
+                    ("prompt_lengths", prompt_lengths)):  # fmt: skip
+        check_index_vector(name, t, device=device, min_numel=num_rows)
+    check_tensor("next_input_ids", next_input_ids, dtypes=(all_input_ids.dtype,), ndim=1, device=device,
+                 contiguous=True)  # fmt: skip
+    check_index_vector("cu_accepted_ids", cu_accepted_ids, device=device, min_numel=num_rows + 1)
+    if not cu_accepted_ids.is_cuda and num_rows:
+        cu = cu_accepted_ids[: num_rows + 1]
+        if int((cu[1:] - cu[:-1]).min()) < 0:
+            raise ValueError("cu_accepted_ids: expected a non-decreasing prefix sum")
+        if int(cu[-1]) > next_input_ids.numel():
+            raise ValueError(
+                f"next_input_ids: expected at least {int(cu[-1])} elements (cu_accepted_ids[-1]), "
+                f"got {next_input_ids.numel()}"
+            )
+    if num_rows == 0:
+        return
+    if use_triton(backend, all_input_ids):
+        _copy_next.launch(
+            (num_rows,),
+            (
+                all_input_ids, all_input_ids.stride(0), all_input_ids.shape[1],
+                cache_lengths, input_lengths, prompt_lengths,
+                next_input_ids, next_input_ids.numel(), cu_accepted_ids, _BLOCK,
+            ),
+        )  # fmt: skip
+        return
+    cu = cu_accepted_ids[: num_rows + 1].long()
+    counts = cu[1:] - cu[:-1]
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    src = torch.arange(int(cu[0]), int(cu[-1]), device=device)
+    j = src - cu[:-1][row]
+    col = cache_lengths.long()[row] + input_lengths.long()[row] + j
+    keep = (col >= prompt_lengths.long()[row]) & (col < all_input_ids.shape[1]) & (src < next_input_ids.numel())
+    all_input_ids[row[keep], col[keep]] = next_input_ids[src[keep]]
+
+
+@triton.jit
+def _slots_filtering_kernel(
+    slots_ptr,  # [S]
+    slots_numel,
+    filtered_slots_ptr,  # [F]
+    filtered_numel,
+    cu_slots_ptr,  # [K + 1]
+    slots_start_ptr,  # [K]
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0)
+    dst_start = tl.load(cu_slots_ptr + k).to(tl.int64)
+    n = tl.load(cu_slots_ptr + k + 1).to(tl.int64) - dst_start
+    src_start = tl.load(slots_start_ptr + k).to(tl.int64)
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        src = src_start + j
+        dst = dst_start + j
+        m = (j < n) & (src < slots_numel) & (dst < filtered_numel)
+        tl.store(filtered_slots_ptr + dst, tl.load(slots_ptr + src, mask=m), mask=m)
+
+
+_slots_filtering = cached_kernel(_slots_filtering_kernel)
+
+
+def slots_filtering(
+    slots: torch.Tensor,
+    filtered_slots: torch.Tensor,
+    cu_slots: torch.Tensor,
+    slots_start: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Compacts the slot list after requests leave the batch.
+
+    ``filtered_slots[cu_slots[k]:cu_slots[k+1]] = slots[slots_start[k] : slots_start[k] + n_k]``
+    with ``n_k = cu_slots[k+1] - cu_slots[k]``.
+
+    Parameters
+    ----------
+    slots:
+        ``[S]`` old flat slot list.
+    filtered_slots:
+        ``[>= cu_slots[K]]`` output, same dtype as ``slots``.
+    cu_slots:
+        ``[K + 1]`` int32/int64 prefix sum of slots per kept request.
+    slots_start:
+        ``[K]`` int32/int64 where each kept request's slots start in ``slots``.
+    """
+    check_tensor("slots", slots, ndim=1, contiguous=True)
+    device = slots.device
+    check_tensor("filtered_slots", filtered_slots, dtypes=(slots.dtype,), ndim=1, device=device, contiguous=True)
+    check_index_vector("slots_start", slots_start, device=device)
+    num_rows = slots_start.numel()
+    check_index_vector("cu_slots", cu_slots, device=device, min_numel=num_rows + 1)
+    if not cu_slots.is_cuda and num_rows:
+        cu = cu_slots[: num_rows + 1].long()
+        counts = cu[1:] - cu[:-1]
+        if int(counts.min()) < 0:
+            raise ValueError("cu_slots: expected a non-decreasing prefix sum")
+        if int(cu[-1]) > filtered_slots.numel():
+            raise ValueError(f"filtered_slots: expected at least {int(cu[-1])} elements, got {filtered_slots.numel()}")
+        if not slots_start.is_cuda:
+            ends = slots_start.long() + counts
+            if int(slots_start.min()) < 0 or int(ends.max()) > slots.numel():
+                raise ValueError(f"slots_start: a kept request's slots run past the end of slots ({slots.numel()})")
+    if num_rows == 0:
+        return
+    if use_triton(backend, slots):
+        _slots_filtering.launch(
+            (num_rows,),
+            (slots, slots.numel(), filtered_slots, filtered_slots.numel(), cu_slots, slots_start, _BLOCK),
+        )
+        return
+    cu = cu_slots[: num_rows + 1].long()
+    counts = cu[1:] - cu[:-1]
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    dst = torch.arange(int(cu[0]), int(cu[-1]), device=device)
+    src = slots_start.long()[row] + (dst - cu[:-1][row])
+    keep = (src < slots.numel()) & (dst < filtered_slots.numel())
+    filtered_slots[dst[keep]] = slots[src[keep]]
