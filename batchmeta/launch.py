@@ -5,7 +5,8 @@ specialization of every argument, hashing it with the options into Triton's cach
 knobs. For the small metadata kernels that run every step this binding costs far more than the
 kernel. :class:`CachedKernel` does the binding once per specialization: the first launch goes
 through Triton's normal path, the compiled kernel it returns is remembered under a key of our own,
-and later launches with the same key call the compiled kernel's launcher directly.
+and later launches with the same key call the compiled kernel's launcher directly, with tensors
+passed as device addresses (so the launcher does not query the driver for each pointer).
 
 The key is at least as fine as Triton's specialization, so a hit always selects the binary Triton
 would have selected:
@@ -16,9 +17,11 @@ would have selected:
 - constexpr parameters by value;
 - ``num_warps``, ``num_stages`` and the current CUDA device.
 
-Anything the key cannot describe (other objects, unhashable constexprs, a registered launch
-hook, a pre-run hook, the Triton interpreter, a Triton version outside 3.6-3.9) takes Triton's
-normal launch path: a cache miss is never a wrong result, only a slower launch.
+Anything the key cannot describe (other objects, a tensor not on a CUDA device, unhashable
+constexprs, a registered launch hook, a pre-run hook, the Triton interpreter, a Triton version
+outside 3.6-3.9) takes Triton's normal launch path: a cache miss is never a wrong result, only a
+slower launch. The launcher's C entry point is called directly only for launcher sources verified
+here (by hash); any other launcher is called through its Python wrapper.
 
 Global Triton knobs that change compilation (``TRITON_DEBUG`` and the like) are read by Triton at
 each normal launch but not by the cached path; call :func:`clear_launch_caches` after changing them.
@@ -26,6 +29,8 @@ each normal launch but not by the cached path; call :func:`clear_launch_caches` 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import weakref
 from collections.abc import Sequence
@@ -64,56 +69,122 @@ class _Unkeyable(Exception):
     """An argument the key cannot describe: take Triton's normal path."""
 
 
-def _other_key(a: Any) -> Any:
-    # Slow branch of the generated key function for anything but a plain tensor or int.
+def _other(a: Any) -> tuple[Any, Any]:
+    """(launch value, key) for anything but a plain tensor or int: the slow branch of ``prep``."""
     if a is None or type(a) is bool:
-        return a
+        return a, a
     if type(a) is float:
         # Triton passes every Python float as fp32 and does not specialize on its value.
-        return float
+        return a, float
     if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() & 15)
+        if not a.is_cuda:
+            raise _Unkeyable("a tensor not on a CUDA device")
+        ptr = a.data_ptr()
+        return ptr, (a.dtype, ptr & 15 == 0)
     if isinstance(a, int):
-        return (a == 1, a & 15, _I32_MIN <= a <= _I32_MAX, a > _I64_MAX)
+        a = int(a)
+        return a, (a == 1, a & 15 == 0, _I32_MIN <= a <= _I32_MAX, a > _I64_MAX)
     raise _Unkeyable(type(a).__name__)
 
 
-def _make_key_fn(params: Sequence[Any]):
-    """Generates ``key(args) -> tuple`` unrolled over the kernel's parameters (no per-arg loop)."""
+def _make_prep_fn(params: Sequence[Any]):
+    """Generates ``prep(args) -> (key, launch_args)``, unrolled over the kernel's parameters.
+
+    ``key`` is the specialization key described in the module docstring. ``launch_args`` are the
+    arguments for the compiled launcher, with each tensor replaced by its device address: the
+    launcher then skips calling ``data_ptr()`` and querying the driver for every pointer.
+    """
     names = [f"a{i}" for i in range(len(params))]
-    parts = []
-    for name, p in zip(names, params, strict=True):
+    body = [f"    {', '.join(names)}{',' if len(names) == 1 else ''} = args"]
+    for i, (a, p) in enumerate(zip(names, params, strict=True)):
         if p.is_constexpr:
-            parts.append(name)
-        else:
-            parts.append(
-                f"(({name}.dtype, {name}.data_ptr() & 15) if type({name}) is _T else "
-                f"(({name} == 1, {name} & 15, {_I32_MIN} <= {name} <= {_I32_MAX}, {name} > {_I64_MAX}) "
-                f"if type({name}) is int else _other({name})))"
-            )
-    unpack = ", ".join(names) + ("," if len(names) == 1 else "")
-    src = f"def key(args):\n    {unpack} = args\n    return ({', '.join(parts)},)\n"
-    namespace: dict[str, Any] = {"_T": torch.Tensor, "_other": _other_key}
+            body.append(f"    k{i} = p{i} = {a}")
+            continue
+        body += [
+            f"    if type({a}) is _T:",
+            f"        if not {a}.is_cuda:",
+            "            raise _Unkeyable('a tensor not on a CUDA device')",
+            f"        p{i} = {a}.data_ptr()",
+            f"        k{i} = ({a}.dtype, p{i} & 15 == 0)",
+            f"    elif type({a}) is int:",
+            f"        p{i} = {a}",
+            f"        k{i} = ({a} == 1, {a} & 15 == 0, {_I32_MIN} <= {a} <= {_I32_MAX}, {a} > {_I64_MAX})",
+            "    else:",
+            f"        p{i}, k{i} = _other({a})",
+        ]
+    n = len(params)
+    body.append(f"    return ({''.join(f'k{i}, ' for i in range(n))}), ({''.join(f'p{i}, ' for i in range(n))})")
+    src = "def prep(args):\n" + "\n".join(body) + "\n"
+    namespace: dict[str, Any] = {"_T": torch.Tensor, "_other": _other, "_Unkeyable": _Unkeyable}
     exec(src, namespace)
-    return namespace["key"]
+    return namespace["prep"]
+
+
+# sha256 (first 16 hex digits) of ``inspect.getsource(CudaLauncher.__call__)`` in the Triton releases
+# whose launcher was read and verified, and how its C ``launch`` function takes its arguments.
+_VERIFIED_LAUNCHERS = {
+    "9412a64d532d5b5c": "3.6",  # 3.6.0
+    "152cac5293645963": "3.7",  # 3.7.0, 3.7.1
+    "6afde16b206e5650": "3.7",  # 3.8.0 (same call; adds GSan, off unless instrumented)
+    "7858736667eaebc1": "3.7",  # 3.9.0 (likewise)
+}
+_launcher_forms: dict[type, str | None] = {}
+
+
+def _launcher_form(launcher: Any) -> str | None:
+    """Which direct-call form ``launcher.launch`` takes, or None to go through ``launcher(...)``."""
+    cls = type(launcher)
+    if cls not in _launcher_forms:
+        try:
+            src = inspect.getsource(cls.__call__)
+            form = _VERIFIED_LAUNCHERS.get(hashlib.sha256(src.encode()).hexdigest()[:16])
+        except (OSError, TypeError):
+            form = None
+        _launcher_forms[cls] = form
+    form = _launcher_forms[cls]
+    # The direct call skips the wrapper's scratch allocation and instrumentation: only valid when
+    # the kernel needs neither.
+    if (
+        form is None
+        or getattr(launcher, "global_scratch_size", 1) != 0
+        or getattr(launcher, "profile_scratch_size", 1) != 0
+        or getattr(launcher, "gsan_enabled", False)
+        or not inspect.isbuiltin(getattr(launcher, "launch", None))
+    ):
+        return None
+    return form
 
 
 class _Entry:
-    __slots__ = ("function", "packed_metadata", "run")
+    """A compiled kernel, resolved down to the call that launches it."""
+
+    __slots__ = ("call",)
 
     def __init__(self, compiled: Any):
-        self.run = compiled.run  # property: initialises the module handle on first access
-        self.function = compiled.function
-        self.packed_metadata = compiled.packed_metadata
+        launcher = compiled.run  # property: loads the module on first access
+        function = compiled.function
+        meta = compiled.packed_metadata
+        form = _launcher_form(launcher)
+        if form == "3.6":
+            c_launch, coop, pdl = launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
 
+            def call(g0, g1, g2, stream, args):
+                c_launch(g0, g1, g2, stream, function, coop, pdl, None, None, meta, None, None, None, *args)
 
-def _hooks_idle() -> bool:
-    rt = triton.knobs.runtime
-    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
-        # Triton >= 3.6 holds a HookChain (never None); older ones a callable or None.
-        if hook is not None and getattr(hook, "calls", True):
-            return False
-    return True
+        elif form == "3.7":
+            c_launch, coop, pdl = launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+            annotations, signature = launcher.arg_annotations, launcher.kernel_signature
+
+            def call(g0, g1, g2, stream, args):
+                c_launch(g0, g1, g2, stream, function, coop, pdl, meta, None, None, None, None, None,
+                         annotations, signature, args)  # fmt: skip
+
+        else:
+
+            def call(g0, g1, g2, stream, args):
+                launcher(g0, g1, g2, stream, function, meta, None, None, None, *args)
+
+        self.call = call
 
 
 class CachedKernel:
@@ -131,13 +202,13 @@ class CachedKernel:
 
     def __init__(self, fn: Any):
         self.fn = fn
-        self._params = list(getattr(fn, "params", ()))
-        self._key = _make_key_fn(self._params) if self._params else None
+        params = list(getattr(fn, "params", ()))
+        self._prep = _make_prep_fn(params) if params else None
         self._cache: dict[tuple, _Entry] = {}
         self.supported = (
             _VERIFIED_TRITON
             and not _INTERPRET
-            and self._key is not None
+            and self._prep is not None
             and hasattr(fn, "run")
             and not getattr(fn, "pre_run_hooks", None)
         )
@@ -151,11 +222,14 @@ class CachedKernel:
 
     def key(self, args: tuple, num_warps: int | None = None, num_stages: int | None = None) -> tuple:
         """The cache key for these arguments (raises ``_Unkeyable`` when there is none)."""
+        return self._key_and_args(args, num_warps, num_stages)[0]
+
+    def _key_and_args(self, args, num_warps, num_stages):
         try:
-            spec = self._key(args)  # type: ignore[misc]
+            spec, launch_args = self._prep(args)  # type: ignore[misc]
         except (ValueError, TypeError) as err:  # wrong arity, unsupported operand
             raise _Unkeyable(str(err)) from err
-        return (spec, num_warps, num_stages, torch.cuda.current_device())
+        return (spec, num_warps, num_stages, _get_device()), launch_args
 
     def clear(self) -> None:
         self._cache.clear()
@@ -172,32 +246,30 @@ class CachedKernel:
         if not (_enabled and self.supported):
             self._plain(grid, args, num_warps, num_stages)
             return
+        # The hit path is written out flat: every call and attribute lookup here is paid per launch.
         try:
-            key = self.key(args, num_warps, num_stages)
-            entry = self._cache.get(key)
-        except (_Unkeyable, TypeError):  # TypeError: an unhashable constexpr
+            spec, launch_args = self._prep(args)
+            device = _get_device()
+            entry = self._cache.get((spec, num_warps, num_stages, device))
+        except (_Unkeyable, ValueError, TypeError):  # unkeyable, wrong arity, unhashable constexpr
             self._plain(grid, args, num_warps, num_stages)
             return
-        if entry is None or not _hooks_idle():
+        rt = _RUNTIME_KNOBS
+        enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+        if (
+            entry is None
+            or (enter is not None and getattr(enter, "calls", True))
+            or (exit_ is not None and getattr(exit_, "calls", True))
+        ):
+            # A miss, or a launch hook (a profiler) that must see launch metadata: bind normally.
             self.misses += 1
             compiled = self._plain(grid, args, num_warps, num_stages)
             if entry is None and compiled is not None and hasattr(compiled, "packed_metadata"):
-                self._cache[key] = _Entry(compiled)
+                self._cache[(spec, num_warps, num_stages, device)] = _Entry(compiled)
             return
         self.hits += 1
         n = len(grid)
-        entry.run(
-            grid[0],
-            grid[1] if n > 1 else 1,
-            grid[2] if n > 2 else 1,
-            _current_stream(key[3]),
-            entry.function,
-            entry.packed_metadata,
-            None,  # launch_metadata: only read by launch hooks, which are idle here
-            None,
-            None,
-            *args,
-        )
+        entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _get_stream(device), launch_args)
 
     def _plain(self, grid, args, num_warps, num_stages):
         opts = {}
@@ -211,8 +283,12 @@ class CachedKernel:
         return compiled.result() if hasattr(compiled, "result") else compiled
 
 
-def _current_stream(device: int) -> int:
-    return torch._C._cuda_getCurrentRawStream(device)
+# Resolved once, so the hit path does no module attribute lookups. Triton replaces hooks on this
+# object (``knobs.runtime.launch_enter_hook = ...`` or ``.add()``), never the object itself.
+_RUNTIME_KNOBS = triton.knobs.runtime
+# Current CUDA device index, and its current stream's handle (what Triton's driver reads too).
+_get_device = getattr(torch._C, "_cuda_getDevice", None)
+_get_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def cached_kernel(fn: Any) -> CachedKernel:
