@@ -61,6 +61,9 @@ def block_tables_to_ragged(
             f"cache_lengths: expected {len(input_lengths)} entries (len(input_lengths)), got {len(cache_lengths)}"
         )
     num_rows = len(input_lengths)
+    for name, lens in (("input_lengths", input_lengths), ("cache_lengths", cache_lengths)):
+        if any(n < 0 for n in lens):
+            raise ValueError(f"{name}: expected non-negative lengths, got {min(lens)}")
     check_index_vector("input_lengths_tensor", input_lengths_tensor, device=device)
     check_index_vector("cache_lengths_tensor", cache_lengths_tensor, device=device)
     for name, t in (("input_lengths_tensor", input_lengths_tensor), ("cache_lengths_tensor", cache_lengths_tensor)):
@@ -87,6 +90,24 @@ def block_tables_to_padded(
     """Row ``b`` of ``block_tables`` (output, ``[B, W]`` int32) gets
     ``block_tables_ragged[cu_seqlen[b]:cu_seqlen[b+1]]``; the rest of the row is set to 0."""
     check_int("max_blocks", max_blocks, minimum=0)
+    # Checked here under LoRAX's argument names; the op re-checks under its own.
+    check_tensor("block_tables_ragged", block_tables_ragged, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    device = block_tables_ragged.device
+    check_index_vector("cu_seqlen", cu_seqlen, device=device, min_numel=1)
+    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2, device=device)
+    num_rows = cu_seqlen.numel() - 1
+    if block_tables.shape[0] < num_rows:
+        raise ValueError(
+            f"block_tables: expected at least {num_rows} rows (len(cu_seqlen) - 1), got {block_tables.shape[0]}"
+        )
+    if not cu_seqlen.is_cuda and num_rows:
+        counts = cu_seqlen[1:] - cu_seqlen[:-1]
+        if int(counts.min()) < 0:
+            raise ValueError("cu_seqlen: expected a non-decreasing prefix sum")
+        if int(counts.max()) > block_tables.shape[1]:
+            raise ValueError(
+                f"cu_seqlen: a row has {int(counts.max())} entries but block_tables is {block_tables.shape[1]} wide"
+            )
     ops.block_tables_to_padded(block_tables_ragged, cu_seqlen, out=block_tables, pad_value=0)
 
 

@@ -85,12 +85,19 @@ def check_index_vector(
     )
 
 
-def check_int(name: str, v: object, *, minimum: int | None = None) -> int:
+def check_int(name: str, v: object, *, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name}: expected an int <= {maximum}, got {v}")
     return v
+
+
+def check_int32(name: str, v: object) -> int:
+    """An int that fits an int32 element (a value stored into an int32 table)."""
+    return check_int(name, v, minimum=-(2**31), maximum=2**31 - 1)
 
 
 def next_power_of_2(n: int) -> int:

@@ -22,6 +22,7 @@ from batchmeta.ops._common import (
     MAX_GROUPS_PER_LAUNCH,
     check_index_vector,
     check_int,
+    check_int32,
     check_tensor,
     use_triton,
 )
@@ -175,9 +176,10 @@ def write_kv_indices(
         raise ValueError(f"kv_indptr: describes {num_rows} rows but block_tables has {block_tables.shape[0]}")
     _check_host_indptr("kv_indptr", kv_indptr, out.numel(), "out", block_tables.shape[1])
 
+    on_triton = use_triton(backend, block_tables)
     if num_rows == 0:
         return out
-    if use_triton(backend, block_tables):
+    if on_triton:
         _ragged.launch(
             (num_rows,),
             (
@@ -248,10 +250,11 @@ def block_tables_to_ragged(
         if int(pages.sum()) > out.numel():
             raise ValueError(f"out: expected at least {int(pages.sum())} elements, got {out.numel()}")
 
+    on_triton = use_triton(backend, block_tables)
     if num_rows == 0:
         kv_indptr_out[:1].zero_()
         return out
-    if use_triton(backend, block_tables):
+    if on_triton:
         _ragged.launch(
             (num_rows,),
             (
@@ -331,14 +334,15 @@ def block_tables_to_padded(
     check_tensor("out", out, dtypes=_I32, ndim=2, device=device)
     if out.shape[1] > 1 and out.stride(1) != 1:
         raise ValueError(f"out: expected unit column stride, got strides {out.stride()}")
-    check_int("pad_value", pad_value)
+    check_int32("pad_value", pad_value)
     num_rows = cu_pages.numel() - 1
     if out.shape[0] < num_rows:
         raise ValueError(f"out: expected at least {num_rows} rows (len(cu_pages) - 1), got {out.shape[0]}")
     _check_host_indptr("cu_pages", cu_pages, block_tables_ragged.numel(), "block_tables_ragged", out.shape[1])
+    on_triton = use_triton(backend, block_tables_ragged)
     if num_rows == 0 or out.shape[1] == 0:
         return out
-    if use_triton(backend, block_tables_ragged):
+    if on_triton:
         _padded.launch(
             (num_rows,),
             (
@@ -444,7 +448,7 @@ def gather_block_tables(
             f"num_blocks, out: expected {num_groups} groups each (len(block_tables)), "
             f"got {len(num_blocks)} and {len(out)}"
         )
-    check_int("pad_value", pad_value)
+    check_int32("pad_value", pad_value)
     num_rows = idx_mapping.numel()
     for g, (bt, nb, o) in enumerate(zip(block_tables, num_blocks, out, strict=True)):
         check_tensor(f"block_tables[{g}]", bt, dtypes=_I32, ndim=2, device=device)
@@ -462,10 +466,10 @@ def gather_block_tables(
         if not nb.is_cuda and nb.numel() and int(nb.max()) > bt.shape[1]:
             raise ValueError(f"num_blocks[{g}]: a request holds {int(nb.max())} pages but block_tables[{g}] "
                              f"is {bt.shape[1]} wide")  # fmt: skip
+    on_triton = use_triton(backend, idx_mapping)
     if num_rows == 0:
         return out
-
-    if use_triton(backend, idx_mapping):
+    if on_triton:
         for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):
             chunk = list(range(first, min(num_groups, first + MAX_GROUPS_PER_LAUNCH)))
             args: list = [idx_mapping, pad_value]

@@ -24,7 +24,8 @@ def _as_numpy(name: str, a: object, *, writable: bool = False) -> np.ndarray:
     elif isinstance(a, (list, tuple)):
         if writable:
             raise TypeError(f"{name}: expected a numpy array or CPU tensor to write into, got {type(a).__name__}")
-        a = np.asarray(a, dtype=np.int64)
+        # No dtype forced: a list of floats must fail the integer check below, not be truncated.
+        a = np.asarray(a) if len(a) else np.zeros(0, np.int64)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, CPU tensor or list, got {type(a).__name__}")
     if a.ndim != 1:
@@ -47,6 +48,11 @@ def _check_out(name: str, out: np.ndarray, needed: int) -> None:
         raise ValueError(f"{name}: expected at least {needed} elements, got {out.shape[0]}")
 
 
+def _check_fits(name: str, out: np.ndarray, largest: int) -> None:
+    if largest > np.iinfo(out.dtype).max:
+        raise ValueError(f"{name}: {out.dtype} cannot hold {largest}")
+
+
 def _check_lengths(name: str, lens: np.ndarray) -> None:
     if lens.size and lens.min() < 0:
         raise ValueError(f"{name}: expected non-negative lengths, got minimum {lens.min()}")
@@ -66,8 +72,10 @@ def fill_qo_indptr(query_lens: ArrayLike, out: ArrayLike) -> np.ndarray:
     dst = _as_numpy("out", out, writable=True)
     _check_out("out", dst, lens.shape[0] + 1)
     _check_lengths("query_lens", lens)
+    total = int(lens.sum(dtype=np.int64))
+    _check_fits("out", dst, total)
     dst[0] = 0
-    np.cumsum(lens, out=dst[1 : lens.shape[0] + 1])
+    np.cumsum(lens, dtype=np.int64, out=dst[1 : lens.shape[0] + 1])
     return dst[: lens.shape[0] + 1]
 
 
@@ -89,11 +97,11 @@ def fill_kv_indptr(seq_lens: ArrayLike, page_size: int, out: ArrayLike) -> np.nd
     n = lens.shape[0]
     _check_out("out", dst, n + 1)
     _check_lengths("seq_lens", lens)
+    # In 64 bits: seq_len + page_size - 1 passes 2^31 for int32 lengths near the top of their range.
+    pages = (lens.astype(np.int64) + (ps - 1)) // ps
+    _check_fits("out", dst, int(pages.sum()))
     dst[0] = 0
-    view = dst[1 : n + 1]
-    np.add(lens, ps - 1, out=view, casting="unsafe")
-    np.floor_divide(view, ps, out=view)
-    np.cumsum(view, out=view)
+    np.cumsum(pages, out=dst[1 : n + 1])
     return dst[: n + 1]
 
 
@@ -116,10 +124,8 @@ def fill_kv_last_page_len(seq_lens: ArrayLike, page_size: int, out: ArrayLike) -
     n = lens.shape[0]
     _check_out("out", dst, n)
     _check_lengths("seq_lens", lens)
+    _check_fits("out", dst, ps)
     view = dst[:n]
-    np.subtract(lens, 1, out=view, casting="unsafe")
-    np.remainder(view, ps, out=view)
-    view += 1
     # An empty sequence has no last page; (0 - 1) % ps + 1 would claim a full one.
-    view[lens == 0] = 0
+    view[:] = np.where(lens == 0, 0, (lens.astype(np.int64) - 1) % ps + 1)
     return view

@@ -105,9 +105,10 @@ def store_kv(
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+    on_triton = use_triton(backend, key)
     if num_tokens == 0 or num_heads * head_dim == 0:
         return
-    if use_triton(backend, key):
+    if on_triton:
         _store_kv.launch(
             (num_tokens,),
             (

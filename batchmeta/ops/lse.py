@@ -124,9 +124,10 @@ def correct_attn_out(
     check_tensor("lse_out", lse_out, dtypes=(torch.float32,), ndim=2, device=device)
     if tuple(lse_out.shape) != (num_rows, num_heads):
         raise ValueError(f"lse_out: expected shape {(num_rows, num_heads)}, got {tuple(lse_out.shape)}")
+    on_triton = use_triton(backend, out)
     if num_rows * num_heads == 0:
         return out, lse_out
-    if use_triton(backend, out):
+    if on_triton:
         _correct.launch(
             (num_rows * num_heads,),
             (

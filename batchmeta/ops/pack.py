@@ -117,10 +117,11 @@ def pack_seq(
         raise ValueError(f"out: expected shape {(num_seqs, max_len, *x.shape[1:])}, got {tuple(out.shape)}")
     if not lengths.is_cuda and num_seqs and int(lengths.sum()) > x.shape[0]:
         raise ValueError(f"lengths: sum {int(lengths.sum())} exceeds the {x.shape[0]} rows of x")
+    on_triton = use_triton(backend, x)
     if out.numel() == 0:
         return out
     features = math.prod(x.shape[1:])
-    if use_triton(backend, x):
+    if on_triton:
         grid = (num_seqs, triton.cdiv(max_len, _BLOCK_T))
         _pack.launch(grid, (x, x.shape[0], features, lengths, out, max_len, float(pad_value),
                             True, 256, _BLOCK_T, _BLOCK_F))  # fmt: skip
@@ -178,10 +179,11 @@ def unpack_seq(
         raise ValueError(f"out: expected shape {(num_tokens, *feat_shape)}, got {tuple(out.shape)}")
     if not lengths.is_cuda and num_seqs and int(lengths.sum()) > num_tokens:
         raise ValueError(f"out: expected at least {int(lengths.sum())} rows (sum of lengths), got {num_tokens}")
+    on_triton = use_triton(backend, packed)
     if num_seqs == 0 or max_len == 0 or out.numel() == 0:
         return out
     features = math.prod(feat_shape)
-    if use_triton(backend, packed):
+    if on_triton:
         grid = (num_seqs, triton.cdiv(max_len, _BLOCK_T))
         _pack.launch(grid, (out, num_tokens, features, lengths, packed, max_len, 0.0,
                             False, 256, _BLOCK_T, _BLOCK_F))  # fmt: skip

@@ -110,9 +110,10 @@ def prepare_position_slot_ids(
             raise ValueError(f"{name}: expected at least {int(cu_seqlen[num_rows])} elements, got {capacity}")
     if not cache_lengths.is_cuda and num_rows and int(cache_lengths.min()) < 0:
         raise ValueError("cache_lengths: expected non-negative lengths")
+    on_triton = use_triton(backend, cache_lengths)
     if num_rows == 0:
         return
-    if use_triton(backend, cache_lengths):
+    if on_triton:
         _position_slot.launch(
             (num_rows,),
             (cache_lengths, cu_seqlen, cu_slots, position_ids, slot_indices, capacity, _BLOCK),

@@ -95,9 +95,10 @@ def copy_next_input_ids_inplace(
                 f"next_input_ids: expected at least {int(cu[-1])} elements (cu_accepted_ids[-1]), "
                 f"got {next_input_ids.numel()}"
             )
+    on_triton = use_triton(backend, all_input_ids)
     if num_rows == 0:
         return
-    if use_triton(backend, all_input_ids):
+    if on_triton:
         _copy_next.launch(
             (num_rows,),
             (
@@ -183,9 +184,10 @@ def slots_filtering(
             ends = slots_start.long() + counts
             if int(slots_start.min()) < 0 or int(ends.max()) > slots.numel():
                 raise ValueError(f"slots_start: a kept request's slots run past the end of slots ({slots.numel()})")
+    on_triton = use_triton(backend, slots)
     if num_rows == 0:
         return
-    if use_triton(backend, slots):
+    if on_triton:
         _slots_filtering.launch(
             (num_rows,),
             (slots, slots.numel(), filtered_slots, filtered_slots.numel(), cu_slots, slots_start, _BLOCK),
