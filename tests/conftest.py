@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 # The interpreter runs a kernel in milliseconds to seconds: few, small examples, no deadline.
 settings.register_profile(
     "batchmeta",
-    max_examples=int(os.environ.get("BATCHMETA_HYPOTHESIS_EXAMPLES", "20")),
+    max_examples=int(os.environ.get("BATCHMETA_HYPOTHESIS_EXAMPLES", "50")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,

@@ -285,6 +285,10 @@ def compute_slot_mappings(
     outputs = [(f"slot_mappings[{g}]", sm) for g, sm in enumerate(slot_mappings)]
     if positions is not None:
         outputs.append(("positions", positions))
+    if not query_start_loc.is_cuda and num_rows:
+        qsl = query_start_loc[: num_rows + 1]
+        if int((qsl[1:] - qsl[:-1]).min()) < 0:
+            raise ValueError("query_start_loc: expected a non-decreasing prefix sum")
     if num_tokens is None and not query_start_loc.is_cuda:
         num_tokens = int(query_start_loc[num_rows])
     if num_tokens is not None:
