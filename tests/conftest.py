@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where op tests run: the GPU when there is one (compiled Triton), else the CPU (interpreter)."""
-    return torch.device("cuda" if HAS_CUDA else "cpu")
+    # With an index, so it compares equal to a tensor's .device.
+    return torch.device("cuda", torch.cuda.current_device()) if HAS_CUDA else torch.device("cpu")
 
 
 @pytest.fixture(params=["triton", "torch"])
