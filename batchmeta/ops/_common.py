@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
@@ -98,6 +98,47 @@ def check_int(name: str, v: object, *, minimum: int | None = None, maximum: int 
 def check_int32(name: str, v: object) -> int:
     """An int that fits an int32 element (a value stored into an int32 table)."""
     return check_int(name, v, minimum=-(2**31), maximum=2**31 - 1)
+
+
+def check_unit_column_stride(name: str, t: torch.Tensor) -> None:
+    """Rows may be strided (column slices of a wider buffer), columns must be contiguous."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+
+
+def check_host_index_range(name: str, idx: torch.Tensor, upper: int, what: str = "request slots") -> None:
+    """Values of a CPU index tensor in ``[0, upper)``; device tensors are not read (that would sync)."""
+    if idx.is_cuda or idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name}: expected {what} in [0, {upper}), got values in [{lo}, {hi}]")
+
+
+def check_group_lists(first_name: str, first: Sequence[object], **others: Sequence[object]) -> int:
+    """Per-group argument lists: at least one group, all of the same length. Returns the count."""
+    num_groups = len(first)
+    if num_groups == 0:
+        raise ValueError(f"{first_name}: expected at least one group, got none")
+    bad = {name: len(v) for name, v in others.items() if len(v) != num_groups}
+    if bad:
+        names = ", ".join(bad)
+        raise ValueError(
+            f"{names}: expected {num_groups} groups each (len({first_name})), got {', '.join(map(str, bad.values()))}"
+        )
+    return num_groups
+
+
+def group_launches(num_groups: int) -> Iterator[tuple[int, list[int]]]:
+    """Splits groups into launches of up to :data:`MAX_GROUPS_PER_LAUNCH`.
+
+    Yields ``(groups_in_launch, slots)`` where ``slots`` names the group bound to each of the
+    kernel's ``MAX_GROUPS_PER_LAUNCH`` argument slots; unused slots repeat the launch's first group
+    (valid tensors, never read: the kernel's ``NUM_GROUPS`` constexpr prunes them).
+    """
+    for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):
+        n = min(MAX_GROUPS_PER_LAUNCH, num_groups - first)
+        yield n, [first + (i if i < n else 0) for i in range(MAX_GROUPS_PER_LAUNCH)]
 
 
 def next_power_of_2(n: int) -> int:

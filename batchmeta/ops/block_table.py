@@ -19,11 +19,14 @@ import triton.language as tl
 
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import (
-    MAX_GROUPS_PER_LAUNCH,
+    check_group_lists,
+    check_host_index_range,
     check_index_vector,
     check_int,
     check_int32,
     check_tensor,
+    check_unit_column_stride,
+    group_launches,
     use_triton,
 )
 
@@ -103,14 +106,6 @@ def _check_host_indptr(name: str, indptr: torch.Tensor, capacity: int, out_name:
         raise ValueError(f"{out_name}: expected at least {int(indptr[-1])} elements, got {capacity}")
 
 
-def _check_host_rows(name: str, idx: torch.Tensor, num_rows: int) -> None:
-    if idx.is_cuda or idx.numel() == 0:
-        return
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= num_rows:
-        raise ValueError(f"{name}: expected request slots in [0, {num_rows}), got values in [{lo}, {hi}]")
-
-
 def _kv_indices_torch(
     table: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor
 ) -> None:
@@ -159,8 +154,7 @@ def write_kv_indices(
     """
     check_tensor("block_tables", block_tables, dtypes=_I32, ndim=2)
     device = block_tables.device
-    if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables: expected unit column stride, got strides {block_tables.stride()}")
+    check_unit_column_stride("block_tables", block_tables)
     check_index_vector("kv_indptr", kv_indptr, device=device, min_numel=1)
     check_index_vector("out", out, device=device)
     check_tensor("out", out, dtypes=_I32)
@@ -171,7 +165,7 @@ def write_kv_indices(
             raise ValueError(
                 f"idx_mapping: expected {num_rows} elements (len(kv_indptr) - 1), got {idx_mapping.numel()}"
             )
-        _check_host_rows("idx_mapping", idx_mapping, block_tables.shape[0])
+        check_host_index_range("idx_mapping", idx_mapping, block_tables.shape[0])
     elif num_rows > block_tables.shape[0]:
         raise ValueError(f"kv_indptr: describes {num_rows} rows but block_tables has {block_tables.shape[0]}")
     _check_host_indptr("kv_indptr", kv_indptr, out.numel(), "out", block_tables.shape[1])
@@ -228,8 +222,7 @@ def block_tables_to_ragged(
     """
     check_tensor("block_tables", block_tables, dtypes=_I32, ndim=2)
     device = block_tables.device
-    if block_tables.shape[1] > 1 and block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables: expected unit column stride, got strides {block_tables.stride()}")
+    check_unit_column_stride("block_tables", block_tables)
     check_index_vector("seq_lens", seq_lens, device=device)
     check_int("page_size", page_size, minimum=1)
     num_rows = seq_lens.numel()
@@ -332,8 +325,7 @@ def block_tables_to_padded(
     device = block_tables_ragged.device
     check_index_vector("cu_pages", cu_pages, device=device, min_numel=1)
     check_tensor("out", out, dtypes=_I32, ndim=2, device=device)
-    if out.shape[1] > 1 and out.stride(1) != 1:
-        raise ValueError(f"out: expected unit column stride, got strides {out.stride()}")
+    check_unit_column_stride("out", out)
     check_int32("pad_value", pad_value)
     num_rows = cu_pages.numel() - 1
     if out.shape[0] < num_rows:
@@ -440,29 +432,21 @@ def gather_block_tables(
     """
     check_index_vector("idx_mapping", idx_mapping, device=None)
     device = idx_mapping.device
-    num_groups = len(block_tables)
-    if num_groups == 0:
-        raise ValueError("block_tables: expected at least one group, got none")
-    if len(num_blocks) != num_groups or len(out) != num_groups:
-        raise ValueError(
-            f"num_blocks, out: expected {num_groups} groups each (len(block_tables)), "
-            f"got {len(num_blocks)} and {len(out)}"
-        )
+    num_groups = check_group_lists("block_tables", block_tables, num_blocks=num_blocks, out=out)
     check_int32("pad_value", pad_value)
     num_rows = idx_mapping.numel()
     for g, (bt, nb, o) in enumerate(zip(block_tables, num_blocks, out, strict=True)):
         check_tensor(f"block_tables[{g}]", bt, dtypes=_I32, ndim=2, device=device)
         check_tensor(f"num_blocks[{g}]", nb, dtypes=_I32, ndim=1, device=device, contiguous=True)
         check_tensor(f"out[{g}]", o, dtypes=_I32, ndim=2, device=device)
-        for name, t in ((f"block_tables[{g}]", bt), (f"out[{g}]", o)):
-            if t.shape[1] > 1 and t.stride(1) != 1:
-                raise ValueError(f"{name}: expected unit column stride, got strides {t.stride()}")
+        check_unit_column_stride(f"block_tables[{g}]", bt)
+        check_unit_column_stride(f"out[{g}]", o)
         if nb.numel() < bt.shape[0]:
             raise ValueError(f"num_blocks[{g}]: expected {bt.shape[0]} elements (rows of block_tables[{g}]), "
                              f"got {nb.numel()}")  # fmt: skip
         if o.shape[0] < num_rows:
             raise ValueError(f"out[{g}]: expected at least {num_rows} rows (len(idx_mapping)), got {o.shape[0]}")
-        _check_host_rows("idx_mapping", idx_mapping, bt.shape[0])
+        check_host_index_range("idx_mapping", idx_mapping, bt.shape[0])
         if not nb.is_cuda and nb.numel() and int(nb.max()) > bt.shape[1]:
             raise ValueError(f"num_blocks[{g}]: a request holds {int(nb.max())} pages but block_tables[{g}] "
                              f"is {bt.shape[1]} wide")  # fmt: skip
@@ -470,15 +454,12 @@ def gather_block_tables(
     if num_rows == 0:
         return out
     if on_triton:
-        for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):
-            chunk = list(range(first, min(num_groups, first + MAX_GROUPS_PER_LAUNCH)))
+        for n, slots in group_launches(num_groups):
             args: list = [idx_mapping, pad_value]
-            for slot in range(MAX_GROUPS_PER_LAUNCH):
-                g = chunk[slot] if slot < len(chunk) else chunk[0]
+            for g in slots:
                 bt, o = block_tables[g], out[g]
                 args += [bt, bt.stride(0), bt.shape[1], num_blocks[g], o, o.stride(0), o.shape[1]]
-            args += [len(chunk), _BLOCK]
-            _gather.launch((num_rows, len(chunk)), tuple(args))
+            _gather.launch((num_rows, n), (*args, n, _BLOCK))
     else:
         rows = idx_mapping.long()
         for bt, nb, o in zip(block_tables, num_blocks, out, strict=True):

@@ -21,10 +21,13 @@ import triton.language as tl
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import (
     INDEX_DTYPES,
-    MAX_GROUPS_PER_LAUNCH,
+    check_group_lists,
+    check_host_index_range,
     check_index_vector,
     check_int,
     check_tensor,
+    check_unit_column_stride,
+    group_launches,
     use_triton,
 )
 
@@ -266,18 +269,10 @@ def compute_slot_mappings(
     num_rows = idx_mapping.numel()
     check_index_vector("query_start_loc", query_start_loc, device=device, min_numel=num_rows + 1)
     check_index_vector("cache_lens", cache_lens, device=device, min_numel=num_rows)
-    num_groups = len(block_tables)
-    if num_groups == 0:
-        raise ValueError("block_tables: expected at least one group, got none")
-    if len(page_sizes) != num_groups or len(slot_mappings) != num_groups:
-        raise ValueError(
-            f"page_sizes, slot_mappings: expected {num_groups} groups each (len(block_tables)), "
-            f"got {len(page_sizes)} and {len(slot_mappings)}"
-        )
+    num_groups = check_group_lists("block_tables", block_tables, page_sizes=page_sizes, slot_mappings=slot_mappings)
     for g, (bt, ps, sm) in enumerate(zip(block_tables, page_sizes, slot_mappings, strict=True)):
         check_tensor(f"block_tables[{g}]", bt, dtypes=(torch.int32,), ndim=2, device=device)
-        if bt.shape[1] > 1 and bt.stride(1) != 1:
-            raise ValueError(f"block_tables[{g}]: expected unit column stride, got strides {bt.stride()}")
+        check_unit_column_stride(f"block_tables[{g}]", bt)
         check_int(f"page_sizes[{g}]", ps, minimum=1)
         check_tensor(f"slot_mappings[{g}]", sm, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
     if positions is not None:
@@ -296,28 +291,20 @@ def compute_slot_mappings(
         for name, t in outputs:
             if t.numel() < num_tokens:
                 raise ValueError(f"{name}: expected at least {num_tokens} elements, got {t.numel()}")
-    if not idx_mapping.is_cuda and num_rows:
-        for g, bt in enumerate(block_tables):
-            lo, hi = int(idx_mapping.min()), int(idx_mapping.max())
-            if lo < 0 or hi >= bt.shape[0]:
-                raise ValueError(
-                    f"idx_mapping: expected request slots in [0, {bt.shape[0]}) (rows of block_tables[{g}]), "
-                    f"got values in [{lo}, {hi}]"
-                )
+    for bt in block_tables:
+        check_host_index_range("idx_mapping", idx_mapping, bt.shape[0])
     if not cache_lens.is_cuda and num_rows and int(cache_lens[:num_rows].min()) < 0:
         raise ValueError("cache_lens: expected non-negative lengths")
 
     if use_triton(backend, idx_mapping):
         pos = positions if positions is not None else slot_mappings[0]
-        for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):
-            chunk = list(range(first, min(num_groups, first + MAX_GROUPS_PER_LAUNCH)))
+        for n, slots in group_launches(num_groups):
             args: list = [idx_mapping, query_start_loc, cache_lens, pos, pos.numel(), num_rows]
-            for slot in range(MAX_GROUPS_PER_LAUNCH):
-                g = chunk[slot] if slot < len(chunk) else chunk[0]
+            for g in slots:
                 bt, sm = block_tables[g], slot_mappings[g]
                 args += [bt, bt.stride(0), page_sizes[g], sm, sm.numel()]
-            args += [len(chunk), positions is not None and first == 0, _BLOCK]
-            _slot_mapping.launch((num_rows + 1, len(chunk)), tuple(args))
+            write_positions = positions is not None and slots[0] == 0
+            _slot_mapping.launch((num_rows + 1, n), (*args, n, write_positions, _BLOCK))
         return
 
     qsl = query_start_loc[: num_rows + 1].long()

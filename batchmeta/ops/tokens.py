@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from batchmeta.launch import cached_kernel
-from batchmeta.ops._common import check_index_vector, check_tensor, use_triton
+from batchmeta.ops._common import check_index_vector, check_tensor, check_unit_column_stride, use_triton
 
 __all__ = ["copy_next_input_ids_inplace", "slots_filtering"]
 
@@ -77,8 +77,7 @@ def copy_next_input_ids_inplace(
     """
     check_tensor("all_input_ids", all_input_ids, ndim=2)
     device = all_input_ids.device
-    if all_input_ids.shape[1] > 1 and all_input_ids.stride(1) != 1:
-        raise ValueError(f"all_input_ids: expected unit column stride, got strides {all_input_ids.stride()}")
+    check_unit_column_stride("all_input_ids", all_input_ids)
     num_rows = all_input_ids.shape[0]
     for name, t in (("cache_lengths", cache_lengths), ("input_lengths", input_lengths),
                     ("prompt_lengths", prompt_lengths)):  # fmt: skip
