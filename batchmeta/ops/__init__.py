@@ -12,6 +12,7 @@ from batchmeta.ops.block_table import (
     block_tables_to_padded,
     block_tables_to_ragged,
     gather_block_tables,
+    scatter_int32,
     write_kv_indices,
 )
 from batchmeta.ops.host import fill_kv_indptr, fill_kv_last_page_len, fill_qo_indptr
@@ -35,6 +36,7 @@ __all__ = [
     "has_triton",
     "pack_seq",
     "prepare_position_slot_ids",
+    "scatter_int32",
     "slots_filtering",
     "store_kv",
     "unpack_seq",

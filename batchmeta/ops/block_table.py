@@ -34,6 +34,7 @@ __all__ = [
     "block_tables_to_padded",
     "block_tables_to_ragged",
     "gather_block_tables",
+    "scatter_int32",
     "write_kv_indices",
 ]
 
@@ -472,3 +473,57 @@ def gather_block_tables(
                 vals = torch.nn.functional.pad(vals, (0, width - vals.shape[1]), value=pad_value)
             o[:num_rows] = torch.where(valid, vals, pad_value).to(o.dtype)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scatter: staged host writes into persistent tables, one launch
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _scatter_kernel(
+    dst_ptr,  # [M] int32 flat persistent storage
+    dst_numel,
+    offsets_ptr,  # [N] int32 element offsets into dst
+    values_ptr,  # [N] int32
+    num_writes,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < num_writes
+    off = tl.load(offsets_ptr + i, mask=m, other=0).to(tl.int64)
+    v = tl.load(values_ptr + i, mask=m)
+    tl.store(dst_ptr + off, v, mask=m & (off >= 0) & (off < dst_numel))
+
+
+_scatter = cached_kernel(_scatter_kernel)
+
+
+def scatter_int32(
+    dst: torch.Tensor, offsets: torch.Tensor, values: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """``dst[offsets[i]] = values[i]`` for every ``i`` (later writes to one offset win on torch;
+    Triton gives no order, so callers keep offsets unique). Offsets outside ``dst`` are dropped.
+
+    Parameters
+    ----------
+    dst:
+        ``[M]`` int32, contiguous (flat persistent storage, e.g. every group's block table).
+    offsets, values:
+        ``[N]`` int32.
+    """
+    check_tensor("dst", dst, dtypes=_I32, ndim=1, contiguous=True)
+    device = dst.device
+    check_tensor("offsets", offsets, dtypes=_I32, ndim=1, device=device, contiguous=True)
+    check_tensor("values", values, dtypes=_I32, ndim=1, device=device, contiguous=True)
+    if values.numel() != offsets.numel():
+        raise ValueError(f"values: expected {offsets.numel()} elements (len(offsets)), got {values.numel()}")
+    on_triton = use_triton(backend, dst)
+    n = offsets.numel()
+    if n == 0:
+        return dst
+    if on_triton:
+        _scatter.launch((triton.cdiv(n, 1024),), (dst, dst.numel(), offsets, values, n, 1024))
+    else:
+        off = offsets.long()
+        keep = (off >= 0) & (off < dst.numel())
+        dst[off[keep]] = values[keep]
+    return dst

@@ -1,0 +1,187 @@
+"""Frozen configuration of a :class:`~batchmeta.metadata.BatchMetadata`.
+
+Every capacity a buffer is sized by lives here, and every impossible value is rejected when the
+config is made, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+__all__ = ["KVGroup", "MetadataConfig"]
+
+_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+_MAX_INT32 = 2**31 - 1
+
+
+def _positive(inst, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name}: expected an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{attribute.name}: expected an int >= 1, got {value}")
+
+
+def _non_negative(inst, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{attribute.name}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{attribute.name}: expected an int >= 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class KVGroup:
+    """A set of layers sharing one block table: its page size and sliding window.
+
+    Parameters
+    ----------
+    page_size:
+        Tokens per KV page, ``>= 1``.
+    window_left:
+        Sliding window: a query at position ``p`` attends to keys at positions
+        ``[p - window_left, p]``; ``-1`` (default) for full attention.
+    """
+
+    page_size: int = attrs.field(validator=_positive)
+    window_left: int = attrs.field(default=-1)
+
+    @window_left.validator
+    def _check_window(self, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"window_left: expected an int, got {type(value).__name__}")
+        if value < -1:
+            raise ValueError(f"window_left: expected -1 (full attention) or a window >= 0, got {value}")
+
+
+def _to_device(value: object) -> torch.device:
+    return value if isinstance(value, torch.device) else torch.device(value)  # type: ignore[arg-type]
+
+
+def _to_groups(value: object) -> tuple[KVGroup, ...]:
+    if isinstance(value, KVGroup):
+        return (value,)
+    return tuple(value)  # type: ignore[arg-type]
+
+
+def _to_sizes(value: object) -> tuple[int, ...]:
+    return tuple(value)  # type: ignore[arg-type]
+
+
+@attrs.frozen(kw_only=True)
+class MetadataConfig:
+    """What a :class:`~batchmeta.metadata.BatchMetadata` is sized for. Frozen; validated on creation.
+
+    Parameters
+    ----------
+    max_num_reqs:
+        Request slots: rows of the persistent block tables, and the largest batch.
+    max_num_tokens:
+        New tokens in one step (the scheduler's token budget).
+    max_model_len:
+        Longest sequence (cached + new tokens) of any request.
+    kv_groups:
+        One :class:`KVGroup` per block table (hybrid models have several).
+    num_qo_heads, num_kv_heads, head_dim:
+        Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``.
+    q_dtype, kv_dtype:
+        Query and KV-cache dtypes given to FlashInfer's plan.
+    device:
+        Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+    num_kv_pages:
+        Pages in the KV cache of each group (page ids must be below it). 0: not checked.
+    cuda_graph_batch_sizes:
+        Decode batch sizes to capture as CUDA graphs, increasing; each ``<= max_num_reqs``. Empty
+        for none. Only used on CUDA.
+    max_draft_tokens:
+        Speculative tokens per request in a decode step (decode query length ``1 + k``).
+    padding_page:
+        The page that padding rows of a CUDA-graph batch read (never written: their slots are PAD).
+    workspace_bytes:
+        FlashInfer float workspace, shared by every wrapper on the device.
+    """
+
+    max_num_reqs: int = attrs.field(validator=_positive)
+    max_num_tokens: int = attrs.field(validator=_positive)
+    max_model_len: int = attrs.field(validator=_positive)
+    kv_groups: tuple[KVGroup, ...] = attrs.field(converter=_to_groups)
+    num_qo_heads: int = attrs.field(validator=_positive)
+    num_kv_heads: int = attrs.field(validator=_positive)
+    head_dim: int = attrs.field(validator=_positive)
+    q_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
+    kv_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
+    device: torch.device = attrs.field(default=torch.device("cuda"), converter=_to_device)
+    num_kv_pages: int = attrs.field(default=0, validator=_non_negative)
+    cuda_graph_batch_sizes: tuple[int, ...] = attrs.field(default=(), converter=_to_sizes)
+    max_draft_tokens: int = attrs.field(default=0, validator=_non_negative)
+    padding_page: int = attrs.field(default=0, validator=_non_negative)
+    workspace_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+
+    @kv_groups.validator
+    def _check_groups(self, attribute, value) -> None:
+        if not value:
+            raise ValueError("kv_groups: expected at least one KVGroup, got none")
+        for i, g in enumerate(value):
+            if not isinstance(g, KVGroup):
+                raise TypeError(f"kv_groups[{i}]: expected a KVGroup, got {type(g).__name__}")
+            if g.window_left >= self.max_model_len:
+                raise ValueError(
+                    f"kv_groups[{i}].window_left: a window of {g.window_left} never applies with "
+                    f"max_model_len {self.max_model_len}; use -1 for full attention"
+                )
+        width_sum = sum(self.max_num_reqs * -(-self.max_model_len // g.page_size) for g in value)
+        if width_sum > _MAX_INT32:
+            raise ValueError(f"kv_groups: the block tables would hold {width_sum} entries, more than int32 indexes")
+
+    @num_kv_heads.validator
+    def _check_heads(self, attribute, value) -> None:
+        if self.num_qo_heads % value:
+            raise ValueError(
+                f"num_kv_heads: num_qo_heads ({self.num_qo_heads}) must be a multiple of num_kv_heads ({value})"
+            )
+
+    @q_dtype.validator
+    def _check_q_dtype(self, attribute, value) -> None:
+        if value not in _ATTN_DTYPES:
+            raise TypeError(f"q_dtype: expected torch.float16 or torch.bfloat16, got {value}")
+
+    @kv_dtype.validator
+    def _check_kv_dtype(self, attribute, value) -> None:
+        if value not in _KV_DTYPES:
+            raise TypeError(f"kv_dtype: expected float16, bfloat16 or a float8 dtype, got {value}")
+
+    @max_num_tokens.validator
+    def _check_tokens(self, attribute, value) -> None:
+        if value > _MAX_INT32:
+            raise ValueError(f"max_num_tokens: expected at most {_MAX_INT32}, got {value}")
+
+    @cuda_graph_batch_sizes.validator
+    def _check_graph_sizes(self, attribute, value) -> None:
+        for s in value:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                raise ValueError(f"cuda_graph_batch_sizes: expected ints >= 1, got {value}")
+        if list(value) != sorted(set(value)):
+            raise ValueError(f"cuda_graph_batch_sizes: expected strictly increasing sizes, got {value}")
+        if value and value[-1] > self.max_num_reqs:
+            raise ValueError(
+                f"cuda_graph_batch_sizes: {value[-1]} exceeds max_num_reqs ({self.max_num_reqs})"
+            )
+        if value and value[-1] * (1 + self.max_draft_tokens) > self.max_num_tokens:
+            raise ValueError(
+                f"cuda_graph_batch_sizes: a decode batch of {value[-1]} with {self.max_draft_tokens} draft tokens "
+                f"needs {value[-1] * (1 + self.max_draft_tokens)} tokens, more than max_num_tokens "
+                f"({self.max_num_tokens})"
+            )
+
+    @padding_page.validator
+    def _check_padding_page(self, attribute, value) -> None:
+        if self.num_kv_pages and value >= self.num_kv_pages:
+            raise ValueError(f"padding_page: expected a page below num_kv_pages ({self.num_kv_pages}), got {value}")
+
+    @property
+    def gqa_ratio(self) -> int:
+        return self.num_qo_heads // self.num_kv_heads
+
+    def max_pages_per_req(self, group: int) -> int:
+        """Width of group ``group``'s block table: ``ceil(max_model_len / page_size)``."""
+        return -(-self.max_model_len // self.kv_groups[group].page_size)

@@ -1,0 +1,649 @@
+"""``BatchMetadata``: the object a model runner makes once and calls every step.
+
+Per step, ``prepare_prefill`` / ``prepare_decode``:
+
+1. validate the scheduler's host-side batch (before anything is written);
+2. compute the small arrays with numpy into a pinned staging buffer (``qo_indptr``, per-group
+   ``kv_indptr`` / ``kv_last_page_len``, ``logits_indices``, the staged block-table writes);
+3. copy that buffer to the device in one transfer and apply the staged block-table writes with one
+   kernel;
+4. launch the metadata kernels (positions and slot mappings for every group in one launch,
+   ``kv_indices`` per group, the per-step block table for every group in one launch);
+5. plan FlashInfer once per KV-cache group with the host arrays (no device→host sync).
+
+CUDA-graph padding policy (decode): a batch of ``B`` rows is padded to the next captured size
+``Bp``. Padded rows use a reserved extra row of every block table that holds ``padding_page``; each
+has one cached token (never 0 tokens, which some kernels turn into NaN or illegal accesses), reads
+that page, and has no new token in the slot mappings: every slot from the step's token count to the
+end of the buffer is PAD (-1), so ``store_kv`` writes nothing for them. Their outputs are garbage
+and must be ignored (``logits_indices`` only covers real rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+import torch
+
+from batchmeta import ops
+from batchmeta.attention import (
+    activate_step,
+    flashinfer_available,
+    get_workspace,
+    new_decode_wrapper,
+    new_paged_prefill_wrapper,
+    new_ragged_prefill_wrapper,
+    paged_attention_torch,
+)
+from batchmeta.config import MetadataConfig
+
+__all__ = ["BatchMetadata", "BlockTables", "Step"]
+
+_I32_MAX = 2**31 - 1
+
+
+def _host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
+    """Host-side integer vector (list, numpy array or CPU tensor) as int64 numpy, validated."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
+                             f"{value.device}")  # fmt: skip
+        value = value.numpy()
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected 1 dimension, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"{name}: expected {length} elements (one per batch row), got {arr.shape[0]}")
+    return arr.astype(np.int64, copy=False)
+
+
+@attrs.define(eq=False)
+class BlockTables:
+    """Persistent per-request block tables, one per KV-cache group, with writes staged on the host.
+
+    ``append`` and ``reset`` change a host mirror at once (so validation sees them) and stage the
+    device writes; the next ``prepare_*`` applies every staged write with one host→device copy and
+    one kernel. Row ``max_num_reqs`` of every table is reserved for CUDA-graph padding rows.
+
+    Attributes
+    ----------
+    tables:
+        Per group, ``[max_num_reqs + 1, ceil(max_model_len / page_size)]`` int32 device tensors.
+    num_blocks:
+        Per group, ``[max_num_reqs + 1]`` int32 device tensors: pages held by each request slot.
+    """
+
+    config: MetadataConfig
+    flat: torch.Tensor = attrs.field(init=False)
+    tables: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    num_blocks: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    _host_tables: list[np.ndarray] = attrs.field(init=False)
+    _host_num_blocks: np.ndarray = attrs.field(init=False)
+    _table_base: list[int] = attrs.field(init=False)
+    _num_blocks_base: int = attrs.field(init=False)
+    _staged: dict[int, int] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        rows = cfg.max_num_reqs + 1
+        widths = [cfg.max_pages_per_req(g) for g in range(len(cfg.kv_groups))]
+        self._table_base = list(np.cumsum([0] + [rows * w for w in widths])[:-1])
+        self._num_blocks_base = sum(rows * w for w in widths)
+        total = self._num_blocks_base + rows * len(widths)
+        if total > _I32_MAX:
+            raise ValueError(f"config: block tables need {total} entries, more than int32 offsets reach")
+        self.flat = torch.zeros(total, dtype=torch.int32, device=cfg.device)
+        self.tables = tuple(
+            self.flat[b : b + rows * w].view(rows, w) for b, w in zip(self._table_base, widths, strict=True)
+        )
+        self.num_blocks = tuple(
+            self.flat[self._num_blocks_base + g * rows : self._num_blocks_base + (g + 1) * rows]
+            for g in range(len(widths))
+        )
+        self._host_tables = [np.zeros((rows, w), np.int32) for w in widths]
+        self._host_num_blocks = np.zeros((len(widths), rows), np.int64)
+        # The padding row: one page, the padding page, in every group.
+        for g in range(len(widths)):
+            self._write(g, cfg.max_num_reqs, 0, [cfg.padding_page])
+            self._set_count(g, cfg.max_num_reqs, 1)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.tables)
+
+    def pages(self, req_idx: int, group: int = 0) -> np.ndarray:
+        """The pages request slot ``req_idx`` holds in ``group`` (host mirror, staged writes included)."""
+        return self._host_tables[group][req_idx, : self._host_num_blocks[group, req_idx]].copy()
+
+    def num_pages(self, req_idx: int, group: int = 0) -> int:
+        return int(self._host_num_blocks[group, req_idx])
+
+    def _check_slot(self, req_idx: object) -> int:
+        if isinstance(req_idx, bool) or not isinstance(req_idx, (int, np.integer)):
+            raise TypeError(f"req_idx: expected an int, got {type(req_idx).__name__}")
+        if not 0 <= req_idx < self.config.max_num_reqs:
+            raise ValueError(f"req_idx: expected a request slot in [0, {self.config.max_num_reqs}), got {req_idx}")
+        return int(req_idx)
+
+    def append(self, req_idx: int, new_pages: Sequence[int] | Sequence[Sequence[int]]) -> None:
+        """Adds pages to the end of request slot ``req_idx``'s rows.
+
+        Parameters
+        ----------
+        req_idx:
+            Request slot in ``[0, max_num_reqs)``.
+        new_pages:
+            With one group, a sequence of page ids; with several, one sequence per group.
+        """
+        req = self._check_slot(req_idx)
+        per_group = self._per_group(new_pages)
+        cfg = self.config
+        for g, pages in enumerate(per_group):
+            have = self._host_num_blocks[g, req]
+            width = self._host_tables[g].shape[1]
+            if have + len(pages) > width:
+                raise ValueError(
+                    f"new_pages: request slot {req} would hold {have + len(pages)} pages in group {g}, "
+                    f"more than the {width} that max_model_len ({cfg.max_model_len}) needs"
+                )
+            if len(pages) and (pages.min() < 0 or (cfg.num_kv_pages and pages.max() >= cfg.num_kv_pages)):
+                upper = cfg.num_kv_pages or _I32_MAX
+                raise ValueError(f"new_pages: page ids must be in [0, {upper}), got {pages.min()}..{pages.max()}")
+        for g, pages in enumerate(per_group):
+            have = int(self._host_num_blocks[g, req])
+            self._write(g, req, have, pages)
+            self._set_count(g, req, have + len(pages))
+
+    def reset(self, req_idx: int) -> None:
+        """Request slot ``req_idx`` finished: it holds no pages in any group."""
+        req = self._check_slot(req_idx)
+        for g in range(self.num_groups):
+            self._set_count(g, req, 0)
+
+    def _per_group(self, new_pages: object) -> list[np.ndarray]:
+        groups = self.num_groups
+        seq = list(new_pages)  # type: ignore[call-overload]
+        if groups == 1 and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in seq):
+            seq = [seq]
+        if len(seq) != groups:
+            raise ValueError(f"new_pages: expected one sequence of pages per group ({groups}), got {len(seq)}")
+        out = []
+        for g, pages in enumerate(seq):
+            arr = np.asarray(pages)
+            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                raise TypeError(f"new_pages[{g}]: expected a sequence of int page ids, got {pages!r}")
+            out.append(arr.astype(np.int64))
+        return out
+
+    def _write(self, g: int, req: int, col: int, pages: Sequence[int] | np.ndarray) -> None:
+        width = self._host_tables[g].shape[1]
+        for j, p in enumerate(pages):
+            self._host_tables[g][req, col + j] = p
+            self._staged[self._table_base[g] + req * width + col + j] = int(p)
+
+    def _set_count(self, g: int, req: int, n: int) -> None:
+        self._host_num_blocks[g, req] = n
+        self._staged[self._num_blocks_base + g * (self.config.max_num_reqs + 1) + req] = n
+
+    def take_staged(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, values) of every staged write into :attr:`flat`, forgotten once taken."""
+        if not self._staged:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        offsets = np.fromiter(self._staged.keys(), np.int32, len(self._staged))
+        values = np.fromiter(self._staged.values(), np.int32, len(self._staged))
+        self._staged.clear()
+        return offsets, values
+
+
+@attrs.frozen(eq=False)
+class Step:
+    """The metadata of one step: views of :class:`BatchMetadata`'s buffers, valid during the step.
+
+    ``B`` is ``num_reqs``, ``Bp`` is ``padded_num_reqs`` (``B`` unless a CUDA-graph decode), ``T``
+    is ``num_tokens`` and ``Tp`` the tokens the model runs (``T``, or ``Bp * (1 + k)`` in a graph).
+    """
+
+    kind: str  # "prefill", "ragged_prefill", "decode", "spec_decode"
+    num_reqs: int
+    padded_num_reqs: int
+    num_tokens: int
+    query_len: int | None  # decode: 1 + k; prefill: None
+    cuda_graph: bool
+    idx_mapping: torch.Tensor  # [Bp] int32 (padding rows map to the reserved row)
+    query_start_loc: torch.Tensor  # [Bp + 1] int32 == FlashInfer qo_indptr (padding rows add no tokens)
+    seq_lens: torch.Tensor  # [Bp] int32, cached + new
+    positions: torch.Tensor  # [Tp] int64 (0 past T)
+    logits_indices: torch.Tensor  # [B] int32: last token of each real row
+    slot_mappings: tuple[torch.Tensor, ...]  # per group [Tp] int64 (PAD past T)
+    kv_indptr: tuple[torch.Tensor, ...]  # per group [Bp + 1] int32
+    kv_indices: tuple[torch.Tensor, ...]  # per group [kv_indptr[Bp]] int32
+    kv_last_page_len: tuple[torch.Tensor, ...]  # per group [Bp] int32
+    block_tables: tuple[torch.Tensor, ...]  # per group [Bp, W] int32, rows padded with 0
+    qo_indptr_host: np.ndarray  # [Bp + 1] int32
+    kv_indptr_host: tuple[np.ndarray, ...]
+    kv_last_page_len_host: tuple[np.ndarray, ...]
+    page_sizes: tuple[int, ...]
+    window_lefts: tuple[int, ...]
+    wrappers: tuple[Any, ...] | None  # planned FlashInfer wrapper per group (None without FlashInfer)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        group: int = 0,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of this step's queries over a layer of ``group``, with the planned wrapper.
+
+        Write the step's keys and values first (``batchmeta.ops.store_kv`` at
+        ``slot_mappings[group]``). A ``"ragged_prefill"`` step attends over ``k``/``v`` (the new
+        tokens, ``[T, Hkv, D]``) instead of the cache.
+
+        Parameters
+        ----------
+        q:
+            ``[Tp, Hq, D]``.
+        k_cache, v_cache:
+            ``[num_pages, page_size, Hkv, D]`` of this layer.
+        """
+        if self.wrappers is not None:
+            w = self.wrappers[group]
+            if self.kind == "ragged_prefill":
+                if k is None or v is None:
+                    raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
+                return w.run(q, k, v, out=out)
+            return w.run(q, (k_cache, v_cache), out=out)
+        res = paged_attention_torch(
+            q, k_cache, v_cache, self.qo_indptr_host, self.kv_indptr_host[group], self.kv_indices[group],
+            self.kv_last_page_len_host[group], causal=True, window_left=self.window_lefts[group],
+        )  # fmt: skip
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+
+
+class _Layout:
+    """Fixed offsets of the per-step fields in the int32 staging buffers (host and device)."""
+
+    def __init__(self, max_reqs: int, num_groups: int, max_writes: int):
+        r = max_reqs
+        pos = 0
+
+        def take(n: int) -> slice:
+            nonlocal pos
+            s = slice(pos, pos + n)
+            pos += n
+            return s
+
+        self.idx = take(r)
+        self.qsl = take(r + 1)
+        self.seq = take(r)
+        self.cache = take(r)
+        self.logits = take(r)
+        self.kv_indptr = [take(r + 1) for _ in range(num_groups)]
+        self.last_page_len = [take(r) for _ in range(num_groups)]
+        self.fixed_end = pos
+        self.max_writes = max_writes
+        self.offsets = take(max_writes)
+        self.values = take(max_writes)
+        self.total = pos
+
+
+@attrs.define(eq=False)
+class BatchMetadata:
+    """Preallocated attention metadata for one model runner; ``prepare_*`` every step.
+
+    Example
+    -------
+    >>> meta = BatchMetadata(cfg)
+    >>> meta.block_tables.append(req_idx, pages)          # staged on the host
+    >>> with meta.prepare_decode(idx_mapping, cache_lens) as step:
+    ...     ops.store_kv(k, v, step.slot_mappings[0], k_cache, v_cache)
+    ...     out = step.attention(q, k_cache, v_cache)     # or batchmeta.current_step() in a layer
+    """
+
+    config: MetadataConfig
+    block_tables: BlockTables = attrs.field(init=False)
+    _layout: _Layout = attrs.field(init=False)
+    _host: list[torch.Tensor] = attrs.field(init=False)
+    _host_np: list[np.ndarray] = attrs.field(init=False)
+    _events: list[Any] = attrs.field(init=False)
+    _ring: int = attrs.field(init=False, default=0)
+    _dev: torch.Tensor = attrs.field(init=False)
+    positions: torch.Tensor = attrs.field(init=False)
+    slot_mappings: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    kv_indices: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    step_block_tables: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    _use_flashinfer: bool = attrs.field(init=False)
+    _wrappers: dict[tuple, Any] = attrs.field(init=False, factory=dict)
+    _graphs: dict[int, Any] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        dev = cfg.device
+        groups = len(cfg.kv_groups)
+        r = cfg.max_num_reqs
+        self.block_tables = BlockTables(cfg)
+        # Staged block-table writes per step: a full prefill budget of new pages plus a count per
+        # request per group, twice over; more than that is applied in several copies.
+        max_writes = groups * (cfg.max_num_tokens + 4 * (r + 1))
+        self._layout = _Layout(r, groups, max_writes)
+        pin = dev.type == "cuda"
+        self._host = [torch.zeros(self._layout.total, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._host_np = [h.numpy() for h in self._host]
+        self._events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._dev = torch.zeros(self._layout.total, dtype=torch.int32, device=dev)
+        self.positions = torch.zeros(cfg.max_num_tokens, dtype=torch.int64, device=dev)
+        self.slot_mappings = tuple(
+            torch.full((cfg.max_num_tokens,), -1, dtype=torch.int64, device=dev) for _ in range(groups)
+        )
+        self.kv_indices = tuple(
+            torch.zeros((r + 1) * cfg.max_pages_per_req(g), dtype=torch.int32, device=dev) for g in range(groups)
+        )
+        self.step_block_tables = tuple(
+            torch.zeros(r + 1, cfg.max_pages_per_req(g), dtype=torch.int32, device=dev) for g in range(groups)
+        )
+        self._use_flashinfer = dev.type == "cuda" and flashinfer_available()
+
+    # ---------------------------------------------------------------------------------------------
+    # Public per-step API
+    # ---------------------------------------------------------------------------------------------
+    def prepare_prefill(self, idx_mapping: Any, query_lens: Any, cache_lens: Any) -> contextlib.AbstractContextManager:
+        """Metadata for a prefill or mixed step (chunked prefill beside decodes).
+
+        Parameters
+        ----------
+        idx_mapping:
+            ``[B]`` request slot of each batch row (host: list, numpy or CPU tensor).
+        query_lens:
+            ``[B]`` new tokens per row (a prefill chunk, or 1 for a decode row).
+        cache_lens:
+            ``[B]`` tokens already in the KV cache per row.
+
+        Returns a context manager yielding the :class:`Step`; while it runs,
+        ``batchmeta.current_step()`` returns that step.
+        """
+        idx, qlens, clens = self._check_batch(idx_mapping, query_lens, cache_lens)
+        ragged = not clens.any()
+        step = self._prepare(idx, qlens, clens, kind="ragged_prefill" if ragged else "prefill", padded=len(idx),
+                             query_len=None)  # fmt: skip
+        return activate_step(step)
+
+    def prepare_decode(
+        self, idx_mapping: Any, cache_lens: Any, *, num_draft_tokens: int = 0, cuda_graph: bool = False
+    ) -> contextlib.AbstractContextManager:
+        """Metadata for a decode step: ``1 + num_draft_tokens`` new tokens per row.
+
+        Parameters
+        ----------
+        idx_mapping, cache_lens:
+            As in :meth:`prepare_prefill`.
+        num_draft_tokens:
+            Speculative tokens verified this step (``<= config.max_draft_tokens``).
+        cuda_graph:
+            Pad the batch to the next size in ``config.cuda_graph_batch_sizes`` and plan the
+            CUDA-graph wrappers (plain decode only); replay with :meth:`replay_decode_graph`.
+        """
+        cfg = self.config
+        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+            raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
+        if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
+            raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
+                             f"got {num_draft_tokens}")  # fmt: skip
+        idx = _host_ints("idx_mapping", idx_mapping)
+        qlens = np.full(idx.shape[0], 1 + num_draft_tokens, np.int64)
+        idx, qlens, clens = self._check_batch(idx, qlens, cache_lens)
+        padded = len(idx)
+        if cuda_graph:
+            if num_draft_tokens:
+                raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
+            padded = self.graph_batch_size(len(idx))
+        kind = "spec_decode" if num_draft_tokens else "decode"
+        step = self._prepare(idx, qlens, clens, kind=kind, padded=padded, graph=cuda_graph,
+                             query_len=1 + num_draft_tokens)  # fmt: skip
+        return activate_step(step)
+
+    def graph_batch_size(self, num_reqs: int) -> int:
+        """The captured batch size a decode batch of ``num_reqs`` rows is padded to."""
+        sizes = self.config.cuda_graph_batch_sizes
+        if self.config.device.type != "cuda" or not sizes:
+            raise ValueError("cuda_graph: no CUDA-graph batch sizes are configured for this device")
+        for s in sizes:
+            if s >= num_reqs:
+                return s
+        raise ValueError(f"idx_mapping: a CUDA-graph decode batch holds at most {sizes[-1]} rows, got {num_reqs}")
+
+    def capture_decode_graph(self, batch_size: int, forward: Callable[[Step], None], *, warmup: int = 2) -> Any:
+        """Captures ``forward(step)`` for a decode batch of ``batch_size`` rows as a CUDA graph.
+
+        ``forward`` must read and write only fixed buffers (the step's views, the engine's own
+        static input/output tensors). The capture plans with a dummy batch of padding rows; each
+        later step plans outside the graph (``prepare_decode(..., cuda_graph=True)``) and
+        :meth:`replay_decode_graph` replays it.
+        """
+        if batch_size not in self.config.cuda_graph_batch_sizes:
+            raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
+                             f"{self.config.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip
+        empty = np.zeros(0, np.int64)
+        step = self._prepare(empty, empty, empty, kind="decode", padded=batch_size, graph=True, query_len=1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), activate_step(step):
+            for _ in range(warmup):
+                forward(step)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), activate_step(step):
+            forward(step)
+        self._graphs[batch_size] = graph
+        return graph
+
+    def replay_decode_graph(self, step: Step) -> None:
+        """Replays the graph captured for ``step.padded_num_reqs`` (``step`` from a graph decode)."""
+        if not step.cuda_graph:
+            raise ValueError("step: planned without cuda_graph=True; its wrappers do not match a captured graph")
+        graph = self._graphs.get(step.padded_num_reqs)
+        if graph is None:
+            raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs}")
+        graph.replay()
+
+    # ---------------------------------------------------------------------------------------------
+    # Internals
+    # ---------------------------------------------------------------------------------------------
+    def _check_batch(self, idx_mapping: Any, query_lens: Any, cache_lens: Any):
+        cfg = self.config
+        idx = _host_ints("idx_mapping", idx_mapping)
+        b = idx.shape[0]
+        qlens = _host_ints("query_lens", query_lens, length=b)
+        clens = _host_ints("cache_lens", cache_lens, length=b)
+        if b > cfg.max_num_reqs:
+            raise ValueError(f"idx_mapping: {b} rows exceed max_num_reqs ({cfg.max_num_reqs})")
+        if b:
+            if idx.min() < 0 or idx.max() >= cfg.max_num_reqs:
+                raise ValueError(f"idx_mapping: expected request slots in [0, {cfg.max_num_reqs}), "
+                                 f"got {idx.min()}..{idx.max()}")  # fmt: skip
+            if np.unique(idx).shape[0] != b:
+                raise ValueError("idx_mapping: a request slot appears twice in one batch")
+            if qlens.min() < 1:
+                raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
+            if clens.min() < 0:
+                raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
+        num_tokens = int(qlens.sum())
+        if num_tokens > cfg.max_num_tokens:
+            raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
+        seq = clens + qlens
+        if b and seq.max() > cfg.max_model_len:
+            raise ValueError(f"cache_lens: a row reaches {seq.max()} tokens, more than max_model_len "
+                             f"({cfg.max_model_len})")  # fmt: skip
+        for g, grp in enumerate(cfg.kv_groups):
+            need = -(-seq // grp.page_size)
+            held = self.block_tables._host_num_blocks[g, idx]
+            short = np.nonzero(held < need)[0]
+            if short.size:
+                r = short[0]
+                raise ValueError(
+                    f"cache_lens: request slot {idx[r]} needs {need[r]} pages in group {g} for {seq[r]} tokens "
+                    f"but holds {held[r]}; append its pages first"
+                )
+        return idx, qlens, clens
+
+    def _next_staging(self) -> int:
+        """The ring slot of the host staging buffer to fill now, once the transfer that last read it
+        has finished."""
+        self._ring ^= 1
+        ev = self._events[self._ring]
+        if ev is not None and not ev.query():
+            ev.synchronize()  # only if the step before last is still copying: never in steady state
+        return self._ring
+
+    def _prepare(self, idx, qlens, clens, *, kind: str, padded: int, query_len: int | None,
+                 graph: bool = False) -> Step:  # fmt: skip
+        cfg = self.config
+        lay = self._layout
+        groups = cfg.kv_groups
+        page_sizes = [grp.page_size for grp in groups]
+        b = idx.shape[0]
+        ring = self._next_staging()
+        h, ht = self._host_np[ring], self._host[ring]
+
+        # Host arrays, numpy into the pinned staging buffer. Padding rows (graph decode) use the
+        # reserved row, hold one cached token and add no new token.
+        h[lay.idx][:b] = idx
+        h[lay.idx][b:padded] = cfg.max_num_reqs
+        qsl = h[lay.qsl][: padded + 1]
+        ops.fill_qo_indptr(qlens, qsl)
+        qsl[b + 1 :] = qsl[b]
+        seq = h[lay.seq][:padded]
+        seq[:b] = clens + qlens
+        seq[b:] = 1
+        h[lay.cache][:b] = clens
+        h[lay.logits][:b] = qsl[1 : b + 1] - 1
+        for g, ps in enumerate(page_sizes):
+            ops.fill_kv_indptr(seq, ps, h[lay.kv_indptr[g]])
+            ops.fill_kv_last_page_len(seq, ps, h[lay.last_page_len[g]])
+        num_tokens = int(qsl[b])
+
+        # One transfer: the fixed fields, then the staged block-table writes that fit.
+        offsets, values = self.block_tables.take_staged()
+        n = min(len(offsets), lay.max_writes)
+        h[lay.offsets][:n] = offsets[:n]
+        h[lay.values][:n] = values[:n]
+        end = lay.values.start + n if n else lay.fixed_end
+        d = self._dev
+        d[:end].copy_(ht[:end], non_blocking=True)
+        if n:
+            ops.scatter_int32(self.block_tables.flat, d[lay.offsets][:n], d[lay.values][:n])
+        if len(offsets) > n:  # more new pages than one transfer holds: rare, applied in order after
+            self._apply_writes(offsets[n:], values[n:])
+
+        idx_d = d[lay.idx][:padded]
+        qsl_d = d[lay.qsl][: padded + 1]
+        tables = self.block_tables.tables
+        ops.compute_slot_mappings(
+            idx_d[:b], qsl_d[: b + 1], d[lay.cache][:b], tables, page_sizes,
+            slot_mappings=self.slot_mappings, positions=self.positions, num_tokens=num_tokens,
+        )  # fmt: skip
+        kv_indptr_host = [h[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))]
+        kv_indices, step_tables = [], []
+        for g, ps in enumerate(page_sizes):
+            ops.write_kv_indices(tables[g], d[lay.kv_indptr[g]][: padded + 1], out=self.kv_indices[g],
+                                 idx_mapping=idx_d)  # fmt: skip
+            kv_indices.append(self.kv_indices[g][: int(kv_indptr_host[g][padded])])
+            # Eager steps gather only as many columns as this step's longest row needs.
+            width = tables[g].shape[1] if graph or not padded else -(-int(seq.max()) // ps)
+            step_tables.append(self.step_block_tables[g][:padded, :width])
+        if padded:
+            ops.gather_block_tables(idx_d, tables, self.block_tables.num_blocks, out=step_tables)
+
+        host_views = dict(
+            qo=ht[lay.qsl][: padded + 1],
+            kv_indptr=[ht[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))],
+            last=[ht[lay.last_page_len[g]][:padded] for g in range(len(groups))],
+        )
+        wrappers = self._plan(kind, padded, graph, host_views, kv_indices) if self._use_flashinfer and padded else None
+        if self._events[ring] is not None:
+            self._events[ring].record()
+        tokens_run = padded * (query_len or 1) if graph else num_tokens
+        return Step(
+            kind=kind,
+            num_reqs=b,
+            padded_num_reqs=padded,
+            num_tokens=num_tokens,
+            query_len=query_len,
+            cuda_graph=graph,
+            idx_mapping=idx_d,
+            query_start_loc=qsl_d,
+            seq_lens=d[lay.seq][:padded],
+            positions=self.positions[:tokens_run],
+            logits_indices=d[lay.logits][:b],
+            slot_mappings=tuple(sm[:tokens_run] for sm in self.slot_mappings),
+            kv_indptr=tuple(d[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))),
+            kv_indices=tuple(kv_indices),
+            kv_last_page_len=tuple(d[lay.last_page_len[g]][:padded] for g in range(len(groups))),
+            block_tables=tuple(step_tables),
+            qo_indptr_host=qsl,
+            kv_indptr_host=tuple(kv_indptr_host),
+            kv_last_page_len_host=tuple(h[lay.last_page_len[g]][:padded] for g in range(len(groups))),
+            page_sizes=tuple(page_sizes),
+            window_lefts=tuple(grp.window_left for grp in groups),
+            wrappers=wrappers,
+        )
+
+    def _apply_writes(self, offsets: np.ndarray, values: np.ndarray) -> None:
+        """Applies staged writes that did not fit the step's transfer (a very large prefill)."""
+        dev = self.config.device
+        off = torch.from_numpy(offsets).to(dev)
+        val = torch.from_numpy(values).to(dev)
+        ops.scatter_int32(self.block_tables.flat, off, val)
+
+    def _wrapper(self, key: tuple, make: Callable[[], Any]) -> Any:
+        w = self._wrappers.get(key)
+        if w is None:
+            w = self._wrappers[key] = make()
+        return w
+
+    def _plan(self, kind, padded, graph, host: dict, kv_indices) -> tuple[Any, ...]:
+        """Plans one FlashInfer wrapper per group from pinned host views (no device→host sync)."""
+        cfg = self.config
+        ws = get_workspace(cfg.device, cfg.workspace_bytes)
+        tensor_cores = cfg.gqa_ratio > 4
+        qo_host = host["qo"]
+        common = dict(q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)
+        heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
+        out = []
+        for g, grp in enumerate(cfg.kv_groups):
+            ip, lp = host["kv_indptr"][g], host["last"][g]
+            if kind == "decode" and graph:
+                w = self._wrapper(("graph", g, padded), lambda g=g: new_decode_wrapper(
+                    ws, use_tensor_cores=tensor_cores,
+                    graph_buffers=(torch.zeros(padded + 1, dtype=torch.int32, device=cfg.device), self.kv_indices[g],
+                                   torch.zeros(padded, dtype=torch.int32, device=cfg.device)),
+                ))  # fmt: skip
+                # kv_indices were written straight into the wrapper's buffer: hand plan an empty
+                # slice so it copies nothing over them.
+                w.plan(ip, kv_indices[g][:0], lp, *heads, grp.page_size, window_left=grp.window_left, **common)
+            elif kind == "decode":
+                w = self._wrapper(("decode", g), lambda: new_decode_wrapper(ws, use_tensor_cores=tensor_cores))
+                w.plan(ip, kv_indices[g], lp, *heads, grp.page_size, window_left=grp.window_left, **common)
+            elif kind == "ragged_prefill":
+                w = self._wrapper(("ragged", g), lambda: new_ragged_prefill_wrapper(ws))
+                w.plan(qo_host, qo_host, *heads, causal=True, window_left=grp.window_left,
+                       q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
+            else:  # prefill, mixed, speculative decode
+                w = self._wrapper(("prefill", g), lambda: new_paged_prefill_wrapper(ws))
+                w.plan(qo_host, ip, kv_indices[g], lp, *heads, grp.page_size, causal=True,
+                       window_left=grp.window_left, **common)  # fmt: skip
+            out.append(w)
+        return tuple(out)
+

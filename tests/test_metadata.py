@@ -1,0 +1,323 @@
+"""BatchMetadata: every step field against a naive per-request reference, staged block-table
+writes, the active-step ContextVar, and bad input raising before any buffer changes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import batchmeta
+from batchmeta import KVGroup, MetadataConfig
+from batchmeta.metadata import BatchMetadata
+
+
+def make_meta(device, page_sizes=(4, 2), windows=None, max_num_reqs=6, max_model_len=48, **kw):
+    windows = windows or (-1,) * len(page_sizes)
+    cfg = MetadataConfig(
+        max_num_reqs=max_num_reqs,
+        max_num_tokens=kw.pop("max_num_tokens", 96),
+        max_model_len=max_model_len,
+        kv_groups=tuple(KVGroup(page_size=p, window_left=w) for p, w in zip(page_sizes, windows, strict=True)),
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        device=device,
+        **kw,
+    )
+    return BatchMetadata(cfg)
+
+
+class Pages:
+    """A page allocator and the naive host record of every request's pages, per group."""
+
+    def __init__(self, meta):
+        self.meta = meta
+        self.next = [1] * len(meta.config.kv_groups)  # page 0 is the padding page
+        self.held = {}
+
+    def grow(self, req, seq_len):
+        groups = self.meta.config.kv_groups
+        rows = self.held.setdefault(req, [[] for _ in groups])
+        new = []
+        for g, grp in enumerate(groups):
+            need = math.ceil(seq_len / grp.page_size) - len(rows[g])
+            pages = list(range(self.next[g], self.next[g] + max(need, 0)))
+            self.next[g] += max(need, 0)
+            rows[g] += pages
+            new.append(pages)
+        self.meta.block_tables.append(req, new)
+
+
+def naive_step(pages, page_sizes, idx, qlens, clens):
+    """Expected fields of a step, by plain loops."""
+    exp = {"positions": [], "slots": [[] for _ in page_sizes], "kv_indptr": [], "kv_indices": [], "last": [],
+           "qo": [0], "logits": [], "tables": []}  # fmt: skip
+    for g, ps in enumerate(page_sizes):
+        indptr, indices, last, table = [0], [], [], []
+        for r, c, q in zip(idx, clens, qlens, strict=True):
+            seq = c + q
+            row = pages[r][g]
+            n = math.ceil(seq / ps)
+            indices += row[:n]
+            indptr.append(indptr[-1] + n)
+            last.append((seq - 1) % ps + 1 if seq else 0)
+            table.append(row)
+            if g == 0:
+                exp["positions"] += list(range(c, c + q))
+            exp["slots"][g] += [row[p // ps] * ps + p % ps for p in range(c, c + q)]
+        exp["kv_indptr"].append(indptr)
+        exp["kv_indices"].append(indices)
+        exp["last"].append(last)
+        exp["tables"].append(table)
+    for q in qlens:
+        exp["qo"].append(exp["qo"][-1] + q)
+        exp["logits"].append(exp["qo"][-1] - 1)
+    return exp
+
+
+def check_step(step, meta, pages, idx, qlens, clens):
+    page_sizes = [g.page_size for g in meta.config.kv_groups]
+    exp = naive_step(pages, page_sizes, idx, qlens, clens)
+    t = sum(qlens)
+    assert step.num_reqs == len(idx) and step.num_tokens == t
+    assert step.idx_mapping.cpu().tolist() == list(idx)
+    assert step.query_start_loc.cpu().tolist() == exp["qo"]
+    assert step.qo_indptr_host.tolist() == exp["qo"]
+    assert step.positions.cpu().tolist() == exp["positions"]
+    assert step.logits_indices.cpu().tolist() == exp["logits"]
+    assert step.seq_lens.cpu().tolist() == [c + q for c, q in zip(clens, qlens, strict=True)]
+    # Everything past the step's tokens is PAD (slots) / 0 (positions), to the end of the buffers.
+    assert (meta.positions[t:] == 0).all()
+    for g in range(len(page_sizes)):
+        assert step.slot_mappings[g].cpu().tolist() == exp["slots"][g]
+        assert (meta.slot_mappings[g][t:] == -1).all()
+        assert step.kv_indptr[g].cpu().tolist() == exp["kv_indptr"][g]
+        assert step.kv_indptr_host[g].tolist() == exp["kv_indptr"][g]
+        assert step.kv_indices[g].cpu().tolist() == exp["kv_indices"][g]
+        assert step.kv_last_page_len[g].cpu().tolist() == exp["last"][g]
+        assert step.kv_last_page_len_host[g].tolist() == exp["last"][g]
+        for b, row in enumerate(exp["tables"][g]):
+            got = step.block_tables[g][b].cpu().tolist()
+            assert got[: len(row)] == row[: len(got)]
+            assert all(v == 0 for v in got[len(row) :])
+
+
+@st.composite
+def batches(draw, max_reqs=6, max_len=48, max_tokens=96):
+    n = draw(st.integers(1, max_reqs))
+    idx = draw(st.permutations(range(max_reqs)))[:n]
+    qlens, clens = [], []
+    budget = max_tokens
+    for _ in range(n):
+        c = draw(st.integers(0, max_len - 1))
+        q = draw(st.integers(1, max(1, min(max_len - c, budget - (n - len(qlens) - 1)))))
+        budget -= q
+        qlens.append(q)
+        clens.append(c)
+    return list(idx), qlens, clens
+
+
+@given(data=st.data())
+def test_prefill_steps_match_naive(device, data):
+    page_sizes = data.draw(st.sampled_from([(4, 2), (1,), (16,), (16, 4)]))
+    meta = make_meta(device, page_sizes=page_sizes)
+    pages = Pages(meta)
+    for _ in range(data.draw(st.integers(1, 3))):  # several steps: buffers reused, tables grow
+        idx, qlens, clens = data.draw(batches())
+        for r, c, q in zip(idx, clens, qlens, strict=True):
+            pages.grow(r, c + q)
+        with meta.prepare_prefill(idx, qlens, clens) as step:
+            assert batchmeta.current_step() is step
+            assert step.kind == ("ragged_prefill" if not any(clens) else "prefill")
+            check_step(step, meta, pages.held, idx, qlens, clens)
+
+
+@given(data=st.data())
+def test_decode_and_spec_decode_match_naive(device, data):
+    meta = make_meta(device, page_sizes=(4, 1), max_draft_tokens=3)
+    pages = Pages(meta)
+    k = data.draw(st.integers(0, 3))
+    n = data.draw(st.integers(1, 6))
+    idx = data.draw(st.permutations(range(6)))[:n]
+    clens = [data.draw(st.integers(0, 48 - 1 - k)) for _ in idx]
+    for r, c in zip(idx, clens, strict=True):
+        pages.grow(r, c + 1 + k)
+    with meta.prepare_decode(idx, clens, num_draft_tokens=k) as step:
+        assert step.kind == ("spec_decode" if k else "decode") and step.query_len == 1 + k
+        check_step(step, meta, pages.held, list(idx), [1 + k] * n, clens)
+
+
+def test_mixed_step_prefill_chunk_beside_decodes(device):
+    meta = make_meta(device, page_sizes=(4, 2), windows=(-1, 5))
+    pages = Pages(meta)
+    idx, qlens, clens = [3, 0, 5], [1, 17, 1], [9, 8, 0]  # decode, chunk over a cached prefix, decode
+    for r, c, q in zip(idx, clens, qlens, strict=True):
+        pages.grow(r, c + q)
+    with meta.prepare_prefill(idx, qlens, clens) as step:
+        assert step.kind == "prefill"
+        assert step.window_lefts == (-1, 5)
+        check_step(step, meta, pages.held, idx, qlens, clens)
+
+
+def test_staged_block_table_writes_apply_at_next_prepare(device):
+    meta = make_meta(device, page_sizes=(4,))
+    bt = meta.block_tables
+    bt.append(1, [7, 8])
+    assert bt.pages(1).tolist() == [7, 8]
+    assert (bt.tables[0][1] == 0).all(), "staged, not yet on the device"
+    with meta.prepare_decode([1], [5]):
+        pass
+    assert bt.tables[0][1, :2].cpu().tolist() == [7, 8]
+    assert bt.num_blocks[0][1].item() == 2
+    bt.reset(1)
+    bt.append(1, [9])
+    with meta.prepare_decode([1], [2]) as step:
+        assert step.kv_indices[0].cpu().tolist() == [9]
+    assert bt.num_blocks[0][1].item() == 1
+    # The padding row holds the padding page.
+    assert bt.tables[0][meta.config.max_num_reqs, 0].item() == meta.config.padding_page
+
+
+def test_current_step_reset_on_exit_and_error(device):
+    meta = make_meta(device, page_sizes=(4,))
+    meta.block_tables.append(0, [1])
+    with pytest.raises(RuntimeError, match="no step is active"):
+        batchmeta.current_step()
+    with pytest.raises(KeyError), meta.prepare_decode([0], [0]) as step:
+        assert batchmeta.current_step() is step
+        raise KeyError("boom")
+    with pytest.raises(RuntimeError, match="no step is active"):
+        batchmeta.current_step()
+
+
+def test_attention_torch_path_matches_dense_reference():
+    """On the CPU the step's attention is the torch implementation: check it against a dense one."""
+    meta = make_meta("cpu", page_sizes=(4,), windows=(6,))
+    pages = Pages(meta)
+    idx, qlens, clens = [2, 4], [5, 1], [7, 3]
+    for r, c, q in zip(idx, clens, qlens, strict=True):
+        pages.grow(r, c + q)
+    torch.manual_seed(0)
+    kc = torch.randn(32, 4, 2, 8)
+    vc = torch.randn(32, 4, 2, 8)
+    q = torch.randn(6, 4, 8)
+    with meta.prepare_prefill(idx, qlens, clens) as step:
+        out = step.attention(q, kc, vc)
+    t = 0
+    for r, qn, c in zip(idx, qlens, clens, strict=True):
+        seq = c + qn
+        rows = pages.held[r][0]
+        k = torch.stack([kc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(2, dim=1)
+        v = torch.stack([vc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(2, dim=1)
+        for i in range(qn):
+            pos = c + i
+            lo = max(0, pos - 6)
+            s = torch.einsum("hd,khd->hk", q[t + i], k[lo : pos + 1]) / math.sqrt(8)
+            ref = torch.einsum("hk,khd->hd", torch.softmax(s, -1), v[lo : pos + 1])
+            torch.testing.assert_close(out[t + i], ref, rtol=1e-5, atol=1e-5)
+        t += qn
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input raises before anything changes
+# --------------------------------------------------------------------------------------------------
+def snapshot(meta):
+    return [t.clone() for t in (meta._dev, meta.positions, *meta.slot_mappings, *meta.kv_indices,
+                                meta.block_tables.flat)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda m: m.prepare_prefill([0] * 7, [1] * 7, [0] * 7), ValueError, "max_num_reqs"),
+        (lambda m: m.prepare_prefill([0, 0], [1, 1], [0, 0]), ValueError, "twice"),
+        (lambda m: m.prepare_prefill([6], [1], [0]), ValueError, "idx_mapping"),
+        (lambda m: m.prepare_prefill([-1], [1], [0]), ValueError, "idx_mapping"),
+        (lambda m: m.prepare_prefill([0], [97], [0]), ValueError, "max_num_tokens"),
+        (lambda m: m.prepare_prefill([0], [0], [0]), ValueError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], [1], [-1]), ValueError, "cache_lens"),
+        (lambda m: m.prepare_prefill([0], [1, 2], [0]), ValueError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], [1.5], [0]), TypeError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], [1], [48]), ValueError, "max_model_len"),
+        (lambda m: m.prepare_prefill([0], [1], [8]), ValueError, "needs 3 pages"),  # lengths beyond pages held
+        (lambda m: m.prepare_prefill([1], [1], [0]), ValueError, "holds 0"),  # slot 1 holds nothing
+        (lambda m: m.prepare_decode([0], [0], num_draft_tokens=1), ValueError, "num_draft_tokens"),
+        (lambda m: m.prepare_decode([0], [0], cuda_graph=True), ValueError, "cuda_graph"),
+        (lambda m: m.block_tables.append(0, [1] * 12), ValueError, "new_pages"),  # past the table width
+        (lambda m: m.block_tables.append(9, [1]), ValueError, "req_idx"),
+        (lambda m: m.block_tables.append(0, [[1], [2]]), ValueError, "new_pages"),
+        (lambda m: m.block_tables.append(0, [-3]), ValueError, "new_pages"),
+        (lambda m: m.block_tables.append(0, ["a"]), TypeError, "new_pages"),
+        (lambda m: m.block_tables.reset(True), TypeError, "req_idx"),
+    ],
+)
+def test_bad_input_raises_before_any_change(device, call, exc, match):
+    meta = make_meta(device, page_sizes=(4,))
+    meta.block_tables.append(0, [5, 6])
+    with meta.prepare_decode([0], [3]):
+        pass
+    before = snapshot(meta)
+    held = meta.block_tables.pages(0).tolist()
+    with pytest.raises(exc, match=match):
+        call(meta)
+    for a, b in zip(before, snapshot(meta), strict=True):
+        assert torch.equal(a, b)
+    assert meta.block_tables.pages(0).tolist() == held
+    assert meta.block_tables.take_staged()[0].size == 0, "a rejected append staged writes"
+
+
+def test_device_tensors_are_rejected_as_batch_descriptions():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA tensor")
+    meta = make_meta("cuda", page_sizes=(4,))
+    meta.block_tables.append(0, [1])
+    with pytest.raises(ValueError, match="idx_mapping"):
+        meta.prepare_decode(torch.zeros(1, dtype=torch.int32, device="cuda"), [0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(max_num_reqs=0), ValueError, "max_num_reqs"),
+        (dict(num_qo_heads=6, num_kv_heads=4), ValueError, "num_kv_heads"),
+        (dict(kv_groups=()), ValueError, "kv_groups"),
+        (dict(kv_groups=(KVGroup(page_size=16, window_left=64),)), ValueError, "window_left"),
+        (dict(q_dtype=torch.float32), TypeError, "q_dtype"),
+        (dict(cuda_graph_batch_sizes=(4, 2)), ValueError, "cuda_graph_batch_sizes"),
+        (dict(cuda_graph_batch_sizes=(1, 16)), ValueError, "max_num_reqs"),
+        (dict(num_kv_pages=4, padding_page=4), ValueError, "padding_page"),
+        (dict(head_dim=2.5), TypeError, "head_dim"),
+    ],
+)
+def test_config_rejects_impossible_values(kwargs, exc, match):
+    base = dict(max_num_reqs=8, max_num_tokens=64, max_model_len=64, kv_groups=(KVGroup(page_size=16),),
+                num_qo_heads=4, num_kv_heads=2, head_dim=8, device="cpu")  # fmt: skip
+    base.update(kwargs)
+    with pytest.raises(exc, match=match):
+        MetadataConfig(**base)
+
+
+def test_kv_group_rejects_bad_window_and_page_size():
+    with pytest.raises(ValueError, match="window_left"):
+        KVGroup(page_size=16, window_left=-2)
+    with pytest.raises(ValueError, match="page_size"):
+        KVGroup(page_size=0)
+
+
+def test_empty_batch_is_all_padding(device):
+    meta = make_meta(device, page_sizes=(4,))
+    with meta.prepare_prefill([], [], []) as step:
+        assert step.num_tokens == 0
+        assert (meta.slot_mappings[0] == -1).all()
+        assert step.kv_indices[0].numel() == 0
+
+
+def test_host_arrays_are_numpy_views_of_the_staging_buffer(device):
+    meta = make_meta(device, page_sizes=(4,))
+    meta.block_tables.append(0, [1, 2])
+    with meta.prepare_decode(np.array([0]), torch.tensor([5])) as step:
+        assert isinstance(step.qo_indptr_host, np.ndarray)
+        assert step.kv_indptr_host[0].tolist() == [0, 2]
