@@ -402,13 +402,13 @@ class BatchMetadata:
             raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
                              f"got {num_draft_tokens}")  # fmt: skip
         idx = _host_ints("idx_mapping", idx_mapping)
-        qlens = np.full(idx.shape[0], 1 + num_draft_tokens, np.int64)
-        idx, qlens, clens = self._check_batch(idx, qlens, cache_lens)
         padded = len(idx)
         if cuda_graph:
             if num_draft_tokens:
                 raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
             padded = self.graph_batch_size(len(idx))
+        qlens = np.full(idx.shape[0], 1 + num_draft_tokens, np.int64)
+        idx, qlens, clens = self._check_batch(idx, qlens, cache_lens)
         kind = "spec_decode" if num_draft_tokens else "decode"
         step = self._prepare(idx, qlens, clens, kind=kind, padded=padded, graph=cuda_graph,
                              query_len=1 + num_draft_tokens)  # fmt: skip

@@ -1,0 +1,241 @@
+"""On a GPU: attention through every FlashInfer state equals a dense float32 reference, CUDA-graph
+replay equals eager decode with fixed buffer addresses, and prepare_* makes no host sync."""
+
+import math
+
+import pytest
+import torch
+
+import batchmeta
+from batchmeta import KVGroup, MetadataConfig, ops
+from batchmeta.metadata import BatchMetadata
+
+pytestmark = pytest.mark.gpu
+
+NUM_PAGES = 512
+
+
+class Engine:
+    """A tiny engine: page allocation, a paged KV cache per group, and every request's K/V kept
+    densely as well, for the reference."""
+
+    def __init__(self, page_sizes=(16,), windows=(-1,), heads=(8, 2), head_dim=64, dtype=torch.float16,
+                 graph_sizes=(), max_draft_tokens=0):  # fmt: skip
+        self.cfg = MetadataConfig(
+            max_num_reqs=16, max_num_tokens=512, max_model_len=512,
+            kv_groups=tuple(KVGroup(page_size=p, window_left=w) for p, w in zip(page_sizes, windows, strict=True)),
+            num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, q_dtype=dtype, kv_dtype=dtype,
+            device="cuda", num_kv_pages=NUM_PAGES, cuda_graph_batch_sizes=graph_sizes,
+            max_draft_tokens=max_draft_tokens,
+        )  # fmt: skip
+        self.meta = BatchMetadata(self.cfg)
+        self.dtype = dtype
+        self.hkv, self.d = heads[1], head_dim
+        self.caches = [
+            (torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=dtype, device="cuda"),
+             torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=dtype, device="cuda"))
+            for p in page_sizes
+        ]  # fmt: skip
+        self.free = [list(range(NUM_PAGES - 1, 0, -1)) for _ in page_sizes]  # page 0: padding
+        self.held = {}
+        self.dense_k, self.dense_v = {}, {}
+
+    def grow(self, req, seq_len):
+        rows = self.held.setdefault(req, [[] for _ in self.cfg.kv_groups])
+        new = []
+        for g, grp in enumerate(self.cfg.kv_groups):
+            need = math.ceil(seq_len / grp.page_size) - len(rows[g])
+            pages = [self.free[g].pop() for _ in range(max(need, 0))]
+            rows[g] += pages
+            new.append(pages)
+        self.meta.block_tables.append(req, new)
+
+    def new_kv(self, idx, qlens):
+        t = sum(qlens)
+        k = torch.randn(t, self.hkv, self.d, device="cuda").to(self.dtype)
+        v = torch.randn(t, self.hkv, self.d, device="cuda").to(self.dtype)
+        s = 0
+        for r, q in zip(idx, qlens, strict=True):
+            self.dense_k[r] = torch.cat([self.dense_k.get(r, k[:0]), k[s : s + q]])
+            self.dense_v[r] = torch.cat([self.dense_v.get(r, v[:0]), v[s : s + q]])
+            s += q
+        return k, v
+
+    def reference(self, q, idx, qlens, window_left):
+        """Dense float32 attention of each request's new queries over all its tokens."""
+        out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+        rep = q.shape[1] // self.hkv
+        s = 0
+        for r, n in zip(idx, qlens, strict=True):
+            k = self.dense_k[r].float().repeat_interleave(rep, 1)
+            v = self.dense_v[r].float().repeat_interleave(rep, 1)
+            L = k.shape[0]
+            qq = q[s : s + n].float()
+            scores = torch.einsum("qhd,khd->hqk", qq, k) / math.sqrt(self.d)
+            qpos = torch.arange(L - n, L, device="cuda")[:, None]
+            kpos = torch.arange(L, device="cuda")[None, :]
+            mask = kpos <= qpos
+            if window_left >= 0:
+                mask &= kpos >= qpos - window_left
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out[s : s + n] = torch.einsum("hqk,khd->qhd", torch.softmax(scores, -1), v)
+            s += n
+        return out
+
+    def run_step(self, step, idx, qlens, k, v):
+        q = torch.randn(sum(qlens), self.cfg.num_qo_heads, self.d, device="cuda").to(self.dtype)
+        outs = []
+        for g, (kc, vc) in enumerate(self.caches):
+            ops.store_kv(k, v, step.slot_mappings[g], kc, vc)
+            outs.append(step.attention(q, kc, vc, group=g, k=k, v=v))
+        return q, outs
+
+
+def tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+
+
+def check_outputs(eng, q, outs, idx, qlens):
+    for g, out in enumerate(outs):
+        ref = eng.reference(q, idx, qlens, eng.cfg.kv_groups[g].window_left)
+        torch.testing.assert_close(out.float(), ref, **tol(eng.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_sizes, windows", [((16,), (-1,)), ((1,), (-1,)), ((16, 4), (-1, 24))])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2)])  # GQA 4: decode without tensor cores; 8: with
+def test_prefill_chunked_prefill_mixed_decode_against_dense(dtype, page_sizes, windows, heads):
+    eng = Engine(page_sizes=page_sizes, windows=windows, heads=heads, dtype=dtype)
+    torch.manual_seed(0)
+    meta = eng.meta
+    # 1. ragged prefill: nothing cached.
+    idx, qlens, clens = [3, 7, 1], [40, 9, 70], [0, 0, 0]
+    steps = [("prefill", idx, qlens, clens)]
+    # 2. chunked prefill over cached prefixes, beside decodes (mixed).
+    steps.append(("prefill", [3, 7, 1], [1, 33, 1], [40, 9, 70]))
+    # 3. plain decode.
+    steps.append(("decode", [1, 3, 7], [1, 1, 1], [71, 41, 42]))
+    kinds = []
+    for mode, idx, qlens, clens in steps:
+        for r, c, q in zip(idx, clens, qlens, strict=True):
+            eng.grow(r, c + q)
+        k, v = eng.new_kv(idx, qlens)
+        ctx = meta.prepare_prefill(idx, qlens, clens) if mode == "prefill" else meta.prepare_decode(idx, clens)
+        with ctx as step:
+            kinds.append(step.kind)
+            q, outs = eng.run_step(step, idx, qlens, k, v)
+        check_outputs(eng, q, outs, idx, qlens)
+    assert kinds == ["ragged_prefill", "prefill", "decode"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_speculative_decode_against_dense(dtype):
+    eng = Engine(page_sizes=(16,), dtype=dtype, max_draft_tokens=3)
+    torch.manual_seed(1)
+    idx, clens = [0, 5], [30, 17]
+    for r, c in zip(idx, clens, strict=True):
+        eng.grow(r, c + 4)
+        eng.new_kv([r], [c])
+        with eng.meta.prepare_prefill([r], [c], [0]) as step:
+            for g, (kc, vc) in enumerate(eng.caches):
+                ops.store_kv(eng.dense_k[r], eng.dense_v[r], step.slot_mappings[g], kc, vc)
+    k, v = eng.new_kv(idx, [4, 4])
+    with eng.meta.prepare_decode(idx, clens, num_draft_tokens=3) as step:
+        assert step.kind == "spec_decode"
+        q, outs = eng.run_step(step, idx, [4, 4], k, v)
+    check_outputs(eng, q, outs, idx, [4, 4])
+
+
+def test_cuda_graph_replay_equals_eager_and_buffers_stay():
+    sizes = (1, 2, 4, 8)
+    eng = Engine(page_sizes=(16, 4), windows=(-1, 20), graph_sizes=sizes)
+    meta = eng.meta
+    torch.manual_seed(2)
+    hq = eng.cfg.num_qo_heads
+    q_buf = torch.zeros(max(sizes), hq, eng.d, dtype=eng.dtype, device="cuda")
+    k_buf = torch.zeros(max(sizes), eng.hkv, eng.d, dtype=eng.dtype, device="cuda")
+    v_buf = torch.zeros_like(k_buf)
+    out_bufs = [torch.zeros_like(q_buf) for _ in eng.caches]
+
+    def forward(step):
+        n = step.padded_num_reqs
+        for g, (kc, vc) in enumerate(eng.caches):
+            ops.store_kv(k_buf[:n], v_buf[:n], step.slot_mappings[g], kc, vc)
+            step.attention(q_buf[:n], kc, vc, group=g, out=out_bufs[g][:n])
+
+    for s in sizes:
+        meta.capture_decode_graph(s, forward)
+    addresses = [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._dev)]
+    # Prefill some requests eagerly, then decode batches of changing size through the graphs.
+    lens = {r: int(torch.randint(5, 60, ()).item()) for r in range(8)}
+    for r, n in lens.items():
+        eng.grow(r, n)
+        k, v = eng.new_kv([r], [n])
+        with meta.prepare_prefill([r], [n], [0]) as step:
+            for g, (kc, vc) in enumerate(eng.caches):
+                ops.store_kv(k, v, step.slot_mappings[g], kc, vc)
+    for batch in ([0], [1, 2, 3], [4, 5, 6, 7, 0], [2, 7], [0, 1, 2, 3, 4, 5, 6, 7]):
+        clens = [lens[r] for r in batch]
+        for r in batch:
+            eng.grow(r, lens[r] + 1)
+        k, v = eng.new_kv(batch, [1] * len(batch))
+        q = torch.randn(len(batch), hq, eng.d, device="cuda").to(eng.dtype)
+        with meta.prepare_decode(batch, clens, cuda_graph=True) as step:
+            n = step.padded_num_reqs
+            assert n == min(s for s in sizes if s >= len(batch))
+            q_buf[: len(batch)] = q
+            k_buf[: len(batch)] = k
+            v_buf[: len(batch)] = v
+            q_buf[len(batch) : n] = 0
+            meta.replay_decode_graph(step)
+        torch.cuda.synchronize()
+        check_outputs(eng, q, [o[: len(batch)] for o in out_bufs], batch, [1] * len(batch))
+        for r in batch:
+            lens[r] += 1
+    assert addresses == [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._dev)]
+    # The padding page was never written: padded rows store nothing.
+    for kc, vc in eng.caches:
+        assert (kc[0] == 0).all() and (vc[0] == 0).all()
+    with pytest.raises(ValueError, match="at most 8"):
+        meta.prepare_decode(list(range(9)), [1] * 9, cuda_graph=True)
+
+
+def test_prepare_makes_no_host_sync():
+    eng = Engine(page_sizes=(16, 4), windows=(-1, 20), graph_sizes=(4,), max_draft_tokens=2)
+    meta = eng.meta
+    for r in range(4):
+        eng.grow(r, 64)
+
+    def steps():
+        with meta.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]):
+            pass
+        with meta.prepare_prefill([0, 1], [10, 20], [0, 0]):
+            pass
+        with meta.prepare_decode([0, 1, 2], [30, 31, 32]):
+            pass
+        with meta.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2):
+            pass
+        with meta.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True):
+            pass
+
+    steps()  # compile kernels, build wrappers, JIT FlashInfer
+    eng.grow(3, 80)  # a staged block-table write in the checked round too
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_current_step_inside_a_layer():
+    eng = Engine()
+    eng.grow(0, 8)
+    seen = []
+
+    def layer():
+        seen.append(batchmeta.current_step().num_tokens)
+
+    with eng.meta.prepare_prefill([0], [8], [0]):
+        layer()
+    assert seen == [8]
