@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             if 0 < n <= budget:
                 batch.append((slot, n))
                 budget -= n
+        if not batch:
+            raise RuntimeError("demo scheduler: nothing schedulable; the token budget is below one decode per request")
         for slot, n in batch:  # pages for cached + new tokens, staged on the host
             r = running[slot]
             new = []
