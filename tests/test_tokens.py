@@ -146,6 +146,36 @@ def test_copy_next_input_ids_spelled_out(device, backend):
     assert all_input_ids.tolist() == expected
 
 
+def test_copy_next_input_ids_through_idx_mapping(device, backend):
+    """Batch row b writes persistent row idx_mapping[b]; other rows stay untouched."""
+    gen = torch.Generator().manual_seed(3)
+    history = torch.full((6, 12), -5, dtype=torch.int64)
+    idx = [4, 0, 2]
+    cache, inputs, prompts, accepted = [2, 0, 5], [3, 1, 1], [0, 4, 0], [2, 3, 1]
+    nxt = torch.randint(0, 1000, (sum(accepted),), generator=gen)
+    expected = history.clone()
+    rows = naive_copy_next(history[idx].clone(), cache, inputs, prompts, nxt, accepted)
+    expected[idx] = torch.tensor(rows)
+    out = history.to(device)
+    copy_next_input_ids_inplace(
+        out, t(cache, torch.int32, device), t(inputs, torch.int32, device), t(prompts, torch.int64, device),
+        nxt.to(device), t(prefix_sum(accepted), torch.int32, device), idx_mapping=t(idx, torch.int64, device),
+        backend=backend,
+    )  # fmt: skip
+    assert torch.equal(out.cpu(), expected)
+
+
+def test_copy_next_input_ids_idx_mapping_out_of_range(backend):
+    history = torch.zeros(2, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="idx_mapping"):
+        copy_next_input_ids_inplace(
+            history, torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]),
+            idx_mapping=torch.tensor([2]), backend=backend,
+        )  # fmt: skip
+    assert (history == 0).all()
+
+
 def test_copy_next_input_ids_strided_history_and_long_row(device, backend):
     # A view with a row stride larger than its width (the rest of each row must stay untouched), and a
     # row with more accepted tokens than one kernel block.

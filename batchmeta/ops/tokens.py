@@ -7,7 +7,13 @@ import triton
 import triton.language as tl
 
 from batchmeta.launch import cached_kernel
-from batchmeta.ops._common import check_index_vector, check_tensor, check_unit_column_stride, use_triton
+from batchmeta.ops._common import (
+    check_host_index_range,
+    check_index_vector,
+    check_tensor,
+    check_unit_column_stride,
+    use_triton,
+)
 
 __all__ = ["copy_next_input_ids_inplace", "slots_filtering"]
 
@@ -25,14 +31,20 @@ def _copy_next_kernel(
     next_input_ids_ptr,  # [N]
     next_numel,
     cu_accepted_ids_ptr,  # [B + 1]
+    idx_mapping_ptr,  # [B] row of all_input_ids for batch row b (read when HAS_IDX_MAPPING)
+    HAS_IDX_MAPPING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
+    if HAS_IDX_MAPPING:
+        row_idx = tl.load(idx_mapping_ptr + b).to(tl.int64)
+    else:
+        row_idx = b.to(tl.int64)
     src_start = tl.load(cu_accepted_ids_ptr + b).to(tl.int64)
     n = tl.load(cu_accepted_ids_ptr + b + 1).to(tl.int64) - src_start
     base = tl.load(cache_lengths_ptr + b).to(tl.int64) + tl.load(input_lengths_ptr + b).to(tl.int64)
     prompt_len = tl.load(prompt_lengths_ptr + b).to(tl.int64)
-    row = all_input_ids_ptr + b.to(tl.int64) * ids_stride
+    row = all_input_ids_ptr + row_idx * ids_stride
     for off in range(0, n, BLOCK):
         j = off + tl.arange(0, BLOCK)
         col = base + j
@@ -54,19 +66,22 @@ def copy_next_input_ids_inplace(
     next_input_ids: torch.Tensor,
     cu_accepted_ids: torch.Tensor,
     *,
+    idx_mapping: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """Writes the accepted tokens of each row into its token history (speculative-decoding aware).
 
     For row ``b``, ``j < cu_accepted_ids[b+1] - cu_accepted_ids[b]`` and
     ``c = cache_lengths[b] + input_lengths[b] + j``:
-    ``all_input_ids[b, c] = next_input_ids[cu_accepted_ids[b] + j]`` where ``c >= prompt_lengths[b]``
-    (and ``c`` is inside the row). Call it before the lengths are advanced.
+    ``all_input_ids[r, c] = next_input_ids[cu_accepted_ids[b] + j]`` where ``c >= prompt_lengths[b]``
+    (and ``c`` is inside the row), with ``r = idx_mapping[b]`` (or ``b``). Call it before the lengths
+    are advanced.
 
     Parameters
     ----------
     all_input_ids:
-        ``[B, L]`` token history (any integer dtype), unit column stride.
+        ``[B, L]`` token history (any integer dtype), unit column stride; ``[R, L]`` persistent
+        per-request rows when ``idx_mapping`` is given.
     cache_lengths, input_lengths, prompt_lengths:
         ``[B]`` int32/int64.
     next_input_ids:
@@ -74,11 +89,17 @@ def copy_next_input_ids_inplace(
         ``all_input_ids``.
     cu_accepted_ids:
         ``[B + 1]`` int32/int64 prefix sum of accepted tokens per row.
+    idx_mapping:
+        ``[B]`` int32/int64 row of ``all_input_ids`` of each batch row, or None for the identity.
     """
     check_tensor("all_input_ids", all_input_ids, ndim=2)
     device = all_input_ids.device
     check_unit_column_stride("all_input_ids", all_input_ids)
     num_rows = all_input_ids.shape[0]
+    if idx_mapping is not None:
+        check_index_vector("idx_mapping", idx_mapping, device=device)
+        check_host_index_range("idx_mapping", idx_mapping, all_input_ids.shape[0], "rows of all_input_ids")
+        num_rows = idx_mapping.numel()
     for name, t in (("cache_lengths", cache_lengths), ("input_lengths", input_lengths),
                     ("prompt_lengths", prompt_lengths)):  # fmt: skip
         check_index_vector(name, t, device=device, min_numel=num_rows)
@@ -103,7 +124,8 @@ def copy_next_input_ids_inplace(
             (
                 all_input_ids, all_input_ids.stride(0), all_input_ids.shape[1],
                 cache_lengths, input_lengths, prompt_lengths,
-                next_input_ids, next_input_ids.numel(), cu_accepted_ids, _BLOCK,
+                next_input_ids, next_input_ids.numel(), cu_accepted_ids,
+                idx_mapping if idx_mapping is not None else cu_accepted_ids, idx_mapping is not None, _BLOCK,
             ),
         )  # fmt: skip
         return
@@ -114,7 +136,8 @@ def copy_next_input_ids_inplace(
     j = src - cu[:-1][row]
     col = cache_lengths.long()[row] + input_lengths.long()[row] + j
     keep = (col >= prompt_lengths.long()[row]) & (col < all_input_ids.shape[1]) & (src < next_input_ids.numel())
-    all_input_ids[row[keep], col[keep]] = next_input_ids[src[keep]]
+    rows = row if idx_mapping is None else idx_mapping.long()[row]
+    all_input_ids[rows[keep], col[keep]] = next_input_ids[src[keep]]
 
 
 @triton.jit
