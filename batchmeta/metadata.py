@@ -226,6 +226,7 @@ class Step:
     kv_last_page_len: tuple[torch.Tensor, ...]  # per group [Bp] int32
     block_tables: tuple[torch.Tensor, ...]  # per group [Bp, W] int32, rows padded with 0
     qo_indptr_host: np.ndarray  # [Bp + 1] int32
+    cache_lens_host: np.ndarray  # [B] int32
     kv_indptr_host: tuple[np.ndarray, ...]
     kv_last_page_len_host: tuple[np.ndarray, ...]
     page_sizes: tuple[int, ...]
@@ -273,6 +274,39 @@ class Step:
         return res
 
 
+class _PinnedRing:
+    """Two host staging buffers (pinned on CUDA), filled in turn and copied to one device buffer.
+
+    A host buffer is reused only after the transfer that last read it has finished (an event
+    query; in steady state always true, since the engine has synced on the step's sampled tokens).
+    """
+
+    def __init__(self, numel: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.host = [torch.zeros(numel, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
+        self.slot = 0
+
+    def next(self) -> tuple[np.ndarray, torch.Tensor]:
+        self.slot ^= 1
+        ev = self.events[self.slot]
+        if ev is not None and not ev.query():
+            ev.synchronize()  # the transfer of two uses ago is still pending: never in steady state
+        return self.host_np[self.slot], self.host[self.slot]
+
+    def upload(self, end: int) -> torch.Tensor:
+        """Copies the current host buffer's first ``end`` elements to the device buffer."""
+        self.dev[:end].copy_(self.host[self.slot][:end], non_blocking=True)
+        return self.dev
+
+    def done(self) -> None:
+        """Marks the current host buffer busy until everything enqueued so far has run."""
+        if self.events[self.slot] is not None:
+            self.events[self.slot].record()
+
+
 class _Layout:
     """Fixed offsets of the per-step fields in the int32 staging buffers (host and device)."""
 
@@ -316,11 +350,8 @@ class BatchMetadata:
     config: MetadataConfig
     block_tables: BlockTables = attrs.field(init=False)
     _layout: _Layout = attrs.field(init=False)
-    _host: list[torch.Tensor] = attrs.field(init=False)
-    _host_np: list[np.ndarray] = attrs.field(init=False)
-    _events: list[Any] = attrs.field(init=False)
-    _ring: int = attrs.field(init=False, default=0)
-    _dev: torch.Tensor = attrs.field(init=False)
+    _staging: _PinnedRing = attrs.field(init=False)
+    _accept_staging: _PinnedRing = attrs.field(init=False)
     positions: torch.Tensor = attrs.field(init=False)
     slot_mappings: tuple[torch.Tensor, ...] = attrs.field(init=False)
     kv_indices: tuple[torch.Tensor, ...] = attrs.field(init=False)
@@ -339,11 +370,8 @@ class BatchMetadata:
         # request per group, twice over; more than that is applied in several copies.
         max_writes = groups * (cfg.max_num_tokens + 4 * (r + 1))
         self._layout = _Layout(r, groups, max_writes)
-        pin = dev.type == "cuda"
-        self._host = [torch.zeros(self._layout.total, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
-        self._host_np = [h.numpy() for h in self._host]
-        self._events = [torch.cuda.Event() if pin else None for _ in range(2)]
-        self._dev = torch.zeros(self._layout.total, dtype=torch.int32, device=dev)
+        self._staging = _PinnedRing(self._layout.total, dev)
+        self._accept_staging = _PinnedRing(4 * r + 1, dev)
         self.positions = torch.zeros(cfg.max_num_tokens, dtype=torch.int64, device=dev)
         self.slot_mappings = tuple(
             torch.full((cfg.max_num_tokens,), -1, dtype=torch.int64, device=dev) for _ in range(groups)
@@ -458,6 +486,56 @@ class BatchMetadata:
             raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs}")
         graph.replay()
 
+    def accept_tokens(
+        self, step: Step, token_ids: torch.Tensor, next_input_ids: torch.Tensor, num_accepted: Any, prompt_lens: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """After sampling: writes each row's accepted tokens into the token history, and advances lengths.
+
+        For batch row ``b`` (request slot ``r``), ``j < num_accepted[b]``:
+        ``token_ids[r, cache_len + query_len + j] = next_input_ids[sum(num_accepted[:b]) + j]``
+        except inside the prompt (``copy_next_input_ids_inplace`` semantics: call it before the
+        lengths advance). One host→device copy and one kernel; no sync.
+
+        Parameters
+        ----------
+        step:
+            The step just run (decode, speculative decode or prefill).
+        token_ids:
+            ``[max_num_reqs, L]`` the engine's persistent token history on the device.
+        next_input_ids:
+            ``[sum(num_accepted)]`` accepted tokens of each row, back to back (same dtype as
+            ``token_ids``).
+        num_accepted, prompt_lens:
+            ``[B]`` host ints.
+
+        Returns
+        -------
+        ``(cache_lens, query_lens)`` for the next step, as LoRAX advances them:
+        ``cache_lens + query_lens`` and ``num_accepted``.
+        """
+        b = step.num_reqs
+        accepted = _host_ints("num_accepted", num_accepted, length=b)
+        prompts = _host_ints("prompt_lens", prompt_lens, length=b)
+        if b and (accepted.min() < 0 or prompts.min() < 0):
+            raise ValueError("num_accepted, prompt_lens: expected non-negative values")
+        if token_ids.dim() != 2 or token_ids.shape[0] < self.config.max_num_reqs:
+            raise ValueError(f"token_ids: expected [max_num_reqs ({self.config.max_num_reqs}), L], "
+                             f"got shape {tuple(token_ids.shape)}")  # fmt: skip
+        r = self.config.max_num_reqs
+        qlens = np.diff(step.qo_indptr_host[: b + 1]).astype(np.int64)
+        h, _ = self._accept_staging.next()
+        ops.fill_qo_indptr(accepted, h[: b + 1])
+        h[r + 1 : r + 1 + b] = prompts
+        h[2 * r + 1 : 2 * r + 1 + b] = step.cache_lens_host
+        h[3 * r + 1 : 3 * r + 1 + b] = qlens
+        d = self._accept_staging.upload(4 * r + 1)
+        ops.copy_next_input_ids_inplace(
+            token_ids, d[2 * r + 1 : 2 * r + 1 + b], d[3 * r + 1 : 3 * r + 1 + b], d[r + 1 : r + 1 + b],
+            next_input_ids, d[: b + 1], idx_mapping=step.idx_mapping[:b],
+        )  # fmt: skip
+        self._accept_staging.done()
+        return step.cache_lens_host.astype(np.int64) + qlens, accepted
+
     # ---------------------------------------------------------------------------------------------
     # Internals
     # ---------------------------------------------------------------------------------------------
@@ -498,15 +576,6 @@ class BatchMetadata:
                 )
         return idx, qlens, clens
 
-    def _next_staging(self) -> int:
-        """The ring slot of the host staging buffer to fill now, once the transfer that last read it
-        has finished."""
-        self._ring ^= 1
-        ev = self._events[self._ring]
-        if ev is not None and not ev.query():
-            ev.synchronize()  # only if the step before last is still copying: never in steady state
-        return self._ring
-
     def _prepare(self, idx, qlens, clens, *, kind: str, padded: int, query_len: int | None,
                  graph: bool = False) -> Step:  # fmt: skip
         cfg = self.config
@@ -514,8 +583,7 @@ class BatchMetadata:
         groups = cfg.kv_groups
         page_sizes = [grp.page_size for grp in groups]
         b = idx.shape[0]
-        ring = self._next_staging()
-        h, ht = self._host_np[ring], self._host[ring]
+        h, ht = self._staging.next()
 
         # Host arrays, numpy into the pinned staging buffer. Padding rows (graph decode) use the
         # reserved row, hold one cached token and add no new token.
@@ -540,8 +608,7 @@ class BatchMetadata:
         h[lay.offsets][:n] = offsets[:n]
         h[lay.values][:n] = values[:n]
         end = lay.values.start + n if n else lay.fixed_end
-        d = self._dev
-        d[:end].copy_(ht[:end], non_blocking=True)
+        d = self._staging.upload(end)
         if n:
             ops.scatter_int32(self.block_tables.flat, d[lay.offsets][:n], d[lay.values][:n])
         if len(offsets) > n:  # more new pages than one transfer holds: rare, applied in order after
@@ -572,8 +639,7 @@ class BatchMetadata:
             last=[ht[lay.last_page_len[g]][:padded] for g in range(len(groups))],
         )
         wrappers = self._plan(kind, padded, graph, host_views, kv_indices) if self._use_flashinfer and padded else None
-        if self._events[ring] is not None:
-            self._events[ring].record()
+        self._staging.done()
         tokens_run = padded * (query_len or 1) if graph else num_tokens
         return Step(
             kind=kind,
@@ -593,6 +659,7 @@ class BatchMetadata:
             kv_last_page_len=tuple(d[lay.last_page_len[g]][:padded] for g in range(len(groups))),
             block_tables=tuple(step_tables),
             qo_indptr_host=qsl,
+            cache_lens_host=h[lay.cache][:b],
             kv_indptr_host=tuple(kv_indptr_host),
             kv_last_page_len_host=tuple(h[lay.last_page_len[g]][:padded] for g in range(len(groups))),
             page_sizes=tuple(page_sizes),

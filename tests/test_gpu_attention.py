@@ -165,7 +165,8 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
 
     for s in sizes:
         meta.capture_decode_graph(s, forward)
-    addresses = [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._dev)]
+    fixed = (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._staging.dev)
+    addresses = [t.data_ptr() for t in fixed]
     # Prefill some requests eagerly, then decode batches of changing size through the graphs.
     lens = {r: int(torch.randint(5, 60, ()).item()) for r in range(8)}
     for r, n in lens.items():
@@ -192,7 +193,7 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
         check_outputs(eng, q, [o[: len(batch)] for o in out_bufs], batch, [1] * len(batch))
         for r in batch:
             lens[r] += 1
-    assert addresses == [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._dev)]
+    assert addresses == [t.data_ptr() for t in fixed]
     # The padding page was never written: padded rows store nothing.
     for kc, vc in eng.caches:
         assert (kc[0] == 0).all() and (vc[0] == 0).all()

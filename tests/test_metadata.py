@@ -225,7 +225,7 @@ def test_attention_torch_path_matches_dense_reference():
 # Bad input raises before anything changes
 # --------------------------------------------------------------------------------------------------
 def snapshot(meta):
-    return [t.clone() for t in (meta._dev, meta.positions, *meta.slot_mappings, *meta.kv_indices,
+    return [t.clone() for t in (meta._staging.dev, meta.positions, *meta.slot_mappings, *meta.kv_indices,
                                 meta.block_tables.flat)]  # fmt: skip
 
 
@@ -321,3 +321,22 @@ def test_host_arrays_are_numpy_views_of_the_staging_buffer(device):
     with meta.prepare_decode(np.array([0]), torch.tensor([5])) as step:
         assert isinstance(step.qo_indptr_host, np.ndarray)
         assert step.kv_indptr_host[0].tolist() == [0, 2]
+
+
+def test_accept_tokens_writes_history_through_idx_mapping_and_advances(device):
+    meta = make_meta(device, page_sizes=(4,), max_draft_tokens=2)
+    pages = Pages(meta)
+    idx, clens = [4, 1], [6, 2]
+    for r, c in zip(idx, clens, strict=True):
+        pages.grow(r, c + 3)
+    history = torch.full((6, 16), -1, dtype=torch.int64, device=device)
+    with meta.prepare_decode(idx, clens, num_draft_tokens=2) as step:
+        sampled = torch.tensor([11, 12, 21], dtype=torch.int64, device=device)  # row 0 accepts 2, row 1 accepts 1
+        new_cache, new_query = meta.accept_tokens(step, history, sampled, [2, 1], [0, 7])
+    expected = torch.full((6, 16), -1, dtype=torch.int64)
+    expected[4, 9:11] = torch.tensor([11, 12])  # 6 cached + 3 fed = column 9 onwards
+    # slot 1: 2 cached + 3 fed = column 5, inside its 7-token prompt: kept
+    assert torch.equal(history.cpu(), expected)
+    assert new_cache.tolist() == [9, 5] and new_query.tolist() == [2, 1]
+    with pytest.raises(ValueError, match="num_accepted"):
+        meta.accept_tokens(step, history, sampled, [2], [0, 7])
