@@ -206,6 +206,8 @@ def test_prepare_makes_no_host_sync():
     meta = eng.meta
     for r in range(4):
         eng.grow(r, 64)
+    history = torch.zeros(eng.cfg.max_num_reqs, 128, dtype=torch.int64, device="cuda")
+    sampled = torch.arange(6, dtype=torch.int64, device="cuda")
 
     def steps():
         with meta.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]):
@@ -214,8 +216,8 @@ def test_prepare_makes_no_host_sync():
             pass
         with meta.prepare_decode([0, 1, 2], [30, 31, 32]):
             pass
-        with meta.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2):
-            pass
+        with meta.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2) as step:
+            meta.accept_tokens(step, history, sampled, [1, 3, 2], [0, 0, 0])
         with meta.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True):
             pass
 
