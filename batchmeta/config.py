@@ -129,9 +129,11 @@ class MetadataConfig:
                     f"kv_groups[{i}].window_left: a window of {g.window_left} never applies with "
                     f"max_model_len {self.max_model_len}; use -1 for full attention"
                 )
-        width_sum = sum(self.max_num_reqs * -(-self.max_model_len // g.page_size) for g in value)
-        if width_sum > _MAX_INT32:
-            raise ValueError(f"kv_groups: the block tables would hold {width_sum} entries, more than int32 indexes")
+        # Every group's table plus its page counts, with the reserved padding row, in one int32-indexed buffer.
+        rows = self.max_num_reqs + 1
+        entries = sum(rows * (-(-self.max_model_len // g.page_size) + 1) for g in value)
+        if entries > _MAX_INT32:
+            raise ValueError(f"kv_groups: the block tables would hold {entries} entries, more than int32 indexes")
 
     @num_kv_heads.validator
     def _check_heads(self, attribute, value) -> None:

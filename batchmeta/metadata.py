@@ -40,6 +40,7 @@ from batchmeta.attention import (
     paged_attention_torch,
 )
 from batchmeta.config import MetadataConfig
+from batchmeta.ops._common import check_tensor
 
 __all__ = ["BatchMetadata", "BlockTables", "Step"]
 
@@ -95,9 +96,7 @@ class BlockTables:
         widths = [cfg.max_pages_per_req(g) for g in range(len(cfg.kv_groups))]
         self._table_base = list(np.cumsum([0] + [rows * w for w in widths])[:-1])
         self._num_blocks_base = sum(rows * w for w in widths)
-        total = self._num_blocks_base + rows * len(widths)
-        if total > _I32_MAX:
-            raise ValueError(f"config: block tables need {total} entries, more than int32 offsets reach")
+        total = self._num_blocks_base + rows * len(widths)  # < 2^31: checked by MetadataConfig
         self.flat = torch.zeros(total, dtype=torch.int32, device=cfg.device)
         self.tables = tuple(
             self.flat[b : b + rows * w].view(rows, w) for b, w in zip(self._table_base, widths, strict=True)
@@ -152,8 +151,8 @@ class BlockTables:
                     f"new_pages: request slot {req} would hold {have + len(pages)} pages in group {g}, "
                     f"more than the {width} that max_model_len ({cfg.max_model_len}) needs"
                 )
-            if len(pages) and (pages.min() < 0 or (cfg.num_kv_pages and pages.max() >= cfg.num_kv_pages)):
-                upper = cfg.num_kv_pages or _I32_MAX
+            upper = cfg.num_kv_pages or _I32_MAX + 1
+            if len(pages) and (pages.min() < 0 or pages.max() >= upper):
                 raise ValueError(f"new_pages: page ids must be in [0, {upper}), got {pages.min()}..{pages.max()}")
         for g, pages in enumerate(per_group):
             have = int(self._host_num_blocks[g, req])
@@ -168,14 +167,20 @@ class BlockTables:
 
     def _per_group(self, new_pages: object) -> list[np.ndarray]:
         groups = self.num_groups
+        if isinstance(new_pages, torch.Tensor):
+            if new_pages.device.type != "cpu":
+                raise ValueError(f"new_pages: expected host data, got a tensor on {new_pages.device}")
+            new_pages = new_pages.numpy()
+        if isinstance(new_pages, np.ndarray) and new_pages.ndim == 1:
+            new_pages = [new_pages] if groups == 1 else list(new_pages)
         seq = list(new_pages)  # type: ignore[call-overload]
-        if groups == 1 and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in seq):
+        if groups == 1 and seq and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in seq):
             seq = [seq]
         if len(seq) != groups:
             raise ValueError(f"new_pages: expected one sequence of pages per group ({groups}), got {len(seq)}")
         out = []
         for g, pages in enumerate(seq):
-            arr = np.asarray(pages)
+            arr = pages.numpy() if isinstance(pages, torch.Tensor) else np.asarray(pages)
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
                 raise TypeError(f"new_pages[{g}]: expected a sequence of int page ids, got {pages!r}")
             out.append(arr.astype(np.int64))
@@ -203,7 +208,8 @@ class BlockTables:
 
 @attrs.frozen(eq=False)
 class Step:
-    """The metadata of one step: views of :class:`BatchMetadata`'s buffers, valid during the step.
+    """The metadata of one step: views of :class:`BatchMetadata`'s buffers, valid until the next
+    ``prepare_*`` (the ``*_lens_host`` / ``idx_mapping_host`` arrays are the step's own).
 
     ``B`` is ``num_reqs``, ``Bp`` is ``padded_num_reqs`` (``B`` unless a CUDA-graph decode), ``T``
     is ``num_tokens`` and ``Tp`` the tokens the model runs (``T``, or ``Bp * (1 + k)`` in a graph).
@@ -226,7 +232,9 @@ class Step:
     kv_last_page_len: tuple[torch.Tensor, ...]  # per group [Bp] int32
     block_tables: tuple[torch.Tensor, ...]  # per group [Bp, W] int32, rows padded with 0
     qo_indptr_host: np.ndarray  # [Bp + 1] int32
-    cache_lens_host: np.ndarray  # [B] int32
+    idx_mapping_host: np.ndarray  # [B] int64, owned by the step (valid after later steps too)
+    query_lens_host: np.ndarray  # [B] int64, owned by the step
+    cache_lens_host: np.ndarray  # [B] int64, owned by the step
     kv_indptr_host: tuple[np.ndarray, ...]
     kv_last_page_len_host: tuple[np.ndarray, ...]
     page_sizes: tuple[int, ...]
@@ -257,11 +265,11 @@ class Step:
         k_cache, v_cache:
             ``[num_pages, page_size, Hkv, D]`` of this layer.
         """
+        if self.kind == "ragged_prefill" and (k is None or v is None):
+            raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
         if self.wrappers is not None:
             w = self.wrappers[group]
             if self.kind == "ragged_prefill":
-                if k is None or v is None:
-                    raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
                 return w.run(q, k, v, out=out)
             return w.run(q, (k_cache, v_cache), out=out)
         res = paged_attention_torch(
@@ -296,9 +304,9 @@ class _PinnedRing:
             ev.synchronize()  # the transfer of two uses ago is still pending: never in steady state
         return self.host_np[self.slot], self.host[self.slot]
 
-    def upload(self, end: int) -> torch.Tensor:
-        """Copies the current host buffer's first ``end`` elements to the device buffer."""
-        self.dev[:end].copy_(self.host[self.slot][:end], non_blocking=True)
+    def upload(self, end: int, start: int = 0) -> torch.Tensor:
+        """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
+        self.dev[start:end].copy_(self.host[self.slot][start:end], non_blocking=True)
         return self.dev
 
     def done(self) -> None:
@@ -329,9 +337,9 @@ class _Layout:
         self.last_page_len = [take(r) for _ in range(num_groups)]
         self.fixed_end = pos
         self.max_writes = max_writes
-        self.offsets = take(max_writes)
-        self.values = take(max_writes)
-        self.total = pos
+        # Staged block-table writes: n offsets then n values from ``fixed_end``, so a step uploads
+        # ``fixed_end + 2n`` elements whatever the capacity.
+        self.total = pos + 2 * max_writes
 
 
 @attrs.define(eq=False)
@@ -371,7 +379,7 @@ class BatchMetadata:
         max_writes = groups * (cfg.max_num_tokens + 4 * (r + 1))
         self._layout = _Layout(r, groups, max_writes)
         self._staging = _PinnedRing(self._layout.total, dev)
-        self._accept_staging = _PinnedRing(4 * r + 1, dev)
+        self._accept_staging = _PinnedRing(5 * r + 1, dev)
         self.positions = torch.zeros(cfg.max_num_tokens, dtype=torch.int64, device=dev)
         self.slot_mappings = tuple(
             torch.full((cfg.max_num_tokens,), -1, dtype=torch.int64, device=dev) for _ in range(groups)
@@ -404,8 +412,9 @@ class BatchMetadata:
         """
         idx, qlens, clens = self._check_batch(idx_mapping, query_lens, cache_lens)
         ragged = not clens.any()
-        step = self._prepare(idx, qlens, clens, kind="ragged_prefill" if ragged else "prefill", padded=len(idx),
-                             query_len=None)  # fmt: skip
+        with self._on_device():
+            step = self._prepare(idx, qlens, clens, kind="ragged_prefill" if ragged else "prefill",
+                                 padded=len(idx), query_len=None)  # fmt: skip
         return activate_step(step)
 
     def prepare_decode(
@@ -438,8 +447,9 @@ class BatchMetadata:
         qlens = np.full(idx.shape[0], 1 + num_draft_tokens, np.int64)
         idx, qlens, clens = self._check_batch(idx, qlens, cache_lens)
         kind = "spec_decode" if num_draft_tokens else "decode"
-        step = self._prepare(idx, qlens, clens, kind=kind, padded=padded, graph=cuda_graph,
-                             query_len=1 + num_draft_tokens)  # fmt: skip
+        with self._on_device():
+            step = self._prepare(idx, qlens, clens, kind=kind, padded=padded, graph=cuda_graph,
+                                 query_len=1 + num_draft_tokens)  # fmt: skip
         return activate_step(step)
 
     def graph_batch_size(self, num_reqs: int) -> int:
@@ -447,6 +457,9 @@ class BatchMetadata:
         sizes = self.config.cuda_graph_batch_sizes
         if self.config.device.type != "cuda" or not sizes:
             raise ValueError("cuda_graph: no CUDA-graph batch sizes are configured for this device")
+        if not self._use_flashinfer:
+            # The torch fallback reads host arrays: a captured graph would replay stale attention.
+            raise ValueError("cuda_graph: CUDA-graph decode needs FlashInfer, which is not available here")
         for s in sizes:
             if s >= num_reqs:
                 return s
@@ -463,17 +476,19 @@ class BatchMetadata:
         if batch_size not in self.config.cuda_graph_batch_sizes:
             raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
                              f"{self.config.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip
+        self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
-        step = self._prepare(empty, empty, empty, kind="decode", padded=batch_size, graph=True, query_len=1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), activate_step(step):
-            for _ in range(warmup):
+        with self._on_device():
+            step = self._prepare(empty, empty, empty, kind="decode", padded=batch_size, graph=True, query_len=1)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), activate_step(step):
+                for _ in range(warmup):
+                    forward(step)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), activate_step(step):
                 forward(step)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), activate_step(step):
-            forward(step)
         self._graphs[batch_size] = graph
         return graph
 
@@ -484,7 +499,8 @@ class BatchMetadata:
         graph = self._graphs.get(step.padded_num_reqs)
         if graph is None:
             raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs}")
-        graph.replay()
+        with self._on_device():
+            graph.replay()
 
     def accept_tokens(
         self, step: Step, token_ids: torch.Tensor, next_input_ids: torch.Tensor, num_accepted: Any, prompt_lens: Any
@@ -516,25 +532,36 @@ class BatchMetadata:
         b = step.num_reqs
         accepted = _host_ints("num_accepted", num_accepted, length=b)
         prompts = _host_ints("prompt_lens", prompt_lens, length=b)
-        if b and (accepted.min() < 0 or prompts.min() < 0):
-            raise ValueError("num_accepted, prompt_lens: expected non-negative values")
-        if token_ids.dim() != 2 or token_ids.shape[0] < self.config.max_num_reqs:
-            raise ValueError(f"token_ids: expected [max_num_reqs ({self.config.max_num_reqs}), L], "
-                             f"got shape {tuple(token_ids.shape)}")  # fmt: skip
+        if b and accepted.min() < 0:
+            raise ValueError(f"num_accepted: expected non-negative counts, got {accepted.min()}")
+        if b and prompts.min() < 0:
+            raise ValueError(f"prompt_lens: expected non-negative lengths, got {prompts.min()}")
         r = self.config.max_num_reqs
-        qlens = np.diff(step.qo_indptr_host[: b + 1]).astype(np.int64)
+        check_tensor("token_ids", token_ids, ndim=2, device=self.block_tables.flat.device)
+        if token_ids.shape[0] < r:
+            raise ValueError(f"token_ids: expected {r} rows (max_num_reqs), got shape {tuple(token_ids.shape)}")
+        check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), ndim=1,
+                         device=token_ids.device)  # fmt: skip
+        if int(accepted.sum()) > next_input_ids.numel():
+            raise ValueError(f"next_input_ids: expected at least {int(accepted.sum())} tokens (sum of num_accepted), "
+                             f"got {next_input_ids.numel()}")  # fmt: skip
+        ends = step.cache_lens_host + step.query_lens_host + accepted
+        if b and ends.max() > token_ids.shape[1]:
+            raise ValueError(f"token_ids: a row needs {ends.max()} columns, got {token_ids.shape[1]}")
         h, _ = self._accept_staging.next()
         ops.fill_qo_indptr(accepted, h[: b + 1])
         h[r + 1 : r + 1 + b] = prompts
         h[2 * r + 1 : 2 * r + 1 + b] = step.cache_lens_host
-        h[3 * r + 1 : 3 * r + 1 + b] = qlens
-        d = self._accept_staging.upload(4 * r + 1)
-        ops.copy_next_input_ids_inplace(
-            token_ids, d[2 * r + 1 : 2 * r + 1 + b], d[3 * r + 1 : 3 * r + 1 + b], d[r + 1 : r + 1 + b],
-            next_input_ids, d[: b + 1], idx_mapping=step.idx_mapping[:b],
-        )  # fmt: skip
-        self._accept_staging.done()
-        return step.cache_lens_host.astype(np.int64) + qlens, accepted
+        h[3 * r + 1 : 3 * r + 1 + b] = step.query_lens_host
+        h[4 * r + 1 : 4 * r + 1 + b] = step.idx_mapping_host
+        with self._on_device():
+            d = self._accept_staging.upload(5 * r + 1)
+            ops.copy_next_input_ids_inplace(
+                token_ids, d[2 * r + 1 : 2 * r + 1 + b], d[3 * r + 1 : 3 * r + 1 + b], d[r + 1 : r + 1 + b],
+                next_input_ids, d[: b + 1], idx_mapping=d[4 * r + 1 : 4 * r + 1 + b],
+            )  # fmt: skip
+            self._accept_staging.done()
+        return step.cache_lens_host + step.query_lens_host, accepted
 
     # ---------------------------------------------------------------------------------------------
     # Internals
@@ -583,6 +610,13 @@ class BatchMetadata:
         groups = cfg.kv_groups
         page_sizes = [grp.page_size for grp in groups]
         b = idx.shape[0]
+        offsets, values = self.block_tables.take_staged()
+        extra = len(offsets) - lay.max_writes
+        for start in range(0, max(extra, 0), lay.max_writes):  # more new pages than one transfer holds
+            stop = min(start + lay.max_writes, extra)
+            self._upload_writes(offsets[start:stop], values[start:stop])
+        if extra > 0:
+            offsets, values = offsets[extra:], values[extra:]
         h, ht = self._staging.next()
 
         # Host arrays, numpy into the pinned staging buffer. Padding rows (graph decode) use the
@@ -602,17 +636,14 @@ class BatchMetadata:
             ops.fill_kv_last_page_len(seq, ps, h[lay.last_page_len[g]])
         num_tokens = int(qsl[b])
 
-        # One transfer: the fixed fields, then the staged block-table writes that fit.
-        offsets, values = self.block_tables.take_staged()
-        n = min(len(offsets), lay.max_writes)
-        h[lay.offsets][:n] = offsets[:n]
-        h[lay.values][:n] = values[:n]
-        end = lay.values.start + n if n else lay.fixed_end
-        d = self._staging.upload(end)
+        # One transfer: the fixed fields, then the staged block-table writes (offsets, values).
+        n = len(offsets)
+        w0 = lay.fixed_end
+        h[w0 : w0 + n] = offsets
+        h[w0 + n : w0 + 2 * n] = values
+        d = self._staging.upload(w0 + 2 * n)
         if n:
-            ops.scatter_int32(self.block_tables.flat, d[lay.offsets][:n], d[lay.values][:n])
-        if len(offsets) > n:  # more new pages than one transfer holds: rare, applied in order after
-            self._apply_writes(offsets[n:], values[n:])
+            ops.scatter_int32(self.block_tables.flat, d[w0 : w0 + n], d[w0 + n : w0 + 2 * n])
 
         idx_d = d[lay.idx][:padded]
         qsl_d = d[lay.qsl][: padded + 1]
@@ -659,7 +690,9 @@ class BatchMetadata:
             kv_last_page_len=tuple(d[lay.last_page_len[g]][:padded] for g in range(len(groups))),
             block_tables=tuple(step_tables),
             qo_indptr_host=qsl,
-            cache_lens_host=h[lay.cache][:b],
+            idx_mapping_host=idx,
+            query_lens_host=qlens,
+            cache_lens_host=clens,
             kv_indptr_host=tuple(kv_indptr_host),
             kv_last_page_len_host=tuple(h[lay.last_page_len[g]][:padded] for g in range(len(groups))),
             page_sizes=tuple(page_sizes),
@@ -667,12 +700,20 @@ class BatchMetadata:
             wrappers=wrappers,
         )
 
-    def _apply_writes(self, offsets: np.ndarray, values: np.ndarray) -> None:
-        """Applies staged writes that did not fit the step's transfer (a very large prefill)."""
+    def _upload_writes(self, offsets: np.ndarray, values: np.ndarray) -> None:
+        """Applies staged writes that did not fit a step's transfer, through the pinned ring."""
+        w0, n = self._layout.fixed_end, len(offsets)
+        h, _ = self._staging.next()
+        h[w0 : w0 + n] = offsets
+        h[w0 + n : w0 + 2 * n] = values
+        d = self._staging.upload(w0 + 2 * n, start=w0)
+        ops.scatter_int32(self.block_tables.flat, d[w0 : w0 + n], d[w0 + n : w0 + 2 * n])
+        self._staging.done()
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it."""
         dev = self.config.device
-        off = torch.from_numpy(offsets).to(dev)
-        val = torch.from_numpy(values).to(dev)
-        ops.scatter_int32(self.block_tables.flat, off, val)
+        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
     def _wrapper(self, key: tuple, make: Callable[[], Any]) -> Any:
         w = self._wrappers.get(key)

@@ -21,9 +21,12 @@ def make_meta(device, page_sizes=(4, 2), windows=None, max_num_reqs=6, max_model
         max_num_tokens=kw.pop("max_num_tokens", 96),
         max_model_len=max_model_len,
         kv_groups=tuple(KVGroup(page_size=p, window_left=w) for p, w in zip(page_sizes, windows, strict=True)),
-        num_qo_heads=4,
+        # On a GPU FlashInfer plans every step: a shape (and dtype) its tests have already compiled.
+        num_qo_heads=8,
         num_kv_heads=2,
-        head_dim=8,
+        head_dim=64,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
         device=device,
         **kw,
     )
@@ -201,21 +204,21 @@ def test_attention_torch_path_matches_dense_reference():
     for r, c, q in zip(idx, clens, qlens, strict=True):
         pages.grow(r, c + q)
     torch.manual_seed(0)
-    kc = torch.randn(32, 4, 2, 8)
-    vc = torch.randn(32, 4, 2, 8)
-    q = torch.randn(6, 4, 8)
+    kc = torch.randn(32, 4, 2, 64)
+    vc = torch.randn(32, 4, 2, 64)
+    q = torch.randn(6, 8, 64)
     with meta.prepare_prefill(idx, qlens, clens) as step:
         out = step.attention(q, kc, vc)
     t = 0
     for r, qn, c in zip(idx, qlens, clens, strict=True):
         seq = c + qn
         rows = pages.held[r][0]
-        k = torch.stack([kc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(2, dim=1)
-        v = torch.stack([vc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(2, dim=1)
+        k = torch.stack([kc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(4, dim=1)
+        v = torch.stack([vc[rows[p // 4], p % 4] for p in range(seq)]).repeat_interleave(4, dim=1)
         for i in range(qn):
             pos = c + i
             lo = max(0, pos - 6)
-            s = torch.einsum("hd,khd->hk", q[t + i], k[lo : pos + 1]) / math.sqrt(8)
+            s = torch.einsum("hd,khd->hk", q[t + i], k[lo : pos + 1]) / math.sqrt(64)
             ref = torch.einsum("hk,khd->hd", torch.softmax(s, -1), v[lo : pos + 1])
             torch.testing.assert_close(out[t + i], ref, rtol=1e-5, atol=1e-5)
         t += qn
@@ -252,6 +255,7 @@ def snapshot(meta):
         (lambda m: m.block_tables.append(0, [-3]), ValueError, "new_pages"),
         (lambda m: m.block_tables.append(0, ["a"]), TypeError, "new_pages"),
         (lambda m: m.block_tables.reset(True), TypeError, "req_idx"),
+        (lambda m: m.block_tables.append(0, [5, 2**31]), ValueError, "new_pages"),  # nothing of it staged
     ],
 )
 def test_bad_input_raises_before_any_change(device, call, exc, match):
@@ -340,3 +344,44 @@ def test_accept_tokens_writes_history_through_idx_mapping_and_advances(device):
     assert new_cache.tolist() == [9, 5] and new_query.tolist() == [2, 1]
     with pytest.raises(ValueError, match="num_accepted"):
         meta.accept_tokens(step, history, sampled, [2], [0, 7])
+
+
+def test_accept_tokens_for_a_step_prepared_before_the_last(device):
+    """An engine may prepare step n+1 before accepting step n's tokens: the step keeps its own rows."""
+    meta = make_meta(device, page_sizes=(4,), max_draft_tokens=1)
+    for r in (1, 2):
+        meta.block_tables.append(r, [r + 1, r + 5])
+    history = torch.zeros(6, 16, dtype=torch.int64, device=device)
+    with meta.prepare_decode([1], [3], num_draft_tokens=1) as first:
+        pass
+    with meta.prepare_decode([2], [4], num_draft_tokens=1):
+        pass
+    meta.accept_tokens(first, history, torch.tensor([77], device=device), [1], [0])
+    assert history[1, 5].item() == 77 and int((history != 0).sum()) == 1
+
+
+def test_staged_writes_beyond_one_transfer_are_all_applied(device):
+    meta = make_meta(device, page_sizes=(1,), max_num_tokens=16)  # room for few writes per transfer
+    assert meta._layout.max_writes < 6 * 48
+    rng = np.random.default_rng(0)
+    for r in range(6):
+        meta.block_tables.append(r, rng.integers(1, 10_000, 48).tolist())
+    with meta.prepare_decode(list(range(6)), [47] * 6) as step:
+        for r in range(6):
+            assert step.block_tables[0][r].cpu().tolist() == meta.block_tables.pages(r).tolist()
+    assert torch.equal(meta.block_tables.tables[0][:6].cpu(), torch.from_numpy(meta.block_tables._host_tables[0][:6]))
+
+
+def test_pages_as_tensors_and_arrays():
+    meta = make_meta("cpu", page_sizes=(4,))
+    meta.block_tables.append(0, torch.tensor([3, 4]))
+    meta.block_tables.append(0, np.array([5]))
+    assert meta.block_tables.pages(0).tolist() == [3, 4, 5]
+
+
+def test_ragged_step_attention_needs_new_keys_on_every_path():
+    meta = make_meta("cpu", page_sizes=(4,))
+    meta.block_tables.append(0, [1])
+    kc = torch.zeros(4, 4, 2, 64)
+    with meta.prepare_prefill([0], [2], [0]) as step, pytest.raises(ValueError, match="k, v"):
+        step.attention(torch.zeros(2, 8, 64), kc, kc)
