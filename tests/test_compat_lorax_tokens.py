@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+from _helpers import case_device, on_host, prefix_sum
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -52,25 +53,6 @@ def naive_slots_filtering(slots, filtered, counts, starts):
             filtered[dst + j] = slots[starts[k] + j]
         dst += n
     return filtered
-
-
-def on_host(case):
-    """Marks a bad-input case that the op can only detect from values (lengths, prefix sums, indices).
-    The ops read values only from host tensors (reading device ones would sync), so such cases run on
-    CPU tensors on every machine; on a GPU the same bad values are the caller's responsibility."""
-    case.on_host = True
-    return case
-
-
-def case_device(case, device):
-    return torch.device("cpu") if getattr(case, "on_host", False) else device
-
-
-def prefix_sum(counts):
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
 
 
 def t(values, device, dtype=torch.int64):

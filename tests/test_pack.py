@@ -9,6 +9,7 @@ import inspect
 import pytest
 import torch
 import triton.language as tl
+from _helpers import case_device, on_host
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,18 +45,6 @@ def naive_unpack(packed, lengths, out):
             out[start + i] = packed[b, i]
         start += n
     return out
-
-
-def on_host(case):
-    """Marks a bad-input case that the op can only detect from values (lengths, prefix sums, indices).
-    The ops read values only from host tensors (reading device ones would sync), so such cases run on
-    CPU tensors on every machine; on a GPU the same bad values are the caller's responsibility."""
-    case.on_host = True
-    return case
-
-
-def case_device(case, device):
-    return torch.device("cpu") if getattr(case, "on_host", False) else device
 
 
 def make_values(gen, shape, dtype):

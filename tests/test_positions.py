@@ -7,6 +7,7 @@ shows up.
 
 import pytest
 import torch
+from _helpers import case_device, on_host, prefix_sum
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,25 +49,6 @@ def naive_slot_mappings(idx_mapping, cache_lens, query_lens, tables, page_sizes,
                 slots[g][t] = table[req][p // ps] * ps + p % ps
             t += 1
     return slots, positions
-
-
-def on_host(case):
-    """Marks a bad-input case that the op can only detect from values (lengths, prefix sums, indices).
-    The ops read values only from host tensors (reading device ones would sync), so such cases run on
-    CPU tensors on every machine; on a GPU the same bad values are the caller's responsibility."""
-    case.on_host = True
-    return case
-
-
-def case_device(case, device):
-    return torch.device("cpu") if getattr(case, "on_host", False) else device
-
-
-def prefix_sum(counts):
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
 
 
 def cdiv(a, b):
