@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 import torch
-from _helpers import case_device, on_host, prefix_sum
+from _helpers import case_device, naive_copy_next, naive_slots_filtering, on_host, prefix_sum
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -31,28 +31,6 @@ def naive_position_slot_ids(cache_lens, query_lens, cu_slots, position_ids, slot
             slot_indices[t] = cu_slots[b] + cache_len + j
             t += 1
     return position_ids, slot_indices
-
-
-def naive_copy_next(all_input_ids, cache_lens, input_lens, prompt_lens, next_ids, accepted):
-    ids = [list(row) for row in all_input_ids]
-    src = 0
-    for b, n in enumerate(accepted):
-        for j in range(n):
-            col = cache_lens[b] + input_lens[b] + j
-            if col >= prompt_lens[b]:
-                ids[b][col] = next_ids[src + j]
-        src += n
-    return ids
-
-
-def naive_slots_filtering(slots, filtered, counts, starts):
-    filtered = list(filtered)
-    dst = 0
-    for k, n in enumerate(counts):
-        for j in range(n):
-            filtered[dst + j] = slots[starts[k] + j]
-        dst += n
-    return filtered
 
 
 def t(values, device, dtype=torch.int64):
