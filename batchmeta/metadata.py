@@ -187,10 +187,11 @@ class BlockTables:
         return out
 
     def _write(self, g: int, req: int, col: int, pages: Sequence[int] | np.ndarray) -> None:
+        pages = np.asarray(pages, dtype=np.int64)
         width = self._host_tables[g].shape[1]
-        for j, p in enumerate(pages):
-            self._host_tables[g][req, col + j] = p
-            self._staged[self._table_base[g] + req * width + col + j] = int(p)
+        self._host_tables[g][req, col : col + len(pages)] = pages
+        start = self._table_base[g] + req * width + col
+        self._staged.update(zip(range(start, start + len(pages)), pages.tolist(), strict=True))
 
     def _set_count(self, g: int, req: int, n: int) -> None:
         self._host_num_blocks[g, req] = n
