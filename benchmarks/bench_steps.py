@@ -13,9 +13,11 @@ Implementations, A/B interleaved step by step:
 - ``batchmeta``: ``BatchMetadata.prepare_*`` (metadata kernels, one staging copy, plans), eager, and
   under CUDA graphs (plan for the graph wrappers) where the scenario allows.
 
-Figures per step: host µs (what the engine's CPU pays; median, p90), GPU µs (CUDA events around the
-step), host syncs (torch's sync debug mode, counted in a separate pass), and host→device bytes the
-implementation itself copies (FlashInfer's own plan copies are the same for all and not counted).
+Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
+step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
+implementation that syncs waits for the GPU, so its gaps count); host syncs (torch's sync debug
+mode, counted in a separate pass); and host→device bytes the implementation itself copies
+(FlashInfer's own plan copies are the same for all and not counted).
 """
 
 from __future__ import annotations
@@ -233,21 +235,25 @@ def measure(impls: dict, steps: int, progress) -> dict:
         for _ in range(3):
             fn()
     torch.cuda.synchronize()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for name, (fn, nbytes) in impls.items():
         res[name]["syncs"] = _count_syncs(fn)
         res[name]["h2d_bytes"] = nbytes
-    for i in range(steps):
-        for name, (fn, _) in impls.items():  # interleaved A/B
+    for _ in range(steps):
+        for name, (fn, _) in impls.items():  # interleaved A/B: host time, GPU idle
             torch.cuda.synchronize()
-            ev[i][0].record()
             t0 = time.perf_counter_ns()
             fn()
             t1 = time.perf_counter_ns()
-            ev[i][1].record()
-            torch.cuda.synchronize()
             res[name]["host"].append((t1 - t0) / 1e3)
-            res[name]["gpu"].append(ev[i][0].elapsed_time(ev[i][1]) * 1e3)
+        for name, (fn, _) in impls.items():  # GPU time: the step is enqueued behind a sleeping kernel,
+            torch.cuda.synchronize()  # so the events time its device work, not the host's pace
+            torch.cuda._sleep(2_000_000)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            res[name]["gpu"].append(start.elapsed_time(end) * 1e3)
         progress()
     for r in res.values():
         r["host_median"] = statistics.median(r["host"])
