@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine:  bash scripts/dev.sh demo | test [pytest args] | bench
+# One entry point for a fresh machine:  bash scripts/dev.sh demo | test [pytest args] | bench | bench-steps
 # Creates .venv/ on first use and installs what is missing (idempotent: a second run installs
 # nothing). PyTorch is taken as torch==2.13.0 when none is installed; set BATCHMETA_PYTHON to use
 # another interpreter (for example one that already has a CUDA build of torch).
@@ -28,5 +28,6 @@ case "$cmd" in
   demo)  exec "$py" -m batchmeta.demo "$@" ;;
   test)  exec "$py" -m pytest -q "$@" ;;
   bench) exec "$py" benchmarks/bench_launch.py "$@" ;;
-  *) echo "usage: bash scripts/dev.sh demo|test|bench [args]" >&2; exit 2 ;;
+  bench-steps) exec "$py" benchmarks/bench_steps.py "$@" ;;
+  *) echo "usage: bash scripts/dev.sh demo|test|bench|bench-steps [args]" >&2; exit 2 ;;
 esac
