@@ -549,18 +549,19 @@ class BatchMetadata:
         ends = step.cache_lens_host + step.query_lens_host + accepted
         if b and ends.max() > token_ids.shape[1]:
             raise ValueError(f"token_ids: a row needs {ends.max()} columns, got {token_ids.shape[1]}")
+        # Staging fields: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
+        cu, prompt, cache, query, rows = (slice(0, b + 1), *(slice(k * r + 1, k * r + 1 + b) for k in range(1, 5)))
         h, _ = self._accept_staging.next()
-        ops.fill_qo_indptr(accepted, h[: b + 1])
-        h[r + 1 : r + 1 + b] = prompts
-        h[2 * r + 1 : 2 * r + 1 + b] = step.cache_lens_host
-        h[3 * r + 1 : 3 * r + 1 + b] = step.query_lens_host
-        h[4 * r + 1 : 4 * r + 1 + b] = step.idx_mapping_host
+        ops.fill_qo_indptr(accepted, h[cu])
+        h[prompt] = prompts
+        h[cache] = step.cache_lens_host
+        h[query] = step.query_lens_host
+        h[rows] = step.idx_mapping_host
         with self._on_device():
             d = self._accept_staging.upload(5 * r + 1)
             ops.copy_next_input_ids_inplace(
-                token_ids, d[2 * r + 1 : 2 * r + 1 + b], d[3 * r + 1 : 3 * r + 1 + b], d[r + 1 : r + 1 + b],
-                next_input_ids, d[: b + 1], idx_mapping=d[4 * r + 1 : 4 * r + 1 + b],
-            )  # fmt: skip
+                token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu], idx_mapping=d[rows]
+            )
             self._accept_staging.done()
         return step.cache_lens_host + step.query_lens_host, accepted
 
@@ -654,10 +655,10 @@ class BatchMetadata:
             slot_mappings=self.slot_mappings, positions=self.positions, num_tokens=num_tokens,
         )  # fmt: skip
         kv_indptr_host = [h[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))]
+        kv_indptr_d = [d[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))]
         kv_indices, step_tables = [], []
         for g, ps in enumerate(page_sizes):
-            ops.write_kv_indices(tables[g], d[lay.kv_indptr[g]][: padded + 1], out=self.kv_indices[g],
-                                 idx_mapping=idx_d)  # fmt: skip
+            ops.write_kv_indices(tables[g], kv_indptr_d[g], out=self.kv_indices[g], idx_mapping=idx_d)
             kv_indices.append(self.kv_indices[g][: int(kv_indptr_host[g][padded])])
             # Eager steps gather only as many columns as this step's longest row needs.
             width = tables[g].shape[1] if graph or not padded else -(-int(seq.max()) // ps)
@@ -686,7 +687,7 @@ class BatchMetadata:
             positions=self.positions[:tokens_run],
             logits_indices=d[lay.logits][:b],
             slot_mappings=tuple(sm[:tokens_run] for sm in self.slot_mappings),
-            kv_indptr=tuple(d[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))),
+            kv_indptr=tuple(kv_indptr_d),
             kv_indices=tuple(kv_indices),
             kv_last_page_len=tuple(d[lay.last_page_len[g]][:padded] for g in range(len(groups))),
             block_tables=tuple(step_tables),
