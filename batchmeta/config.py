@@ -99,6 +99,10 @@ class MetadataConfig:
         The page that padding rows of a CUDA-graph batch read (never written: their slots are PAD).
     workspace_bytes:
         FlashInfer float workspace, shared by every wrapper on the device.
+    plan_attention:
+        Plan FlashInfer every step (when it is installed and the device is CUDA). ``False`` for
+        engines whose attention reads the metadata directly (block tables, ``seq_lens``); steps then
+        carry no wrappers.
     """
 
     max_num_reqs: int = attrs.field(validator=_positive)
@@ -116,6 +120,7 @@ class MetadataConfig:
     max_draft_tokens: int = attrs.field(default=0, validator=_non_negative)
     padding_page: int = attrs.field(default=0, validator=_non_negative)
     workspace_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+    plan_attention: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     @kv_groups.validator
     def _check_groups(self, attribute, value) -> None:

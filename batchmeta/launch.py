@@ -40,6 +40,7 @@ import torch
 import triton
 
 __all__ = [
+    "BoundLaunch",
     "CachedKernel",
     "cached_kernel",
     "clear_launch_caches",
@@ -205,6 +206,7 @@ class CachedKernel:
         params = list(getattr(fn, "params", ()))
         self._prep = _make_prep_fn(params) if params else None
         self._cache: dict[tuple, _Entry] = {}
+        self.generation = 0  # bumped by clear(): bound launches re-resolve their entry
         self.supported = (
             _VERIFIED_TRITON
             and not _INTERPRET
@@ -233,6 +235,12 @@ class CachedKernel:
 
     def clear(self) -> None:
         self._cache.clear()
+        self.generation += 1
+
+    def bind(self, args: tuple, *, num_warps: int | None = None, num_stages: int | None = None) -> BoundLaunch:
+        """These arguments, fixed: the returned :class:`BoundLaunch` launches on any grid with no
+        per-launch binding or key (for persistent buffers whose addresses never change)."""
+        return BoundLaunch(self, args, num_warps, num_stages)
 
     def launch(
         self,
@@ -281,6 +289,55 @@ class CachedKernel:
             return self.fn[grid](*args, **opts)
         compiled = self.fn.run(*args, grid=grid, warmup=False, **opts)
         return compiled.result() if hasattr(compiled, "result") else compiled
+
+
+class BoundLaunch:
+    """A :class:`CachedKernel` with every argument fixed; ``bound(grid)`` launches it.
+
+    The key and the launcher's arguments are computed once, when bound. Values that change from one
+    launch to the next must therefore live in device memory the kernel reads (and the grid). The
+    first launch, a launch on another device, with a launch hook set, or after
+    :func:`clear_launch_caches` goes through :meth:`CachedKernel.launch`; later ones call the
+    compiled launcher directly.
+    """
+
+    __slots__ = ("_args", "_entry", "_generation", "_kernel", "_key", "_launch_args", "_num_stages", "_num_warps")
+
+    def __init__(self, kernel: CachedKernel, args: tuple, num_warps: int | None, num_stages: int | None):
+        self._kernel = kernel
+        self._args = tuple(args)
+        self._num_warps = num_warps
+        self._num_stages = num_stages
+        self._entry: _Entry | None = None
+        self._generation = -1
+        self._key: tuple | None = None
+        self._launch_args: tuple = ()
+        if kernel.supported:
+            try:
+                self._key, self._launch_args = kernel._key_and_args(self._args, num_warps, num_stages)
+            except _Unkeyable:
+                self._key = None
+
+    def __call__(self, grid: tuple[int, ...]) -> None:
+        entry, key, kernel = self._entry, self._key, self._kernel
+        rt = _RUNTIME_KNOBS
+        enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+        if (
+            entry is None
+            or not _enabled
+            or self._generation != kernel.generation
+            or _get_device() != key[3]  # type: ignore[index]
+            or (enter is not None and getattr(enter, "calls", True))
+            or (exit_ is not None and getattr(exit_, "calls", True))
+        ):
+            kernel.launch(grid, self._args, num_warps=self._num_warps, num_stages=self._num_stages)
+            if key is not None and _enabled and _get_device() == key[3]:
+                self._entry = kernel._cache.get(key)
+                self._generation = kernel.generation
+            return
+        kernel.hits += 1
+        n = len(grid)
+        entry.call(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _get_stream(key[3]), self._launch_args)  # type: ignore[index]
 
 
 # Resolved once, so the hit path does no module attribute lookups. Triton replaces hooks on this

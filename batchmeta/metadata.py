@@ -31,6 +31,7 @@ import torch
 
 from batchmeta import ops
 from batchmeta.attention import (
+    DecodePlanner,
     activate_step,
     flashinfer_available,
     get_workspace,
@@ -49,19 +50,21 @@ _I32_MAX = 2**31 - 1
 
 def _host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
     """Host-side integer vector (list, numpy array or CPU tensor) as int64 numpy, validated."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type != "cpu":
-            raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
-                             f"{value.device}")  # fmt: skip
-        value = value.numpy()
-    arr = np.asarray(value)
+    if type(value) is not np.ndarray:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
+                                 f"{value.device}")  # fmt: skip
+            value = value.numpy()
+        value = np.asarray(value)
+    arr: np.ndarray = value  # type: ignore[assignment]
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu" and arr.size:  # not bool, not float: a float list must not be truncated
         raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"{name}: expected {length} elements (one per batch row), got {arr.shape[0]}")
-    return arr.astype(np.int64, copy=False)
+    return arr if arr.dtype == np.int64 else arr.astype(np.int64)
 
 
 @attrs.define(eq=False)
@@ -297,6 +300,7 @@ class _PinnedRing:
         self.events = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
         self.slot = 0
+        self._copies: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def next(self) -> tuple[np.ndarray, torch.Tensor]:
         self.slot ^= 1
@@ -307,7 +311,13 @@ class _PinnedRing:
 
     def upload(self, end: int, start: int = 0) -> torch.Tensor:
         """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
-        self.dev[start:end].copy_(self.host[self.slot][start:end], non_blocking=True)
+        key = (self.slot, start, end)
+        views = self._copies.get(key)
+        if views is None:
+            if len(self._copies) > 4096:
+                self._copies.clear()
+            views = self._copies[key] = (self.dev[start:end], self.host[self.slot][start:end])
+        views[0].copy_(views[1], non_blocking=True)
         return self.dev
 
     def done(self) -> None:
@@ -317,17 +327,16 @@ class _PinnedRing:
 
 
 class _Layout:
-    """Fixed offsets of the per-step fields in the int32 staging buffers (host and device)."""
+    """Fixed element offsets of the per-step fields in the int32 staging buffers (host and device)."""
 
     def __init__(self, max_reqs: int, num_groups: int, max_writes: int):
         r = max_reqs
         pos = 0
 
-        def take(n: int) -> slice:
+        def take(n: int) -> int:
             nonlocal pos
-            s = slice(pos, pos + n)
             pos += n
-            return s
+            return pos - n
 
         self.idx = take(r)
         self.qsl = take(r + 1)
@@ -336,11 +345,30 @@ class _Layout:
         self.logits = take(r)
         self.kv_indptr = [take(r + 1) for _ in range(num_groups)]
         self.last_page_len = [take(r) for _ in range(num_groups)]
+        self.step_width = [take(1) for _ in range(num_groups)]
+        self.num_writes = take(1)
         self.fixed_end = pos
         self.max_writes = max_writes
-        # Staged block-table writes: n offsets then n values from ``fixed_end``, so a step uploads
+        # Staged block-table writes as (offset, value) pairs from ``fixed_end``, so a step uploads
         # ``fixed_end + 2n`` elements whatever the capacity.
+        self.pairs = pos
         self.total = pos + 2 * max_writes
+
+
+class _StepViews:
+    """Tensor views of the step buffers, made once per size and reused (a torch slice costs about a
+    microsecond; a step needs dozens)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        v = self._cache.get(key)
+        if v is None:
+            if len(self._cache) > 4096:  # many distinct prefill sizes: start over rather than grow
+                self._cache.clear()
+            v = self._cache[key] = make()
+        return v
 
 
 @attrs.define(eq=False)
@@ -354,6 +382,17 @@ class BatchMetadata:
     >>> with meta.prepare_decode(idx_mapping, cache_lens) as step:
     ...     ops.store_kv(k, v, step.slot_mappings[0], k_cache, v_cache)
     ...     out = step.attention(q, k_cache, v_cache)     # or batchmeta.current_step() in a layer
+
+    Attributes
+    ----------
+    positions:
+        ``[max_num_tokens]`` int64.
+    slot_mappings:
+        Per group ``[max_num_tokens]`` int64.
+    kv_indices:
+        Per group ``[(max_num_reqs + 1) * W_g]`` int32.
+    step_block_tables:
+        Per group ``[max_num_reqs, W_g]`` int32.
     """
 
     config: MetadataConfig
@@ -361,42 +400,79 @@ class BatchMetadata:
     _layout: _Layout = attrs.field(init=False)
     _staging: _PinnedRing = attrs.field(init=False)
     _accept_staging: _PinnedRing = attrs.field(init=False)
+    _out32: torch.Tensor = attrs.field(init=False)
+    _out64: torch.Tensor = attrs.field(init=False)
     positions: torch.Tensor = attrs.field(init=False)
     slot_mappings: tuple[torch.Tensor, ...] = attrs.field(init=False)
     kv_indices: tuple[torch.Tensor, ...] = attrs.field(init=False)
     step_block_tables: tuple[torch.Tensor, ...] = attrs.field(init=False)
+    _fill: Callable[[int], None] = attrs.field(init=False)
+    _scatter: Callable[[int], None] = attrs.field(init=False)
     _use_flashinfer: bool = attrs.field(init=False)
+    _device_index: int | None = attrs.field(init=False)
+    _planners: dict[tuple, Any] = attrs.field(init=False, factory=dict)
     _wrappers: dict[tuple, Any] = attrs.field(init=False, factory=dict)
     _graphs: dict[int, Any] = attrs.field(init=False, factory=dict)
+    _views: _StepViews = attrs.field(init=False, factory=_StepViews)
+    _rows: np.ndarray = attrs.field(init=False)
+    _seen: np.ndarray = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
         dev = cfg.device
         groups = len(cfg.kv_groups)
         r = cfg.max_num_reqs
+        t = cfg.max_num_tokens
+        if dev.type == "cuda":
+            self._device_index = dev.index if dev.index is not None else torch.cuda.current_device()
+            dev = torch.device("cuda", self._device_index)
+        else:
+            self._device_index = None
         self.block_tables = BlockTables(cfg)
         # Staged block-table writes per step: a full prefill budget of new pages plus a count per
         # request per group, twice over; more than that is applied in several copies.
-        max_writes = groups * (cfg.max_num_tokens + 4 * (r + 1))
-        self._layout = _Layout(r, groups, max_writes)
-        self._staging = _PinnedRing(self._layout.total, dev)
+        max_writes = groups * (t + 4 * (r + 1))
+        self._layout = lay = _Layout(r, groups, max_writes)
+        self._staging = _PinnedRing(lay.total, dev)
         self._accept_staging = _PinnedRing(5 * r + 1, dev)
-        self.positions = torch.zeros(cfg.max_num_tokens, dtype=torch.int64, device=dev)
-        self.slot_mappings = tuple(
-            torch.full((cfg.max_num_tokens,), -1, dtype=torch.int64, device=dev) for _ in range(groups)
-        )
-        self.kv_indices = tuple(
-            torch.zeros((r + 1) * cfg.max_pages_per_req(g), dtype=torch.int32, device=dev) for g in range(groups)
-        )
+        widths = [cfg.max_pages_per_req(g) for g in range(groups)]
+        # int32 outputs: per group kv_indices [(r + 1) * W] then the per-step table [r, W].
+        kv_at, step_at, pos = [], [], 0
+        for w in widths:
+            kv_at.append(pos)
+            step_at.append(pos + (r + 1) * w)
+            pos += (2 * r + 1) * w
+        self._out32 = torch.zeros(pos, dtype=torch.int32, device=dev)
+        # int64 outputs: positions, then per group the slot mapping, each [t]; slots start as PAD.
+        self._out64 = torch.full(((1 + groups) * t,), -1, dtype=torch.int64, device=dev)
+        self._out64[:t] = 0
+        self.positions = self._out64[:t]
+        self.slot_mappings = tuple(self._out64[(1 + g) * t : (2 + g) * t] for g in range(groups))
+        self.kv_indices = tuple(self._out32[kv_at[g] : kv_at[g] + (r + 1) * w] for g, w in enumerate(widths))
         self.step_block_tables = tuple(
-            torch.zeros(r + 1, cfg.max_pages_per_req(g), dtype=torch.int32, device=dev) for g in range(groups)
+            self._out32[step_at[g] : step_at[g] + r * w].view(r, w) for g, w in enumerate(widths)
         )
-        self._use_flashinfer = dev.type == "cuda" and flashinfer_available()
+        bt = self.block_tables
+        layout = ops.StepLayout(
+            page_size=[grp.page_size for grp in cfg.kv_groups], width=widths, num_table_rows=r + 1,
+            idx=lay.idx, query_start_loc=lay.qsl, cache_lens=lay.cache, kv_indptr=lay.kv_indptr,
+            step_width=lay.step_width, table=bt._table_base, held=[bt._num_blocks_base + g * (r + 1)
+                                                                   for g in range(groups)],
+            kv_indices=kv_at, kv_capacity=[(r + 1) * w for w in widths], step_table=step_at,
+            positions=0, slot_mapping=[(1 + g) * t for g in range(groups)], token_capacity=t,
+        )  # fmt: skip
+        self._fill = ops.bind_step_metadata(layout, self._staging.dev, bt.flat, self._out32, self._out64,
+                                            max_rows=r)  # fmt: skip
+        self._scatter = ops.bind_scatter_pairs(self._staging.dev, bt.flat, count=lay.num_writes, pairs=lay.pairs,
+                                               max_writes=max_writes)  # fmt: skip
+        self._use_flashinfer = dev.type == "cuda" and cfg.plan_attention and flashinfer_available()
+        self._rows = np.arange(r + 1, dtype=np.int64)
+        self._seen = np.zeros(r, dtype=np.int64)
 
     # ---------------------------------------------------------------------------------------------
     # Public per-step API
     # ---------------------------------------------------------------------------------------------
-    def prepare_prefill(self, idx_mapping: Any, query_lens: Any, cache_lens: Any) -> contextlib.AbstractContextManager:
+    def prepare_prefill(self, idx_mapping: Any, query_lens: Any, cache_lens: Any) -> activate_step:
         """Metadata for a prefill or mixed step (chunked prefill beside decodes).
 
         Parameters
@@ -411,16 +487,21 @@ class BatchMetadata:
         Returns a context manager yielding the :class:`Step`; while it runs,
         ``batchmeta.current_step()`` returns that step.
         """
-        idx, qlens, clens = self._check_batch(idx_mapping, query_lens, cache_lens)
-        ragged = not clens.any()
+        idx = _host_ints("idx_mapping", idx_mapping)
+        b = idx.shape[0]
+        qlens = _host_ints("query_lens", query_lens, length=b)
+        clens = _host_ints("cache_lens", cache_lens, length=b)
+        if b and qlens.min() < 1:
+            raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
+        seq, pages = self._check_batch(idx, qlens, clens)
+        kind = "prefill" if clens.any() else "ragged_prefill"
         with self._on_device():
-            step = self._prepare(idx, qlens, clens, kind="ragged_prefill" if ragged else "prefill",
-                                 padded=len(idx), query_len=None)  # fmt: skip
+            step = self._prepare(idx, qlens, clens, seq, pages, kind=kind, padded=b, query_len=None)
         return activate_step(step)
 
     def prepare_decode(
         self, idx_mapping: Any, cache_lens: Any, *, num_draft_tokens: int = 0, cuda_graph: bool = False
-    ) -> contextlib.AbstractContextManager:
+    ) -> activate_step:
         """Metadata for a decode step: ``1 + num_draft_tokens`` new tokens per row.
 
         Parameters
@@ -434,23 +515,24 @@ class BatchMetadata:
             CUDA-graph wrappers (plain decode only); replay with :meth:`replay_decode_graph`.
         """
         cfg = self.config
-        if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+        if type(num_draft_tokens) is not int:
             raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
         if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
             raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
                              f"got {num_draft_tokens}")  # fmt: skip
         idx = _host_ints("idx_mapping", idx_mapping)
-        padded = len(idx)
+        b = idx.shape[0]
+        clens = _host_ints("cache_lens", cache_lens, length=b)
+        padded = b
         if cuda_graph:
             if num_draft_tokens:
                 raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
-            padded = self.graph_batch_size(len(idx))
-        qlens = np.full(idx.shape[0], 1 + num_draft_tokens, np.int64)
-        idx, qlens, clens = self._check_batch(idx, qlens, cache_lens)
-        kind = "spec_decode" if num_draft_tokens else "decode"
+            padded = self.graph_batch_size(b)
+        q = 1 + num_draft_tokens
+        seq, pages = self._check_batch(idx, q, clens)
         with self._on_device():
-            step = self._prepare(idx, qlens, clens, kind=kind, padded=padded, graph=cuda_graph,
-                                 query_len=1 + num_draft_tokens)  # fmt: skip
+            step = self._prepare(idx, q, clens, seq, pages, kind="spec_decode" if num_draft_tokens else "decode",
+                                 padded=padded, graph=cuda_graph, query_len=q)  # fmt: skip
         return activate_step(step)
 
     def graph_batch_size(self, num_reqs: int) -> int:
@@ -480,7 +562,8 @@ class BatchMetadata:
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
         with self._on_device():
-            step = self._prepare(empty, empty, empty, kind="decode", padded=batch_size, graph=True, query_len=1)
+            step = self._prepare(empty, 1, empty, empty, [empty] * len(self.config.kv_groups), kind="decode",
+                                 padded=batch_size, graph=True, query_len=1)  # fmt: skip
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), activate_step(step):
@@ -568,112 +651,156 @@ class BatchMetadata:
     # ---------------------------------------------------------------------------------------------
     # Internals
     # ---------------------------------------------------------------------------------------------
-    def _check_batch(self, idx_mapping: Any, query_lens: Any, cache_lens: Any):
+    def _check_batch(self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray):
+        """Validates a batch on host data only; returns ``(seq_lens, pages per group)``.
+
+        ``qlens`` is an int for decode (every row has that many new tokens).
+        """
         cfg = self.config
-        idx = _host_ints("idx_mapping", idx_mapping)
+        r = cfg.max_num_reqs
         b = idx.shape[0]
-        qlens = _host_ints("query_lens", query_lens, length=b)
-        clens = _host_ints("cache_lens", cache_lens, length=b)
-        if b > cfg.max_num_reqs:
-            raise ValueError(f"idx_mapping: {b} rows exceed max_num_reqs ({cfg.max_num_reqs})")
-        if b:
-            if idx.min() < 0 or idx.max() >= cfg.max_num_reqs:
-                raise ValueError(f"idx_mapping: expected request slots in [0, {cfg.max_num_reqs}), "
-                                 f"got {idx.min()}..{idx.max()}")  # fmt: skip
-            if np.unique(idx).shape[0] != b:
-                raise ValueError("idx_mapping: a request slot appears twice in one batch")
-            if qlens.min() < 1:
-                raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
-            if clens.min() < 0:
-                raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
-        num_tokens = int(qlens.sum())
+        if b > r:
+            raise ValueError(f"idx_mapping: {b} rows exceed max_num_reqs ({r})")
+        if not b:
+            return clens, [clens] * len(cfg.kv_groups)
+        lo, hi = idx.min(), idx.max()
+        if lo < 0 or hi >= r:
+            raise ValueError(f"idx_mapping: expected request slots in [0, {r}), got {lo}..{hi}")
+        # Duplicates: after seen[idx] = 0..b-1, a repeated slot reads back another row's number.
+        rows = self._rows[:b]
+        self._seen[idx] = rows
+        if (self._seen[idx] != rows).any():
+            raise ValueError("idx_mapping: a request slot appears twice in one batch")
+        if clens.min() < 0:
+            raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
+        num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
         seq = clens + qlens
-        if b and seq.max() > cfg.max_model_len:
+        if seq.max() > cfg.max_model_len:
             raise ValueError(f"cache_lens: a row reaches {seq.max()} tokens, more than max_model_len "
                              f"({cfg.max_model_len})")  # fmt: skip
+        pages = []
+        held_all = self.block_tables._host_num_blocks
         for g, grp in enumerate(cfg.kv_groups):
-            need = -(-seq // grp.page_size)
-            held = self.block_tables._host_num_blocks[g, idx]
-            short = np.nonzero(held < need)[0]
-            if short.size:
-                r = short[0]
+            ps = grp.page_size
+            need = seq if ps == 1 else (seq + (ps - 1)) // ps
+            held = held_all[g, idx]
+            if (held < need).any():
+                k = int(np.argmax(held < need))
                 raise ValueError(
-                    f"cache_lens: request slot {idx[r]} needs {need[r]} pages in group {g} for {seq[r]} tokens "
-                    f"but holds {held[r]}; append its pages first"
+                    f"cache_lens: request slot {idx[k]} needs {need[k]} pages in group {g} for {seq[k]} tokens "
+                    f"but holds {held[k]}; append its pages first"
                 )
-        return idx, qlens, clens
+            pages.append(need)
+        return seq, pages
 
-    def _prepare(self, idx, qlens, clens, *, kind: str, padded: int, query_len: int | None,
+    def _prepare(self, idx, qlens, clens, seq, pages, *, kind: str, padded: int, query_len: int | None,
                  graph: bool = False) -> Step:  # fmt: skip
+        """Fills the staging buffer, uploads it, launches the metadata kernels and plans.
+
+        ``qlens`` is an int for decode; ``pages`` per group ``ceil(seq / page_size)``.
+        """
         cfg = self.config
         lay = self._layout
         groups = cfg.kv_groups
-        page_sizes = [grp.page_size for grp in groups]
         b = idx.shape[0]
         offsets, values = self.block_tables.take_staged()
-        extra = len(offsets) - lay.max_writes
-        for start in range(0, max(extra, 0), lay.max_writes):  # more new pages than one transfer holds
-            stop = min(start + lay.max_writes, extra)
-            self._upload_writes(offsets[start:stop], values[start:stop])
-        if extra > 0:
-            offsets, values = offsets[extra:], values[extra:]
+        n = len(offsets)
+        if n > lay.max_writes:  # more new pages than one transfer holds: apply the excess first
+            for start in range(0, n - lay.max_writes, lay.max_writes):
+                stop = min(start + lay.max_writes, n - lay.max_writes)
+                self._upload_writes(offsets[start:stop], values[start:stop])
+            offsets, values = offsets[n - lay.max_writes :], values[n - lay.max_writes :]
+            n = lay.max_writes
         h, ht = self._staging.next()
 
         # Host arrays, numpy into the pinned staging buffer. Padding rows (graph decode) use the
         # reserved row, hold one cached token and add no new token.
-        h[lay.idx][:b] = idx
-        h[lay.idx][b:padded] = cfg.max_num_reqs
-        qsl = h[lay.qsl][: padded + 1]
-        ops.fill_qo_indptr(qlens, qsl)
-        qsl[b + 1 :] = qsl[b]
-        seq = h[lay.seq][:padded]
-        seq[:b] = clens + qlens
-        seq[b:] = 1
-        h[lay.cache][:b] = clens
-        h[lay.logits][:b] = qsl[1 : b + 1] - 1
-        for g, ps in enumerate(page_sizes):
-            ops.fill_kv_indptr(seq, ps, h[lay.kv_indptr[g]])
-            ops.fill_kv_last_page_len(seq, ps, h[lay.last_page_len[g]])
+        h[lay.idx : lay.idx + b] = idx
+        h[lay.idx + b : lay.idx + padded] = cfg.max_num_reqs
+        qsl = h[lay.qsl : lay.qsl + padded + 1]
+        qsl[0] = 0
+        if type(qlens) is int:
+            np.multiply(self._rows[1 : b + 1], qlens, out=qsl[1 : b + 1])
+        else:
+            np.cumsum(qlens, out=qsl[1 : b + 1])
         num_tokens = int(qsl[b])
-
-        # One transfer: the fixed fields, then the staged block-table writes (offsets, values).
-        n = len(offsets)
-        w0 = lay.fixed_end
-        h[w0 : w0 + n] = offsets
-        h[w0 + n : w0 + 2 * n] = values
-        d = self._staging.upload(w0 + 2 * n)
+        qsl[b + 1 :] = num_tokens
+        seq_h = h[lay.seq : lay.seq + padded]
+        seq_h[:b] = seq
+        seq_h[b:] = 1
+        h[lay.cache : lay.cache + b] = clens
+        np.subtract(qsl[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
+        max_seq = int(seq.max()) if b else (1 if padded else 0)
+        for g, grp in enumerate(groups):
+            ps = grp.page_size
+            indptr = h[lay.kv_indptr[g] : lay.kv_indptr[g] + padded + 1]
+            indptr[0] = 0
+            np.cumsum(pages[g], out=indptr[1 : b + 1])
+            # Padding rows: one page each (the padding page).
+            np.add(self._rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
+            last = h[lay.last_page_len[g] : lay.last_page_len[g] + padded]
+            if ps == 1:
+                last[:] = 1
+            else:
+                np.subtract(seq, (pages[g] - 1) * ps, out=last[:b])
+                last[b:] = 1
+            # Eager steps fill only as many per-step table columns as the longest row needs.
+            h[lay.step_width[g]] = self.step_block_tables[g].shape[1] if graph else -(-max_seq // ps)
+        h[lay.num_writes] = n
         if n:
-            ops.scatter_int32(self.block_tables.flat, d[w0 : w0 + n], d[w0 + n : w0 + 2 * n])
+            pairs = h[lay.pairs : lay.pairs + 2 * n]
+            pairs[0::2] = offsets
+            pairs[1::2] = values
 
-        idx_d = d[lay.idx][:padded]
-        qsl_d = d[lay.qsl][: padded + 1]
-        tables = self.block_tables.tables
-        ops.compute_slot_mappings(
-            idx_d[:b], qsl_d[: b + 1], d[lay.cache][:b], tables, page_sizes,
-            slot_mappings=self.slot_mappings, positions=self.positions, num_tokens=num_tokens,
-        )  # fmt: skip
-        kv_indptr_host = [h[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))]
-        kv_indptr_d = [d[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))]
-        kv_indices, step_tables = [], []
-        for g, ps in enumerate(page_sizes):
-            ops.write_kv_indices(tables[g], kv_indptr_d[g], out=self.kv_indices[g], idx_mapping=idx_d)
-            kv_indices.append(self.kv_indices[g][: int(kv_indptr_host[g][padded])])
-            # Eager steps gather only as many columns as this step's longest row needs.
-            width = tables[g].shape[1] if graph or not padded else -(-int(seq.max()) // ps)
-            step_tables.append(self.step_block_tables[g][:padded, :width])
-        if padded:
-            ops.gather_block_tables(idx_d, tables, self.block_tables.num_blocks, out=step_tables)
-
-        host_views = dict(
-            qo=ht[lay.qsl][: padded + 1],
-            kv_indptr=[ht[lay.kv_indptr[g]][: padded + 1] for g in range(len(groups))],
-            last=[ht[lay.last_page_len[g]][:padded] for g in range(len(groups))],
-        )
-        wrappers = self._plan(kind, padded, graph, host_views, kv_indices) if self._use_flashinfer and padded else None
+        # One transfer, then the staged block-table writes and the metadata kernel(s).
+        d = self._staging.upload(lay.fixed_end + 2 * n)
+        self._scatter(n)
+        self._fill(padded)
+        step = self._make_step(h, ht, d, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph, max_seq)
         self._staging.done()
-        tokens_run = padded * (query_len or 1) if graph else num_tokens
+        return step
+
+    def _make_step(self, h, ht, d, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph,
+                   max_seq) -> Step:  # fmt: skip
+        cfg = self.config
+        lay = self._layout
+        groups = cfg.kv_groups
+        ng = len(groups)
+        views = self._views
+        slot = self._staging.slot
+
+        def rows():
+            def per_group(buf, at, n):
+                return tuple(buf[at[g] : at[g] + n] for g in range(ng))
+
+            return (
+                d[lay.idx : lay.idx + padded], d[lay.qsl : lay.qsl + padded + 1], d[lay.seq : lay.seq + padded],
+                per_group(d, lay.kv_indptr, padded + 1), per_group(d, lay.last_page_len, padded),
+                ht[lay.qsl : lay.qsl + padded + 1], per_group(ht, lay.kv_indptr, padded + 1),
+                per_group(ht, lay.last_page_len, padded), ht[lay.seq : lay.seq + padded],
+            )  # fmt: skip
+
+        idx_d, qsl_d, seq_d, indptr_d, last_d, qo_t, indptr_t, last_t, seq_t = views.get(("rows", slot, padded), rows)
+        tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
+        positions, slot_mappings = views.get(
+            ("tokens", tokens_run), lambda: (self.positions[:tokens_run], tuple(sm[:tokens_run]
+                                                                                 for sm in self.slot_mappings))
+        )  # fmt: skip
+        logits = views.get(("logits", b), lambda: d[lay.logits : lay.logits + b])
+        widths = tuple(int(h[lay.step_width[g]]) for g in range(ng))
+        tables = views.get(
+            ("tables", padded, widths),
+            lambda: tuple(t[:padded, :w] for t, w in zip(self.step_block_tables, widths, strict=True)),
+        )
+        kv_indptr_host = tuple(h[lay.kv_indptr[g] : lay.kv_indptr[g] + padded + 1] for g in range(ng))
+        last_host = tuple(h[lay.last_page_len[g] : lay.last_page_len[g] + padded] for g in range(ng))
+        kv_indices = tuple(self.kv_indices[g][: int(kv_indptr_host[g][padded])] for g in range(ng))
+        wrappers = None
+        if self._use_flashinfer and padded:
+            wrappers = self._plan(kind, padded, graph, qo_t, indptr_t, last_t, seq_t, max_seq, indptr_d, last_d,
+                                  kv_indices)  # fmt: skip
         return Step(
             kind=kind,
             num_reqs=b,
@@ -683,39 +810,44 @@ class BatchMetadata:
             cuda_graph=graph,
             idx_mapping=idx_d,
             query_start_loc=qsl_d,
-            seq_lens=d[lay.seq][:padded],
-            positions=self.positions[:tokens_run],
-            logits_indices=d[lay.logits][:b],
-            slot_mappings=tuple(sm[:tokens_run] for sm in self.slot_mappings),
-            kv_indptr=tuple(kv_indptr_d),
-            kv_indices=tuple(kv_indices),
-            kv_last_page_len=tuple(d[lay.last_page_len[g]][:padded] for g in range(len(groups))),
-            block_tables=tuple(step_tables),
-            qo_indptr_host=qsl,
+            seq_lens=seq_d,
+            positions=positions,
+            logits_indices=logits,
+            slot_mappings=slot_mappings,
+            kv_indptr=indptr_d,
+            kv_indices=kv_indices,
+            kv_last_page_len=last_d,
+            block_tables=tables,
+            qo_indptr_host=h[lay.qsl : lay.qsl + padded + 1],
             idx_mapping_host=idx,
-            query_lens_host=qlens,
+            query_lens_host=np.full(b, qlens, np.int64) if type(qlens) is int else qlens,
             cache_lens_host=clens,
-            kv_indptr_host=tuple(kv_indptr_host),
-            kv_last_page_len_host=tuple(h[lay.last_page_len[g]][:padded] for g in range(len(groups))),
-            page_sizes=tuple(page_sizes),
+            kv_indptr_host=kv_indptr_host,
+            kv_last_page_len_host=last_host,
+            page_sizes=tuple(grp.page_size for grp in groups),
             window_lefts=tuple(grp.window_left for grp in groups),
             wrappers=wrappers,
         )
 
     def _upload_writes(self, offsets: np.ndarray, values: np.ndarray) -> None:
         """Applies staged writes that did not fit a step's transfer, through the pinned ring."""
-        w0, n = self._layout.fixed_end, len(offsets)
+        lay, n = self._layout, len(offsets)
         h, _ = self._staging.next()
-        h[w0 : w0 + n] = offsets
-        h[w0 + n : w0 + 2 * n] = values
-        d = self._staging.upload(w0 + 2 * n, start=w0)
-        ops.scatter_int32(self.block_tables.flat, d[w0 : w0 + n], d[w0 + n : w0 + 2 * n])
+        h[lay.num_writes] = n
+        pairs = h[lay.pairs : lay.pairs + 2 * n]
+        pairs[0::2] = offsets
+        pairs[1::2] = values
+        self._staging.upload(lay.num_writes + 1, start=lay.num_writes)
+        self._staging.upload(lay.pairs + 2 * n, start=lay.pairs)
+        self._scatter(n)
         self._staging.done()
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it."""
-        dev = self.config.device
-        return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        index = self._device_index
+        if index is None or _current_device() == index:
+            return _NULL_CONTEXT
+        return torch.cuda.device(index)
 
     def _wrapper(self, key: tuple, make: Callable[[], Any]) -> Any:
         w = self._wrappers.get(key)
@@ -723,37 +855,52 @@ class BatchMetadata:
             w = self._wrappers[key] = make()
         return w
 
-    def _plan(self, kind, padded, graph, host: dict, kv_indices) -> tuple[Any, ...]:
+    def _decode_planner(self, g: int, padded: int, graph: bool, indptr_d, last_d) -> DecodePlanner:
+        key = ("graph", g, padded) if graph else ("decode", g)
+        planner = self._planners.get(key)
+        if planner is None:
+            cfg = self.config
+            ws = get_workspace(cfg.device, cfg.workspace_bytes)
+            tensor_cores = cfg.gqa_ratio > 4
+            if graph:
+                # The graph reads the staging buffer's indptr and last-page-length views and the
+                # kv_indices buffer directly: the kernels write them, nothing is copied.
+                wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores,
+                                             graph_buffers=(indptr_d[g], self.kv_indices[g], last_d[g]))  # fmt: skip
+            else:
+                wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores)
+            grp = cfg.kv_groups[g]
+            planner = self._planners[key] = DecodePlanner(
+                wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype, max_batch_size=cfg.max_num_reqs,
+            )  # fmt: skip
+        return planner
+
+    def _plan(self, kind, padded, graph, qo_t, indptr_t, last_t, seq_t, max_seq, indptr_d, last_d,
+              kv_indices) -> tuple[Any, ...]:  # fmt: skip
         """Plans one FlashInfer wrapper per group from pinned host views (no device→host sync)."""
         cfg = self.config
-        ws = get_workspace(cfg.device, cfg.workspace_bytes)
-        tensor_cores = cfg.gqa_ratio > 4
-        qo_host = host["qo"]
-        common = dict(q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)
         heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
+        ws = get_workspace(cfg.device, cfg.workspace_bytes)
         out = []
         for g, grp in enumerate(cfg.kv_groups):
-            ip, lp = host["kv_indptr"][g], host["last"][g]
-            if kind == "decode" and graph:
-                w = self._wrapper(("graph", g, padded), lambda g=g: new_decode_wrapper(
-                    ws, use_tensor_cores=tensor_cores,
-                    graph_buffers=(torch.zeros(padded + 1, dtype=torch.int32, device=cfg.device), self.kv_indices[g],
-                                   torch.zeros(padded, dtype=torch.int32, device=cfg.device)),
-                ))  # fmt: skip
-                # kv_indices were written straight into the wrapper's buffer: hand plan an empty
-                # slice so it copies nothing over them.
-                w.plan(ip, kv_indices[g][:0], lp, *heads, grp.page_size, window_left=grp.window_left, **common)
-            elif kind == "decode":
-                w = self._wrapper(("decode", g), lambda: new_decode_wrapper(ws, use_tensor_cores=tensor_cores))
-                w.plan(ip, kv_indices[g], lp, *heads, grp.page_size, window_left=grp.window_left, **common)
-            elif kind == "ragged_prefill":
+            if kind == "decode":
+                planner = self._decode_planner(g, padded, graph, indptr_d, last_d)
+                out.append(planner.plan(indptr_t[g], last_t[g], seq_t, max_seq, indptr_d[g], self.kv_indices[g],
+                                        last_d[g]))  # fmt: skip
+                continue
+            if kind == "ragged_prefill":
                 w = self._wrapper(("ragged", g), lambda: new_ragged_prefill_wrapper(ws))
-                w.plan(qo_host, qo_host, *heads, causal=True, window_left=grp.window_left,
+                w.plan(qo_t, qo_t, *heads, causal=True, window_left=grp.window_left,
                        q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
             else:  # prefill, mixed, speculative decode
                 w = self._wrapper(("prefill", g), lambda: new_paged_prefill_wrapper(ws))
-                w.plan(qo_host, ip, kv_indices[g], lp, *heads, grp.page_size, causal=True,
-                       window_left=grp.window_left, **common)  # fmt: skip
+                w.plan(qo_t, indptr_t[g], kv_indices[g], last_t[g], *heads, grp.page_size, causal=True,
+                       window_left=grp.window_left, q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)  # fmt: skip
             out.append(w)
         return tuple(out)
 
+
+_NULL_CONTEXT = contextlib.nullcontext()
+_current_device = getattr(torch._C, "_cuda_getDevice", None)

@@ -20,10 +20,14 @@ from batchmeta.ops.kv_cache import store_kv
 from batchmeta.ops.lse import correct_attn_out
 from batchmeta.ops.pack import pack_seq, unpack_seq
 from batchmeta.ops.positions import PAD_SLOT_ID, compute_slot_mappings, prepare_position_slot_ids
+from batchmeta.ops.step import StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata
 from batchmeta.ops.tokens import copy_next_input_ids_inplace, slots_filtering
 
 __all__ = [
     "PAD_SLOT_ID",
+    "StepLayout",
+    "bind_scatter_pairs",
+    "bind_step_metadata",
     "block_tables_to_padded",
     "block_tables_to_ragged",
     "compute_slot_mappings",
@@ -32,6 +36,7 @@ __all__ = [
     "fill_kv_indptr",
     "fill_kv_last_page_len",
     "fill_qo_indptr",
+    "fill_step_metadata",
     "gather_block_tables",
     "has_triton",
     "pack_seq",

@@ -1,0 +1,415 @@
+"""One launch for a step's device-side metadata, over a fixed buffer layout.
+
+:class:`~batchmeta.metadata.BatchMetadata` keeps its per-step inputs and outputs in a few flat
+buffers whose layout never changes. :class:`StepLayout` describes that layout, and
+:func:`fill_step_metadata` computes, for every KV-cache group, in one launch:
+
+- ``positions`` and the group's KV ``slot_mapping`` of every new token, with PAD tails;
+- the group's ragged ``kv_indices`` (FlashInfer's paged layout);
+- the group's per-step block table (each batch row's persistent row, 0 past the pages it holds).
+
+Every offset, width and page size of the layout is a compile-time constant of the kernel: a launch
+passes four base addresses and nothing else, so binding it once (:func:`bind_step_metadata`) leaves
+a per-step launch of a few microseconds. The values that change per step (the rows, their lengths,
+the indptrs, the per-step table width) are read from the staging buffer the step uploads; the grid
+gives the padded row count.
+
+The general, separately callable ops (``compute_slot_mappings``, ``write_kv_indices``,
+``gather_block_tables``) compute the same things for arbitrary tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+import triton
+import triton.language as tl
+
+from batchmeta.launch import cached_kernel
+from batchmeta.ops._common import MAX_GROUPS_PER_LAUNCH, check_tensor, use_triton
+
+__all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata"]
+
+_BLOCK = 1024
+_NUM_WARPS = 4
+
+
+def _ints(value: object) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)  # type: ignore[union-attr]
+
+
+@attrs.frozen(kw_only=True)
+class StepLayout:
+    """Element offsets of every field :func:`fill_step_metadata` reads and writes.
+
+    ``staging`` (int32, uploaded each step): ``idx`` ``[Bp]`` request slot of each row,
+    ``query_start_loc`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, and per group ``kv_indptr``
+    ``[Bp + 1]`` and ``step_width`` ``[1]`` (columns of the per-step table to write, ``<= width``).
+
+    ``tables`` (int32, persistent): per group ``table`` ``[num_table_rows, width]`` and ``held``
+    ``[num_table_rows]`` (pages each request slot holds).
+
+    ``out32`` (int32): per group ``kv_indices`` ``[kv_capacity]`` and ``step_table``
+    ``[>= Bp, width]``.
+
+    ``out64`` (int64): ``positions`` ``[token_capacity]`` and per group ``slot_mapping``
+    ``[token_capacity]``.
+
+    Per-group tuples have one entry per group.
+    """
+
+    page_size: tuple[int, ...] = attrs.field(converter=_ints)
+    width: tuple[int, ...] = attrs.field(converter=_ints)
+    num_table_rows: int
+    idx: int
+    query_start_loc: int
+    cache_lens: int
+    kv_indptr: tuple[int, ...] = attrs.field(converter=_ints)
+    step_width: tuple[int, ...] = attrs.field(converter=_ints)
+    table: tuple[int, ...] = attrs.field(converter=_ints)
+    held: tuple[int, ...] = attrs.field(converter=_ints)
+    kv_indices: tuple[int, ...] = attrs.field(converter=_ints)
+    kv_capacity: tuple[int, ...] = attrs.field(converter=_ints)
+    step_table: tuple[int, ...] = attrs.field(converter=_ints)
+    positions: int
+    slot_mapping: tuple[int, ...] = attrs.field(converter=_ints)
+    token_capacity: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.page_size)
+
+    def check(self, staging: torch.Tensor, tables: torch.Tensor, out32: torch.Tensor, out64: torch.Tensor,
+              max_rows: int) -> None:  # fmt: skip
+        """Raises ``ValueError`` unless every field of ``max_rows`` rows fits its buffer."""
+        check_tensor("staging", staging, dtypes=(torch.int32,), ndim=1, contiguous=True)
+        device = staging.device
+        check_tensor("tables", tables, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
+        check_tensor("out32", out32, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
+        check_tensor("out64", out64, dtypes=(torch.int64,), ndim=1, device=device, contiguous=True)
+        g = self.num_groups
+        fields = ("width", "kv_indptr", "step_width", "table", "held", "kv_indices", "kv_capacity", "step_table",
+                  "slot_mapping")  # fmt: skip
+        for name in fields:
+            if len(getattr(self, name)) != g:
+                raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
+        r, rows = max_rows, self.num_table_rows
+        ends = {
+            "staging": (staging, [self.idx + r, self.query_start_loc + r + 1, self.cache_lens + r]
+                        + [o + r + 1 for o in self.kv_indptr] + [o + 1 for o in self.step_width]),
+            "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
+                       + [h + rows for h in self.held]),
+            "out32": (out32, [k + c for k, c in zip(self.kv_indices, self.kv_capacity, strict=True)]
+                      + [s + r * w for s, w in zip(self.step_table, self.width, strict=True)]),
+            "out64": (out64, [self.positions + self.token_capacity]
+                      + [s + self.token_capacity for s in self.slot_mapping]),
+        }  # fmt: skip
+        for name, (buf, stops) in ends.items():
+            if max(stops) > buf.numel():
+                raise ValueError(f"{name}: the layout needs {max(stops)} elements, got {buf.numel()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _fill_tail(ptr, start, capacity, value, BLOCK: tl.constexpr):
+    for off in range(start, capacity, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        tl.store(ptr + i, value, mask=i < capacity)
+
+
+@triton.jit
+def _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP: tl.constexpr, SLOTS: tl.constexpr,
+                BLOCK: tl.constexpr):  # fmt: skip
+    _fill_tail(out64_ptr + SLOTS, num_tokens, TOKEN_CAP, -1, BLOCK)
+
+
+@triton.jit
+def _group_row(
+    staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len,
+    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr,
+    PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
+    SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
+):  # fmt: skip
+    row = tables_ptr + TAB + req * W
+    # Slot ids in 64 bits: page * page_size passes 2^31 on large caches.
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        t = start + j
+        m = (j < n) & (t < TOKEN_CAP)
+        pos = cache_len + j
+        page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
+        tl.store(out64_ptr + SLOTS + t, page * PS + pos % PS, mask=m)
+    # One pass over the row's columns feeds both the ragged kv_indices and the per-step table.
+    lo = tl.load(staging_ptr + INDPTR + b).to(tl.int64)
+    cnt = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64) - lo
+    held = tl.load(tables_ptr + HELD + req).to(tl.int64)
+    width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
+    step_row = out32_ptr + STEP + b.to(tl.int64) * W
+    for off in range(0, tl.maximum(width, cnt), BLOCK):
+        c = off + tl.arange(0, BLOCK)
+        v = tl.load(row + c, mask=(c < held) & (c < W), other=0)
+        tl.store(step_row + c, v, mask=c < width)
+        k = lo + c
+        tl.store(out32_ptr + KV + k, v, mask=(c < cnt) & (k < KV_CAP))
+
+
+@triton.jit
+def _step_kernel(
+    staging_ptr,  # int32 [*]: rows, lengths, indptrs of this step (offsets below)
+    tables_ptr,  # int32 [*]: persistent block tables and pages held
+    out32_ptr,  # int32 [*]: kv_indices, per-step block tables
+    out64_ptr,  # int64 [*]: positions, slot mappings
+    IDX: tl.constexpr, QSL: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
+    WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    # Group slot g: page size, table width, offsets of table, held, kv_indptr, step width,
+    # kv_indices (and its capacity), step table, slot mapping. Unused slots repeat slot 0.
+    PS0: tl.constexpr, W0: tl.constexpr, TAB0: tl.constexpr, HELD0: tl.constexpr, INDPTR0: tl.constexpr,
+    SWIDTH0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
+    PS1: tl.constexpr, W1: tl.constexpr, TAB1: tl.constexpr, HELD1: tl.constexpr, INDPTR1: tl.constexpr,
+    SWIDTH1: tl.constexpr, KV1: tl.constexpr, KVCAP1: tl.constexpr, STEP1: tl.constexpr, SLOTS1: tl.constexpr,
+    PS2: tl.constexpr, W2: tl.constexpr, TAB2: tl.constexpr, HELD2: tl.constexpr, INDPTR2: tl.constexpr,
+    SWIDTH2: tl.constexpr, KV2: tl.constexpr, KVCAP2: tl.constexpr, STEP2: tl.constexpr, SLOTS2: tl.constexpr,
+    PS3: tl.constexpr, W3: tl.constexpr, TAB3: tl.constexpr, HELD3: tl.constexpr, INDPTR3: tl.constexpr,
+    SWIDTH3: tl.constexpr, KV3: tl.constexpr, KVCAP3: tl.constexpr, STEP3: tl.constexpr, SLOTS3: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    num_rows = tl.num_programs(0) - 1
+    if b == num_rows:
+        # The last program of each group fills every slot past the step's tokens with PAD (and
+        # positions with 0), so a graph captured for more tokens writes nothing for its padding.
+        num_tokens = tl.load(staging_ptr + QSL + num_rows).to(tl.int64)
+        if g == 0:
+            _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS0, BLOCK)
+            if WRITE_POSITIONS:
+                _fill_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
+        if NUM_GROUPS > 1:
+            if g == 1:
+                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS1, BLOCK)
+        if NUM_GROUPS > 2:
+            if g == 2:
+                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS2, BLOCK)
+        if NUM_GROUPS > 3:
+            if g == 3:
+                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS3, BLOCK)
+    else:
+        req = tl.load(staging_ptr + IDX + b).to(tl.int64)
+        start = tl.load(staging_ptr + QSL + b).to(tl.int64)
+        n = tl.load(staging_ptr + QSL + b + 1).to(tl.int64) - start
+        cache_len = tl.load(staging_ptr + CACHE + b).to(tl.int64)
+        if g == 0:
+            if WRITE_POSITIONS:
+                for off in range(0, n, BLOCK):
+                    j = off + tl.arange(0, BLOCK)
+                    t = start + j
+                    tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
+            _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
+                       PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)
+        if NUM_GROUPS > 1:
+            if g == 1:
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
+                           BLOCK, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1, SLOTS1)
+        if NUM_GROUPS > 2:
+            if g == 2:
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
+                           BLOCK, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2, SLOTS2)
+        if NUM_GROUPS > 3:
+            if g == 3:
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
+                           BLOCK, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3, SLOTS3)
+
+
+_step = cached_kernel(_step_kernel)
+
+
+def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tuple[int, tuple]]:
+    """``(groups in launch, kernel arguments)`` per launch: up to four groups each."""
+    launches = []
+    for first in range(0, layout.num_groups, MAX_GROUPS_PER_LAUNCH):
+        groups = list(range(first, min(first + MAX_GROUPS_PER_LAUNCH, layout.num_groups)))
+        slots = groups + [groups[0]] * (MAX_GROUPS_PER_LAUNCH - len(groups))
+        args: list = [staging, tables, out32, out64, layout.idx, layout.query_start_loc, layout.cache_lens,
+                      layout.positions, layout.token_capacity, first == 0, len(groups), _BLOCK]  # fmt: skip
+        for g in slots:
+            args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
+                     layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
+                     layout.slot_mapping[g]]  # fmt: skip
+        launches.append((len(groups), tuple(args)))
+    return launches
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch implementation (CPU fallback, oracle)
+# --------------------------------------------------------------------------------------------------
+def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int) -> None:
+    lay, dev = layout, staging.device
+    cap = lay.token_capacity
+    idx = staging[lay.idx : lay.idx + num_rows].long()
+    qsl = staging[lay.query_start_loc : lay.query_start_loc + num_rows + 1].long()
+    cache = staging[lay.cache_lens : lay.cache_lens + num_rows].long()
+    start, total = int(qsl[0]), int(qsl[-1])
+    row = torch.repeat_interleave(torch.arange(num_rows, device=dev), qsl[1:] - qsl[:-1])
+    pos = cache[row] + torch.arange(start, total, device=dev) - qsl[:-1][row]
+    end = min(total, cap)
+    positions = out64[lay.positions : lay.positions + cap]
+    positions[start:end] = pos[: end - start]
+    positions[total:] = 0
+    for g in range(lay.num_groups):
+        ps, w = lay.page_size[g], lay.width[g]
+        table = tables[lay.table[g] : lay.table[g] + lay.num_table_rows * w].view(lay.num_table_rows, w)
+        held = tables[lay.held[g] : lay.held[g] + lay.num_table_rows].long()[idx]
+        slots = out64[lay.slot_mapping[g] : lay.slot_mapping[g] + cap]
+        page = table[idx[row], pos // ps].long() if pos.numel() else pos
+        slots[start:end] = (page * ps + pos % ps)[: end - start]
+        slots[total:] = -1
+        width = int(staging[lay.step_width[g]])
+        cols = torch.arange(w, device=dev)
+        rows = torch.where(cols[None, :] < held[:, None], table[idx], 0)
+        step = out32[lay.step_table[g] : lay.step_table[g] + num_rows * w].view(num_rows, w)
+        step[:, :width] = rows[:, :width]
+        indptr = staging[lay.kv_indptr[g] : lay.kv_indptr[g] + num_rows + 1].long()
+        ragged = rows[cols[None, :] < (indptr[1:] - indptr[:-1])[:, None]]
+        lo = lay.kv_indices[g] + int(indptr[0])
+        n = max(0, min(ragged.numel(), lay.kv_capacity[g] - int(indptr[0])))
+        out32[lo : lo + n] = ragged[:n]
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+def fill_step_metadata(
+    layout: StepLayout,
+    staging: torch.Tensor,
+    tables: torch.Tensor,
+    out32: torch.Tensor,
+    out64: torch.Tensor,
+    num_rows: int,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
+
+    For batch row ``b < num_rows`` (request slot ``r = idx[b]``), group ``g``, new token ``j`` at
+    ``t = query_start_loc[b] + j``, position ``p = cache_lens[b] + j``:
+
+    - ``positions[t] = p`` and ``slot_mapping_g[t] = table_g[r, p // ps_g] * ps_g + p % ps_g``;
+      from ``query_start_loc[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
+    - ``kv_indices_g[kv_indptr_g[b] + c] = table_g[r, c]`` for ``c < kv_indptr_g[b+1] - kv_indptr_g[b]``;
+    - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``.
+
+    Buffers as described by :class:`StepLayout` (checked against it).
+    """
+    layout.check(staging, tables, out32, out64, num_rows)
+    if use_triton(backend, staging):
+        for n, args in _launch_args(layout, staging, tables, out32, out64):
+            _step.launch((num_rows + 1, n), args, num_warps=_NUM_WARPS)
+        return
+    _fill_torch(layout, staging, tables, out32, out64, num_rows)
+
+
+def bind_step_metadata(
+    layout: StepLayout,
+    staging: torch.Tensor,
+    tables: torch.Tensor,
+    out32: torch.Tensor,
+    out64: torch.Tensor,
+    *,
+    max_rows: int,
+) -> Callable[[int], None]:
+    """``fill(num_rows)``: :func:`fill_step_metadata` over these buffers, checked once here.
+
+    On CUDA the launches are bound (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the
+    driver launch and little else. Elsewhere it runs the interpreter or the torch implementation.
+    """
+    layout.check(staging, tables, out32, out64, max_rows)
+    if staging.is_cuda:
+        bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in _launch_args(layout, staging, tables,
+                                                                                          out32, out64)]  # fmt: skip
+        if len(bound) == 1:
+            (n0, launch0), = bound
+
+            def fill(num_rows: int) -> None:
+                launch0((num_rows + 1, n0))
+
+            return fill
+
+        def fill_many(num_rows: int) -> None:
+            for n, launch in bound:
+                launch((num_rows + 1, n))
+
+        return fill_many
+
+    def fill_host(num_rows: int) -> None:
+        if use_triton(None, staging):
+            for n, args in _launch_args(layout, staging, tables, out32, out64):
+                _step.launch((num_rows + 1, n), args, num_warps=_NUM_WARPS)
+        else:
+            _fill_torch(layout, staging, tables, out32, out64, num_rows)
+
+    return fill_host
+
+
+# --------------------------------------------------------------------------------------------------
+# Staged block-table writes: (offset, value) pairs at a fixed place in the staging buffer
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _scatter_pairs_kernel(
+    staging_ptr,  # int32 [*]: num_writes at COUNT, then (offset, value) pairs from PAIRS
+    dst_ptr,  # int32 [DST_NUMEL]
+    COUNT: tl.constexpr, PAIRS: tl.constexpr, DST_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < tl.load(staging_ptr + COUNT)
+    off = tl.load(staging_ptr + PAIRS + 2 * i, mask=m, other=0).to(tl.int64)
+    v = tl.load(staging_ptr + PAIRS + 2 * i + 1, mask=m)
+    tl.store(dst_ptr + off, v, mask=m & (off >= 0) & (off < DST_NUMEL))
+
+
+_scatter_pairs = cached_kernel(_scatter_pairs_kernel)
+_SCATTER_BLOCK = 1024
+
+
+def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int,
+                       max_writes: int) -> Callable[[int], None]:  # fmt: skip
+    """``scatter(n)``: ``dst[staging[pairs + 2i]] = staging[pairs + 2i + 1]`` for
+    ``i < staging[count]`` (``n`` is that count, known on the host; it sizes the grid). Offsets
+    outside ``dst`` are dropped; offsets must be unique (Triton gives writes no order).
+
+    Parameters
+    ----------
+    staging:
+        int32 device buffer holding the count and ``max_writes`` pairs at the given offsets.
+    dst:
+        ``[M]`` int32 contiguous destination (the persistent block tables).
+    """
+    check_tensor("staging", staging, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    check_tensor("dst", dst, dtypes=(torch.int32,), ndim=1, device=staging.device, contiguous=True)
+    if max(count + 1, pairs + 2 * max_writes) > staging.numel():
+        raise ValueError(f"staging: {max_writes} pairs at {pairs} need {pairs + 2 * max_writes} elements, "
+                         f"got {staging.numel()}")  # fmt: skip
+    args = (staging, dst, count, pairs, dst.numel(), _SCATTER_BLOCK)
+    if staging.is_cuda:
+        bound = _scatter_pairs.bind(args)
+
+        def scatter(n: int) -> None:
+            if n:
+                bound((triton.cdiv(n, _SCATTER_BLOCK),))
+
+        return scatter
+
+    def scatter_host(n: int) -> None:
+        if not n:
+            return
+        if use_triton(None, staging):
+            _scatter_pairs.launch((triton.cdiv(n, _SCATTER_BLOCK),), args)
+            return
+        pairs_view = staging[pairs : pairs + 2 * n].view(n, 2).long()
+        off, val = pairs_view[:, 0], pairs_view[:, 1]
+        keep = (off >= 0) & (off < dst.numel())
+        dst[off[keep]] = val[keep].to(dst.dtype)
+
+    return scatter_host
