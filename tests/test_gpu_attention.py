@@ -8,6 +8,7 @@ import torch
 
 import batchmeta
 from batchmeta import KVGroup, MetadataConfig, ops
+from batchmeta.attention import fast_plan_supported
 from batchmeta.metadata import BatchMetadata
 
 pytestmark = pytest.mark.gpu
@@ -194,6 +195,8 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
         for r in batch:
             lens[r] += 1
     assert addresses == [t.data_ptr() for t in fixed]
+    if fast_plan_supported():  # every graph batch size was planned again after its capture
+        assert all(p.fast for key, p in meta._planners.items() if key[0] == "graph")
     # The padding page was never written: padded rows store nothing.
     for kc, vc in eng.caches:
         assert (kc[0] == 0).all() and (vc[0] == 0).all()
@@ -242,3 +245,43 @@ def test_current_step_inside_a_layer():
     with eng.meta.prepare_prefill([0], [8], [0]):
         layer()
     assert seen == [8]
+
+
+@pytest.mark.parametrize("page_size", [16, 1])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2)])  # CUDA-core decode; tensor-core decode
+def test_fast_decode_plan_equals_stock_plan(page_size, heads):
+    """The fast plan path gives bit-identical attention to FlashInfer's stock plan() on the same batch."""
+    import flashinfer
+
+    eng = Engine(page_sizes=(page_size,), heads=heads)
+    meta = eng.meta
+    torch.manual_seed(3)
+    (kc, vc), = eng.caches
+    lens = {}
+    for r in range(8):
+        lens[r] = int(torch.randint(5, 90, ()).item())
+        eng.grow(r, lens[r])
+        k, v = eng.new_kv([r], [lens[r]])
+        with meta.prepare_prefill([r], [lens[r]], [0]) as step:
+            ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    stock = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=heads[0] // heads[1] > 4)
+    for batch in ([0, 1, 2], [3], [0, 1, 2, 3, 4, 5, 6, 7], [5, 2], [7, 6, 5, 4], [1]):
+        clens = [lens[r] for r in batch]
+        for r in batch:
+            eng.grow(r, lens[r] + 1)
+        k, v = eng.new_kv(batch, [1] * len(batch))
+        q = torch.randn(len(batch), heads[0], eng.d, device="cuda").to(eng.dtype)
+        with meta.prepare_decode(batch, clens) as step:
+            ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
+            fast = step.attention(q, kc, vc)
+            stock.plan(torch.from_numpy(step.kv_indptr_host[0].copy()), step.kv_indices[0],
+                       torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d, page_size,
+                       q_data_type=eng.dtype, kv_data_type=eng.dtype)  # fmt: skip
+            ref = stock.run(q, (kc, vc))
+        torch.cuda.synchronize()
+        assert torch.equal(fast, ref)
+        check_outputs(eng, q, [fast], batch, [1] * len(batch))
+        for r in batch:
+            lens[r] += 1
+    assert meta._planners[("decode", 0)].fast == fast_plan_supported()

@@ -233,3 +233,39 @@ def test_verified_triton_launches_through_c_entry_point():
     out = torch.empty_like(x)
     compiled = fn.run(x, out, 256, 1, 2**20, 0, 128, grid=(2,), warmup=False)
     assert _launcher_form(compiled.run) in ("3.6", "3.7"), f"triton {triton.__version__}: launcher not verified"
+
+
+def test_bound_launch_without_cuda_takes_the_normal_path():
+    """Interpreter or CPU tensors: no key, every call launches the normal way (and still works)."""
+    if not launch._INTERPRET:
+        pytest.skip("CPU tensors launch only under the interpreter")
+    x = torch.arange(64, dtype=torch.float32)
+    out = torch.zeros_like(x)
+    k = CachedKernel(triton.jit(_probe))  # an InterpretedFunction under TRITON_INTERPRET=1
+    bound = k.bind((x, out, 64, 1, 2**20, 0, 32))
+    bound((2,))
+    assert torch.equal(out, x + 1)
+
+
+@pytest.mark.gpu
+def test_bound_launch_equals_plain_launch_and_survives_cache_clears():
+    k = CachedKernel(JITFunction(_probe))
+    x = torch.arange(256, dtype=torch.float32, device="cuda")
+    out = torch.zeros_like(x)
+    bound = k.bind((x, out, 256, 1, 3 * 2**20, 1, 128), num_warps=4)
+    for grid in ((1,), (2,), (2,)):  # first call binds normally, the rest are direct
+        out.zero_()
+        bound(grid)
+        torch.cuda.synchronize()
+        n = 128 * grid[0]
+        assert torch.equal(out[:n], x[:n] * 3) and not out[n:].any()
+    assert k.hits >= 1
+    hits = k.hits
+    launch.clear_launch_caches()
+    x.add_(1)  # new data in the same buffer: the bound arguments are addresses
+    bound((2,))
+    torch.cuda.synchronize()
+    assert torch.equal(out, x * 3)
+    assert k.hits == hits, "after a clear the next launch must bind normally again"
+    bound((2,))
+    assert k.hits == hits + 1

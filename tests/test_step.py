@@ -1,0 +1,226 @@
+"""``fill_step_metadata`` / ``bind_step_metadata`` / ``bind_scatter_pairs``: the fused per-step launch
+over a fixed buffer layout, against a naive per-request loop.
+
+Layouts are built with gaps between fields, and every buffer starts filled with a sentinel, so a
+wrong offset or an element written where it must not be shows up.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batchmeta import ops
+from batchmeta.ops import StepLayout
+
+S = 77_777  # sentinel
+GAP = 3  # unused elements between fields
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+class Case:
+    """Buffers and layout for ``groups`` (page sizes) and ``rows`` of (request slot, cache_len,
+    query_len); every group's table gets random pages, each row holds at least what it needs."""
+
+    def __init__(self, draw_int, page_sizes, rows, *, num_slots, width_mult, full_width, extra_held, device):
+        self.page_sizes = page_sizes
+        self.rows = rows
+        b = len(rows)
+        self.widths = [max(1, cdiv(max([c + q for _, c, q in rows] + [1]), ps)) * width_mult for ps in page_sizes]
+        self.num_slots = num_slots
+        self.token_capacity = sum(q for _, _, q in rows) + draw_int(0, 5)
+        # Persistent tables with their held counts.
+        self.tables = []
+        self.held = []
+        for ps, w in zip(page_sizes, self.widths, strict=True):
+            t = [[draw_int(0, 10_000) for _ in range(w)] for _ in range(num_slots)]
+            h = [draw_int(0, w) for _ in range(num_slots)]
+            for r, c, q in rows:
+                h[r] = min(w, cdiv(c + q, ps) + extra_held)
+            self.tables.append(t)
+            self.held.append(h)
+        self.qsl = [0]
+        for _, _, q in rows:
+            self.qsl.append(self.qsl[-1] + q)
+        self.indptr = []
+        self.step_width = []
+        for ps, w in zip(page_sizes, self.widths, strict=True):
+            pages = [cdiv(c + q, ps) for _, c, q in rows]
+            ip = [0]
+            for p in pages:
+                ip.append(ip[-1] + p)
+            self.indptr.append(ip)
+            self.step_width.append(w if full_width else max([*pages, 0]))
+        # Lay everything out with gaps.
+        staging, tables, out32, out64 = [], [], [], []
+
+        def put(buf, values):
+            at = len(buf) + GAP
+            buf.extend([S] * GAP)
+            buf.extend(values)
+            return at
+
+        g_ = range(len(page_sizes))
+        lay = dict(
+            idx=put(staging, [r for r, _, _ in rows]),
+            query_start_loc=put(staging, self.qsl),
+            cache_lens=put(staging, [c for _, c, _ in rows]),
+            kv_indptr=[put(staging, self.indptr[g]) for g in g_],
+            step_width=[put(staging, [self.step_width[g]]) for g in g_],
+            table=[put(tables, [v for row in self.tables[g] for v in row]) for g in g_],
+            held=[put(tables, self.held[g]) for g in g_],
+            kv_capacity=[self.indptr[g][-1] + draw_int(0, 3) for g in g_],
+        )
+        lay["kv_indices"] = [put(out32, [S] * lay["kv_capacity"][g]) for g in g_]
+        lay["step_table"] = [put(out32, [S] * (b * self.widths[g])) for g in g_]
+        lay["positions"] = put(out64, [S] * self.token_capacity)
+        lay["slot_mapping"] = [put(out64, [S] * self.token_capacity) for g in g_]
+        for buf in (staging, tables, out32, out64):
+            buf.extend([S] * GAP)
+        self.layout = StepLayout(page_size=page_sizes, width=self.widths, num_table_rows=num_slots,
+                                 token_capacity=self.token_capacity, **lay)  # fmt: skip
+        self.staging = torch.tensor(staging, dtype=torch.int32, device=device)
+        self.table_buf = torch.tensor(tables, dtype=torch.int32, device=device)
+        self.out32 = torch.tensor(out32, dtype=torch.int32, device=device)
+        self.out64 = torch.tensor(out64, dtype=torch.int64, device=device)
+
+    def expected(self):
+        """Naive per-request loop over the layout: the outputs every field should hold."""
+        lay = self.layout
+        out32 = self.out32.cpu().tolist()
+        out64 = self.out64.cpu().tolist()
+        t = 0
+        for b, (r, c, q) in enumerate(self.rows):
+            for j in range(q):
+                p = c + j
+                out64[lay.positions + t] = p
+                for g, ps in enumerate(self.page_sizes):
+                    out64[lay.slot_mapping[g] + t] = self.tables[g][r][p // ps] * ps + p % ps
+                t += 1
+            for g in range(len(self.page_sizes)):
+                row = self.tables[g][r]
+                held = self.held[g][r]
+                for col in range(self.step_width[g]):
+                    out32[lay.step_table[g] + b * self.widths[g] + col] = row[col] if col < held else 0
+                lo, hi = self.indptr[g][b], self.indptr[g][b + 1]
+                for col in range(hi - lo):
+                    out32[lay.kv_indices[g] + lo + col] = row[col]
+        for tt in range(t, self.token_capacity):
+            out64[lay.positions + tt] = 0
+            for g in range(len(self.page_sizes)):
+                out64[lay.slot_mapping[g] + tt] = -1
+        return out32, out64
+
+
+@st.composite
+def cases(draw, device=None):
+    num_groups = draw(st.integers(1, 5), label="num_groups")  # 5: two launches
+    page_sizes = [draw(st.sampled_from([1, 2, 3, 16]), label="page_size") for _ in range(num_groups)]
+    num_slots = draw(st.integers(1, 6), label="num_slots")
+    num_rows = draw(st.integers(0, num_slots), label="num_rows")
+    slots = draw(st.permutations(range(num_slots)))[:num_rows]
+    rows = []
+    for r in slots:
+        c = draw(st.integers(0, 20))
+        q = draw(st.integers(0, 6))  # 0: a CUDA-graph padding row
+        if draw(st.booleans()):  # end exactly on a page boundary of group 0
+            ps = page_sizes[0]
+            c = max(0, cdiv(c + q, ps) * ps - q)
+        rows.append((r, c, q))
+
+    def draw_int(lo, hi):
+        return draw(st.integers(lo, hi))
+
+    return Case(
+        draw_int, page_sizes, rows, num_slots=num_slots, width_mult=draw(st.sampled_from([1, 2])),
+        full_width=draw(st.booleans()), extra_held=draw(st.integers(0, 2)), device=device,
+    )  # fmt: skip
+
+
+@given(data=st.data())
+def test_fill_step_metadata_matches_naive(data, device, backend):
+    case = data.draw(cases(device=device))
+    exp32, exp64 = case.expected()
+    ops.fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
+                           backend=backend)  # fmt: skip
+    assert case.out32.cpu().tolist() == exp32
+    assert case.out64.cpu().tolist() == exp64
+
+
+@given(data=st.data())
+def test_bound_fill_matches_naive(data, device):
+    case = data.draw(cases(device=device))
+    exp32, exp64 = case.expected()
+    fill = ops.bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
+                                  max_rows=len(case.rows))  # fmt: skip
+    fill(len(case.rows))
+    fill(len(case.rows))  # the bound (cached) launch, on a GPU
+    assert case.out32.cpu().tolist() == exp32
+    assert case.out64.cpu().tolist() == exp64
+
+
+def _small_case(device):
+    values = iter(range(1, 10_000))
+    return Case(lambda lo, hi: min(hi, lo + next(values) % (hi - lo + 1)), [16], [(0, 5, 2)], num_slots=2,
+                width_mult=1, full_width=False, extra_held=0, device=device)  # fmt: skip
+
+
+@pytest.mark.parametrize("buffer", ["staging", "tables", "out32", "out64"])
+def test_layout_too_large_for_a_buffer_raises_before_writing(device, buffer):
+    case = _small_case(device)
+    bufs = dict(staging=case.staging, tables=case.table_buf, out32=case.out32, out64=case.out64)
+    bufs[buffer] = bufs[buffer][:3]
+    before = [t.clone() for t in bufs.values()]
+    with pytest.raises(ValueError, match=buffer):
+        ops.fill_step_metadata(case.layout, *bufs.values(), 1)
+    with pytest.raises(ValueError, match=buffer):
+        ops.bind_step_metadata(case.layout, *bufs.values(), max_rows=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, bufs.values(), strict=True))
+
+
+def test_layout_wrong_dtype_and_group_count(device):
+    case = _small_case(device)
+    with pytest.raises(TypeError, match="out64"):
+        ops.fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64.int(), 1)
+    bad = StepLayout(**{**{f.name: getattr(case.layout, f.name) for f in case.layout.__attrs_attrs__},
+                        "held": (0, 1)})  # fmt: skip
+    with pytest.raises(ValueError, match=r"layout\.held"):
+        ops.fill_step_metadata(bad, case.staging, case.table_buf, case.out32, case.out64, 1)
+
+
+@given(
+    writes=st.lists(st.tuples(st.integers(-3, 40), st.integers(-(2**31), 2**31 - 1)), max_size=30,
+                    unique_by=lambda w: w[0]),
+    count_at=st.integers(0, 2), gap=st.integers(0, 3),
+)  # fmt: skip
+def test_bind_scatter_pairs_matches_naive(device, writes, count_at, gap):
+    n = len(writes)
+    max_writes = n + 2
+    pairs_at = count_at + 1 + gap
+    staging = torch.full((pairs_at + 2 * max_writes + 2,), S, dtype=torch.int32)
+    staging[count_at] = n
+    for i, (off, val) in enumerate(writes):
+        staging[pairs_at + 2 * i] = off
+        staging[pairs_at + 2 * i + 1] = val
+    dst = torch.full((32,), S, dtype=torch.int32)
+    expected = dst.tolist()
+    for off, val in writes:
+        if 0 <= off < 32:
+            expected[off] = val
+    staging, dst = staging.to(device), dst.to(device)
+    scatter = ops.bind_scatter_pairs(staging, dst, count=count_at, pairs=pairs_at, max_writes=max_writes)
+    scatter(n)
+    scatter(n)  # idempotent; the bound launch on a GPU
+    assert dst.cpu().tolist() == expected
+
+
+def test_bind_scatter_pairs_checks_capacity(device):
+    staging = torch.zeros(10, dtype=torch.int32, device=device)
+    dst = torch.zeros(4, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="staging"):
+        ops.bind_scatter_pairs(staging, dst, count=0, pairs=1, max_writes=5)
+    with pytest.raises(TypeError, match="dst"):
+        ops.bind_scatter_pairs(staging, dst.long(), count=0, pairs=1, max_writes=2)
