@@ -11,7 +11,9 @@ Implementations, A/B interleaved step by step:
 - ``stock-plan``: FlashInfer's stock ``plan()`` alone, fed host tensors prepared beforehand (the floor
   of the stock API, no metadata built);
 - ``batchmeta``: ``BatchMetadata.prepare_*`` (metadata kernels, one staging copy, plans), eager, and
-  under CUDA graphs (plan for the graph wrappers) where the scenario allows.
+  under CUDA graphs (plan for the graph wrappers) where the scenario allows;
+- ``batchmeta-noplan``: the same with ``plan_attention=False`` (engines whose attention reads block
+  tables and lengths directly): the metadata alone.
 
 Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
 step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
@@ -35,6 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import attrs
 import numpy as np
 import torch
 
@@ -90,6 +93,7 @@ class Setup:
     scn: Scenario
     meta: BatchMetadata
     idx: np.ndarray
+    noplan: BatchMetadata | None = None
     host: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
 
@@ -113,15 +117,17 @@ def build(scn: Scenario, rng) -> Setup:
         max_draft_tokens=scn.draft,
     )
     meta = BatchMetadata(cfg)
+    noplan = BatchMetadata(attrs.evolve(cfg, plan_attention=False))
     num_pages = int(sum(-(-seq // scn.page_size))) + 1
     perm = rng.permutation(np.arange(1, num_pages + 1))
     start = 0
     for r in range(b):
         n = -(-int(seq[r]) // scn.page_size)
-        meta.block_tables.append(r, perm[start : start + n].tolist())
+        for m in (meta, noplan):
+            m.block_tables.append(r, perm[start : start + n].tolist())
         start += n
     idx = np.arange(b)
-    s = Setup(scn, meta, idx)
+    s = Setup(scn, meta, idx, noplan=noplan)
     # Host arrays for the stock plan, and device kv_indices, prepared once (not timed).
     with meta.prepare_prefill(idx, scn.query_lens, scn.cache_lens) as step:
         s.host = dict(
@@ -196,8 +202,8 @@ def impl_stock_plan(s: Setup):
     return step, 0
 
 
-def impl_batchmeta(s: Setup, graph: bool):
-    scn, meta = s.scn, s.meta
+def impl_batchmeta(s: Setup, graph: bool, plan: bool = True):
+    scn, meta = s.scn, (s.meta if plan else s.noplan)
     idx, q, c = s.idx, np.array(scn.query_lens), np.array(scn.cache_lens)
     nbytes = 4 * meta._layout.fixed_end
 
@@ -264,15 +270,7 @@ def measure(impls: dict, steps: int, progress) -> dict:
 
 def memory_report(s: Setup) -> dict:
     meta = s.meta
-    tensors = [
-        meta.block_tables.flat,
-        meta._staging.dev,
-        meta._accept_staging.dev,
-        meta.positions,
-        *meta.slot_mappings,
-        *meta.kv_indices,
-        *meta.step_block_tables,
-    ]
+    tensors = [meta.block_tables.flat, meta._staging.dev, meta._accept_staging.dev, meta._out32, meta._out64]
     held = sum(t.numel() * t.element_size() for t in tensors)
     b = len(s.scn.cache_lens)
     seq = np.array(s.scn.cache_lens) + np.array(s.scn.query_lens)
@@ -317,6 +315,7 @@ def main() -> int:
             "eager-glue": impl_eager_glue(s),
             "stock-plan": impl_stock_plan(s),
             "batchmeta": impl_batchmeta(s, graph=False),
+            "batchmeta-noplan": impl_batchmeta(s, graph=False, plan=False),
         }
         if scn.graph:
             impls = {

@@ -1,0 +1,114 @@
+"""Where the host microseconds of one decode step go (scenario D1 of bench_steps: B=256, context 4K).
+
+Run on a machine with CUDA and FlashInfer:  python benchmarks/profile_step.py [--scenario D1]
+
+Times each part of ``BatchMetadata.prepare_decode`` separately, by wrapping the internal calls with
+counters (each wrapper adds well under a microsecond), over many steps with the GPU idle, and prints
+the median microseconds per part beside the whole step. The parts:
+
+- validate: host-side checks of the batch (``_check_batch``);
+- host arrays: numpy into the pinned staging buffer (the rest of ``_prepare`` before the copy);
+- upload: the one host→device copy;
+- scatter, fill: the two bound kernel launches (staged block-table writes, step metadata);
+- plan: FlashInfer planning (``_plan``);
+- step: views and the ``Step`` object (``_make_step`` minus plan);
+- context: entering and leaving ``with`` (the ContextVar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="D1")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--no-plan", action="store_true", help="profile the plan_attention=False object")
+    args = parser.parse_args()
+    bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
+    rng = np.random.default_rng(0)
+    scn = next(s for s in bench_steps.scenarios(rng) if s.name == args.scenario)
+    setup = bench_steps.build(scn, rng)
+    meta = setup.noplan if args.no_plan else setup.meta
+    idx, cache = setup.idx, np.array(scn.cache_lens)
+    times: dict[str, list[float]] = defaultdict(list)
+    current: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter_ns()
+            try:
+                return fn(*a, **k)
+            finally:
+                current[name] += (time.perf_counter_ns() - t0) / 1e3
+
+        return wrapper
+
+    meta._check_batch = timed("validate", meta._check_batch)
+    meta._staging.upload = timed("upload", meta._staging.upload)
+    meta._scatter = timed("scatter", meta._scatter)
+    meta._fill = timed("fill", meta._fill)
+    meta._plan = timed("plan", meta._plan)
+    meta._make_step = timed("step+plan", meta._make_step)
+    meta._prepare = timed("prepare", meta._prepare)
+
+    def step():
+        t0 = time.perf_counter_ns()
+        ctx = meta.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
+        t1 = time.perf_counter_ns()
+        with ctx:
+            pass
+        t2 = time.perf_counter_ns()
+        current["context"] += (t2 - t1) / 1e3
+        current["total"] += (t2 - t0) / 1e3
+
+    for _ in range(20):
+        step()
+    for i in range(args.steps):
+        current.clear()
+        # Steady decode at B=256, page 16 stages about 16 page appends per step: stage as many
+        # writes (the rows' unchanged page counts) so the scatter launch runs every step.
+        for r in range(i % 16, len(idx), 16):
+            meta.block_tables._set_count(0, r, meta.block_tables.num_pages(r))
+        torch.cuda.synchronize()
+        step()
+        for k, v in current.items():
+            times[k].append(v)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    parts = {
+        "validate": med.get("validate", 0.0),
+        "host arrays": med["prepare"] - med.get("upload", 0) - med.get("scatter", 0) - med.get("fill", 0)
+        - med["step+plan"],
+        "upload (1 H2D copy)": med.get("upload", 0.0),
+        "scatter launch": med.get("scatter", 0.0),
+        "fill launch": med.get("fill", 0.0),
+        "plan": med.get("plan", 0.0),
+        "views + Step": med["step+plan"] - med.get("plan", 0.0),
+        "context enter/exit": med["context"],
+    }
+    parts["other (call overhead, args)"] = med["total"] - sum(parts.values())
+    name = torch.cuda.get_device_name()
+    print(f"# Host µs of one {scn.name} step ({scn.what}) on {name}, median of {args.steps}"
+          f"{' (plan_attention=False)' if args.no_plan else ''}\n")  # fmt: skip
+    print("| part | µs |\n|---|---:|")
+    for k, v in parts.items():
+        print(f"| {k} | {v:.1f} |")
+    print(f"| **total** | **{med['total']:.1f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
