@@ -210,6 +210,22 @@ class BlockTables:
         return offsets, values
 
 
+class _StepViews:
+    """The tensor and array views one step shape reads (made once per shape and ring slot, reused:
+    a torch slice costs about a microsecond and a step needs dozens)."""
+
+    __slots__ = (
+        "block_tables", "idx_mapping", "kv_indices_full", "kv_indptr", "kv_indptr_host", "kv_indptr_pinned",
+        "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices", "page_sizes",
+        "positions", "qo_indptr_host", "qo_indptr_pinned", "query_start_loc", "seq_lens", "seq_lens_pinned",
+        "slot_mappings", "window_lefts",
+    )  # fmt: skip
+
+    def __init__(self, **views: Any):
+        for k, v in views.items():
+            setattr(self, k, v)
+
+
 @attrs.frozen(eq=False)
 class Step:
     """The metadata of one step: views of :class:`BatchMetadata`'s buffers, valid until the next
@@ -217,6 +233,17 @@ class Step:
 
     ``B`` is ``num_reqs``, ``Bp`` is ``padded_num_reqs`` (``B`` unless a CUDA-graph decode), ``T``
     is ``num_tokens`` and ``Tp`` the tokens the model runs (``T``, or ``Bp * (1 + k)`` in a graph).
+
+    Device views (properties): ``idx_mapping`` ``[Bp]`` int32 (padding rows map to the reserved
+    row); ``query_start_loc`` ``[Bp + 1]`` int32 == FlashInfer ``qo_indptr`` (padding rows add no
+    tokens); ``seq_lens`` ``[Bp]`` int32 (cached + new); ``positions`` ``[Tp]`` int64 (0 past
+    ``T``); ``logits_indices`` ``[B]`` int32 (last token of each real row); and per group
+    ``slot_mappings`` ``[Tp]`` int64 (PAD past ``T``), ``kv_indptr`` ``[Bp + 1]``, ``kv_indices``
+    ``[kv_indptr[Bp]]``, ``kv_last_page_len`` ``[Bp]`` and ``block_tables`` ``[Bp, W]`` int32
+    (rows padded with 0; ``W`` the step's longest row, or the full width in a graph).
+
+    Host views (numpy int32, of the pinned staging buffer): ``qo_indptr_host`` ``[Bp + 1]``, per
+    group ``kv_indptr_host`` ``[Bp + 1]`` and ``kv_last_page_len_host`` ``[Bp]``.
     """
 
     kind: str  # "prefill", "ragged_prefill", "decode", "spec_decode"
@@ -225,25 +252,38 @@ class Step:
     num_tokens: int
     query_len: int | None  # decode: 1 + k; prefill: None
     cuda_graph: bool
-    idx_mapping: torch.Tensor  # [Bp] int32 (padding rows map to the reserved row)
-    query_start_loc: torch.Tensor  # [Bp + 1] int32 == FlashInfer qo_indptr (padding rows add no tokens)
-    seq_lens: torch.Tensor  # [Bp] int32, cached + new
-    positions: torch.Tensor  # [Tp] int64 (0 past T)
-    logits_indices: torch.Tensor  # [B] int32: last token of each real row
-    slot_mappings: tuple[torch.Tensor, ...]  # per group [Tp] int64 (PAD past T)
-    kv_indptr: tuple[torch.Tensor, ...]  # per group [Bp + 1] int32
-    kv_indices: tuple[torch.Tensor, ...]  # per group [kv_indptr[Bp]] int32
-    kv_last_page_len: tuple[torch.Tensor, ...]  # per group [Bp] int32
-    block_tables: tuple[torch.Tensor, ...]  # per group [Bp, W] int32, rows padded with 0
-    qo_indptr_host: np.ndarray  # [Bp + 1] int32
     idx_mapping_host: np.ndarray  # [B] int64, owned by the step (valid after later steps too)
-    query_lens_host: np.ndarray  # [B] int64, owned by the step
     cache_lens_host: np.ndarray  # [B] int64, owned by the step
-    kv_indptr_host: tuple[np.ndarray, ...]
-    kv_last_page_len_host: tuple[np.ndarray, ...]
-    page_sizes: tuple[int, ...]
-    window_lefts: tuple[int, ...]
+    _query_lens: np.ndarray | None  # [B] int64 for prefill; None for decode (query_len each)
+    _num_kv_pages: tuple[int, ...]  # per group kv_indptr[Bp]
+    _views: _StepViews
     wrappers: tuple[Any, ...] | None  # planned FlashInfer wrapper per group (None without FlashInfer)
+
+    @property
+    def query_lens_host(self) -> np.ndarray:
+        """``[B]`` int64 new tokens per row (owned by the step)."""
+        if self._query_lens is None:
+            return np.full(self.num_reqs, self.query_len, np.int64)
+        return self._query_lens
+
+    @property
+    def kv_indices(self) -> tuple[torch.Tensor, ...]:
+        return tuple(buf[:n] for buf, n in zip(self._views.kv_indices_full, self._num_kv_pages, strict=True))
+
+    idx_mapping = property(lambda self: self._views.idx_mapping)
+    query_start_loc = property(lambda self: self._views.query_start_loc)
+    seq_lens = property(lambda self: self._views.seq_lens)
+    positions = property(lambda self: self._views.positions)
+    logits_indices = property(lambda self: self._views.logits_indices)
+    slot_mappings = property(lambda self: self._views.slot_mappings)
+    kv_indptr = property(lambda self: self._views.kv_indptr)
+    kv_last_page_len = property(lambda self: self._views.kv_last_page_len)
+    block_tables = property(lambda self: self._views.block_tables)
+    qo_indptr_host = property(lambda self: self._views.qo_indptr_host)
+    kv_indptr_host = property(lambda self: self._views.kv_indptr_host)
+    kv_last_page_len_host = property(lambda self: self._views.kv_last_page_len_host)
+    page_sizes = property(lambda self: self._views.page_sizes)
+    window_lefts = property(lambda self: self._views.window_lefts)
 
     def attention(
         self,
@@ -291,6 +331,7 @@ class _PinnedRing:
 
     A host buffer is reused only after the transfer that last read it has finished (an event
     query; in steady state always true, since the engine has synced on the step's sampled tokens).
+    ``memo[slot]`` lets the caller remember what a slot already holds.
     """
 
     def __init__(self, numel: int, device: torch.device):
@@ -300,14 +341,19 @@ class _PinnedRing:
         self.events = [torch.cuda.Event() if pin else None for _ in range(2)]
         self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
         self.slot = 0
+        self.memo: list[Any] = [None, None]
+        self._device_index = device.index if pin else None
+        self._stream: Any = None
+        self._stream_raw = None
         self._copies: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def next(self) -> tuple[np.ndarray, torch.Tensor]:
+    def next(self) -> np.ndarray:
+        """Switches to the other host buffer (waiting for its last transfer if needed); returns it."""
         self.slot ^= 1
         ev = self.events[self.slot]
         if ev is not None and not ev.query():
             ev.synchronize()  # the transfer of two uses ago is still pending: never in steady state
-        return self.host_np[self.slot], self.host[self.slot]
+        return self.host_np[self.slot]
 
     def upload(self, end: int, start: int = 0) -> torch.Tensor:
         """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
@@ -322,8 +368,16 @@ class _PinnedRing:
 
     def done(self) -> None:
         """Marks the current host buffer busy until everything enqueued so far has run."""
-        if self.events[self.slot] is not None:
-            self.events[self.slot].record()
+        ev = self.events[self.slot]
+        if ev is None:
+            return
+        # Event.record() looks the current stream up in Python each time; keep the Stream object
+        # while the raw current stream is unchanged.
+        raw = _current_raw_stream(self._device_index)
+        if raw != self._stream_raw:
+            self._stream = torch.cuda.current_stream(self._device_index)
+            self._stream_raw = raw
+        _record_event(ev, self._stream)
 
 
 class _Layout:
@@ -353,22 +407,6 @@ class _Layout:
         # ``fixed_end + 2n`` elements whatever the capacity.
         self.pairs = pos
         self.total = pos + 2 * max_writes
-
-
-class _StepViews:
-    """Tensor views of the step buffers, made once per size and reused (a torch slice costs about a
-    microsecond; a step needs dozens)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, Any] = {}
-
-    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
-        v = self._cache.get(key)
-        if v is None:
-            if len(self._cache) > 4096:  # many distinct prefill sizes: start over rather than grow
-                self._cache.clear()
-            v = self._cache[key] = make()
-        return v
 
 
 @attrs.define(eq=False)
@@ -413,7 +451,8 @@ class BatchMetadata:
     _planners: dict[tuple, Any] = attrs.field(init=False, factory=dict)
     _wrappers: dict[tuple, Any] = attrs.field(init=False, factory=dict)
     _graphs: dict[int, Any] = attrs.field(init=False, factory=dict)
-    _views: _StepViews = attrs.field(init=False, factory=_StepViews)
+    _views: dict[tuple, _StepViews] = attrs.field(init=False, factory=dict)
+    _decode_qsl: dict[int, tuple] = attrs.field(init=False, factory=dict)
     _rows: np.ndarray = attrs.field(init=False)
     _seen: np.ndarray = attrs.field(init=False)
 
@@ -493,10 +532,10 @@ class BatchMetadata:
         clens = _host_ints("cache_lens", cache_lens, length=b)
         if b and qlens.min() < 1:
             raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
-        seq, pages = self._check_batch(idx, qlens, clens)
+        seq, pages, max_seq = self._check_batch(idx, qlens, clens)
         kind = "prefill" if clens.any() else "ragged_prefill"
         with self._on_device():
-            step = self._prepare(idx, qlens, clens, seq, pages, kind=kind, padded=b, query_len=None)
+            step = self._prepare(idx, qlens, clens, seq, pages, max_seq, kind=kind, padded=b, query_len=None)
         return activate_step(step)
 
     def prepare_decode(
@@ -529,10 +568,11 @@ class BatchMetadata:
                 raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
             padded = self.graph_batch_size(b)
         q = 1 + num_draft_tokens
-        seq, pages = self._check_batch(idx, q, clens)
+        seq, pages, max_seq = self._check_batch(idx, q, clens)
         with self._on_device():
-            step = self._prepare(idx, q, clens, seq, pages, kind="spec_decode" if num_draft_tokens else "decode",
-                                 padded=padded, graph=cuda_graph, query_len=q)  # fmt: skip
+            kind = "spec_decode" if num_draft_tokens else "decode"
+            step = self._prepare(idx, q, clens, seq, pages, max_seq, kind=kind, padded=padded, graph=cuda_graph,
+                                 query_len=q)  # fmt: skip
         return activate_step(step)
 
     def graph_batch_size(self, num_reqs: int) -> int:
@@ -562,7 +602,7 @@ class BatchMetadata:
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
         with self._on_device():
-            step = self._prepare(empty, 1, empty, empty, [empty] * len(self.config.kv_groups), kind="decode",
+            step = self._prepare(empty, 1, empty, empty, [empty] * len(self.config.kv_groups), 0, kind="decode",
                                  padded=batch_size, graph=True, query_len=1)  # fmt: skip
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -634,7 +674,7 @@ class BatchMetadata:
             raise ValueError(f"token_ids: a row needs {ends.max()} columns, got {token_ids.shape[1]}")
         # Staging fields: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
         cu, prompt, cache, query, rows = (slice(0, b + 1), *(slice(k * r + 1, k * r + 1 + b) for k in range(1, 5)))
-        h, _ = self._accept_staging.next()
+        h = self._accept_staging.next()
         ops.fill_qo_indptr(accepted, h[cu])
         h[prompt] = prompts
         h[cache] = step.cache_lens_host
@@ -652,7 +692,7 @@ class BatchMetadata:
     # Internals
     # ---------------------------------------------------------------------------------------------
     def _check_batch(self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray):
-        """Validates a batch on host data only; returns ``(seq_lens, pages per group)``.
+        """Validates a batch on host data only; returns ``(seq_lens, pages per group, max seq_len)``.
 
         ``qlens`` is an int for decode (every row has that many new tokens).
         """
@@ -662,10 +702,9 @@ class BatchMetadata:
         if b > r:
             raise ValueError(f"idx_mapping: {b} rows exceed max_num_reqs ({r})")
         if not b:
-            return clens, [clens] * len(cfg.kv_groups)
-        lo, hi = idx.min(), idx.max()
-        if lo < 0 or hi >= r:
-            raise ValueError(f"idx_mapping: expected request slots in [0, {r}), got {lo}..{hi}")
+            return clens, [clens] * len(cfg.kv_groups), 0
+        if (idx.view(np.uint64) >= r).any():  # a negative slot reads as a huge unsigned one
+            raise ValueError(f"idx_mapping: expected request slots in [0, {r}), got {idx.min()}..{idx.max()}")
         # Duplicates: after seen[idx] = 0..b-1, a repeated slot reads back another row's number.
         rows = self._rows[:b]
         self._seen[idx] = rows
@@ -677,25 +716,26 @@ class BatchMetadata:
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
         seq = clens + qlens
-        if seq.max() > cfg.max_model_len:
-            raise ValueError(f"cache_lens: a row reaches {seq.max()} tokens, more than max_model_len "
+        max_seq = int(seq.max())
+        if max_seq > cfg.max_model_len:
+            raise ValueError(f"cache_lens: a row reaches {max_seq} tokens, more than max_model_len "
                              f"({cfg.max_model_len})")  # fmt: skip
         pages = []
         held_all = self.block_tables._host_num_blocks
         for g, grp in enumerate(cfg.kv_groups):
             ps = grp.page_size
             need = seq if ps == 1 else (seq + (ps - 1)) // ps
-            held = held_all[g, idx]
-            if (held < need).any():
-                k = int(np.argmax(held < need))
+            short = held_all[g, idx] < need
+            if short.any():
+                k = int(np.argmax(short))
                 raise ValueError(
                     f"cache_lens: request slot {idx[k]} needs {need[k]} pages in group {g} for {seq[k]} tokens "
-                    f"but holds {held[k]}; append its pages first"
+                    f"but holds {held_all[g, idx[k]]}; append its pages first"
                 )
             pages.append(need)
-        return seq, pages
+        return seq, pages, max_seq
 
-    def _prepare(self, idx, qlens, clens, seq, pages, *, kind: str, padded: int, query_len: int | None,
+    def _prepare(self, idx, qlens, clens, seq, pages, max_seq: int, *, kind: str, padded: int, query_len: int | None,
                  graph: bool = False) -> Step:  # fmt: skip
         """Fills the staging buffer, uploads it, launches the metadata kernels and plans.
 
@@ -713,41 +753,53 @@ class BatchMetadata:
                 self._upload_writes(offsets[start:stop], values[start:stop])
             offsets, values = offsets[n - lay.max_writes :], values[n - lay.max_writes :]
             n = lay.max_writes
-        h, ht = self._staging.next()
+        h = self._staging.next()
 
         # Host arrays, numpy into the pinned staging buffer. Padding rows (graph decode) use the
         # reserved row, hold one cached token and add no new token.
         h[lay.idx : lay.idx + b] = idx
-        h[lay.idx + b : lay.idx + padded] = cfg.max_num_reqs
-        qsl = h[lay.qsl : lay.qsl + padded + 1]
-        qsl[0] = 0
-        if type(qlens) is int:
-            np.multiply(self._rows[1 : b + 1], qlens, out=qsl[1 : b + 1])
-        else:
-            np.cumsum(qlens, out=qsl[1 : b + 1])
-        num_tokens = int(qsl[b])
-        qsl[b + 1 :] = num_tokens
+        h[lay.cache : lay.cache + b] = clens
         seq_h = h[lay.seq : lay.seq + padded]
         seq_h[:b] = seq
-        seq_h[b:] = 1
-        h[lay.cache : lay.cache + b] = clens
-        np.subtract(qsl[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
-        max_seq = int(seq.max()) if b else (1 if padded else 0)
+        if padded > b:
+            h[lay.idx + b : lay.idx + padded] = cfg.max_num_reqs
+            seq_h[b:] = 1
+        qsl = h[lay.qsl : lay.qsl + padded + 1]
+        if type(qlens) is int:
+            # Decode: query_start_loc and logits_indices depend only on (B, Bp, q); each ring slot
+            # remembers what it holds.
+            num_tokens = qlens * b
+            shape = (b, padded, qlens)
+            if self._staging.memo[self._staging.slot] != shape:
+                np.multiply(self._rows[: padded + 1], qlens, out=qsl)
+                qsl[b + 1 :] = num_tokens
+                np.subtract(qsl[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
+                self._staging.memo[self._staging.slot] = shape
+        else:
+            qsl[0] = 0
+            np.cumsum(qlens, out=qsl[1 : b + 1])
+            num_tokens = int(qsl[b])
+            np.subtract(qsl[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
+            self._staging.memo[self._staging.slot] = None
+        if not b and padded:
+            max_seq = 1  # padding rows only (a graph capture)
+        widths = []
         for g, grp in enumerate(groups):
             ps = grp.page_size
             indptr = h[lay.kv_indptr[g] : lay.kv_indptr[g] + padded + 1]
             indptr[0] = 0
             np.cumsum(pages[g], out=indptr[1 : b + 1])
-            # Padding rows: one page each (the padding page).
-            np.add(self._rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
             last = h[lay.last_page_len[g] : lay.last_page_len[g] + padded]
             if ps == 1:
-                last[:] = 1
+                last[:b] = 1
             else:
                 np.subtract(seq, (pages[g] - 1) * ps, out=last[:b])
+            if padded > b:  # padding rows: one page each (the padding page), one token in it
+                np.add(self._rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
                 last[b:] = 1
             # Eager steps fill only as many per-step table columns as the longest row needs.
-            h[lay.step_width[g]] = self.step_block_tables[g].shape[1] if graph else -(-max_seq // ps)
+            widths.append(self.step_block_tables[g].shape[1] if graph else -(-max_seq // ps))
+            h[lay.step_width[g]] = widths[g]
         h[lay.num_writes] = n
         if n:
             pairs = h[lay.pairs : lay.pairs + 2 * n]
@@ -755,84 +807,65 @@ class BatchMetadata:
             pairs[1::2] = values
 
         # One transfer, then the staged block-table writes and the metadata kernel(s).
-        d = self._staging.upload(lay.fixed_end + 2 * n)
+        self._staging.upload(lay.fixed_end + 2 * n)
         self._scatter(n)
         self._fill(padded)
-        step = self._make_step(h, ht, d, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph, max_seq)
+        step = self._make_step(h, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph, max_seq,
+                               tuple(widths))  # fmt: skip
         self._staging.done()
         return step
 
-    def _make_step(self, h, ht, d, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph,
-                   max_seq) -> Step:  # fmt: skip
-        cfg = self.config
+    def _step_views(self, key: tuple, b: int, padded: int, tokens_run: int, widths: tuple[int, ...]) -> _StepViews:
+        """The views of one step shape (``key`` = ring slot, sizes and widths), made on first use."""
         lay = self._layout
-        groups = cfg.kv_groups
-        ng = len(groups)
-        views = self._views
-        slot = self._staging.slot
+        d, ht, h = self._staging.dev, self._staging.host[self._staging.slot], self._staging.host_np[self._staging.slot]
+        ng = len(self.config.kv_groups)
 
-        def rows():
-            def per_group(buf, at, n):
-                return tuple(buf[at[g] : at[g] + n] for g in range(ng))
+        def per_group(buf, at, n):
+            return tuple(buf[at[g] : at[g] + n] for g in range(ng))
 
-            return (
-                d[lay.idx : lay.idx + padded], d[lay.qsl : lay.qsl + padded + 1], d[lay.seq : lay.seq + padded],
-                per_group(d, lay.kv_indptr, padded + 1), per_group(d, lay.last_page_len, padded),
-                ht[lay.qsl : lay.qsl + padded + 1], per_group(ht, lay.kv_indptr, padded + 1),
-                per_group(ht, lay.last_page_len, padded), ht[lay.seq : lay.seq + padded],
-            )  # fmt: skip
-
-        idx_d, qsl_d, seq_d, indptr_d, last_d, qo_t, indptr_t, last_t, seq_t = views.get(("rows", slot, padded), rows)
-        tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
-        positions, slot_mappings = views.get(
-            ("tokens", tokens_run), lambda: (self.positions[:tokens_run], tuple(sm[:tokens_run]
-                                                                                 for sm in self.slot_mappings))
-        )  # fmt: skip
-        logits = views.get(("logits", b), lambda: d[lay.logits : lay.logits + b])
-        widths = tuple(int(h[lay.step_width[g]]) for g in range(ng))
-        tables = views.get(
-            ("tables", padded, widths),
-            lambda: tuple(t[:padded, :w] for t, w in zip(self.step_block_tables, widths, strict=True)),
+        if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
+            self._views.clear()
+        v = self._views[key] = _StepViews(
+            idx_mapping=d[lay.idx : lay.idx + padded],
+            query_start_loc=d[lay.qsl : lay.qsl + padded + 1],
+            seq_lens=d[lay.seq : lay.seq + padded],
+            positions=self.positions[:tokens_run],
+            logits_indices=d[lay.logits : lay.logits + b],
+            slot_mappings=tuple(sm[:tokens_run] for sm in self.slot_mappings),
+            kv_indptr=per_group(d, lay.kv_indptr, padded + 1),
+            kv_indices_full=self.kv_indices,
+            kv_last_page_len=per_group(d, lay.last_page_len, padded),
+            block_tables=tuple(t[:padded, :w] for t, w in zip(self.step_block_tables, widths, strict=True)),
+            qo_indptr_host=h[lay.qsl : lay.qsl + padded + 1],
+            kv_indptr_host=per_group(h, lay.kv_indptr, padded + 1),
+            kv_last_page_len_host=per_group(h, lay.last_page_len, padded),
+            qo_indptr_pinned=ht[lay.qsl : lay.qsl + padded + 1],
+            kv_indptr_pinned=per_group(ht, lay.kv_indptr, padded + 1),
+            kv_last_page_len_pinned=per_group(ht, lay.last_page_len, padded),
+            seq_lens_pinned=ht[lay.seq : lay.seq + padded],
+            page_sizes=tuple(grp.page_size for grp in self.config.kv_groups),
+            window_lefts=tuple(grp.window_left for grp in self.config.kv_groups),
         )
-        kv_indptr_host = tuple(h[lay.kv_indptr[g] : lay.kv_indptr[g] + padded + 1] for g in range(ng))
-        last_host = tuple(h[lay.last_page_len[g] : lay.last_page_len[g] + padded] for g in range(ng))
-        kv_indices = tuple(self.kv_indices[g][: int(kv_indptr_host[g][padded])] for g in range(ng))
+        return v
+
+    def _make_step(self, h, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph, max_seq,
+                   widths) -> Step:  # fmt: skip
+        lay = self._layout
+        tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
+        key = (self._staging.slot, b, padded, tokens_run, widths)
+        views = self._views.get(key) or self._step_views(key, b, padded, tokens_run, widths)
+        nnz = tuple(int(h[at + padded]) for at in lay.kv_indptr)
         wrappers = None
         if self._use_flashinfer and padded:
-            wrappers = self._plan(kind, padded, graph, qo_t, indptr_t, last_t, seq_t, max_seq, indptr_d, last_d,
-                                  kv_indices)  # fmt: skip
-        return Step(
-            kind=kind,
-            num_reqs=b,
-            padded_num_reqs=padded,
-            num_tokens=num_tokens,
-            query_len=query_len,
-            cuda_graph=graph,
-            idx_mapping=idx_d,
-            query_start_loc=qsl_d,
-            seq_lens=seq_d,
-            positions=positions,
-            logits_indices=logits,
-            slot_mappings=slot_mappings,
-            kv_indptr=indptr_d,
-            kv_indices=kv_indices,
-            kv_last_page_len=last_d,
-            block_tables=tables,
-            qo_indptr_host=h[lay.qsl : lay.qsl + padded + 1],
-            idx_mapping_host=idx,
-            query_lens_host=np.full(b, qlens, np.int64) if type(qlens) is int else qlens,
-            cache_lens_host=clens,
-            kv_indptr_host=kv_indptr_host,
-            kv_last_page_len_host=last_host,
-            page_sizes=tuple(grp.page_size for grp in groups),
-            window_lefts=tuple(grp.window_left for grp in groups),
-            wrappers=wrappers,
-        )
+            wrappers = self._plan(kind, padded, graph, views, max_seq, nnz)
+        return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens,
+                    None if type(qlens) is int else qlens, nnz, views, wrappers)  # fmt: skip
 
     def _upload_writes(self, offsets: np.ndarray, values: np.ndarray) -> None:
         """Applies staged writes that did not fit a step's transfer, through the pinned ring."""
         lay, n = self._layout, len(offsets)
-        h, _ = self._staging.next()
+        h = self._staging.next()
         h[lay.num_writes] = n
         pairs = h[lay.pairs : lay.pairs + 2 * n]
         pairs[0::2] = offsets
@@ -849,10 +882,10 @@ class BatchMetadata:
             return _NULL_CONTEXT
         return torch.cuda.device(index)
 
-    def _wrapper(self, key: tuple, make: Callable[[], Any]) -> Any:
+    def _wrapper(self, key: tuple, make: Callable[[torch.Tensor], Any]) -> Any:
         w = self._wrappers.get(key)
         if w is None:
-            w = self._wrappers[key] = make()
+            w = self._wrappers[key] = make(get_workspace(self.config.device, self.config.workspace_bytes))
         return w
 
     def _decode_planner(self, g: int, padded: int, graph: bool, indptr_d, last_d) -> DecodePlanner:
@@ -877,30 +910,33 @@ class BatchMetadata:
             )  # fmt: skip
         return planner
 
-    def _plan(self, kind, padded, graph, qo_t, indptr_t, last_t, seq_t, max_seq, indptr_d, last_d,
-              kv_indices) -> tuple[Any, ...]:  # fmt: skip
+    def _plan(self, kind: str, padded: int, graph: bool, v: _StepViews, max_seq: int,
+              nnz: tuple[int, ...]) -> tuple[Any, ...]:  # fmt: skip
         """Plans one FlashInfer wrapper per group from pinned host views (no device→host sync)."""
         cfg = self.config
-        heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
-        ws = get_workspace(cfg.device, cfg.workspace_bytes)
         out = []
         for g, grp in enumerate(cfg.kv_groups):
             if kind == "decode":
-                planner = self._decode_planner(g, padded, graph, indptr_d, last_d)
-                out.append(planner.plan(indptr_t[g], last_t[g], seq_t, max_seq, indptr_d[g], self.kv_indices[g],
-                                        last_d[g]))  # fmt: skip
+                planner = self._decode_planner(g, padded, graph, v.kv_indptr, v.kv_last_page_len)
+                planner.plan(v.kv_indptr_pinned[g], v.kv_last_page_len_pinned[g], v.seq_lens_pinned, max_seq,
+                             v.kv_indptr[g], self.kv_indices[g], v.kv_last_page_len[g])  # fmt: skip
+                out.append(planner.wrapper)
                 continue
+            heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
+            qo = v.qo_indptr_pinned
             if kind == "ragged_prefill":
-                w = self._wrapper(("ragged", g), lambda: new_ragged_prefill_wrapper(ws))
-                w.plan(qo_t, qo_t, *heads, causal=True, window_left=grp.window_left,
+                w = self._wrapper(("ragged", g), new_ragged_prefill_wrapper)
+                w.plan(qo, qo, *heads, causal=True, window_left=grp.window_left,
                        q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
             else:  # prefill, mixed, speculative decode
-                w = self._wrapper(("prefill", g), lambda: new_paged_prefill_wrapper(ws))
-                w.plan(qo_t, indptr_t[g], kv_indices[g], last_t[g], *heads, grp.page_size, causal=True,
-                       window_left=grp.window_left, q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)  # fmt: skip
+                w = self._wrapper(("prefill", g), new_paged_prefill_wrapper)
+                w.plan(qo, v.kv_indptr_pinned[g], self.kv_indices[g][: nnz[g]], v.kv_last_page_len_pinned[g],
+                       *heads, grp.page_size, causal=True, window_left=grp.window_left, q_data_type=cfg.q_dtype,
+                       kv_data_type=cfg.kv_dtype)  # fmt: skip
             out.append(w)
         return tuple(out)
 
-
 _NULL_CONTEXT = contextlib.nullcontext()
 _current_device = getattr(torch._C, "_cuda_getDevice", None)
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record

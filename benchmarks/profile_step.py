@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-plan", action="store_true", help="profile the plan_attention=False object")
+    parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions")
     args = parser.parse_args()
     bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
     rng = np.random.default_rng(0)
@@ -57,13 +58,14 @@ def main() -> int:
 
         return wrapper
 
-    meta._check_batch = timed("validate", meta._check_batch)
+    # BatchMetadata has slots: methods are wrapped on the class, callables held in fields on the object.
+    cls = type(meta)
+    for name, method in (("validate", "_check_batch"), ("plan", "_plan"), ("step+plan", "_make_step"),
+                         ("prepare", "_prepare")):  # fmt: skip
+        setattr(cls, method, timed(name, getattr(cls, method)))
     meta._staging.upload = timed("upload", meta._staging.upload)
     meta._scatter = timed("scatter", meta._scatter)
     meta._fill = timed("fill", meta._fill)
-    meta._plan = timed("plan", meta._plan)
-    meta._make_step = timed("step+plan", meta._make_step)
-    meta._prepare = timed("prepare", meta._prepare)
 
     def step():
         t0 = time.perf_counter_ns()
@@ -87,6 +89,17 @@ def main() -> int:
         step()
         for k, v in current.items():
             times[k].append(v)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.steps):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     med = {k: statistics.median(v) for k, v in times.items()}
     parts = {
         "validate": med.get("validate", 0.0),

@@ -153,6 +153,32 @@ def test_decode_and_spec_decode_match_naive(device, data):
         check_step(step, meta, pages.held, list(idx), [1 + k] * n, clens)
 
 
+@given(data=st.data())
+def test_step_sequences_reusing_staging_slots_match_naive(device, data):
+    """Decode, speculative decode and prefill steps in any order: each staging slot remembers what
+    it last held (the decode fast path skips rewriting unchanged fields), and must never go stale."""
+    meta = make_meta(device, page_sizes=(4, 1), max_draft_tokens=2)
+    pages = Pages(meta)
+    lens = {r: data.draw(st.integers(0, 10)) for r in range(6)}
+    for _ in range(data.draw(st.integers(2, 6))):
+        idx = data.draw(st.permutations(range(6)))[: data.draw(st.integers(1, 6))]
+        clens = [lens[r] for r in idx]
+        mode = data.draw(st.sampled_from(["decode", "decode", "spec", "prefill"]))
+        if mode == "prefill":
+            qlens = [data.draw(st.integers(1, 4)) for _ in idx]
+            ctx = lambda: meta.prepare_prefill(idx, qlens, clens)  # noqa: B023
+        else:
+            k = 2 if mode == "spec" else 0
+            qlens = [1 + k] * len(idx)
+            ctx = lambda: meta.prepare_decode(idx, clens, num_draft_tokens=k)  # noqa: B023
+        for r, c, q in zip(idx, clens, qlens, strict=True):
+            pages.grow(r, c + q)
+        with ctx() as step:
+            check_step(step, meta, pages.held, list(idx), qlens, clens)
+        for r, q in zip(idx, qlens, strict=True):
+            lens[r] = min(lens[r] + q, 30)
+
+
 def test_mixed_step_prefill_chunk_beside_decodes(device):
     meta = make_meta(device, page_sizes=(4, 2), windows=(-1, 5))
     pages = Pages(meta)
