@@ -495,7 +495,8 @@ class BatchMetadata:
         layout = ops.StepLayout(
             page_size=[grp.page_size for grp in cfg.kv_groups], width=widths, num_table_rows=r + 1,
             idx=lay.idx, query_start_loc=lay.qsl, cache_lens=lay.cache, kv_indptr=lay.kv_indptr,
-            step_width=lay.step_width, table=bt._table_base, held=[bt._num_blocks_base + g * (r + 1)
+            step_width=lay.step_width, num_writes=lay.num_writes, pairs=lay.pairs, max_writes=max_writes,
+            table=bt._table_base, held=[bt._num_blocks_base + g * (r + 1)
                                                                    for g in range(groups)],
             kv_indices=kv_at, kv_capacity=[(r + 1) * w for w in widths], step_table=step_at,
             positions=0, slot_mapping=[(1 + g) * t for g in range(groups)], token_capacity=t,
@@ -806,9 +807,8 @@ class BatchMetadata:
             pairs[0::2] = offsets
             pairs[1::2] = values
 
-        # One transfer, then the staged block-table writes and the metadata kernel(s).
+        # One transfer, then one launch: the staged block-table writes and every metadata field.
         self._staging.upload(lay.fixed_end + 2 * n)
-        self._scatter(n)
         self._fill(padded)
         step = self._make_step(h, idx, qlens, clens, kind, b, padded, num_tokens, query_len, graph, max_seq,
                                tuple(widths))  # fmt: skip

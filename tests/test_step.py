@@ -15,6 +15,7 @@ from batchmeta.ops import StepLayout
 
 S = 77_777  # sentinel
 GAP = 3  # unused elements between fields
+GUARD = 8  # elements before and after each buffer
 
 
 def cdiv(a, b):
@@ -25,7 +26,8 @@ class Case:
     """Buffers and layout for ``groups`` (page sizes) and ``rows`` of (request slot, cache_len,
     query_len); every group's table gets random pages, each row holds at least what it needs."""
 
-    def __init__(self, draw_int, page_sizes, rows, *, num_slots, width_mult, full_width, extra_held, device):
+    def __init__(self, draw_int, page_sizes, rows, *, num_slots, width_mult, full_width, extra_held, device,
+                 num_writes=0):  # fmt: skip
         self.page_sizes = page_sizes
         self.rows = rows
         b = len(rows)
@@ -56,6 +58,7 @@ class Case:
             self.step_width.append(w if full_width else max([*pages, 0]))
         # Lay everything out with gaps.
         staging, tables, out32, out64 = [], [], [], []
+        self.num_writes = num_writes
 
         def put(buf, values):
             at = len(buf) + GAP
@@ -70,6 +73,9 @@ class Case:
             cache_lens=put(staging, [c for _, c, _ in rows]),
             kv_indptr=[put(staging, self.indptr[g]) for g in g_],
             step_width=[put(staging, [self.step_width[g]]) for g in g_],
+            num_writes=put(staging, [num_writes]),
+            pairs=put(staging, [S] * (2 * num_writes + 4)),
+            max_writes=num_writes + 2,
             table=[put(tables, [v for row in self.tables[g] for v in row]) for g in g_],
             held=[put(tables, self.held[g]) for g in g_],
             kv_capacity=[self.indptr[g][-1] + draw_int(0, 3) for g in g_],
@@ -82,14 +88,39 @@ class Case:
             buf.extend([S] * GAP)
         self.layout = StepLayout(page_size=page_sizes, width=self.widths, num_table_rows=num_slots,
                                  token_capacity=self.token_capacity, **lay)  # fmt: skip
-        self.staging = torch.tensor(staging, dtype=torch.int32, device=device)
-        self.table_buf = torch.tensor(tables, dtype=torch.int32, device=device)
-        self.out32 = torch.tensor(out32, dtype=torch.int32, device=device)
-        self.out64 = torch.tensor(out64, dtype=torch.int64, device=device)
+        # Staged writes: the tables above are what the rows hold after them. Each write's target
+        # gets a stale value in the buffer (the write must land), at unique offsets anywhere in the
+        # tables (rows in the batch or not, held counts, gaps) and a few outside (dropped).
+        targets = [i for i, v in enumerate(tables) if v != S or draw_int(0, 3) == 0]
+        chosen = []
+        for _ in range(num_writes):
+            if draw_int(0, 9) == 0:
+                chosen.append((len(tables) + draw_int(0, 5), draw_int(0, 99)))  # outside: dropped
+                continue
+            t = targets[draw_int(0, len(targets) - 1)]
+            if t in [c for c, _ in chosen]:
+                chosen.append((-1 - draw_int(0, 3), 5))  # negative: dropped
+                continue
+            chosen.append((t, tables[t]))
+        self.expected_tables = list(tables)
+        for t, v in chosen:
+            if 0 <= t < len(tables):
+                tables[t] = v + 1000  # stale: the write must replace it
+        for i, (t, v) in enumerate(chosen):
+            staging[lay["pairs"] + 2 * i] = t
+            staging[lay["pairs"] + 2 * i + 1] = v
+        # Each buffer is the middle of a larger one whose guard regions must stay untouched.
+        self.guarded = [torch.tensor([S] * GUARD + buf + [S] * GUARD, dtype=dt, device=device)
+                        for buf, dt in ((staging, torch.int32), (tables, torch.int32), (out32, torch.int32),
+                                        (out64, torch.int64))]  # fmt: skip
+        self.staging, self.table_buf, self.out32, self.out64 = (g[GUARD:-GUARD] for g in self.guarded)
 
     def expected(self):
         """Naive per-request loop over the layout: the outputs every field should hold."""
         lay = self.layout
+        for g in self.guarded:
+            assert (g[:GUARD] == S).all() and (g[-GUARD:] == S).all(), "a write outside its buffer"
+        assert self.table_buf.cpu().tolist() == self.expected_tables, "staged writes not applied"
         out32 = self.out32.cpu().tolist()
         out64 = self.out64.cpu().tolist()
         t = 0
@@ -137,15 +168,16 @@ def cases(draw, device=None):
     return Case(
         draw_int, page_sizes, rows, num_slots=num_slots, width_mult=draw(st.sampled_from([1, 2])),
         full_width=draw(st.booleans()), extra_held=draw(st.integers(0, 2)), device=device,
+        num_writes=draw(st.sampled_from([0, 1, 5, 40])),
     )  # fmt: skip
 
 
 @given(data=st.data())
 def test_fill_step_metadata_matches_naive(data, device, backend):
     case = data.draw(cases(device=device))
-    exp32, exp64 = case.expected()
     ops.fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
                            backend=backend)  # fmt: skip
+    exp32, exp64 = case.expected()
     assert case.out32.cpu().tolist() == exp32
     assert case.out64.cpu().tolist() == exp64
 
@@ -153,11 +185,11 @@ def test_fill_step_metadata_matches_naive(data, device, backend):
 @given(data=st.data())
 def test_bound_fill_matches_naive(data, device):
     case = data.draw(cases(device=device))
-    exp32, exp64 = case.expected()
     fill = ops.bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
                                   max_rows=len(case.rows))  # fmt: skip
     fill(len(case.rows))
     fill(len(case.rows))  # the bound (cached) launch, on a GPU
+    exp32, exp64 = case.expected()
     assert case.out32.cpu().tolist() == exp32
     assert case.out64.cpu().tolist() == exp64
 

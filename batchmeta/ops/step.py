@@ -45,8 +45,10 @@ class StepLayout:
     """Element offsets of every field :func:`fill_step_metadata` reads and writes.
 
     ``staging`` (int32, uploaded each step): ``idx`` ``[Bp]`` request slot of each row,
-    ``query_start_loc`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, and per group ``kv_indptr``
-    ``[Bp + 1]`` and ``step_width`` ``[1]`` (columns of the per-step table to write, ``<= width``).
+    ``query_start_loc`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, per group ``kv_indptr``
+    ``[Bp + 1]`` and ``step_width`` ``[1]`` (columns of the per-step table to write, ``<= width``),
+    and the staged table writes: their count ``num_writes`` ``[1]`` and ``(offset, value)``
+    ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique).
 
     ``tables`` (int32, persistent): per group ``table`` ``[num_table_rows, width]`` and ``held``
     ``[num_table_rows]`` (pages each request slot holds).
@@ -68,6 +70,9 @@ class StepLayout:
     cache_lens: int
     kv_indptr: tuple[int, ...] = attrs.field(converter=_ints)
     step_width: tuple[int, ...] = attrs.field(converter=_ints)
+    num_writes: int
+    pairs: int
+    max_writes: int
     table: tuple[int, ...] = attrs.field(converter=_ints)
     held: tuple[int, ...] = attrs.field(converter=_ints)
     kv_indices: tuple[int, ...] = attrs.field(converter=_ints)
@@ -97,7 +102,8 @@ class StepLayout:
                 raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
         r, rows = max_rows, self.num_table_rows
         ends = {
-            "staging": (staging, [self.idx + r, self.query_start_loc + r + 1, self.cache_lens + r]
+            "staging": (staging, [self.idx + r, self.query_start_loc + r + 1, self.cache_lens + r, self.num_writes + 1,
+                                  self.pairs + 2 * self.max_writes]
                         + [o + r + 1 for o in self.kv_indptr] + [o + 1 for o in self.step_width]),
             "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
                        + [h + rows for h in self.held]),
@@ -128,12 +134,30 @@ def _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP: tl.constexpr, SLO
 
 
 @triton.jit
+def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, COUNT: tl.constexpr, PAIRS: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """Applies the staged writes whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
+    num_writes = tl.load(staging_ptr + COUNT)
+    for off in range(0, num_writes, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        m = i < num_writes
+        dst = tl.load(staging_ptr + PAIRS + 2 * i, mask=m, other=-1).to(tl.int64)
+        v = tl.load(staging_ptr + PAIRS + 2 * i + 1, mask=m)
+        tl.store(tables_ptr + dst, v, mask=m & (((dst >= lo) & (dst < hi)) | (dst == extra)))
+
+
+@triton.jit
 def _group_row(
     staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len,
-    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr,
+    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
     SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
+    # This step's staged writes to the row (new pages, the held count) first, by this program: its
+    # reads below then see them. The tail program applies every write (rows not in the batch too);
+    # where both write, they write the same value.
+    _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, COUNT, PAIRS, BLOCK)
+    tl.debug_barrier()
     row = tables_ptr + TAB + req * W
     # Slot ids in 64 bits: page * page_size passes 2^31 on large caches.
     for off in range(0, n, BLOCK):
@@ -164,6 +188,7 @@ def _step_kernel(
     out32_ptr,  # int32 [*]: kv_indices, per-step block tables
     out64_ptr,  # int64 [*]: positions, slot mappings
     IDX: tl.constexpr, QSL: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
+    COUNT: tl.constexpr, PAIRS: tl.constexpr, TABLES_NUMEL: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
     # Group slot g: page size, table width, offsets of table, held, kv_indptr, step width,
     # kv_indices (and its capacity), step table, slot mapping. Unused slots repeat slot 0.
@@ -187,6 +212,8 @@ def _step_kernel(
             _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS0, BLOCK)
             if WRITE_POSITIONS:
                 _fill_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
+                # Every staged write, including those to request slots not in this batch.
+                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, COUNT, PAIRS, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS1, BLOCK)
@@ -208,19 +235,19 @@ def _step_kernel(
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
-                       PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)
+                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1, SLOTS1)
+                           BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1, SLOTS1)
         if NUM_GROUPS > 2:
             if g == 2:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2, SLOTS2)
+                           BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2, SLOTS2)
         if NUM_GROUPS > 3:
             if g == 3:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3, SLOTS3)
+                           BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3, SLOTS3)
 
 
 _step = cached_kernel(_step_kernel)
@@ -233,7 +260,8 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tupl
         groups = list(range(first, min(first + MAX_GROUPS_PER_LAUNCH, layout.num_groups)))
         slots = groups + [groups[0]] * (MAX_GROUPS_PER_LAUNCH - len(groups))
         args: list = [staging, tables, out32, out64, layout.idx, layout.query_start_loc, layout.cache_lens,
-                      layout.positions, layout.token_capacity, first == 0, len(groups), _BLOCK]  # fmt: skip
+                      layout.positions, layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(),
+                      first == 0, len(groups), _BLOCK]  # fmt: skip
         for g in slots:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
@@ -247,6 +275,11 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tupl
 # --------------------------------------------------------------------------------------------------
 def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int) -> None:
     lay, dev = layout, staging.device
+    n = int(staging[lay.num_writes])
+    if n:
+        pairs = staging[lay.pairs : lay.pairs + 2 * n].view(n, 2).long()
+        keep = (pairs[:, 0] >= 0) & (pairs[:, 0] < tables.numel())
+        tables[pairs[keep, 0]] = pairs[keep, 1].to(tables.dtype)
     cap = lay.token_capacity
     idx = staging[lay.idx : lay.idx + num_rows].long()
     qsl = staging[lay.query_start_loc : lay.query_start_loc + num_rows + 1].long()
@@ -299,9 +332,10 @@ def fill_step_metadata(
     - ``positions[t] = p`` and ``slot_mapping_g[t] = table_g[r, p // ps_g] * ps_g + p % ps_g``;
       from ``query_start_loc[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
     - ``kv_indices_g[kv_indptr_g[b] + c] = table_g[r, c]`` for ``c < kv_indptr_g[b+1] - kv_indptr_g[b]``;
-    - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``.
+    - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``;
 
-    Buffers as described by :class:`StepLayout` (checked against it).
+    after applying the staged writes ``tables[pairs[2i]] = pairs[2i + 1]`` for ``i < num_writes``
+    (offsets outside ``tables`` dropped). Buffers as described by :class:`StepLayout` (checked).
     """
     layout.check(staging, tables, out32, out64, num_rows)
     if use_triton(backend, staging):
