@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-plan", action="store_true", help="profile the plan_attention=False object")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run stock-plan and eager-glue steps in between, as bench_steps does")  # fmt: skip
     args = parser.parse_args()
     bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
     rng = np.random.default_rng(0)
@@ -77,6 +79,7 @@ def main() -> int:
         current["context"] += (t2 - t1) / 1e3
         current["total"] += (t2 - t0) / 1e3
 
+    others = [bench_steps.impl_stock_plan(setup)[0], bench_steps.impl_eager_glue(setup)[0]] if args.interleave else []
     for _ in range(20):
         step()
     for i in range(args.steps):
@@ -85,6 +88,9 @@ def main() -> int:
         # writes (the rows' unchanged page counts) so the scatter launch runs every step.
         for r in range(i % 16, len(idx), 16):
             meta.block_tables._set_count(0, r, meta.block_tables.num_pages(r))
+        for other in others:
+            torch.cuda.synchronize()
+            other()
         torch.cuda.synchronize()
         step()
         for k, v in current.items():
@@ -114,8 +120,8 @@ def main() -> int:
     }
     parts["other (call overhead, args)"] = med["total"] - sum(parts.values())
     name = torch.cuda.get_device_name()
-    print(f"# Host µs of one {scn.name} step ({scn.what}) on {name}, median of {args.steps}"
-          f"{' (plan_attention=False)' if args.no_plan else ''}\n")  # fmt: skip
+    notes = (" (plan_attention=False)" if args.no_plan else "") + (" (interleaved)" if args.interleave else "")
+    print(f"# Host µs of one {scn.name} step ({scn.what}) on {name}, median of {args.steps}{notes}\n")
     print("| part | µs |\n|---|---:|")
     for k, v in parts.items():
         print(f"| {k} | {v:.1f} |")
