@@ -245,8 +245,13 @@ def measure(impls: dict, steps: int, progress) -> dict:
     for name, (fn, nbytes) in impls.items():
         res[name]["syncs"] = _count_syncs(fn)
         res[name]["h2d_bytes"] = nbytes
+    names = list(impls)
+    shuffle = np.random.default_rng(1)
     for _ in range(steps):
-        for name, (fn, _) in impls.items():  # interleaved A/B: host time, GPU idle
+        # Interleaved A/B in an order shuffled each step (seeded): the step run just before evicts
+        # caches, and which one it is changes the figures, so no implementation always follows another.
+        for name in shuffle.permutation(names):  # host time, GPU idle
+            fn = impls[name][0]
             torch.cuda.synchronize()
             t0 = time.perf_counter_ns()
             fn()
