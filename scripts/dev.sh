@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine:  bash scripts/dev.sh demo | test [pytest args] | bench | bench-steps
+# One entry point for a fresh machine:  bash scripts/dev.sh demo | test [pytest args] | bench | bench-steps | profile-step
 # Creates .venv/ on first use and installs what is missing (idempotent: a second run installs
 # nothing). PyTorch is taken as torch==2.13.0 when none is installed; set BATCHMETA_PYTHON to use
 # another interpreter (for example one that already has a CUDA build of torch).
@@ -29,5 +29,6 @@ case "$cmd" in
   test)  exec "$py" -m pytest -q "$@" ;;
   bench) exec "$py" benchmarks/bench_launch.py "$@" ;;
   bench-steps) exec "$py" benchmarks/bench_steps.py "$@" ;;
-  *) echo "usage: bash scripts/dev.sh demo|test|bench|bench-steps [args]" >&2; exit 2 ;;
+  profile-step) exec "$py" benchmarks/profile_step.py "$@" ;;
+  *) echo "usage: bash scripts/dev.sh demo|test|bench|bench-steps|profile-step [args]" >&2; exit 2 ;;
 esac
