@@ -9,7 +9,7 @@ the median microseconds per part beside the whole step. The parts:
 - validate: host-side checks of the batch (``_check_batch``);
 - host arrays: numpy into the pinned staging buffer (the rest of ``_prepare`` before the copy);
 - upload: the one host→device copy;
-- scatter, fill: the two bound kernel launches (staged block-table writes, step metadata);
+- fill: the one bound kernel launch (staged block-table writes and every metadata field);
 - plan: FlashInfer planning (``_plan``);
 - step: views and the ``Step`` object (``_make_step`` minus plan);
 - context: entering and leaving ``with`` (the ContextVar).
@@ -112,7 +112,6 @@ def main() -> int:
         "host arrays": med["prepare"] - med.get("upload", 0) - med.get("scatter", 0) - med.get("fill", 0)
         - med["step+plan"],
         "upload (1 H2D copy)": med.get("upload", 0.0),
-        "scatter launch": med.get("scatter", 0.0),
         "fill launch": med.get("fill", 0.0),
         "plan": med.get("plan", 0.0),
         "views + Step": med["step+plan"] - med.get("plan", 0.0),
