@@ -29,6 +29,7 @@ import triton.language as tl
 
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import MAX_GROUPS_PER_LAUNCH, check_tensor, use_triton
+from batchmeta.ops.positions import _pad_tail
 
 __all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata"]
 
@@ -121,19 +122,6 @@ class StepLayout:
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _fill_tail(ptr, start, capacity, value, BLOCK: tl.constexpr):
-    for off in range(start, capacity, BLOCK):
-        i = off + tl.arange(0, BLOCK)
-        tl.store(ptr + i, value, mask=i < capacity)
-
-
-@triton.jit
-def _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP: tl.constexpr, SLOTS: tl.constexpr,
-                BLOCK: tl.constexpr):  # fmt: skip
-    _fill_tail(out64_ptr + SLOTS, num_tokens, TOKEN_CAP, -1, BLOCK)
-
-
-@triton.jit
 def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, COUNT: tl.constexpr, PAIRS: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip
     """Applies the staged writes whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
@@ -209,20 +197,20 @@ def _step_kernel(
         # positions with 0), so a graph captured for more tokens writes nothing for its padding.
         num_tokens = tl.load(staging_ptr + QSL + num_rows).to(tl.int64)
         if g == 0:
-            _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS0, BLOCK)
+            _pad_tail(out64_ptr + SLOTS0, num_tokens, TOKEN_CAP, -1, BLOCK)
             if WRITE_POSITIONS:
-                _fill_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
+                _pad_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
                 # Every staged write, including those to request slots not in this batch.
                 _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, COUNT, PAIRS, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
-                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS1, BLOCK)
+                _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
         if NUM_GROUPS > 2:
             if g == 2:
-                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS2, BLOCK)
+                _pad_tail(out64_ptr + SLOTS2, num_tokens, TOKEN_CAP, -1, BLOCK)
         if NUM_GROUPS > 3:
             if g == 3:
-                _group_tail(staging_ptr, out64_ptr, num_tokens, TOKEN_CAP, SLOTS3, BLOCK)
+                _pad_tail(out64_ptr + SLOTS3, num_tokens, TOKEN_CAP, -1, BLOCK)
     else:
         req = tl.load(staging_ptr + IDX + b).to(tl.int64)
         start = tl.load(staging_ptr + QSL + b).to(tl.int64)
@@ -273,13 +261,16 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tupl
 # --------------------------------------------------------------------------------------------------
 # Torch implementation (CPU fallback, oracle)
 # --------------------------------------------------------------------------------------------------
+def _apply_writes_torch(staging: torch.Tensor, dst: torch.Tensor, pairs_at: int, n: int) -> None:
+    """``dst[offset] = value`` for the first ``n`` pairs at ``pairs_at``; offsets outside ``dst`` dropped."""
+    pairs = staging[pairs_at : pairs_at + 2 * n].view(n, 2).long()
+    keep = (pairs[:, 0] >= 0) & (pairs[:, 0] < dst.numel())
+    dst[pairs[keep, 0]] = pairs[keep, 1].to(dst.dtype)
+
+
 def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int) -> None:
     lay, dev = layout, staging.device
-    n = int(staging[lay.num_writes])
-    if n:
-        pairs = staging[lay.pairs : lay.pairs + 2 * n].view(n, 2).long()
-        keep = (pairs[:, 0] >= 0) & (pairs[:, 0] < tables.numel())
-        tables[pairs[keep, 0]] = pairs[keep, 1].to(tables.dtype)
+    _apply_writes_torch(staging, tables, lay.pairs, int(staging[lay.num_writes]))
     cap = lay.token_capacity
     idx = staging[lay.idx : lay.idx + num_rows].long()
     qsl = staging[lay.query_start_loc : lay.query_start_loc + num_rows + 1].long()
@@ -378,11 +369,7 @@ def bind_step_metadata(
         return fill_many
 
     def fill_host(num_rows: int) -> None:
-        if use_triton(None, staging):
-            for n, args in _launch_args(layout, staging, tables, out32, out64):
-                _step.launch((num_rows + 1, n), args, num_warps=_NUM_WARPS)
-        else:
-            _fill_torch(layout, staging, tables, out32, out64, num_rows)
+        fill_step_metadata(layout, staging, tables, out32, out64, num_rows)
 
     return fill_host
 
@@ -396,21 +383,17 @@ def _scatter_pairs_kernel(
     dst_ptr,  # int32 [DST_NUMEL]
     COUNT: tl.constexpr, PAIRS: tl.constexpr, DST_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < tl.load(staging_ptr + COUNT)
-    off = tl.load(staging_ptr + PAIRS + 2 * i, mask=m, other=0).to(tl.int64)
-    v = tl.load(staging_ptr + PAIRS + 2 * i + 1, mask=m)
-    tl.store(dst_ptr + off, v, mask=m & (off >= 0) & (off < DST_NUMEL))
+    # One program: only the rare writes beyond one step's transfer come here.
+    _apply_writes(staging_ptr, dst_ptr, 0, DST_NUMEL, 0, COUNT, PAIRS, BLOCK)
 
 
 _scatter_pairs = cached_kernel(_scatter_pairs_kernel)
-_SCATTER_BLOCK = 1024
 
 
 def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int,
                        max_writes: int) -> Callable[[int], None]:  # fmt: skip
     """``scatter(n)``: ``dst[staging[pairs + 2i]] = staging[pairs + 2i + 1]`` for
-    ``i < staging[count]`` (``n`` is that count, known on the host; it sizes the grid). Offsets
+    ``i < staging[count]`` (``n`` is that count, known on the host; 0 launches nothing). Offsets
     outside ``dst`` are dropped; offsets must be unique (Triton gives writes no order).
 
     Parameters
@@ -425,13 +408,13 @@ def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, 
     if max(count + 1, pairs + 2 * max_writes) > staging.numel():
         raise ValueError(f"staging: {max_writes} pairs at {pairs} need {pairs + 2 * max_writes} elements, "
                          f"got {staging.numel()}")  # fmt: skip
-    args = (staging, dst, count, pairs, dst.numel(), _SCATTER_BLOCK)
+    args = (staging, dst, count, pairs, dst.numel(), _BLOCK)
     if staging.is_cuda:
         bound = _scatter_pairs.bind(args)
 
         def scatter(n: int) -> None:
             if n:
-                bound((triton.cdiv(n, _SCATTER_BLOCK),))
+                bound((1,))
 
         return scatter
 
@@ -439,11 +422,8 @@ def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, 
         if not n:
             return
         if use_triton(None, staging):
-            _scatter_pairs.launch((triton.cdiv(n, _SCATTER_BLOCK),), args)
-            return
-        pairs_view = staging[pairs : pairs + 2 * n].view(n, 2).long()
-        off, val = pairs_view[:, 0], pairs_view[:, 1]
-        keep = (off >= 0) & (off < dst.numel())
-        dst[off[keep]] = val[keep].to(dst.dtype)
+            _scatter_pairs.launch((1,), args)
+        else:
+            _apply_writes_torch(staging, dst, pairs, n)
 
     return scatter_host
