@@ -1,10 +1,11 @@
 """batchmeta: attention metadata for LLM inference engines, built on the GPU without host syncs."""
 
 from batchmeta import ops
-from batchmeta.attention import current_step
+from batchmeta.block_tables import BlockTables
 from batchmeta.config import KVGroup, MetadataConfig
-from batchmeta.metadata import BatchMetadata, BlockTables, Step
+from batchmeta.metadata import BatchMetadata
 from batchmeta.ops import PAD_SLOT_ID, has_triton
+from batchmeta.step import StaleStepError, Step, current_step
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "BlockTables",
     "KVGroup",
     "MetadataConfig",
+    "StaleStepError",
     "Step",
     "__version__",
     "current_step",

@@ -54,8 +54,33 @@ class KVGroup:
             raise ValueError(f"window_left: expected -1 (full attention) or a window >= 0, got {value}")
 
 
+def _default_device() -> torch.device:
+    """CUDA where this machine has it, else the CPU (torch fallbacks)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _to_device(value: object) -> torch.device:
-    return value if isinstance(value, torch.device) else torch.device(value)  # type: ignore[arg-type]
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"device: expected a torch.device, a str such as 'cuda:0' or 'cpu', or a CUDA index, "
+                        f"got {type(value).__name__}")  # fmt: skip
+    try:
+        return torch.device(value)
+    except RuntimeError as e:
+        raise ValueError(f"device: {value!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1', ...)") from e
+
+
+def _check_device(inst, attribute, value: torch.device) -> None:
+    if value.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected a 'cpu' or 'cuda' device, got {value}")
+    if value.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {value} requested, but this machine has no usable CUDA device; use "
+                             f"device='cpu' (the torch fallbacks) or leave the default")  # fmt: skip
+        if value.index is not None and value.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {value} requested, but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s)")  # fmt: skip
 
 
 def _to_groups(value: object) -> tuple[KVGroup, ...]:
@@ -87,12 +112,13 @@ class MetadataConfig:
     q_dtype, kv_dtype:
         Query and KV-cache dtypes given to FlashInfer's plan.
     device:
-        Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``).
+        Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Default: ``"cuda"`` when this
+        machine has a CUDA device, else ``"cpu"``. A device this machine lacks raises ``ValueError``.
     num_kv_pages:
         Pages in the KV cache of each group (page ids must be below it). 0: not checked.
     cuda_graph_batch_sizes:
         Decode batch sizes to capture as CUDA graphs, increasing; each ``<= max_num_reqs``. Empty
-        for none. Only used on CUDA.
+        for none. Only used on CUDA (a CPU ``BatchMetadata`` rejects ``cuda_graph=True`` steps).
     max_draft_tokens:
         Speculative tokens per request in a decode step (decode query length ``1 + k``).
     padding_page:
@@ -114,7 +140,7 @@ class MetadataConfig:
     head_dim: int = attrs.field(validator=_positive)
     q_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
     kv_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
-    device: torch.device = attrs.field(default=torch.device("cuda"), converter=_to_device)
+    device: torch.device = attrs.field(factory=_default_device, converter=_to_device, validator=_check_device)
     num_kv_pages: int = attrs.field(default=0, validator=_non_negative)
     cuda_graph_batch_sizes: tuple[int, ...] = attrs.field(default=(), converter=_to_sizes)
     max_draft_tokens: int = attrs.field(default=0, validator=_non_negative)
@@ -170,9 +196,7 @@ class MetadataConfig:
         if list(value) != sorted(set(value)):
             raise ValueError(f"cuda_graph_batch_sizes: expected strictly increasing sizes, got {value}")
         if value and value[-1] > self.max_num_reqs:
-            raise ValueError(
-                f"cuda_graph_batch_sizes: {value[-1]} exceeds max_num_reqs ({self.max_num_reqs})"
-            )
+            raise ValueError(f"cuda_graph_batch_sizes: {value[-1]} exceeds max_num_reqs ({self.max_num_reqs})")
         if value and value[-1] * (1 + self.max_draft_tokens) > self.max_num_tokens:
             raise ValueError(
                 f"cuda_graph_batch_sizes: a decode batch of {value[-1]} with {self.max_draft_tokens} draft tokens "

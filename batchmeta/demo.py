@@ -88,6 +88,8 @@ def _dense_attention(q, k, v, window_left):
 
 
 class _Progress:
+    """A one-line progress bar on stderr, redrawn with ``\\r``; draws nothing unless enabled."""
+
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.start = total, enabled, time.perf_counter()
         self.last = 0.0
@@ -106,6 +108,11 @@ class _Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
+
+
+def _stderr_is_tty() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,35 +165,36 @@ def main(argv: list[str] | None = None) -> int:
 
     waiting = [dict(prompt=rng.integers(0, 1000, int(rng.integers(8, 200))).tolist(), output=int(rng.integers(4, 40)))
                for _ in range(args.requests)]  # fmt: skip
-    running: dict[int, dict] = {}
-    free_slots = list(range(args.max_num_reqs))
+    running: dict[int, dict] = {}  # request slot (req_idx) -> request state
+    free_req_idxs = list(range(args.max_num_reqs))
     free_pages = [list(range(num_pages - 1, 0, -1)) for _ in groups]  # page 0: CUDA-graph padding
     steps = tokens_total = checks = failures = graph_steps = finished = 0
     prepare_us: list[float] = []
-    progress = _Progress(args.requests, enabled=not args.no_progress)
+    # Redraw the bar only on a terminal: in a log file every `\r` update would be kept.
+    progress = _Progress(args.requests, enabled=not args.no_progress and _stderr_is_tty())
 
     while waiting or running:
-        while waiting and free_slots:
+        while waiting and free_req_idxs:
             r = waiting.pop()
             r.update(tokens=list(r["prompt"]), cached=0, dense=[([], []) for _ in model.layers])
-            running[free_slots.pop()] = r
+            running[free_req_idxs.pop()] = r
         # Schedule: every decode (1 token), then prefill chunks within the remaining budget.
         batch, budget = [], args.token_budget
         order = sorted(running.items(), key=lambda kv: kv[1]["cached"] < len(kv[1]["prompt"]))
-        for slot, r in order:
+        for req_idx, r in order:
             n = 1 if r["cached"] >= len(r["prompt"]) else min(len(r["prompt"]) - r["cached"], budget)
             if 0 < n <= budget:
-                batch.append((slot, n))
+                batch.append((req_idx, n))
                 budget -= n
         if not batch:
             raise RuntimeError("demo scheduler: nothing schedulable; the token budget is below one decode per request")
-        for slot, n in batch:  # pages for cached + new tokens, staged on the host
-            r = running[slot]
+        for req_idx, n in batch:  # pages for cached + new tokens, staged on the host
+            r = running[req_idx]
             new = []
             for g, grp in enumerate(groups):
-                need = -(-(r["cached"] + n) // grp.page_size) - meta.block_tables.num_pages(slot, g)
+                need = -(-(r["cached"] + n) // grp.page_size) - meta.block_tables.num_pages(req_idx, g)
                 new.append([free_pages[g].pop() for _ in range(max(need, 0))])
-            meta.block_tables.append(slot, new)
+            meta.block_tables.append(req_idx, new)
 
         idx = [s for s, _ in batch]
         qlens = [n for _, n in batch]
@@ -217,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         for li, (q, k, v, a) in enumerate(rec):
             off = 0
-            for slot, n in batch:
-                dk, dv = running[slot]["dense"][li]
+            for req_idx, n in batch:
+                dk, dv = running[req_idx]["dense"][li]
                 dk.append(k[off : off + n].float())
                 dv.append(v[off : off + n].float())
                 if check:
@@ -229,17 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         checks += check
         failures += check and not ok
 
-        for (slot, n), nxt in zip(batch, next_tokens, strict=True):
-            r = running[slot]
+        for (req_idx, n), nxt in zip(batch, next_tokens, strict=True):
+            r = running[req_idx]
             r["cached"] += n
             if r["cached"] >= len(r["prompt"]):
                 r["tokens"].append(nxt)
             if r["cached"] >= len(r["prompt"]) + r["output"]:
                 for g in range(len(groups)):
-                    free_pages[g] += meta.block_tables.pages(slot, g).tolist()
-                meta.block_tables.reset(slot)
-                del running[slot]
-                free_slots.append(slot)
+                    free_pages[g] += meta.block_tables.pages(req_idx, g).tolist()
+                meta.block_tables.reset(req_idx)
+                del running[req_idx]
+                free_req_idxs.append(req_idx)
                 finished += 1
         steps += 1
         tokens_total += len(tokens)

@@ -6,12 +6,13 @@ Times each part of ``BatchMetadata.prepare_decode`` separately, by wrapping the 
 counters (each wrapper adds well under a microsecond), over many steps with the GPU idle, and prints
 the median microseconds per part beside the whole step. The parts:
 
-- validate: host-side checks of the batch (``_check_batch``);
-- host arrays: numpy into the pinned staging buffer (the rest of ``_prepare`` before the copy);
+- validate: host-side checks of the batch (``BatchChecker.check``);
+- host arrays: the staged block-table writes taken and numpy into the pinned staging buffer
+  (``BlockTables.take_staged``, ``staging.stage_step``);
 - upload: the one host→device copy;
 - fill: the one bound kernel launch (staged block-table writes and every metadata field);
-- plan: FlashInfer planning (``_plan``);
-- step: views and the ``Step`` object (``_make_step`` minus plan);
+- plan: FlashInfer planning (``StepPlanner.plan``);
+- views + Step: the rest of ``BatchMetadata._prepare`` (views looked up, the ``Step`` made);
 - context: entering and leaving ``with`` (the ContextVar).
 """
 
@@ -60,11 +61,13 @@ def main() -> int:
 
         return wrapper
 
-    # BatchMetadata has slots: methods are wrapped on the class, callables held in fields on the object.
-    cls = type(meta)
-    for name, method in (("validate", "_check_batch"), ("plan", "_plan"), ("step+plan", "_make_step"),
-                         ("prepare", "_prepare")):  # fmt: skip
-        setattr(cls, method, timed(name, getattr(cls, method)))
+    # Methods of the object's parts are wrapped on the instances; stage_step where metadata.py finds it.
+    meta_module = sys.modules[type(meta).__module__]
+    meta_module.stage_step = timed("stage", meta_module.stage_step)
+    type(meta)._prepare = timed("prepare", type(meta)._prepare)
+    meta._checker.check = timed("validate", meta._checker.check)
+    meta._planner.plan = timed("plan", meta._planner.plan)
+    meta.block_tables.take_staged = timed("take_staged", meta.block_tables.take_staged)
     meta._staging.upload = timed("upload", meta._staging.upload)
     meta._scatter = timed("scatter", meta._scatter)
     meta._fill = timed("fill", meta._fill)
@@ -107,14 +110,14 @@ def main() -> int:
         torch.cuda.synchronize()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     med = {k: statistics.median(v) for k, v in times.items()}
+    inside = ("stage", "take_staged", "upload", "scatter", "fill", "plan")
     parts = {
         "validate": med.get("validate", 0.0),
-        "host arrays": med["prepare"] - med.get("upload", 0) - med.get("scatter", 0) - med.get("fill", 0)
-        - med["step+plan"],
+        "host arrays": med.get("stage", 0.0) + med.get("take_staged", 0.0),
         "upload (1 H2D copy)": med.get("upload", 0.0),
-        "fill launch": med.get("fill", 0.0),
+        "fill launch": med.get("fill", 0.0) + med.get("scatter", 0.0),
         "plan": med.get("plan", 0.0),
-        "views + Step": med["step+plan"] - med.get("plan", 0.0),
+        "views + Step": med["prepare"] - sum(med.get(k, 0.0) for k in inside),
         "context enter/exit": med["context"],
     }
     parts["other (call overhead, args)"] = med["total"] - sum(parts.values())

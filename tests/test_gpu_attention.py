@@ -196,7 +196,7 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
             lens[r] += 1
     assert addresses == [t.data_ptr() for t in fixed]
     if fast_plan_supported():  # every graph batch size was planned again after its capture
-        assert all(p.fast for key, p in meta._planners.items() if key[0] == "graph")
+        assert all(p.fast for key, p in meta._planner.decode_planners().items() if key[0] == "graph")
     # The padding page was never written: padded rows store nothing.
     for kc, vc in eng.caches:
         assert (kc[0] == 0).all() and (vc[0] == 0).all()
@@ -256,7 +256,7 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
     eng = Engine(page_sizes=(page_size,), heads=heads)
     meta = eng.meta
     torch.manual_seed(3)
-    (kc, vc), = eng.caches
+    ((kc, vc),) = eng.caches
     lens = {}
     for r in range(8):
         lens[r] = int(torch.randint(5, 90, ()).item())
@@ -284,4 +284,4 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
         check_outputs(eng, q, [fast], batch, [1] * len(batch))
         for r in batch:
             lens[r] += 1
-    assert meta._planners[("decode", 0)].fast == fast_plan_supported()
+    assert meta._planner.decode_planners()[("decode", 0)].fast == fast_plan_supported()

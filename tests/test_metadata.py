@@ -87,7 +87,7 @@ def check_step(step, meta, pages, idx, qlens, clens):
     t = sum(qlens)
     assert step.num_reqs == len(idx) and step.num_tokens == t
     assert step.idx_mapping.cpu().tolist() == list(idx)
-    assert step.query_start_loc.cpu().tolist() == exp["qo"]
+    assert step.qo_indptr.cpu().tolist() == exp["qo"]
     assert step.qo_indptr_host.tolist() == exp["qo"]
     assert step.positions.cpu().tolist() == exp["positions"]
     assert step.logits_indices.cpu().tolist() == exp["logits"]
@@ -103,7 +103,7 @@ def check_step(step, meta, pages, idx, qlens, clens):
         assert step.kv_last_page_len[g].cpu().tolist() == exp["last"][g]
         assert step.kv_last_page_len_host[g].tolist() == exp["last"][g]
         for b, row in enumerate(exp["tables"][g]):
-            got = step.block_tables[g][b].cpu().tolist()
+            got = step.batch_block_tables[g][b].cpu().tolist()
             assert got[: len(row)] == row[: len(got)]
             assert all(v == 0 for v in got[len(row) :])
 
@@ -272,7 +272,7 @@ def snapshot(meta):
         (lambda m: m.prepare_prefill([0], [1.5], [0]), TypeError, "query_lens"),
         (lambda m: m.prepare_prefill([0], [1], [48]), ValueError, "max_model_len"),
         (lambda m: m.prepare_prefill([0], [1], [8]), ValueError, "needs 3 pages"),  # lengths beyond pages held
-        (lambda m: m.prepare_prefill([1], [1], [0]), ValueError, "holds 0"),  # slot 1 holds nothing
+        (lambda m: m.prepare_prefill([1], [1], [0]), ValueError, "holds no pages yet"),  # slot 1 holds nothing
         (lambda m: m.prepare_decode([0], [0], num_draft_tokens=1), ValueError, "num_draft_tokens"),
         (lambda m: m.prepare_decode([0], [0], cuda_graph=True), ValueError, "cuda_graph"),
         (lambda m: m.block_tables.append(0, [1] * 12), ValueError, "new_pages"),  # past the table width
@@ -394,8 +394,8 @@ def test_staged_writes_beyond_one_transfer_are_all_applied(device):
         meta.block_tables.append(r, rng.integers(1, 10_000, 48).tolist())
     with meta.prepare_decode(list(range(6)), [47] * 6) as step:
         for r in range(6):
-            assert step.block_tables[0][r].cpu().tolist() == meta.block_tables.pages(r).tolist()
-    assert torch.equal(meta.block_tables.tables[0][:6].cpu(), torch.from_numpy(meta.block_tables._host_tables[0][:6]))
+            assert step.batch_block_tables[0][r].cpu().tolist() == meta.block_tables.pages(r).tolist()
+    assert torch.equal(meta.block_tables.tables[0][:6].cpu(), torch.from_numpy(meta.block_tables.host_table(0)[:6]))
 
 
 def test_pages_as_tensors_and_arrays():

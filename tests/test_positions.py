@@ -5,6 +5,8 @@ with a sentinel before each call, so an element left unwritten (or written where
 shows up.
 """
 
+import inspect
+
 import pytest
 import torch
 from _helpers import case_device, on_host, prefix_sum
@@ -368,7 +370,7 @@ def _slot_args(device):
     """A valid call: rows with 2 and 1 new tokens, two groups."""
     return dict(
         idx_mapping=t([1, 0], torch.int32, device),
-        query_start_loc=t([0, 2, 3], torch.int32, device),
+        qo_indptr=t([0, 2, 3], torch.int32, device),
         cache_lens=t([3, 0], torch.int32, device),
         block_tables=[
             t([[5, 6], [7, 8]], torch.int32, device),
@@ -390,8 +392,8 @@ def _full(n, device, dtype=torch.int64):
         (lambda a, d: {"idx_mapping": a["idx_mapping"].float()}, TypeError, "idx_mapping"),
         (on_host(lambda a, d: {"idx_mapping": t([1, 2], torch.int32, d)}), ValueError, "idx_mapping"),
         (on_host(lambda a, d: {"idx_mapping": t([-1, 0], torch.int32, d)}), ValueError, "idx_mapping"),
-        (lambda a, d: {"query_start_loc": a["query_start_loc"][:2]}, ValueError, "query_start_loc"),
-        (lambda a, d: {"query_start_loc": a["query_start_loc"][None]}, ValueError, "query_start_loc"),
+        (lambda a, d: {"qo_indptr": a["qo_indptr"][:2]}, ValueError, "qo_indptr"),
+        (lambda a, d: {"qo_indptr": a["qo_indptr"][None]}, ValueError, "qo_indptr"),
         (lambda a, d: {"cache_lens": a["cache_lens"][:1]}, ValueError, "cache_lens"),
         (on_host(lambda a, d: {"cache_lens": t([3, -1], torch.int32, d)}), ValueError, "cache_lens"),
         (lambda a, d: {"block_tables": []}, ValueError, "block_tables"),
@@ -435,16 +437,43 @@ def test_compute_slot_mappings_rejects_bad_input_before_writing(change, error, m
 
 def test_compute_slot_mappings_rejects_negative_query_length(backend):
     device = torch.device("cpu")  # a value check: host tensors only (see on_host)
-    # query_start_loc [0, 3, 1]: row 0 has 3 tokens, row 1 has -2. Like prepare_position_slot_ids with its
-    # cu_seqlen, this must raise a ValueError naming query_start_loc before anything is written (the CPU
+    # qo_indptr [0, 3, 1]: row 0 has 3 tokens, row 1 has -2. Like prepare_position_slot_ids with its
+    # cu_seqlen, this must raise a ValueError naming qo_indptr before anything is written (the CPU
     # prefix sum makes the check free of host syncs).
     args = _slot_args(device)
-    args["query_start_loc"] = t([0, 3, 1], torch.int32, device)
+    args["qo_indptr"] = t([0, 3, 1], torch.int32, device)
     outputs = [*args["slot_mappings"], args["positions"]]
-    with pytest.raises(ValueError, match="query_start_loc"):
+    with pytest.raises(ValueError, match="qo_indptr"):
         compute_slot_mappings(**args, backend=backend)
     for o in outputs:
         assert (o == SENTINEL).all(), f"written before the error: {o.tolist()}"
+
+
+def test_compute_slot_mappings_names_qo_indptr():
+    # FlashInfer's vocabulary: the [B + 1] prefix sum of new tokens is ``qo_indptr``, second positional.
+    params = list(inspect.signature(compute_slot_mappings).parameters)
+    assert params[1] == "qo_indptr"
+    assert "query_start_loc" not in params
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda d: t([0, 2], torch.int32, d),  # too short for two rows
+        lambda d: t([0, 2, 3], torch.int32, d)[None],  # not a vector
+        lambda d: t([0, 3, 1], torch.int32, d),  # decreasing
+    ],
+)
+def test_compute_slot_mappings_bad_qo_indptr_names_it(bad, backend):
+    device = torch.device("cpu")  # the decreasing case is a host value check
+    args = _slot_args(device)
+    args["qo_indptr"] = bad(device)
+    with pytest.raises(ValueError, match="qo_indptr"):
+        compute_slot_mappings(**args, backend=backend)
+    # Positionally too: the second parameter.
+    qo = args.pop("qo_indptr")
+    with pytest.raises(ValueError, match="qo_indptr"):
+        compute_slot_mappings(args.pop("idx_mapping"), qo, **args, backend=backend)
 
 
 def test_compute_slot_mappings_rejects_unknown_backend(device):

@@ -1,5 +1,6 @@
-"""``fill_step_metadata`` / ``bind_step_metadata`` / ``bind_scatter_pairs``: the fused per-step launch
-over a fixed buffer layout, against a naive per-request loop.
+"""``batchmeta.ops.step`` (internal): ``fill_step_metadata`` / ``bind_step_metadata`` /
+``bind_scatter_pairs``, the fused per-step launch over a fixed buffer layout, against a naive
+per-request loop.
 
 Layouts are built with gaps between fields, and every buffer starts filled with a sentinel, so a
 wrong offset or an element written where it must not be shows up.
@@ -10,8 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchmeta import ops
-from batchmeta.ops import StepLayout
+from batchmeta.ops.step import StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata
 
 S = 77_777  # sentinel
 GAP = 3  # unused elements between fields
@@ -44,9 +44,9 @@ class Case:
                 h[r] = min(w, cdiv(c + q, ps) + extra_held)
             self.tables.append(t)
             self.held.append(h)
-        self.qsl = [0]
+        self.qo_indptr = [0]
         for _, _, q in rows:
-            self.qsl.append(self.qsl[-1] + q)
+            self.qo_indptr.append(self.qo_indptr[-1] + q)
         self.indptr = []
         self.step_width = []
         for ps, w in zip(page_sizes, self.widths, strict=True):
@@ -69,7 +69,7 @@ class Case:
         g_ = range(len(page_sizes))
         lay = dict(
             idx=put(staging, [r for r, _, _ in rows]),
-            query_start_loc=put(staging, self.qsl),
+            qo_indptr=put(staging, self.qo_indptr),
             cache_lens=put(staging, [c for _, c, _ in rows]),
             kv_indptr=[put(staging, self.indptr[g]) for g in g_],
             step_width=[put(staging, [self.step_width[g]]) for g in g_],
@@ -175,8 +175,8 @@ def cases(draw, device=None):
 @given(data=st.data())
 def test_fill_step_metadata_matches_naive(data, device, backend):
     case = data.draw(cases(device=device))
-    ops.fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
-                           backend=backend)  # fmt: skip
+    fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
+                       backend=backend)  # fmt: skip
     exp32, exp64 = case.expected()
     assert case.out32.cpu().tolist() == exp32
     assert case.out64.cpu().tolist() == exp64
@@ -185,8 +185,8 @@ def test_fill_step_metadata_matches_naive(data, device, backend):
 @given(data=st.data())
 def test_bound_fill_matches_naive(data, device):
     case = data.draw(cases(device=device))
-    fill = ops.bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
-                                  max_rows=len(case.rows))  # fmt: skip
+    fill = bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
+                              max_rows=len(case.rows))  # fmt: skip
     fill(len(case.rows))
     fill(len(case.rows))  # the bound (cached) launch, on a GPU
     exp32, exp64 = case.expected()
@@ -207,20 +207,20 @@ def test_layout_too_large_for_a_buffer_raises_before_writing(device, buffer):
     bufs[buffer] = bufs[buffer][:3]
     before = [t.clone() for t in bufs.values()]
     with pytest.raises(ValueError, match=buffer):
-        ops.fill_step_metadata(case.layout, *bufs.values(), 1)
+        fill_step_metadata(case.layout, *bufs.values(), 1)
     with pytest.raises(ValueError, match=buffer):
-        ops.bind_step_metadata(case.layout, *bufs.values(), max_rows=1)
+        bind_step_metadata(case.layout, *bufs.values(), max_rows=1)
     assert all(torch.equal(a, b) for a, b in zip(before, bufs.values(), strict=True))
 
 
 def test_layout_wrong_dtype_and_group_count(device):
     case = _small_case(device)
     with pytest.raises(TypeError, match="out64"):
-        ops.fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64.int(), 1)
+        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64.int(), 1)
     bad = StepLayout(**{**{f.name: getattr(case.layout, f.name) for f in case.layout.__attrs_attrs__},
                         "held": (0, 1)})  # fmt: skip
     with pytest.raises(ValueError, match=r"layout\.held"):
-        ops.fill_step_metadata(bad, case.staging, case.table_buf, case.out32, case.out64, 1)
+        fill_step_metadata(bad, case.staging, case.table_buf, case.out32, case.out64, 1)
 
 
 @given(
@@ -243,7 +243,7 @@ def test_bind_scatter_pairs_matches_naive(device, writes, count_at, gap):
         if 0 <= off < 32:
             expected[off] = val
     staging, dst = staging.to(device), dst.to(device)
-    scatter = ops.bind_scatter_pairs(staging, dst, count=count_at, pairs=pairs_at, max_writes=max_writes)
+    scatter = bind_scatter_pairs(staging, dst, count=count_at, pairs=pairs_at, max_writes=max_writes)
     scatter(n)
     scatter(n)  # idempotent; the bound launch on a GPU
     assert dst.cpu().tolist() == expected
@@ -253,6 +253,6 @@ def test_bind_scatter_pairs_checks_capacity(device):
     staging = torch.zeros(10, dtype=torch.int32, device=device)
     dst = torch.zeros(4, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="staging"):
-        ops.bind_scatter_pairs(staging, dst, count=0, pairs=1, max_writes=5)
+        bind_scatter_pairs(staging, dst, count=0, pairs=1, max_writes=5)
     with pytest.raises(TypeError, match="dst"):
-        ops.bind_scatter_pairs(staging, dst.long(), count=0, pairs=1, max_writes=2)
+        bind_scatter_pairs(staging, dst.long(), count=0, pairs=1, max_writes=2)

@@ -5,6 +5,10 @@ device, and dispatches by ``backend``: None picks Triton for CUDA tensors (or un
 ``TRITON_INTERPRET=1``) and the torch implementation otherwise; ``"triton"`` and ``"torch"`` force
 one. The torch implementations are the CPU fallback and the tests' oracle; on CUDA tensors they may
 sync.
+
+This namespace holds only the public ops. Internals (the fused per-step launch
+:mod:`batchmeta.ops.step`, ``scatter_int32`` in :mod:`batchmeta.ops.block_table`) live in their
+modules and are imported from there.
 """
 
 from batchmeta.ops._common import has_triton
@@ -12,7 +16,6 @@ from batchmeta.ops.block_table import (
     block_tables_to_padded,
     block_tables_to_ragged,
     gather_block_tables,
-    scatter_int32,
     write_kv_indices,
 )
 from batchmeta.ops.host import fill_kv_indptr, fill_kv_last_page_len, fill_qo_indptr
@@ -20,14 +23,10 @@ from batchmeta.ops.kv_cache import store_kv
 from batchmeta.ops.lse import correct_attn_out
 from batchmeta.ops.pack import pack_seq, unpack_seq
 from batchmeta.ops.positions import PAD_SLOT_ID, compute_slot_mappings, prepare_position_slot_ids
-from batchmeta.ops.step import StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata
 from batchmeta.ops.tokens import copy_next_input_ids_inplace, slots_filtering
 
 __all__ = [
     "PAD_SLOT_ID",
-    "StepLayout",
-    "bind_scatter_pairs",
-    "bind_step_metadata",
     "block_tables_to_padded",
     "block_tables_to_ragged",
     "compute_slot_mappings",
@@ -36,12 +35,10 @@ __all__ = [
     "fill_kv_indptr",
     "fill_kv_last_page_len",
     "fill_qo_indptr",
-    "fill_step_metadata",
     "gather_block_tables",
     "has_triton",
     "pack_seq",
     "prepare_position_slot_ids",
-    "scatter_int32",
     "slots_filtering",
     "store_kv",
     "unpack_seq",

@@ -80,9 +80,7 @@ def check_index_vector(
     name: str, t: object, *, device: torch.device | None, min_numel: int | None = None
 ) -> torch.Tensor:
     """A contiguous 1-D int32/int64 tensor."""
-    return check_tensor(
-        name, t, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=min_numel, contiguous=True
-    )
+    return check_tensor(name, t, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=min_numel, contiguous=True)
 
 
 def check_int(name: str, v: object, *, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -107,9 +107,7 @@ def _check_host_indptr(name: str, indptr: torch.Tensor, capacity: int, out_name:
         raise ValueError(f"{out_name}: expected at least {int(indptr[-1])} elements, got {capacity}")
 
 
-def _kv_indices_torch(
-    table: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor
-) -> None:
+def _kv_indices_torch(table: torch.Tensor, rows: torch.Tensor, indptr: torch.Tensor, out: torch.Tensor) -> None:
     indptr = indptr.long()
     counts = indptr[1:] - indptr[:-1]
     total = int(indptr[-1]) if indptr.numel() else 0
@@ -238,8 +236,7 @@ def block_tables_to_ragged(
         pages = (seq_lens.long() + page_size - 1) // page_size
         if int(pages.max()) > block_tables.shape[1]:
             raise ValueError(
-                f"seq_lens: a row needs {int(pages.max())} pages but block_tables is "
-                f"{block_tables.shape[1]} pages wide"
+                f"seq_lens: a row needs {int(pages.max())} pages but block_tables is {block_tables.shape[1]} pages wide"
             )
         if int(pages.sum()) > out.numel():
             raise ValueError(f"out: expected at least {int(pages.sum())} elements, got {out.numel()}")

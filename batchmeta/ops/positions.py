@@ -164,7 +164,7 @@ def _pad_tail(ptr, start, capacity, value, BLOCK: tl.constexpr):
 @triton.jit
 def _slot_mapping_kernel(
     idx_mapping_ptr,  # [B] request slot of each batch row
-    query_start_loc_ptr,  # [B + 1] prefix sum of new tokens
+    qo_indptr_ptr,  # [B + 1] prefix sum of new tokens
     cache_lens_ptr,  # [B] tokens cached before this step, per batch row
     positions_ptr,  # [P] int32/int64 (written by group-0 programs when WRITE_POSITIONS)
     positions_capacity,
@@ -183,7 +183,7 @@ def _slot_mapping_kernel(
     if b == num_rows:
         # One extra program per group fills every element past the step's tokens, so a CUDA graph
         # captured for more tokens than this step has writes nothing for the padding.
-        num_tokens = tl.load(query_start_loc_ptr + num_rows).to(tl.int64)
+        num_tokens = tl.load(qo_indptr_ptr + num_rows).to(tl.int64)
         if g == 0:
             _pad_tail(o0, num_tokens, oc0, -1, BLOCK)
             if WRITE_POSITIONS:
@@ -199,8 +199,8 @@ def _slot_mapping_kernel(
                 _pad_tail(o3, num_tokens, oc3, -1, BLOCK)
     else:
         req = tl.load(idx_mapping_ptr + b).to(tl.int64)
-        start = tl.load(query_start_loc_ptr + b).to(tl.int64)
-        n = tl.load(query_start_loc_ptr + b + 1).to(tl.int64) - start
+        start = tl.load(qo_indptr_ptr + b).to(tl.int64)
+        n = tl.load(qo_indptr_ptr + b + 1).to(tl.int64) - start
         cache_len = tl.load(cache_lens_ptr + b).to(tl.int64)
         if g == 0:
             _slot_row(t0, ts0, ps0, o0, oc0, req, start, n, cache_len, BLOCK)
@@ -225,7 +225,7 @@ _slot_mapping = cached_kernel(_slot_mapping_kernel)
 
 def compute_slot_mappings(
     idx_mapping: torch.Tensor,
-    query_start_loc: torch.Tensor,
+    qo_indptr: torch.Tensor,
     cache_lens: torch.Tensor,
     block_tables: Sequence[torch.Tensor],
     page_sizes: Sequence[int],
@@ -238,19 +238,20 @@ def compute_slot_mappings(
     """Positions and per-group KV slot ids of every new token, with PAD tails.
 
     For batch row ``b`` (request slot ``r = idx_mapping[b]``), token ``j`` of its
-    ``query_start_loc[b+1] - query_start_loc[b]`` new tokens sits at ``t = query_start_loc[b] + j``
-    and position ``p = cache_lens[b] + j``:
+    ``qo_indptr[b+1] - qo_indptr[b]`` new tokens sits at ``t = qo_indptr[b] + j`` and position
+    ``p = cache_lens[b] + j``:
 
-    - ``positions[t] = p``; ``positions[t] = 0`` for every ``t >= query_start_loc[B]``;
+    - ``positions[t] = p``; ``positions[t] = 0`` for every ``t >= qo_indptr[B]``;
     - ``slot_mappings[g][t] = block_tables[g][r, p // ps_g] * ps_g + p % ps_g``;
-      ``slot_mappings[g][t] = -1`` (PAD) for every ``t >= query_start_loc[B]`` up to the end.
+      ``slot_mappings[g][t] = -1`` (PAD) for every ``t >= qo_indptr[B]`` up to the end.
 
     Parameters
     ----------
     idx_mapping:
         ``[B]`` int32/int64 request slot of each batch row.
-    query_start_loc:
-        ``[B + 1]`` int32/int64 prefix sum of new tokens.
+    qo_indptr:
+        ``[B + 1]`` int32/int64 exclusive prefix sum of new tokens per row (FlashInfer's
+        ``qo_indptr``, vLLM's ``query_start_loc``).
     cache_lens:
         ``[B]`` int32/int64 tokens cached before this step, per batch row.
     block_tables:
@@ -262,12 +263,12 @@ def compute_slot_mappings(
     positions:
         ``[P]`` int32/int64 output written to its end, or None to skip positions.
     num_tokens:
-        Host-side ``query_start_loc[B]`` when known; checked against the outputs' sizes.
+        Host-side ``qo_indptr[B]`` when known; checked against the outputs' sizes.
     """
     check_index_vector("idx_mapping", idx_mapping, device=None)
     device = idx_mapping.device
     num_rows = idx_mapping.numel()
-    check_index_vector("query_start_loc", query_start_loc, device=device, min_numel=num_rows + 1)
+    check_index_vector("qo_indptr", qo_indptr, device=device, min_numel=num_rows + 1)
     check_index_vector("cache_lens", cache_lens, device=device, min_numel=num_rows)
     num_groups = check_group_lists("block_tables", block_tables, page_sizes=page_sizes, slot_mappings=slot_mappings)
     for g, (bt, ps, sm) in enumerate(zip(block_tables, page_sizes, slot_mappings, strict=True)):
@@ -280,12 +281,12 @@ def compute_slot_mappings(
     outputs = [(f"slot_mappings[{g}]", sm) for g, sm in enumerate(slot_mappings)]
     if positions is not None:
         outputs.append(("positions", positions))
-    if not query_start_loc.is_cuda and num_rows:
-        qsl = query_start_loc[: num_rows + 1]
-        if int((qsl[1:] - qsl[:-1]).min()) < 0:
-            raise ValueError("query_start_loc: expected a non-decreasing prefix sum")
-    if num_tokens is None and not query_start_loc.is_cuda:
-        num_tokens = int(query_start_loc[num_rows])
+    if not qo_indptr.is_cuda and num_rows:
+        qo = qo_indptr[: num_rows + 1]
+        if int((qo[1:] - qo[:-1]).min()) < 0:
+            raise ValueError("qo_indptr: expected a non-decreasing prefix sum")
+    if num_tokens is None and not qo_indptr.is_cuda:
+        num_tokens = int(qo_indptr[num_rows])
     if num_tokens is not None:
         check_int("num_tokens", num_tokens, minimum=0)
         for name, t in outputs:
@@ -299,7 +300,7 @@ def compute_slot_mappings(
     if use_triton(backend, idx_mapping):
         pos = positions if positions is not None else slot_mappings[0]
         for n, slots in group_launches(num_groups):
-            args: list = [idx_mapping, query_start_loc, cache_lens, pos, pos.numel(), num_rows]
+            args: list = [idx_mapping, qo_indptr, cache_lens, pos, pos.numel(), num_rows]
             for g in slots:
                 bt, sm = block_tables[g], slot_mappings[g]
                 args += [bt, bt.stride(0), page_sizes[g], sm, sm.numel()]
@@ -307,18 +308,18 @@ def compute_slot_mappings(
             _slot_mapping.launch((num_rows + 1, n), (*args, n, write_positions, _BLOCK))
         return
 
-    qsl = query_start_loc[: num_rows + 1].long()
-    counts = qsl[1:] - qsl[:-1]
-    total = int(qsl[-1])
+    qo = qo_indptr[: num_rows + 1].long()
+    counts = qo[1:] - qo[:-1]
+    total = int(qo[-1])
     row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
-    tok = torch.arange(int(qsl[0]), total, device=device)
-    pos_vals = cache_lens.long()[row] + (tok - qsl[:-1][row])
+    tok = torch.arange(int(qo[0]), total, device=device)
+    pos_vals = cache_lens.long()[row] + (tok - qo[:-1][row])
     reqs = idx_mapping.long()[row]
     if positions is not None:
-        positions[int(qsl[0]) : total] = pos_vals[: max(0, positions.numel() - int(qsl[0]))].to(positions.dtype)
+        positions[int(qo[0]) : total] = pos_vals[: max(0, positions.numel() - int(qo[0]))].to(positions.dtype)
         positions[total:] = 0
     for bt, ps, sm in zip(block_tables, page_sizes, slot_mappings, strict=True):
         page = bt[reqs, pos_vals // ps].long() if pos_vals.numel() else pos_vals
         slots = page * ps + pos_vals % ps
-        sm[int(qsl[0]) : total] = slots[: max(0, sm.numel() - int(qsl[0]))].to(sm.dtype)
+        sm[int(qo[0]) : total] = slots[: max(0, sm.numel() - int(qo[0]))].to(sm.dtype)
         sm[total:] = PAD_SLOT_ID

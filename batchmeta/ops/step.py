@@ -46,7 +46,7 @@ class StepLayout:
     """Element offsets of every field :func:`fill_step_metadata` reads and writes.
 
     ``staging`` (int32, uploaded each step): ``idx`` ``[Bp]`` request slot of each row,
-    ``query_start_loc`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, per group ``kv_indptr``
+    ``qo_indptr`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, per group ``kv_indptr``
     ``[Bp + 1]`` and ``step_width`` ``[1]`` (columns of the per-step table to write, ``<= width``),
     and the staged table writes: their count ``num_writes`` ``[1]`` and ``(offset, value)``
     ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique).
@@ -67,7 +67,7 @@ class StepLayout:
     width: tuple[int, ...] = attrs.field(converter=_ints)
     num_table_rows: int
     idx: int
-    query_start_loc: int
+    qo_indptr: int
     cache_lens: int
     kv_indptr: tuple[int, ...] = attrs.field(converter=_ints)
     step_width: tuple[int, ...] = attrs.field(converter=_ints)
@@ -103,7 +103,7 @@ class StepLayout:
                 raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
         r, rows = max_rows, self.num_table_rows
         ends = {
-            "staging": (staging, [self.idx + r, self.query_start_loc + r + 1, self.cache_lens + r, self.num_writes + 1,
+            "staging": (staging, [self.idx + r, self.qo_indptr + r + 1, self.cache_lens + r, self.num_writes + 1,
                                   self.pairs + 2 * self.max_writes]
                         + [o + r + 1 for o in self.kv_indptr] + [o + 1 for o in self.step_width]),
             "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
@@ -175,7 +175,7 @@ def _step_kernel(
     tables_ptr,  # int32 [*]: persistent block tables and pages held
     out32_ptr,  # int32 [*]: kv_indices, per-step block tables
     out64_ptr,  # int64 [*]: positions, slot mappings
-    IDX: tl.constexpr, QSL: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
+    IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
     COUNT: tl.constexpr, PAIRS: tl.constexpr, TABLES_NUMEL: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
     # Group slot g: page size, table width, offsets of table, held, kv_indptr, step width,
@@ -195,7 +195,7 @@ def _step_kernel(
     if b == num_rows:
         # The last program of each group fills every slot past the step's tokens with PAD (and
         # positions with 0), so a graph captured for more tokens writes nothing for its padding.
-        num_tokens = tl.load(staging_ptr + QSL + num_rows).to(tl.int64)
+        num_tokens = tl.load(staging_ptr + QO_INDPTR + num_rows).to(tl.int64)
         if g == 0:
             _pad_tail(out64_ptr + SLOTS0, num_tokens, TOKEN_CAP, -1, BLOCK)
             if WRITE_POSITIONS:
@@ -213,8 +213,8 @@ def _step_kernel(
                 _pad_tail(out64_ptr + SLOTS3, num_tokens, TOKEN_CAP, -1, BLOCK)
     else:
         req = tl.load(staging_ptr + IDX + b).to(tl.int64)
-        start = tl.load(staging_ptr + QSL + b).to(tl.int64)
-        n = tl.load(staging_ptr + QSL + b + 1).to(tl.int64) - start
+        start = tl.load(staging_ptr + QO_INDPTR + b).to(tl.int64)
+        n = tl.load(staging_ptr + QO_INDPTR + b + 1).to(tl.int64) - start
         cache_len = tl.load(staging_ptr + CACHE + b).to(tl.int64)
         if g == 0:
             if WRITE_POSITIONS:
@@ -223,19 +223,22 @@ def _step_kernel(
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
-                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)
+                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)  # fmt: skip
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1, SLOTS1)
+                           BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1,
+                           SLOTS1)  # fmt: skip
         if NUM_GROUPS > 2:
             if g == 2:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2, SLOTS2)
+                           BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2,
+                           SLOTS2)  # fmt: skip
         if NUM_GROUPS > 3:
             if g == 3:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3, SLOTS3)
+                           BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3,
+                           SLOTS3)  # fmt: skip
 
 
 _step = cached_kernel(_step_kernel)
@@ -247,7 +250,7 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tupl
     for first in range(0, layout.num_groups, MAX_GROUPS_PER_LAUNCH):
         groups = list(range(first, min(first + MAX_GROUPS_PER_LAUNCH, layout.num_groups)))
         slots = groups + [groups[0]] * (MAX_GROUPS_PER_LAUNCH - len(groups))
-        args: list = [staging, tables, out32, out64, layout.idx, layout.query_start_loc, layout.cache_lens,
+        args: list = [staging, tables, out32, out64, layout.idx, layout.qo_indptr, layout.cache_lens,
                       layout.positions, layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(),
                       first == 0, len(groups), _BLOCK]  # fmt: skip
         for g in slots:
@@ -273,11 +276,11 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
     _apply_writes_torch(staging, tables, lay.pairs, int(staging[lay.num_writes]))
     cap = lay.token_capacity
     idx = staging[lay.idx : lay.idx + num_rows].long()
-    qsl = staging[lay.query_start_loc : lay.query_start_loc + num_rows + 1].long()
+    qo = staging[lay.qo_indptr : lay.qo_indptr + num_rows + 1].long()
     cache = staging[lay.cache_lens : lay.cache_lens + num_rows].long()
-    start, total = int(qsl[0]), int(qsl[-1])
-    row = torch.repeat_interleave(torch.arange(num_rows, device=dev), qsl[1:] - qsl[:-1])
-    pos = cache[row] + torch.arange(start, total, device=dev) - qsl[:-1][row]
+    start, total = int(qo[0]), int(qo[-1])
+    row = torch.repeat_interleave(torch.arange(num_rows, device=dev), qo[1:] - qo[:-1])
+    pos = cache[row] + torch.arange(start, total, device=dev) - qo[:-1][row]
     end = min(total, cap)
     positions = out64[lay.positions : lay.positions + cap]
     positions[start:end] = pos[: end - start]
@@ -318,10 +321,10 @@ def fill_step_metadata(
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
 
     For batch row ``b < num_rows`` (request slot ``r = idx[b]``), group ``g``, new token ``j`` at
-    ``t = query_start_loc[b] + j``, position ``p = cache_lens[b] + j``:
+    ``t = qo_indptr[b] + j``, position ``p = cache_lens[b] + j``:
 
     - ``positions[t] = p`` and ``slot_mapping_g[t] = table_g[r, p // ps_g] * ps_g + p % ps_g``;
-      from ``query_start_loc[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
+      from ``qo_indptr[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
     - ``kv_indices_g[kv_indptr_g[b] + c] = table_g[r, c]`` for ``c < kv_indptr_g[b+1] - kv_indptr_g[b]``;
     - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``;
 
@@ -355,7 +358,7 @@ def bind_step_metadata(
         bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in _launch_args(layout, staging, tables,
                                                                                           out32, out64)]  # fmt: skip
         if len(bound) == 1:
-            (n0, launch0), = bound
+            ((n0, launch0),) = bound
 
             def fill(num_rows: int) -> None:
                 launch0((num_rows + 1, n0))

@@ -1,0 +1,108 @@
+"""Planning FlashInfer for a step: one wrapper per KV-cache group, planned once for all layers.
+
+:class:`StepPlanner` owns every wrapper a :class:`~batchmeta.metadata.BatchMetadata` plans: a ragged
+prefill wrapper (nothing cached), a paged prefill wrapper (chunked, mixed and speculative steps) and
+decode wrappers (eager, and one CUDA-graph wrapper per captured batch size), each made on first
+use over the device's shared workspace. Plans read pinned host arrays only (no device→host sync);
+decode plans go through :class:`~batchmeta.attention.decode_planner.DecodePlanner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from batchmeta.attention.decode_planner import DecodePlanner
+from batchmeta.attention.wrappers import (
+    get_workspace,
+    new_decode_wrapper,
+    new_paged_prefill_wrapper,
+    new_ragged_prefill_wrapper,
+)
+from batchmeta.config import MetadataConfig
+
+__all__ = ["StepPlanner"]
+
+
+class StepPlanner:
+    """The FlashInfer wrappers of one model runner, and how a step plans them.
+
+    Parameters
+    ----------
+    config:
+        Heads, dtypes, KV-cache groups (page size, ``window_left``), capacities and workspace size.
+    kv_indices:
+        Per group, the ``kv_indices`` buffer the step kernel writes (fixed address; CUDA-graph
+        wrappers read it directly).
+    """
+
+    def __init__(self, config: MetadataConfig, kv_indices: Sequence[torch.Tensor]):
+        self.config = config
+        self._kv_indices = tuple(kv_indices)
+        self._planners: dict[tuple, DecodePlanner] = {}
+        self._wrappers: dict[tuple, Any] = {}
+        self._heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim)
+
+    def decode_planners(self) -> dict[tuple, DecodePlanner]:
+        """Every decode planner made so far, keyed ``("decode", group)`` or ``("graph", group, batch_size)``."""
+        return self._planners
+
+    def plan(self, kind: str, padded: int, graph: bool, views: Any, max_seq_len: int,
+             num_kv_pages: tuple[int, ...]) -> tuple[Any, ...]:  # fmt: skip
+        """Plans one wrapper per group for a step of ``padded`` rows; returns them.
+
+        ``views`` are the step's buffer views (pinned host arrays and device tensors: see
+        :class:`~batchmeta.step.StepViews`); ``num_kv_pages`` per group ``kv_indptr[padded]``.
+        """
+        cfg = self.config
+        out = []
+        for g, grp in enumerate(cfg.kv_groups):
+            if kind == "decode":
+                planner = self._decode_planner(g, padded, graph, views)
+                planner.plan(views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
+                             max_seq_len, views.kv_indptr[g], self._kv_indices[g],
+                             views.kv_last_page_len[g])  # fmt: skip
+                out.append(planner.wrapper)
+                continue
+            qo = views.qo_indptr_pinned
+            if kind == "ragged_prefill":
+                w = self._wrapper(("ragged", g), new_ragged_prefill_wrapper)
+                w.plan(qo, qo, *self._heads, causal=True, window_left=grp.window_left,
+                       q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
+            else:  # prefill, mixed, speculative decode
+                w = self._wrapper(("prefill", g), new_paged_prefill_wrapper)
+                w.plan(qo, views.kv_indptr_pinned[g], self._kv_indices[g][: num_kv_pages[g]],
+                       views.kv_last_page_len_pinned[g], *self._heads, grp.page_size, causal=True,
+                       window_left=grp.window_left, q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)  # fmt: skip
+            out.append(w)
+        return tuple(out)
+
+    def _wrapper(self, key: tuple, make: Callable[[torch.Tensor], Any]) -> Any:
+        w = self._wrappers.get(key)
+        if w is None:
+            w = self._wrappers[key] = make(get_workspace(self.config.device, self.config.workspace_bytes))
+        return w
+
+    def _decode_planner(self, g: int, padded: int, graph: bool, views: Any) -> DecodePlanner:
+        key = ("graph", g, padded) if graph else ("decode", g)
+        planner = self._planners.get(key)
+        if planner is None:
+            cfg = self.config
+            ws = get_workspace(cfg.device, cfg.workspace_bytes)
+            tensor_cores = cfg.gqa_ratio > 4
+            if graph:
+                # The graph reads the staging buffer's indptr and last-page-length views and the
+                # kv_indices buffer directly: the kernel writes them, nothing is copied.
+                buffers = (views.kv_indptr[g], self._kv_indices[g], views.kv_last_page_len[g])
+                wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores, graph_buffers=buffers)
+            else:
+                wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores)
+            grp = cfg.kv_groups[g]
+            planner = self._planners[key] = DecodePlanner(
+                wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype, max_batch_size=cfg.max_num_reqs,
+            )  # fmt: skip
+        return planner

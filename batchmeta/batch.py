@@ -1,0 +1,107 @@
+"""The scheduler's batch on the host: conversion of its arrays and every check, before anything changes.
+
+A step is described by host data only (lists, numpy arrays or CPU tensors): which request slot
+each batch row is (``idx_mapping``), how many new tokens each row has (``query_lens``) and how many
+it already has cached (``cache_lens``). :class:`BatchChecker` validates that against the
+configuration and the pages each request slot holds, without reading the GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from batchmeta.config import MetadataConfig
+
+__all__ = ["BatchChecker", "host_ints"]
+
+
+def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
+    """Host-side integer vector (list, numpy array or CPU tensor) as int64 numpy, validated.
+
+    Raises ``ValueError`` for device tensors, a wrong number of dimensions or elements, and
+    ``TypeError`` for non-integer data (a float list must not be truncated).
+    """
+    if type(value) is not np.ndarray:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
+                                 f"{value.device}")  # fmt: skip
+            value = value.numpy()
+        value = np.asarray(value)
+    arr: np.ndarray = value  # type: ignore[assignment]
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected 1 dimension, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and arr.size:  # not bool, not float
+        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"{name}: expected {length} elements (one per batch row), got {arr.shape[0]}")
+    return arr if arr.dtype == np.int64 else arr.astype(np.int64)
+
+
+class BatchChecker:
+    """Checks a batch against the configuration and the pages each request slot holds.
+
+    Parameters
+    ----------
+    config:
+        Capacities and KV-cache groups.
+    held:
+        ``[num_groups, max_num_reqs + 1]`` pages each request slot holds (the block tables' host
+        mirror, read at each check).
+    """
+
+    def __init__(self, config: MetadataConfig, held: np.ndarray):
+        self.config = config
+        self._held = held
+        self._rows = np.arange(config.max_num_reqs + 1, dtype=np.int64)
+        self._seen = np.zeros(config.max_num_reqs, dtype=np.int64)
+
+    def check(self, idx: np.ndarray, qlens: np.ndarray | int,
+              clens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int]:  # fmt: skip
+        """Validates a batch on host data only; returns ``(seq_lens, pages per group, max seq_len)``.
+
+        ``qlens`` is an int for decode (every row has that many new tokens).
+        """
+        cfg = self.config
+        r = cfg.max_num_reqs
+        b = idx.shape[0]
+        if b > r:
+            raise ValueError(f"idx_mapping: {b} rows exceed max_num_reqs ({r})")
+        if not b:
+            return clens, [clens] * len(cfg.kv_groups), 0
+        if (idx.view(np.uint64) >= r).any():  # a negative slot reads as a huge unsigned one
+            raise ValueError(f"idx_mapping: expected request slots in [0, {r}), got {idx.min()}..{idx.max()}")
+        # Duplicates: after seen[idx] = 0..b-1, a repeated slot reads back another row's number.
+        rows = self._rows[:b]
+        self._seen[idx] = rows
+        if (self._seen[idx] != rows).any():
+            raise ValueError("idx_mapping: a request slot appears twice in one batch")
+        if clens.min() < 0:
+            raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
+        num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
+        if num_tokens > cfg.max_num_tokens:
+            raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
+        seq = clens + qlens
+        max_seq = int(seq.max())
+        if max_seq > cfg.max_model_len:
+            raise ValueError(f"cache_lens: a row reaches {max_seq} tokens, more than max_model_len "
+                             f"({cfg.max_model_len})")  # fmt: skip
+        pages = []
+        for g, grp in enumerate(cfg.kv_groups):
+            ps = grp.page_size
+            need = seq if ps == 1 else (seq + (ps - 1)) // ps
+            held = self._held[g, idx]
+            short = held < need
+            if short.any():
+                self._raise_short(g, idx, seq, need, held, int(np.argmax(short)))
+            pages.append(need)
+        return seq, pages, max_seq
+
+    def _raise_short(self, g: int, idx, seq, need, held, k: int) -> None:
+        req = int(idx[k])
+        if not self._held[:, req].any():
+            raise ValueError(f"idx_mapping: request slot {req} holds no pages yet (never given any, or reset); "
+                             f"meta.block_tables.append({req}, pages) before its first step")  # fmt: skip
+        raise ValueError(f"cache_lens: request slot {req} needs {need[k]} pages in group {g} for {seq[k]} tokens "
+                         f"but holds {held[k]}; append its pages first")  # fmt: skip

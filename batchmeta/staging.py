@@ -1,0 +1,230 @@
+"""The buffers a step fills: pinned host staging (with its fixed layout) and the device outputs.
+
+vLLM's ``buffer_utils.py`` counterpart. A step writes its small host arrays with numpy into one of
+two pinned int32 staging buffers (:class:`PinnedRing`), at offsets fixed once by
+:class:`StagingLayout`, and copies them to the device in one transfer. The step kernel reads that
+device copy and the persistent block tables and writes :class:`StepBuffers` (positions, slot
+mappings, ``kv_indices``, per-batch block tables), whose addresses never change (CUDA graphs read
+them). :meth:`StepBuffers.kernel_layout` tells the kernel where everything is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchmeta.block_tables import BlockTables
+from batchmeta.config import MetadataConfig
+from batchmeta.ops.step import StepLayout
+
+__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "stage_step"]
+
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
+
+
+class StagingLayout:
+    """Fixed element offsets of the per-step fields in the int32 staging buffers (host and device).
+
+    ``idx`` ``[R]`` request slot of each row, ``qo_indptr`` ``[R + 1]``, ``seq`` / ``cache`` /
+    ``logits`` ``[R]``, per group ``kv_indptr`` ``[R + 1]``, ``last_page_len`` ``[R]`` and
+    ``step_width`` ``[1]``, ``num_writes`` ``[1]``, then ``(offset, value)`` pairs of staged
+    block-table writes (``[2 * max_writes]``), last so a step uploads only ``fixed_end + 2n``.
+    """
+
+    def __init__(self, max_reqs: int, num_groups: int, max_writes: int):
+        r = max_reqs
+        pos = 0
+
+        def take(n: int) -> int:
+            nonlocal pos
+            pos += n
+            return pos - n
+
+        self.idx = take(r)
+        self.qo_indptr = take(r + 1)
+        self.seq = take(r)
+        self.cache = take(r)
+        self.logits = take(r)
+        self.kv_indptr = [take(r + 1) for _ in range(num_groups)]
+        self.last_page_len = [take(r) for _ in range(num_groups)]
+        self.step_width = [take(1) for _ in range(num_groups)]
+        self.num_writes = take(1)
+        self.fixed_end = pos
+        self.max_writes = max_writes
+        self.pairs = pos
+        self.total = pos + 2 * max_writes
+
+
+class PinnedRing:
+    """Two host staging buffers (pinned on CUDA), filled in turn and copied to one device buffer.
+
+    A host buffer is reused only after the transfer that last read it has finished (an event
+    query; in steady state always true, since the engine has synced on the step's sampled tokens).
+    ``memo[current]`` lets the caller remember what the current host buffer already holds.
+    """
+
+    def __init__(self, numel: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.host = [torch.zeros(numel, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self.dev = torch.zeros(numel, dtype=torch.int32, device=device)
+        self.current = 0
+        self.memo: list[Any] = [None, None]
+        self._device_index = device.index if pin else None
+        self._stream: Any = None
+        self._stream_raw = None
+        self._copies: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def next(self) -> np.ndarray:
+        """Switches to the other host buffer (waiting for its last transfer if needed); returns it."""
+        self.current ^= 1
+        ev = self.events[self.current]
+        if ev is not None and not ev.query():
+            ev.synchronize()  # the transfer of two uses ago is still pending: never in steady state
+        return self.host_np[self.current]
+
+    def upload(self, end: int, start: int = 0) -> torch.Tensor:
+        """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
+        key = (self.current, start, end)
+        views = self._copies.get(key)
+        if views is None:
+            if len(self._copies) > 4096:
+                self._copies.clear()
+            views = self._copies[key] = (self.dev[start:end], self.host[self.current][start:end])
+        views[0].copy_(views[1], non_blocking=True)
+        return self.dev
+
+    def done(self) -> None:
+        """Marks the current host buffer busy until everything enqueued so far has run."""
+        ev = self.events[self.current]
+        if ev is None:
+            return
+        # Event.record() looks the current stream up in Python each time; keep the Stream object
+        # while the raw current stream is unchanged.
+        raw = _current_raw_stream(self._device_index)
+        if raw != self._stream_raw:
+            self._stream = torch.cuda.current_stream(self._device_index)
+            self._stream_raw = raw
+        _record_event(ev, self._stream)
+
+
+class StepBuffers:
+    """The device outputs of the step kernel, allocated once (addresses never change).
+
+    Attributes
+    ----------
+    positions:
+        ``[max_num_tokens]`` int64 (0 past a step's tokens).
+    slot_mappings:
+        Per group ``[max_num_tokens]`` int64 (PAD, -1, past a step's tokens).
+    kv_indices:
+        Per group ``[(max_num_reqs + 1) * W_g]`` int32.
+    batch_block_tables:
+        Per group ``[max_num_reqs, W_g]`` int32: each batch row's pages (``W_g`` the table width).
+    """
+
+    def __init__(self, config: MetadataConfig, device: torch.device):
+        cfg = config
+        r, t, groups = cfg.max_num_reqs, cfg.max_num_tokens, len(cfg.kv_groups)
+        self.widths = [cfg.max_pages_per_req(g) for g in range(groups)]
+        # int32 outputs: per group kv_indices [(r + 1) * W] then the per-batch table [r, W].
+        self.kv_offsets, self.table_offsets, pos = [], [], 0
+        for w in self.widths:
+            self.kv_offsets.append(pos)
+            self.table_offsets.append(pos + (r + 1) * w)
+            pos += (2 * r + 1) * w
+        self.out32 = torch.zeros(pos, dtype=torch.int32, device=device)
+        # int64 outputs: positions, then per group the slot mapping, each [t]; slots start as PAD.
+        self.out64 = torch.full(((1 + groups) * t,), -1, dtype=torch.int64, device=device)
+        self.out64[:t] = 0
+        self.positions = self.out64[:t]
+        self.slot_mappings = tuple(self.out64[(1 + g) * t : (2 + g) * t] for g in range(groups))
+        self.kv_indices = tuple(
+            self.out32[at : at + (r + 1) * w] for at, w in zip(self.kv_offsets, self.widths, strict=True)
+        )
+        self.batch_block_tables = tuple(
+            self.out32[at : at + r * w].view(r, w) for at, w in zip(self.table_offsets, self.widths, strict=True)
+        )
+
+    def kernel_layout(self, config: MetadataConfig, staging: StagingLayout, block_tables: BlockTables) -> StepLayout:
+        """Where the step kernel finds its inputs (staging, block tables) and writes its outputs."""
+        r, t, groups = config.max_num_reqs, config.max_num_tokens, len(config.kv_groups)
+        return StepLayout(
+            page_size=[grp.page_size for grp in config.kv_groups], width=self.widths, num_table_rows=r + 1,
+            idx=staging.idx, qo_indptr=staging.qo_indptr, cache_lens=staging.cache, kv_indptr=staging.kv_indptr,
+            step_width=staging.step_width, num_writes=staging.num_writes, pairs=staging.pairs,
+            max_writes=staging.max_writes, table=block_tables.table_offsets,
+            held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],
+            kv_indices=self.kv_offsets, kv_capacity=[(r + 1) * w for w in self.widths],
+            step_table=self.table_offsets, positions=0, slot_mapping=[(1 + g) * t for g in range(groups)],
+            token_capacity=t,
+        )  # fmt: skip
+
+
+def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: MetadataConfig, rows: np.ndarray,
+               idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, seq: np.ndarray, pages: list[np.ndarray],
+               max_seq: int, padded: int, graph: bool, offsets: np.ndarray,
+               values: np.ndarray) -> tuple[int, tuple[int, ...], int]:  # fmt: skip
+    """Writes a step's host arrays into host staging buffer ``h``; returns ``(num_tokens, widths, max_seq)``.
+
+    ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
+    ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph decode)
+    use the reserved table row, hold one cached token and add no new token. ``widths`` are the
+    per-batch table columns written per group: the longest row's pages (eager) or the full width;
+    ``max_seq`` is 1 for a batch of padding rows only (a graph capture).
+    """
+    b = idx.shape[0]
+    h[lay.idx : lay.idx + b] = idx
+    h[lay.cache : lay.cache + b] = clens
+    seq_h = h[lay.seq : lay.seq + padded]
+    seq_h[:b] = seq
+    if padded > b:
+        h[lay.idx + b : lay.idx + padded] = config.max_num_reqs
+        seq_h[b:] = 1
+    qo = h[lay.qo_indptr : lay.qo_indptr + padded + 1]
+    if type(qlens) is int:
+        # Decode: qo_indptr and logits_indices depend only on (B, Bp, q); each host buffer
+        # remembers what it holds.
+        num_tokens = qlens * b
+        shape = (b, padded, qlens)
+        if ring.memo[ring.current] != shape:
+            np.multiply(rows[: padded + 1], qlens, out=qo)
+            qo[b + 1 :] = num_tokens
+            np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
+            ring.memo[ring.current] = shape
+    else:
+        qo[0] = 0
+        np.cumsum(qlens, out=qo[1 : b + 1])
+        num_tokens = int(qo[b])
+        np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
+        ring.memo[ring.current] = None
+    if not b and padded:
+        max_seq = 1  # padding rows only (a graph capture)
+    widths = []
+    for g, grp in enumerate(config.kv_groups):
+        ps = grp.page_size
+        indptr = h[lay.kv_indptr[g] : lay.kv_indptr[g] + padded + 1]
+        indptr[0] = 0
+        np.cumsum(pages[g], out=indptr[1 : b + 1])
+        last = h[lay.last_page_len[g] : lay.last_page_len[g] + padded]
+        if ps == 1:
+            last[:b] = 1
+        else:
+            np.subtract(seq, (pages[g] - 1) * ps, out=last[:b])
+        if padded > b:  # padding rows: one page each (the padding page), one token in it
+            np.add(rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
+            last[b:] = 1
+        # Eager steps fill only as many per-batch table columns as the longest row needs.
+        widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
+        h[lay.step_width[g]] = widths[g]
+    n = len(offsets)
+    h[lay.num_writes] = n
+    if n:
+        pairs = h[lay.pairs : lay.pairs + 2 * n]
+        pairs[0::2] = offsets
+        pairs[1::2] = values
+    return num_tokens, tuple(widths), max_seq

@@ -1,0 +1,336 @@
+"""The ``Step``: one step's metadata, as views of a ``BatchMetadata``'s buffers, and the active step.
+
+A :class:`Step` is what ``prepare_prefill`` / ``prepare_decode`` return. Its fields are views of
+buffers that the next ``prepare_*`` overwrites, so each step carries a generation number: reading a
+view of a step that a later ``prepare_*`` has replaced raises :class:`StaleStepError` instead of
+returning the newer step's data. The arrays a step owns (``idx_mapping_host``, ``cache_lens_host``,
+``query_lens_host``, ``seq_lens_host``) and its sizes stay readable.
+
+A step is its own context manager: ``with step:`` makes it :func:`current_step` (the lookup an
+attention layer deep in a model uses) and restores the previous one on exit, also on error.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchmeta.attention.torch_ref import paged_attention_torch
+
+__all__ = ["StaleStepError", "Step", "StepViews", "current_step"]
+
+_current: contextvars.ContextVar[Step | None] = contextvars.ContextVar("batchmeta_step", default=None)
+
+
+class StaleStepError(RuntimeError):
+    """A step's views were read after a later ``prepare_*`` overwrote the buffers they show."""
+
+
+def current_step() -> Step:
+    """The innermost active step (``with meta.prepare_*(...) as step:`` or ``with step:``).
+
+    Attention layers call this instead of having metadata threaded through the model.
+
+    Raises
+    ------
+    RuntimeError
+        When no step is active.
+    """
+    step = _current.get()
+    if step is None:
+        raise RuntimeError("batchmeta.current_step(): no step is active; call it inside `with meta.prepare_*(...)`")
+    return step
+
+
+class StepViews:
+    """The tensor and array views one step shape reads: made once per shape and staging buffer and
+    shared by every step of that shape (a torch slice costs about a microsecond; a step needs dozens).
+
+    Device tensors: ``idx_mapping``, ``qo_indptr``, ``seq_lens``, ``positions``, ``logits_indices``,
+    ``slot_mappings`` / ``kv_indptr`` / ``kv_last_page_len`` / ``batch_block_tables`` (per group) and
+    ``kv_indices_full`` (per group, whole buffers). Host numpy views of the staging buffer:
+    ``idx_mapping_host`` (padded rows), ``qo_indptr_host``, ``kv_indptr_host``,
+    ``kv_last_page_len_host``; the same as pinned CPU tensors (``*_pinned``) for FlashInfer's plan.
+    """
+
+    __slots__ = (
+        "batch_block_tables", "idx_mapping", "idx_mapping_host", "kv_indices_full", "kv_indptr", "kv_indptr_host",
+        "kv_indptr_pinned", "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices",
+        "page_sizes", "positions", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned", "seq_lens", "seq_lens_pinned",
+        "slot_mappings", "window_lefts",
+    )  # fmt: skip
+
+    def __init__(self, **views: Any):
+        for k, v in views.items():
+            setattr(self, k, v)
+
+    @classmethod
+    def build(cls, config: Any, layout: Any, ring: Any, buffers: Any, num_reqs: int, padded: int, num_tokens_run: int,
+              widths: tuple[int, ...]) -> StepViews:  # fmt: skip
+        """The views of a step of ``num_reqs`` rows padded to ``padded``, ``num_tokens_run`` tokens and
+        per-batch table ``widths``, over ``ring``'s current host buffer (``layout``: a
+        :class:`~batchmeta.staging.StagingLayout`) and ``buffers`` (:class:`~batchmeta.staging.StepBuffers`)."""
+        d, ht, h = ring.dev, ring.host[ring.current], ring.host_np[ring.current]
+        lay, b, n = layout, num_reqs, padded
+        ng = len(config.kv_groups)
+
+        def per_group(buf, at, size):
+            return tuple(buf[at[g] : at[g] + size] for g in range(ng))
+
+        return cls(
+            idx_mapping=d[lay.idx : lay.idx + n],
+            qo_indptr=d[lay.qo_indptr : lay.qo_indptr + n + 1],
+            seq_lens=d[lay.seq : lay.seq + n],
+            positions=buffers.positions[:num_tokens_run],
+            logits_indices=d[lay.logits : lay.logits + b],
+            slot_mappings=tuple(sm[:num_tokens_run] for sm in buffers.slot_mappings),
+            kv_indptr=per_group(d, lay.kv_indptr, n + 1),
+            kv_indices_full=buffers.kv_indices,
+            kv_last_page_len=per_group(d, lay.last_page_len, n),
+            batch_block_tables=tuple(t[:n, :w] for t, w in zip(buffers.batch_block_tables, widths, strict=True)),
+            idx_mapping_host=h[lay.idx : lay.idx + n],
+            qo_indptr_host=h[lay.qo_indptr : lay.qo_indptr + n + 1],
+            kv_indptr_host=per_group(h, lay.kv_indptr, n + 1),
+            kv_last_page_len_host=per_group(h, lay.last_page_len, n),
+            qo_indptr_pinned=ht[lay.qo_indptr : lay.qo_indptr + n + 1],
+            kv_indptr_pinned=per_group(ht, lay.kv_indptr, n + 1),
+            kv_last_page_len_pinned=per_group(ht, lay.last_page_len, n),
+            seq_lens_pinned=ht[lay.seq : lay.seq + n],
+            page_sizes=tuple(grp.page_size for grp in config.kv_groups),
+            window_lefts=tuple(grp.window_left for grp in config.kv_groups),
+        )
+
+
+def _view(name: str, doc: str) -> property:
+    """A property returning ``self._views.<name>``, after checking the step is still the latest."""
+
+    def get(self: Step) -> Any:
+        if self._generation != self._clock[0]:
+            self._raise_stale(name)
+        return getattr(self._views, name)
+
+    get.__name__ = name
+    return property(get, doc=doc)
+
+
+class Step:
+    """The metadata of one step: views of :class:`~batchmeta.BatchMetadata`'s preallocated buffers.
+
+    Made by ``prepare_prefill`` / ``prepare_decode``; valid until the next ``prepare_*`` of the same
+    ``BatchMetadata``, after which reading a view raises :class:`StaleStepError`. ``with step:``
+    makes it :func:`current_step` for the body.
+
+    Sizes: ``B`` = ``num_reqs``; ``Bp`` = ``padded_num_reqs`` (``B`` unless a CUDA-graph decode
+    padded the batch); ``T`` = ``num_tokens``; ``Tp`` = the tokens the model runs (``T``, or
+    ``Bp * query_len`` in a CUDA graph). Per-group fields are tuples, one entry per KV-cache group.
+
+    Attributes
+    ----------
+    kind:
+        ``"ragged_prefill"`` (nothing cached), ``"prefill"`` (chunked or mixed), ``"decode"`` or
+        ``"spec_decode"`` (``1 + k`` tokens per row).
+    num_reqs, padded_num_reqs, num_tokens:
+        ``B``, ``Bp``, ``T``.
+    query_len:
+        New tokens per row of a decode step (``1 + num_draft_tokens``); None for prefill.
+    cuda_graph:
+        Planned for CUDA-graph replay (``BatchMetadata.replay_decode_graph``).
+    idx_mapping_host, cache_lens_host:
+        ``[B]`` int64 numpy, owned by the step (valid after later steps too).
+
+    Device views (FlashInfer's names): ``idx_mapping`` ``[Bp]`` int32 request slot of each row
+    (padding rows map to the reserved row); ``qo_indptr`` ``[Bp + 1]`` int32 (padding rows add no
+    tokens); ``seq_lens`` ``[Bp]`` int32 (cached + new); ``positions`` ``[Tp]`` int64 (0 past
+    ``T``); ``logits_indices`` ``[B]`` int32 (last token of each real row); per group
+    ``slot_mappings`` ``[Tp]`` int64 (PAD, -1, past ``T``), ``kv_indptr`` ``[Bp + 1]``,
+    ``kv_indices`` ``[kv_indptr[Bp]]``, ``kv_last_page_len`` ``[Bp]`` and ``batch_block_tables``
+    ``[Bp, W]`` int32 (each row's pages, padded with 0; ``W`` the longest row's pages, or the full
+    table width in a CUDA graph).
+
+    Host twins (numpy int32): ``qo_indptr_host``, ``kv_indptr_host``, ``kv_last_page_len_host``
+    (views of the pinned staging buffer) and ``kv_indices_host`` (built on access from the host
+    mirror of the block tables).
+    """
+
+    __slots__ = (
+        "_block_tables", "_clock", "_generation", "_num_kv_pages", "_query_lens", "_resets", "_tokens", "_views",
+        "_wrappers", "cache_lens_host", "cuda_graph", "idx_mapping_host", "kind", "num_reqs", "num_tokens",
+        "padded_num_reqs", "query_len",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        kind: str,
+        num_reqs: int,
+        padded_num_reqs: int,
+        num_tokens: int,
+        query_len: int | None,
+        cuda_graph: bool,
+        idx_mapping_host: np.ndarray,
+        cache_lens_host: np.ndarray,
+        query_lens: np.ndarray | None,
+        num_kv_pages: tuple[int, ...],
+        views: StepViews,
+        wrappers: tuple[Any, ...] | None,
+        clock: list[int],
+        block_tables: Any,
+    ):
+        self.kind = kind
+        self.num_reqs = num_reqs
+        self.padded_num_reqs = padded_num_reqs
+        self.num_tokens = num_tokens
+        self.query_len = query_len
+        self.cuda_graph = cuda_graph
+        self.idx_mapping_host = idx_mapping_host
+        self.cache_lens_host = cache_lens_host
+        self._query_lens = query_lens
+        self._num_kv_pages = num_kv_pages
+        self._views = views
+        self._wrappers = wrappers
+        self._clock = clock  # the owner's generation counter: [number of the latest step]
+        self._generation = clock[0]
+        self._block_tables = block_tables
+        self._resets = block_tables.num_resets
+        self._tokens: list[contextvars.Token] = []
+
+    # Context manager: the active step --------------------------------------------------------------
+    def __enter__(self) -> Step:
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._tokens.pop())
+
+    def __repr__(self) -> str:
+        return (f"Step(kind={self.kind!r}, num_reqs={self.num_reqs}, padded_num_reqs={self.padded_num_reqs}, "
+                f"num_tokens={self.num_tokens}, query_len={self.query_len}, cuda_graph={self.cuda_graph})")  # fmt: skip
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether a later ``prepare_*`` has overwritten this step's views."""
+        return self._generation != self._clock[0]
+
+    def _raise_stale(self, what: str) -> None:
+        raise StaleStepError(
+            f"step.{what}: this {self.kind} step's buffers were overwritten by a later prepare_* of the same "
+            f"BatchMetadata (step {self._generation}, latest {self._clock[0]}); read a step's views before preparing "
+            f"the next one (its idx_mapping_host, cache_lens_host and query_lens_host stay valid)"
+        )
+
+    # Owned host arrays ------------------------------------------------------------------------------
+    @property
+    def query_lens_host(self) -> np.ndarray:
+        """``[B]`` int64 new tokens per row (owned by the step)."""
+        if self._query_lens is None:
+            return np.full(self.num_reqs, self.query_len, np.int64)
+        return self._query_lens
+
+    @property
+    def seq_lens_host(self) -> np.ndarray:
+        """``[B]`` int64 cached + new tokens per row (owned by the step)."""
+        return self.cache_lens_host + self.query_lens_host
+
+    # Views of the shared buffers (checked) ----------------------------------------------------------
+    idx_mapping = _view("idx_mapping", "``[Bp]`` int32 device: request slot of each batch row.")
+    qo_indptr = _view("qo_indptr", "``[Bp + 1]`` int32 device: prefix sum of new tokens per row.")
+    seq_lens = _view("seq_lens", "``[Bp]`` int32 device: cached + new tokens per row.")
+    positions = _view("positions", "``[Tp]`` int64 device: position of each new token (0 past ``T``).")
+    logits_indices = _view("logits_indices", "``[B]`` int32 device: last new token of each real row.")
+    slot_mappings = _view("slot_mappings", "Per group ``[Tp]`` int64 device: KV slot of each token (PAD past T).")
+    kv_indptr = _view("kv_indptr", "Per group ``[Bp + 1]`` int32 device: prefix sum of pages per row.")
+    kv_last_page_len = _view("kv_last_page_len", "Per group ``[Bp]`` int32 device: tokens in each row's last page.")
+    batch_block_tables = _view("batch_block_tables", "Per group ``[Bp, W]`` int32 device: each row's pages, 0-padded.")
+    qo_indptr_host = _view("qo_indptr_host", "``[Bp + 1]`` int32 numpy twin of ``qo_indptr``.")
+    kv_indptr_host = _view("kv_indptr_host", "Per group ``[Bp + 1]`` int32 numpy twin of ``kv_indptr``.")
+    kv_last_page_len_host = _view("kv_last_page_len_host", "Per group ``[Bp]`` int32 numpy twin of kv_last_page_len.")
+
+    @property
+    def kv_indices(self) -> tuple[torch.Tensor, ...]:
+        """Per group ``[kv_indptr[Bp]]`` int32 device: every row's pages, back to back."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("kv_indices")
+        return tuple(buf[:n] for buf, n in zip(self._views.kv_indices_full, self._num_kv_pages, strict=True))
+
+    @property
+    def kv_indices_host(self) -> tuple[np.ndarray, ...]:
+        """Per group ``[kv_indptr[Bp]]`` int32 numpy twin of ``kv_indices``, built from the host mirror of
+        the block tables (valid until a request slot is reset: pages a reset frees may be reused)."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("kv_indices_host")
+        bt = self._block_tables
+        if bt.num_resets != self._resets:
+            raise StaleStepError("step.kv_indices_host: a request slot was reset since this step was prepared; "
+                                 "read it before resetting")  # fmt: skip
+        rows = self._views.idx_mapping_host
+        out = []
+        for g, indptr in enumerate(self._views.kv_indptr_host):
+            table = bt.host_table(g)[rows]
+            out.append(table[np.arange(table.shape[1]) < np.diff(indptr)[:, None]])
+        return tuple(out)
+
+    @property
+    def wrappers(self) -> tuple[Any, ...] | None:
+        """The planned FlashInfer wrapper of each group, or None where FlashInfer does not plan (no CUDA, no
+        FlashInfer, or ``plan_attention=False``). :meth:`attention` works either way."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("wrappers")
+        return self._wrappers
+
+    @property
+    def page_sizes(self) -> tuple[int, ...]:
+        return self._views.page_sizes
+
+    @property
+    def window_lefts(self) -> tuple[int, ...]:
+        return self._views.window_lefts
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        group: int = 0,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of this step's queries over one layer of KV-cache group ``group``.
+
+        Runs the group's planned FlashInfer wrapper, or the torch implementation where none is
+        planned. Write the step's keys and values first (``batchmeta.ops.store_kv`` at
+        ``slot_mappings[group]``). A ``"ragged_prefill"`` step attends over ``k`` / ``v`` (the new
+        tokens, ``[T, Hkv, D]``) instead of the cache.
+
+        Parameters
+        ----------
+        q:
+            ``[Tp, Hq, D]``.
+        k_cache, v_cache:
+            ``[num_pages, page_size, Hkv, D]`` of this layer (NHD).
+        out:
+            Optional ``[Tp, Hq, D]`` output.
+
+        Returns ``[Tp, Hq, D]`` in ``q``'s dtype.
+        """
+        if self._generation != self._clock[0]:
+            self._raise_stale("attention")
+        if self.kind == "ragged_prefill" and (k is None or v is None):
+            raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
+        views = self._views
+        if self._wrappers is not None:
+            w = self._wrappers[group]
+            if self.kind == "ragged_prefill":
+                return w.run(q, k, v, out=out)
+            return w.run(q, (k_cache, v_cache), out=out)
+        res = paged_attention_torch(
+            q, k_cache, v_cache, views.qo_indptr_host, views.kv_indptr_host[group], self.kv_indices[group],
+            views.kv_last_page_len_host[group], causal=True, window_left=views.window_lefts[group],
+        )  # fmt: skip
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
