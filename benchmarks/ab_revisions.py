@@ -77,11 +77,11 @@ def main() -> int:
             metas = {"base": old.meta if plan else old.noplan, "this": new.meta if plan else new.noplan}
             times: dict[str, list[float]] = {k: [] for k in metas}
 
-            def step(m):
+            def step(m, scn=scn, idx=idx, cache=cache, qlens=qlens):
                 if scn.decode:
-                    s = m.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)  # noqa: B023
+                    s = m.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
                 else:
-                    s = m.prepare_prefill(idx, qlens, cache)  # noqa: B023
+                    s = m.prepare_prefill(idx, qlens, cache)
                 with s:
                     pass
 

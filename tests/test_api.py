@@ -111,7 +111,7 @@ def test_nested_steps_outer_views_raise_after_inner_prepare(device):
                 s1.attention(torch.zeros(1, 8, 64), torch.zeros(4, 4, 2, 64), torch.zeros(4, 4, 2, 64))
         assert batchmeta.current_step() is s1
         with pytest.raises(StaleStepError):
-            batchmeta.current_step().positions
+            _ = batchmeta.current_step().positions
         # What the step owns stays readable (accept_tokens uses it).
         assert s1.idx_mapping_host.tolist() == [0] and s1.cache_lens_host.tolist() == [4]
         assert s1.query_lens_host.tolist() == [1] and s1.seq_lens_host.tolist() == [5]
@@ -147,7 +147,7 @@ def test_kv_indices_host_refuses_after_a_reset(device):
     step = meta.prepare_decode([0], [6])
     meta.block_tables.reset(1)
     with pytest.raises(StaleStepError, match="reset"):
-        step.kv_indices_host
+        _ = step.kv_indices_host
 
 
 def test_accept_tokens_signature_and_next_input_ids_dtype(device):
