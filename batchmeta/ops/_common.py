@@ -130,8 +130,8 @@ def check_group_lists(first_name: str, first: Sequence[object], **others: Sequen
 def group_launches(num_groups: int) -> Iterator[tuple[int, list[int]]]:
     """Splits groups into launches of up to :data:`MAX_GROUPS_PER_LAUNCH`.
 
-    Yields ``(groups_in_launch, slots)`` where ``slots`` names the group bound to each of the
-    kernel's ``MAX_GROUPS_PER_LAUNCH`` argument slots; unused slots repeat the launch's first group
+    Yields ``(groups_in_launch, arg_groups)`` where ``arg_groups`` names the group bound to each of the
+    kernel's ``MAX_GROUPS_PER_LAUNCH`` argument sets; unused ones repeat the launch's first group
     (valid tensors, never read: the kernel's ``NUM_GROUPS`` constexpr prunes them).
     """
     for first in range(0, num_groups, MAX_GROUPS_PER_LAUNCH):

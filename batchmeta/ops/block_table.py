@@ -374,7 +374,7 @@ def _gather_kernel(
     idx_mapping_ptr,  # [B] int32/int64
     pad_value,
     # Group g: persistent table [R, W_g] (row stride, width), num_blocks [R], per-step table
-    # [>= B, Wo_g] (row stride, width). Unused group slots repeat group 0 and are never read.
+    # [>= B, Wo_g] (row stride, width). Unused group argument sets repeat group 0 and are never read.
     s0, ss0, sw0, n0, d0, ds0, dw0,
     s1, ss1, sw1, n1, d1, ds1, dw1,
     s2, ss2, sw2, n2, d2, ds2, dw2,
@@ -452,9 +452,9 @@ def gather_block_tables(
     if num_rows == 0:
         return out
     if on_triton:
-        for n, slots in group_launches(num_groups):
+        for n, arg_groups in group_launches(num_groups):
             args: list = [idx_mapping, pad_value]
-            for g in slots:
+            for g in arg_groups:
                 bt, o = block_tables[g], out[g]
                 args += [bt, bt.stride(0), bt.shape[1], num_blocks[g], o, o.stride(0), o.shape[1]]
             _gather.launch((num_rows, n), (*args, n, _BLOCK))

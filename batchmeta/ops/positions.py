@@ -299,12 +299,12 @@ def compute_slot_mappings(
 
     if use_triton(backend, idx_mapping):
         pos = positions if positions is not None else slot_mappings[0]
-        for n, slots in group_launches(num_groups):
+        for n, arg_groups in group_launches(num_groups):
             args: list = [idx_mapping, qo_indptr, cache_lens, pos, pos.numel(), num_rows]
-            for g in slots:
+            for g in arg_groups:
                 bt, sm = block_tables[g], slot_mappings[g]
                 args += [bt, bt.stride(0), page_sizes[g], sm, sm.numel()]
-            write_positions = positions is not None and slots[0] == 0
+            write_positions = positions is not None and arg_groups[0] == 0
             _slot_mapping.launch((num_rows + 1, n), (*args, n, write_positions, _BLOCK))
         return
 

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from batchmeta.launch import cached_kernel
-from batchmeta.ops._common import MAX_GROUPS_PER_LAUNCH, check_tensor, use_triton
+from batchmeta.ops._common import check_tensor, group_launches, use_triton
 from batchmeta.ops.positions import _pad_tail
 
 __all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata"]
@@ -178,8 +178,8 @@ def _step_kernel(
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
     COUNT: tl.constexpr, PAIRS: tl.constexpr, TABLES_NUMEL: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-    # Group slot g: page size, table width, offsets of table, held, kv_indptr, step width,
-    # kv_indices (and its capacity), step table, slot mapping. Unused slots repeat slot 0.
+    # Group argument set g: page size, table width, offsets of table, held, kv_indptr, step width,
+    # kv_indices (and its capacity), step table, slot mapping. Unused argument sets repeat the first.
     PS0: tl.constexpr, W0: tl.constexpr, TAB0: tl.constexpr, HELD0: tl.constexpr, INDPTR0: tl.constexpr,
     SWIDTH0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
     PS1: tl.constexpr, W1: tl.constexpr, TAB1: tl.constexpr, HELD1: tl.constexpr, INDPTR1: tl.constexpr,
@@ -247,17 +247,15 @@ _step = cached_kernel(_step_kernel)
 def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tuple[int, tuple]]:
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each."""
     launches = []
-    for first in range(0, layout.num_groups, MAX_GROUPS_PER_LAUNCH):
-        groups = list(range(first, min(first + MAX_GROUPS_PER_LAUNCH, layout.num_groups)))
-        slots = groups + [groups[0]] * (MAX_GROUPS_PER_LAUNCH - len(groups))
+    for n, arg_groups in group_launches(layout.num_groups):
         args: list = [staging, tables, out32, out64, layout.idx, layout.qo_indptr, layout.cache_lens,
                       layout.positions, layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(),
-                      first == 0, len(groups), _BLOCK]  # fmt: skip
-        for g in slots:
+                      arg_groups[0] == 0, n, _BLOCK]  # fmt: skip
+        for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
                      layout.slot_mapping[g]]  # fmt: skip
-        launches.append((len(groups), tuple(args)))
+        launches.append((n, tuple(args)))
     return launches
 
 
