@@ -16,27 +16,46 @@ from batchmeta.config import MetadataConfig
 __all__ = ["BatchChecker", "host_ints"]
 
 
-def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
-    """Host-side integer vector (list, numpy array or CPU tensor) as int64 numpy, validated.
+_I64_MAX = 2**63 - 1
 
-    Raises ``ValueError`` for device tensors, a wrong number of dimensions or elements, and
-    ``TypeError`` for non-integer data (a float list must not be truncated).
+
+def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
+    """A host-side integer vector (list, numpy array or CPU tensor) as a new int64 numpy array.
+
+    Always a copy (the caller may reuse its arrays); never a wrap: values beyond int64 raise.
+    ``ValueError`` for device tensors, ragged or multi-dimensional data, out-of-range values and a
+    wrong number of elements; ``TypeError`` for non-integer data (a float list must not be
+    truncated), bool, sparse tensors.
     """
     if type(value) is not np.ndarray:
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu":
                 raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
                                  f"{value.device}")  # fmt: skip
-            value = value.numpy()
-        value = np.asarray(value)
+            if value.layout != torch.strided:
+                raise TypeError(f"{name}: expected a dense tensor, got layout {value.layout}")
+            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+                raise TypeError(f"{name}: expected integers, got dtype {value.dtype}")
+            value = value.detach().numpy()
+        elif isinstance(value, (str, bytes)) or value is None:
+            raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
+        else:
+            try:
+                value = np.asarray(value)
+            except (ValueError, TypeError) as e:  # ragged nested lists
+                raise ValueError(f"{name}: expected a flat sequence of ints, got {type(value).__name__}") from e
     arr: np.ndarray = value  # type: ignore[assignment]
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension, got shape {arr.shape}")
-    if arr.dtype.kind not in "iu" and arr.size:  # not bool, not float
+    if arr.size and arr.dtype.kind not in "iu":
+        if arr.dtype == object and all(type(v) is int for v in arr):
+            raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX})")
         raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > _I64_MAX:
+        raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX}), got {arr.max()}")
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"{name}: expected {length} elements (one per batch row), got {arr.shape[0]}")
-    return arr if arr.dtype == np.int64 else arr.astype(np.int64)
+    return arr.astype(np.int64)  # a copy, also when it is int64 already
 
 
 class BatchChecker:
@@ -79,6 +98,13 @@ class BatchChecker:
             raise ValueError("idx_mapping: a request slot appears twice in one batch")
         if clens.min() < 0:
             raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
+        # Each value bounded before any sum, so no sum can overflow int64 or wrap in int32 staging.
+        if clens.max() > cfg.max_model_len:
+            raise ValueError(f"cache_lens: expected at most max_model_len ({cfg.max_model_len}) cached tokens, "
+                             f"got {clens.max()}")  # fmt: skip
+        if type(qlens) is not int and qlens.max() > cfg.max_num_tokens:
+            raise ValueError(f"query_lens: {qlens.max()} tokens in one row exceed max_num_tokens "
+                             f"({cfg.max_num_tokens})")  # fmt: skip
         num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")

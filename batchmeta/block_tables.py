@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from batchmeta.batch import host_ints
 from batchmeta.config import MetadataConfig
 
 __all__ = ["BlockTables"]
@@ -156,21 +157,18 @@ class BlockTables:
         if isinstance(new_pages, torch.Tensor):
             if new_pages.device.type != "cpu":
                 raise ValueError(f"new_pages: expected host data, got a tensor on {new_pages.device}")
-            new_pages = new_pages.numpy()
+            new_pages = new_pages.detach().numpy()
         if isinstance(new_pages, np.ndarray) and new_pages.ndim == 1:
             new_pages = [new_pages] if groups == 1 else list(new_pages)
+        if isinstance(new_pages, (str, bytes)) or not hasattr(new_pages, "__iter__"):
+            raise TypeError(f"new_pages: expected a sequence of page ids (one per group with several groups), "
+                            f"got {type(new_pages).__name__}")  # fmt: skip
         seq = list(new_pages)  # type: ignore[call-overload]
-        if groups == 1 and seq and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in seq):
-            seq = [seq]
+        if groups == 1 and all(np.ndim(p) == 0 for p in seq):
+            seq = [seq]  # one group: a flat sequence of page ids (empty: no pages)
         if len(seq) != groups:
             raise ValueError(f"new_pages: expected one sequence of pages per group ({groups}), got {len(seq)}")
-        out = []
-        for g, pages in enumerate(seq):
-            arr = pages.numpy() if isinstance(pages, torch.Tensor) else np.asarray(pages)
-            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                raise TypeError(f"new_pages[{g}]: expected a sequence of int page ids, got {pages!r}")
-            out.append(arr.astype(np.int64))
-        return out
+        return [host_ints(f"new_pages[{g}]", pages) for g, pages in enumerate(seq)]
 
     def _write(self, g: int, req: int, col: int, pages: Sequence[int] | np.ndarray) -> None:
         pages = np.asarray(pages, dtype=np.int64)

@@ -16,18 +16,20 @@ _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e
 _MAX_INT32 = 2**31 - 1
 
 
-def _positive(inst, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{attribute.name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{attribute.name}: expected an int >= 1, got {value}")
+def _int_in(lo: int, hi: int):
+    """Validator: an int (not a bool) in ``[lo, hi]``; ``hi`` keeps every value an int32 buffer stores."""
+
+    def check(inst, attribute, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{attribute.name}: expected an int, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{attribute.name}: expected an int in [{lo}, {hi}], got {value}")
+
+    return check
 
 
-def _non_negative(inst, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{attribute.name}: expected an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{attribute.name}: expected an int >= 0, got {value}")
+_positive = _int_in(1, _MAX_INT32)
+_non_negative = _int_in(0, _MAX_INT32)
 
 
 @attrs.frozen(kw_only=True)
@@ -86,10 +88,14 @@ def _check_device(inst, attribute, value: torch.device) -> None:
 def _to_groups(value: object) -> tuple[KVGroup, ...]:
     if isinstance(value, KVGroup):
         return (value,)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"kv_groups: expected a KVGroup or a sequence of them, got {type(value).__name__}")
     return tuple(value)  # type: ignore[arg-type]
 
 
 def _to_sizes(value: object) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"cuda_graph_batch_sizes: expected a sequence of ints, got {type(value).__name__}")
     return tuple(value)  # type: ignore[arg-type]
 
 
@@ -104,7 +110,9 @@ class MetadataConfig:
     max_num_tokens:
         New tokens in one step (the scheduler's token budget).
     max_model_len:
-        Longest sequence (cached + new tokens) of any request.
+        Longest sequence (cached + new tokens) of any request, ``< 2^31``.
+
+    Every size, page id and length the buffers store is int32: each bound here keeps it so.
     kv_groups:
         One :class:`KVGroup` per block table (hybrid models have several).
     num_qo_heads, num_kv_heads, head_dim:
@@ -115,7 +123,8 @@ class MetadataConfig:
         Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Default: ``"cuda"`` when this
         machine has a CUDA device, else ``"cpu"``. A device this machine lacks raises ``ValueError``.
     num_kv_pages:
-        Pages in the KV cache of each group (page ids must be below it). 0: not checked.
+        Pages in the KV cache of each group (page ids must be below it, ``<= 2^31``). 0: page ids
+        are only checked to fit int32.
     cuda_graph_batch_sizes:
         Decode batch sizes to capture as CUDA graphs, increasing; each ``<= max_num_reqs``. Empty
         for none. Only used on CUDA (a CPU ``BatchMetadata`` rejects ``cuda_graph=True`` steps).
@@ -125,13 +134,16 @@ class MetadataConfig:
         The page that padding rows of a CUDA-graph batch read (never written: their slots are PAD).
     workspace_bytes:
         FlashInfer float workspace, shared by every wrapper on the device.
+    backend:
+        How the step kernel runs: ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, the torch
+        implementation otherwise), ``"triton"`` or ``"torch"``, as for every op.
     plan_attention:
         Plan FlashInfer every step (when it is installed and the device is CUDA). ``False`` for
         engines whose attention reads the metadata directly (block tables, ``seq_lens``); steps then
         carry no wrappers.
     """
 
-    max_num_reqs: int = attrs.field(validator=_positive)
+    max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
     max_num_tokens: int = attrs.field(validator=_positive)
     max_model_len: int = attrs.field(validator=_positive)
     kv_groups: tuple[KVGroup, ...] = attrs.field(converter=_to_groups)
@@ -141,11 +153,12 @@ class MetadataConfig:
     q_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
     kv_dtype: torch.dtype = attrs.field(default=torch.bfloat16)
     device: torch.device = attrs.field(factory=_default_device, converter=_to_device, validator=_check_device)
-    num_kv_pages: int = attrs.field(default=0, validator=_non_negative)
+    num_kv_pages: int = attrs.field(default=0, validator=_int_in(0, _MAX_INT32 + 1))  # page ids < 2^31
     cuda_graph_batch_sizes: tuple[int, ...] = attrs.field(default=(), converter=_to_sizes)
     max_draft_tokens: int = attrs.field(default=0, validator=_non_negative)
     padding_page: int = attrs.field(default=0, validator=_non_negative)
-    workspace_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_positive)
+    workspace_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_int_in(1, 2**63 - 1))
+    backend: str | None = attrs.field(default=None)
     plan_attention: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     @kv_groups.validator
@@ -183,15 +196,23 @@ class MetadataConfig:
         if value not in _KV_DTYPES:
             raise TypeError(f"kv_dtype: expected float16, bfloat16 or a float8 dtype, got {value}")
 
-    @max_num_tokens.validator
-    def _check_tokens(self, attribute, value) -> None:
-        if value > _MAX_INT32:
-            raise ValueError(f"max_num_tokens: expected at most {_MAX_INT32}, got {value}")
+    @max_draft_tokens.validator
+    def _check_draft(self, attribute, value) -> None:
+        if value >= self.max_num_tokens:
+            raise ValueError(f"max_draft_tokens: 1 + {value} tokens per request exceed max_num_tokens "
+                             f"({self.max_num_tokens})")  # fmt: skip
+
+    @backend.validator
+    def _check_backend(self, attribute, value) -> None:
+        if value not in (None, "triton", "torch"):
+            raise ValueError(f"backend: expected None, 'triton' or 'torch', got {value!r}")
 
     @cuda_graph_batch_sizes.validator
     def _check_graph_sizes(self, attribute, value) -> None:
         for s in value:
-            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise TypeError(f"cuda_graph_batch_sizes: expected ints, got {value}")
+            if s < 1:
                 raise ValueError(f"cuda_graph_batch_sizes: expected ints >= 1, got {value}")
         if list(value) != sorted(set(value)):
             raise ValueError(f"cuda_graph_batch_sizes: expected strictly increasing sizes, got {value}")

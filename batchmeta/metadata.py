@@ -91,9 +91,10 @@ class BatchMetadata:
             self._buffers = buf = StepBuffers(cfg, dev)
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
             self._fill = bind_step_metadata(kernel_layout, self._staging.dev, self.block_tables.flat, buf.out32,
-                                            buf.out64, max_rows=r)  # fmt: skip
+                                            buf.out64, max_rows=r, backend=cfg.backend)  # fmt: skip
             self._scatter = bind_scatter_pairs(self._staging.dev, self.block_tables.flat, count=self._layout.num_writes,
-                                               pairs=self._layout.pairs, max_writes=max_writes)  # fmt: skip
+                                               pairs=self._layout.pairs, max_writes=max_writes,
+                                               backend=cfg.backend)  # fmt: skip
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
@@ -284,15 +285,22 @@ class BatchMetadata:
         """
         if not isinstance(step, Step):
             raise TypeError(f"step: expected the Step of a prepare_* call, got {type(step).__name__}")
+        if step._clock is not self._clock:
+            raise ValueError("step: prepared by another BatchMetadata")
         b = step.num_reqs
         accepted = host_ints("num_accepted", num_accepted, length=b)
         prompts = host_ints("prompt_lens", prompt_lens, length=b)
-        if b and accepted.min() < 0:
-            raise ValueError(f"num_accepted: expected non-negative counts, got {accepted.min()}")
-        if b and prompts.min() < 0:
-            raise ValueError(f"prompt_lens: expected non-negative lengths, got {prompts.min()}")
+        max_len = self.config.max_model_len
+        # Bounded here: they go through the int32 staging buffer.
+        if b and not 0 <= accepted.min() <= accepted.max() <= max_len:
+            raise ValueError(f"num_accepted: expected counts in [0, {max_len}] (max_model_len), "
+                             f"got {accepted.min()}..{accepted.max()}")  # fmt: skip
+        if b and not 0 <= prompts.min() <= prompts.max() <= max_len:
+            raise ValueError(f"prompt_lens: expected lengths in [0, {max_len}] (max_model_len), "
+                             f"got {prompts.min()}..{prompts.max()}")  # fmt: skip
         r = self.config.max_num_reqs
-        check_tensor("token_ids", token_ids, ndim=2, device=self.block_tables.flat.device)
+        check_tensor("token_ids", token_ids, dtypes=(torch.int32, torch.int64), ndim=2,
+                     device=self.block_tables.flat.device)  # fmt: skip
         if token_ids.shape[0] < r:
             raise ValueError(f"token_ids: expected {r} rows (max_num_reqs), got shape {tuple(token_ids.shape)}")
         check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), ndim=1,
@@ -313,9 +321,8 @@ class BatchMetadata:
         h[rows] = step.idx_mapping_host
         with self._on_device():
             d = self._accept_staging.upload(5 * r + 1)
-            ops.copy_next_input_ids_inplace(
-                token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu], idx_mapping=d[rows]
-            )
+            ops.copy_next_input_ids_inplace(token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu],
+                                            idx_mapping=d[rows], backend=self.config.backend)  # fmt: skip
             self._accept_staging.done()
         return step.cache_lens_host + step.query_lens_host, accepted
 

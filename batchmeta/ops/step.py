@@ -345,14 +345,17 @@ def bind_step_metadata(
     out64: torch.Tensor,
     *,
     max_rows: int,
+    backend: str | None = None,
 ) -> Callable[[int], None]:
     """``fill(num_rows)``: :func:`fill_step_metadata` over these buffers, checked once here.
 
-    On CUDA the launches are bound (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the
-    driver launch and little else. Elsewhere it runs the interpreter or the torch implementation.
+    On CUDA (``backend`` None or ``"triton"``) the launches are bound
+    (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the driver launch and little else.
+    Otherwise it runs :func:`fill_step_metadata` with ``backend`` (the interpreter or torch).
     """
     layout.check(staging, tables, out32, out64, max_rows)
-    if staging.is_cuda:
+    use_triton(backend, staging)  # raises for an unknown backend, or "triton" where it cannot run
+    if staging.is_cuda and backend != "torch":
         bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in _launch_args(layout, staging, tables,
                                                                                           out32, out64)]  # fmt: skip
         if len(bound) == 1:
@@ -370,7 +373,7 @@ def bind_step_metadata(
         return fill_many
 
     def fill_host(num_rows: int) -> None:
-        fill_step_metadata(layout, staging, tables, out32, out64, num_rows)
+        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, backend=backend)
 
     return fill_host
 
@@ -391,8 +394,8 @@ def _scatter_pairs_kernel(
 _scatter_pairs = cached_kernel(_scatter_pairs_kernel)
 
 
-def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int,
-                       max_writes: int) -> Callable[[int], None]:  # fmt: skip
+def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int, max_writes: int,
+                       backend: str | None = None) -> Callable[[int], None]:  # fmt: skip
     """``scatter(n)``: ``dst[staging[pairs + 2i]] = staging[pairs + 2i + 1]`` for
     ``i < staging[count]`` (``n`` is that count, known on the host; 0 launches nothing). Offsets
     outside ``dst`` are dropped; offsets must be unique (Triton gives writes no order).
@@ -410,7 +413,8 @@ def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, 
         raise ValueError(f"staging: {max_writes} pairs at {pairs} need {pairs + 2 * max_writes} elements, "
                          f"got {staging.numel()}")  # fmt: skip
     args = (staging, dst, count, pairs, dst.numel(), _BLOCK)
-    if staging.is_cuda:
+    on_triton = use_triton(backend, staging)
+    if staging.is_cuda and on_triton:
         bound = _scatter_pairs.bind(args)
 
         def scatter(n: int) -> None:
@@ -422,7 +426,7 @@ def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, 
     def scatter_host(n: int) -> None:
         if not n:
             return
-        if use_triton(None, staging):
+        if on_triton:
             _scatter_pairs.launch((1,), args)
         else:
             _apply_writes_torch(staging, dst, pairs, n)
