@@ -202,6 +202,13 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
         assert (kc[0] == 0).all() and (vc[0] == 0).all()
     with pytest.raises(ValueError, match="at most 8"):
         meta.prepare_decode(list(range(9)), [1] * 9, cuda_graph=True)
+    # A graph step replaced by a later prepare must not replay (its plan is gone).
+    for r in (0, 1):
+        eng.grow(r, lens[r] + 1)
+    stale = meta.prepare_decode([0], [lens[0]], cuda_graph=True)
+    meta.prepare_decode([1], [lens[1]], cuda_graph=True)
+    with pytest.raises(batchmeta.StaleStepError, match="replay"):
+        meta.replay_decode_graph(stale)
 
 
 def test_prepare_makes_no_host_sync():
