@@ -216,7 +216,8 @@ class BatchMetadata:
         num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
         wrappers = None
         if self._planned and padded:
-            wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages)
+            max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
+            wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len)
         ring.done()
         return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
                     num_kv_pages, views, wrappers, self._clock, self.block_tables)  # fmt: skip

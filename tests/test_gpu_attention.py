@@ -292,3 +292,64 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
         for r in batch:
             lens[r] += 1
     assert meta._planner.decode_planners()[("decode", 0)].fast == fast_plan_supported()
+
+
+@pytest.mark.parametrize("page_size", [16, 1])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2)])  # GQA 4 and 8
+@pytest.mark.parametrize("window, dtype", [(-1, torch.float16), (24, torch.bfloat16)])
+def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype):
+    """Chunked, mixed and speculative steps planned by PrefillPlanner give bit-identical attention to
+    a wrapper planned by FlashInfer's stock plan() on the same batch, over changing batches."""
+    import flashinfer
+
+    eng = Engine(page_sizes=(page_size,), windows=(window,), heads=heads, dtype=dtype, max_draft_tokens=3)
+    meta = eng.meta
+    torch.manual_seed(5)
+    ((kc, vc),) = eng.caches
+    lens = {r: 0 for r in range(8)}
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    steps = [  # (idx, query_lens): chunks over cached prefixes, mixed with decodes, speculative rows
+        ([0, 1, 2], [30, 7, 19]),
+        ([0, 1, 2, 3], [1, 40, 1, 12]),
+        ([3, 4, 0], [25, 9, 4]),
+        ([5, 6, 7, 1, 2], [1, 1, 33, 4, 4]),
+        ([4, 5, 6, 7], [4, 4, 4, 4]),
+        ([2], [61]),
+    ]
+    for idx, qlens in steps:
+        clens = [lens[r] for r in idx]
+        for r, q in zip(idx, qlens, strict=True):
+            eng.grow(r, lens[r] + q)
+        k, v = eng.new_kv(idx, qlens)
+        q = torch.randn(sum(qlens), heads[0], eng.d, device="cuda").to(dtype)
+        with meta.prepare_prefill(idx, qlens, clens) as step:
+            ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
+            fast = step.attention(q, kc, vc, k=k, v=v)
+            if step.kind == "ragged_prefill":  # the first step: nothing cached, no paged plan
+                for r, n in zip(idx, qlens, strict=True):
+                    lens[r] += n
+                continue
+            stock.plan(torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
+                       step.kv_indices[0], torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d,
+                       page_size, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+            ref = stock.run(q, (kc, vc))
+        torch.cuda.synchronize()
+        assert torch.equal(fast, ref)
+        check_outputs(eng, q, [fast], idx, qlens)
+        for r, n in zip(idx, qlens, strict=True):
+            lens[r] += n
+    assert meta._planner.prefill_planners()[0].fast == fast_plan_supported()
+    # Speculative decode steps plan through the same planner.
+    idx = [0, 1, 2, 3]
+    for r in idx:
+        eng.grow(r, lens[r] + 4)
+    k, v = eng.new_kv(idx, [4] * 4)
+    q = torch.randn(16, heads[0], eng.d, device="cuda").to(dtype)
+    with meta.prepare_decode(idx, [lens[r] for r in idx], num_draft_tokens=3) as step:
+        ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
+        fast = step.attention(q, kc, vc)
+        stock.plan(torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
+                   step.kv_indices[0], torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d,
+                   page_size, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+        assert torch.equal(fast, stock.run(q, (kc, vc)))

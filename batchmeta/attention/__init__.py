@@ -3,6 +3,7 @@
 
 - :mod:`~batchmeta.attention.wrappers`: is FlashInfer usable, the shared workspace, wrapper construction;
 - :mod:`~batchmeta.attention.decode_planner`: :class:`DecodePlanner`, fast decode planning;
+- :mod:`~batchmeta.attention.prefill_planner`: :class:`PrefillPlanner`, fast paged-prefill planning;
 - :mod:`~batchmeta.attention.planning`: :class:`StepPlanner`, every wrapper of a model runner and
   how a step plans them;
 - :mod:`~batchmeta.attention.torch_ref`: paged attention in torch (CPU fallback, reference).
@@ -10,6 +11,7 @@
 
 from batchmeta.attention.decode_planner import DecodePlanner, fast_plan_supported
 from batchmeta.attention.planning import StepPlanner
+from batchmeta.attention.prefill_planner import PrefillPlanner
 from batchmeta.attention.torch_ref import paged_attention_torch
 from batchmeta.attention.wrappers import (
     flashinfer_available,
@@ -21,6 +23,7 @@ from batchmeta.attention.wrappers import (
 
 __all__ = [
     "DecodePlanner",
+    "PrefillPlanner",
     "StepPlanner",
     "fast_plan_supported",
     "flashinfer_available",

@@ -4,7 +4,8 @@
 prefill wrapper (nothing cached), a paged prefill wrapper (chunked, mixed and speculative steps) and
 decode wrappers (eager, and one CUDA-graph wrapper per captured batch size), each made on first
 use over the device's shared workspace. Plans read pinned host arrays only (no device→host sync);
-decode plans go through :class:`~batchmeta.attention.decode_planner.DecodePlanner`.
+decode plans go through :class:`~batchmeta.attention.decode_planner.DecodePlanner` and paged-prefill
+plans through :class:`~batchmeta.attention.prefill_planner.PrefillPlanner`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from batchmeta.attention.decode_planner import DecodePlanner
+from batchmeta.attention.prefill_planner import PrefillPlanner
 from batchmeta.attention.wrappers import (
     get_workspace,
     new_decode_wrapper,
@@ -42,6 +44,7 @@ class StepPlanner:
         self.config = config
         self._kv_indices = tuple(kv_indices)
         self._planners: dict[tuple, DecodePlanner] = {}
+        self._prefill_planners: dict[int, PrefillPlanner] = {}
         self._wrappers: dict[tuple, Any] = {}
         self._heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim)
 
@@ -49,12 +52,13 @@ class StepPlanner:
         """Every decode planner made so far, keyed ``("decode", group)`` or ``("graph", group, batch_size)``."""
         return self._planners
 
-    def plan(self, kind: str, padded: int, graph: bool, views: Any, max_seq_len: int,
-             num_kv_pages: tuple[int, ...]) -> tuple[Any, ...]:  # fmt: skip
+    def plan(self, kind: str, padded: int, graph: bool, views: Any, max_seq_len: int, num_kv_pages: tuple[int, ...],
+             num_tokens: int, max_query_len: int) -> tuple[Any, ...]:  # fmt: skip
         """Plans one wrapper per group for a step of ``padded`` rows; returns them.
 
         ``views`` are the step's buffer views (pinned host arrays and device tensors: see
-        :class:`~batchmeta.step.StepViews`); ``num_kv_pages`` per group ``kv_indptr[padded]``.
+        :class:`~batchmeta.step.StepViews`); ``num_kv_pages`` per group ``kv_indptr[padded]``;
+        ``num_tokens`` and ``max_query_len`` the step's new tokens and the most of one row.
         """
         cfg = self.config
         out = []
@@ -72,10 +76,10 @@ class StepPlanner:
                 w.plan(qo, qo, *self._heads, causal=True, window_left=grp.window_left,
                        q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
             else:  # prefill, mixed, speculative decode
-                w = self._wrapper(("prefill", g), new_paged_prefill_wrapper)
-                w.plan(qo, views.kv_indptr_pinned[g], self._kv_indices[g][: num_kv_pages[g]],
-                       views.kv_last_page_len_pinned[g], *self._heads, grp.page_size, causal=True,
-                       window_left=grp.window_left, q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype)  # fmt: skip
+                planner = self._prefill_planner(g)
+                w = planner.plan(qo, views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
+                                 num_tokens, max_query_len, max_seq_len, views.qo_indptr, views.kv_indptr[g],
+                                 self._kv_indices[g], views.kv_last_page_len[g], num_kv_pages[g])  # fmt: skip
             out.append(w)
         return tuple(out)
 
@@ -84,6 +88,22 @@ class StepPlanner:
         if w is None:
             w = self._wrappers[key] = make(get_workspace(self.config.device, self.config.workspace_bytes))
         return w
+
+    def prefill_planners(self) -> dict[int, PrefillPlanner]:
+        """Every paged-prefill planner made so far, by group."""
+        return self._prefill_planners
+
+    def _prefill_planner(self, g: int) -> PrefillPlanner:
+        planner = self._prefill_planners.get(g)
+        if planner is None:
+            cfg, grp = self.config, self.config.kv_groups[g]
+            wrapper = new_paged_prefill_wrapper(get_workspace(cfg.device, cfg.workspace_bytes))
+            planner = self._prefill_planners[g] = PrefillPlanner(
+                wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype,
+            )  # fmt: skip
+        return planner
 
     def _decode_planner(self, g: int, padded: int, graph: bool, views: Any) -> DecodePlanner:
         key = ("graph", g, padded) if graph else ("decode", g)

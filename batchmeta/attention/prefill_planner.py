@@ -1,0 +1,130 @@
+"""Fast FlashInfer paged-prefill planning: ``PrefillPlanner``, the counterpart of ``DecodePlanner``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from batchmeta.attention.decode_planner import fast_plan_supported
+
+__all__ = ["PrefillPlanner"]
+
+# The backends whose planning call :meth:`PrefillPlanner.plan` reproduces (FlashInfer 0.7.2.post1's
+# ``BatchPrefillWithPagedKVCacheWrapper.plan``): FA2 takes four more arguments than FA3.
+_FAST_BACKENDS = ("fa2", "fa3")
+
+
+class PrefillPlanner:
+    """Plans one ``BatchPrefillWithPagedKVCacheWrapper`` (eager, NHD, causal) per step, from host arrays.
+
+    FlashInfer's ``plan()`` of a paged prefill copies the indptr and last-page-length arrays to the
+    device, rebuilds the KV lengths, resolves the backend and module, and only then calls the cached
+    module's planning function. The first plan of a planner is the stock ``plan()``; if it left
+    the wrapper on the FA2 or FA3 path (no custom mask, no JIT variant, no block tables, no
+    specialised verify kernel) on a verified FlashInfer version, later plans set the batch-dependent
+    wrapper state and call the module's ``plan`` directly, with the caller's device buffers (already
+    written by the step kernel) and pinned host arrays: nothing is copied or allocated. Otherwise
+    every plan is the stock ``plan()``.
+
+    Parameters
+    ----------
+    wrapper:
+        A ``BatchPrefillWithPagedKVCacheWrapper`` made without ``use_cuda_graph``.
+    num_qo_heads, num_kv_heads, head_dim, page_size, window_left, q_data_type, kv_data_type:
+        As for ``plan()`` (causal attention).
+    """
+
+    def __init__(
+        self,
+        wrapper: Any,
+        *,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        window_left: int,
+        q_data_type: torch.dtype,
+        kv_data_type: torch.dtype,
+    ):
+        self.wrapper = wrapper
+        self._heads = (num_qo_heads, num_kv_heads, head_dim)
+        self._page_size = page_size
+        self._window_left = window_left
+        self._dtypes = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
+        self._allowed = fast_plan_supported()
+        self.fast = False  # True once the stock plan has shown the wrapper takes a verified path
+        self._extra: tuple = ()
+
+    def plan(
+        self,
+        qo_indptr_host: torch.Tensor,
+        kv_indptr_host: torch.Tensor,
+        kv_last_page_len_host: torch.Tensor,
+        seq_lens_host: torch.Tensor,
+        num_tokens: int,
+        max_query_len: int,
+        max_seq_len: int,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+        num_kv_pages: int,
+    ) -> Any:
+        """Plans the wrapper for a batch of ``B`` rows; returns it.
+
+        Parameters
+        ----------
+        qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host:
+            ``[B + 1]``, ``[B + 1]``, ``[B]``, ``[B]`` int32 CPU tensors (pinned): FlashInfer's
+            arrays and each row's KV length (cached + new tokens, ``>= 1``).
+        num_tokens, max_query_len, max_seq_len:
+            ``qo_indptr[B]``, the longest row's new tokens and its KV length.
+        qo_indptr, kv_indptr, kv_indices, kv_last_page_len:
+            The same on the device (``kv_indices`` may be longer than ``num_kv_pages``), already
+            written or enqueued on the current stream.
+        """
+        w = self.wrapper
+        hq, hkv, d = self._heads
+        if not self.fast:
+            w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
+                   self._page_size, causal=True, window_left=self._window_left, **self._dtypes)  # fmt: skip
+            self.fast = self._allowed and self._verified_state()
+            if self.fast:
+                # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len.
+                self._extra = (-1, False, 0, 0) if w._backend == "fa2" else ()
+            return w
+        b = kv_last_page_len_host.shape[0]
+        w._batch_size = b
+        w._qo_indptr_last = num_tokens
+        w._max_q_len = max_query_len
+        w._max_kv_len = max_seq_len
+        w._qo_indptr_buf = qo_indptr
+        w._paged_kv_indptr_buf = kv_indptr
+        w._paged_kv_indices_buf = kv_indices
+        w._paged_kv_last_page_len_buf = kv_last_page_len
+        w._plan_info = w._cached_module.plan(
+            w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer, qo_indptr_host,
+            kv_indptr_host, seq_lens_host, num_tokens, b, hq, hkv, self._page_size, False, d, d, True,
+            self._window_left, *self._extra,
+        )  # fmt: skip
+        return w
+
+    def _verified_state(self) -> bool:
+        """Whether the stock plan left the wrapper on a path :meth:`plan` reproduces."""
+        w = self.wrapper
+        try:
+            return (
+                getattr(w, "_jit_module", None) is None
+                and w._cached_module is not None
+                and w._backend in _FAST_BACKENDS
+                and not w.is_cuda_graph_enabled
+                and w._custom_mask_buf is None
+                and w._prefix_len_ptr is None
+                and w._block_tables is None
+                and not getattr(w, "_variant_owns_mask", False)
+                and getattr(w, "_eagle_verify_fp8kv_sm90_state", None) is None
+                and w._seq_lens_kv is None
+            )
+        except AttributeError:
+            return False
