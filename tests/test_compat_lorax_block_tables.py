@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -228,6 +229,28 @@ class TestBlockTablesToRaggedErrors:
     def test_float_length_tensor(self, device, name):
         with pytest.raises(TypeError, match=name):
             lorax.block_tables_to_ragged(**self._kwargs(device, **{name: torch.zeros(2, device=device)}))
+
+    @pytest.mark.parametrize(
+        ("name", "bad"),
+        [
+            ("input_lengths", [2.0, 1]),  # used to size the output as a float
+            ("input_lengths", [2.7, 1]),
+            ("cache_lengths", [1, None]),
+            ("cache_lengths", [True, 0]),
+            ("input_lengths", None),
+            ("cache_lengths", torch.tensor([1, 0])),  # a tensor belongs in cache_lengths_tensor
+        ],
+        ids=["integral-float", "float", "none-entry", "bool-entry", "none", "tensor"],
+    )
+    def test_non_int_list_lengths(self, device, name, bad):
+        # Floats must not be truncated, None not compared: a TypeError naming the list.
+        with pytest.raises(TypeError, match=name):
+            lorax.block_tables_to_ragged(**self._kwargs(device, **{name: bad}))
+
+    def test_numpy_int_lengths(self, device):
+        # Lengths built with numpy are ints too.
+        kwargs = self._kwargs(device, input_lengths=[np.int64(2), np.int32(1)], cache_lengths=list(np.array([1, 0])))
+        assert lorax.block_tables_to_ragged(**kwargs).tolist() == [1, 2, 3, 4]
 
     @pytest.mark.parametrize(
         ("inp", "cache"),

@@ -236,10 +236,11 @@ def _position_call(device, max_value=4, capacity=5):
     return lorax.prepare_position_slot_ids, args, [position_ids, slot_indices]
 
 
-def _copy_call(device, max_value=2, next_len=3):
+def _copy_call(device, max_value=2, next_len=3, cache=(1, 1), inputs=(1, 1), prompts=(1, 1)):
     ids = torch.full((2, 6), SENTINEL, dtype=torch.int64, device=device)
     next_ids = torch.arange(next_len, dtype=torch.int64, device=device)
-    args = (max_value, ids, t([1, 1], device), t([1, 1], device), t([1, 1], device), next_ids, t([0, 2, 3], device))
+    lens = [t(list(v), device) for v in (cache, inputs, prompts)]
+    args = (max_value, ids, *lens, next_ids, t([0, 2, 3], device))
     return lorax.copy_next_input_ids_inplace, args, [ids]
 
 
@@ -259,6 +260,12 @@ def _filter_call(device, max_value=3, capacity=4):
         (lambda d: _copy_call(d, max_value=None), TypeError, "max_next_input_ids"),
         (lambda d: _copy_call(d, max_value=-3), ValueError, "max_next_input_ids"),
         (on_host(lambda d: _copy_call(d, next_len=2)), ValueError, "next_input_ids"),
+        # Negative lengths (torch wrapped the column, the kernel wrote into the previous row) and a row
+        # past the history's 6 columns (4 cached + 1 input + 2 accepted), under LoRAX's names.
+        (on_host(lambda d: _copy_call(d, cache=(1, -1))), ValueError, "cache_lengths"),
+        (on_host(lambda d: _copy_call(d, inputs=(-1, 1))), ValueError, "input_lengths"),
+        (on_host(lambda d: _copy_call(d, prompts=(1, -4))), ValueError, "prompt_lengths"),
+        (on_host(lambda d: _copy_call(d, cache=(4, 1))), ValueError, "all_input_ids"),
         (lambda d: _filter_call(d, max_value=torch.tensor(3)), TypeError, "max_slots"),
         (lambda d: _filter_call(d, max_value=-1), ValueError, "max_slots"),
         (on_host(lambda d: _filter_call(d, capacity=3)), ValueError, "filtered_slots"),

@@ -180,6 +180,13 @@ class TestFillKvIndptr:
         fill_kv_indptr(np.array([seq_len], dtype=in_dtype), 16, out)
         assert as_list(out) == [0, -(-seq_len // 16)]
 
+    @pytest.mark.parametrize("in_dtype", [np.int64, np.uint64])
+    def test_bug9_no_int64_overflow_in_page_count(self, in_dtype):
+        """Bug 9 in 64 bits: seq_len + page_size - 1 passed 2^63 and wrapped to a negative count."""
+        out = sentinel_output(3, "np.int64")
+        fill_kv_indptr(np.array([2**63 - 1, 1], dtype=in_dtype), 16, out)
+        assert as_list(out) == [0, 2**59, 2**59 + 1]
+
 
 class TestFillKvLastPageLen:
     """out[:B] = tokens in each request's last page (0 for seq_len 0); the rest of out untouched."""
@@ -272,6 +279,47 @@ class TestErrors:
     def test_list_out(self, fn):
         with pytest.raises(TypeError, match="out"):
             _call(fn, [1, 2], [0, 0, 0, 0])()
+
+    @pytest.mark.parametrize("fn", ALL_FNS)
+    @pytest.mark.parametrize(
+        "lens",
+        [
+            np.array([2**63, 1], dtype=np.uint64),
+            np.array([1, 2**64 - 1], dtype=np.uint64),
+            torch.tensor([2**63], dtype=torch.uint64),
+            [2**63, 1],
+            [1, 2**64],
+            [-1, 2**63],
+        ],
+        ids=["np-uint64-2^63", "np-uint64-max", "torch-uint64", "list-2^63", "list-2^64", "list-mixed-sign"],
+    )
+    def test_lengths_past_int64(self, fn, lens):
+        """Values int64 cannot hold are rejected, never wrapped to negatives (or floats)."""
+        out = sentinel_output(4, "np.int64")
+        raises_untouched(ValueError, LENS_NAME[fn], _call(fn, lens, out), out)
+
+    @pytest.mark.parametrize(("fn", "page_size"), [("fill_qo_indptr", 16), ("fill_kv_indptr", 1)])
+    def test_sum_past_int64(self, fn, page_size):
+        """Each length fits int64 but the prefix sum does not: an error, not a wrapped negative sum."""
+        out = sentinel_output(4, "np.int64")
+        raises_untouched(ValueError, LENS_NAME[fn], _call(fn, [2**62, 2**62, 1], out, page_size=page_size), out)
+
+    @pytest.mark.parametrize("fn", ALL_FNS)
+    def test_read_only_out(self, fn):
+        out = np.full(4, SENTINEL, dtype=np.int64)
+        out.flags.writeable = False
+        raises_untouched(ValueError, "out", _call(fn, [1, 2], out), out)
+
+    @pytest.mark.parametrize("fn", ALL_FNS)
+    @pytest.mark.parametrize("lens", [[1, None], [[1], [1, 2]]], ids=["none", "ragged"])
+    def test_list_of_non_ints(self, fn, lens):
+        out = sentinel_output(4, "np.int64")
+        raises_untouched(TypeError, LENS_NAME[fn], _call(fn, lens, out), out)
+
+    @pytest.mark.parametrize("fn", PAGED_FNS)
+    def test_page_size_past_int64(self, fn):
+        out = sentinel_output(4, "np.int64")
+        raises_untouched(ValueError, "page_size", _call(fn, [1, 2], out, page_size=2**63), out)
 
     @pytest.mark.parametrize("fn", PAGED_FNS)
     @pytest.mark.parametrize(

@@ -227,6 +227,33 @@ def _lens(values, device, dtype=torch.int32):
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _typed(device, dtype, **kwargs):
+    """The base pack call on data and output of ``dtype``."""
+    return {
+        "x": torch.arange(12, device=device).reshape(6, 2).to(dtype),
+        "out": torch.full((2, 3, 2), 9, dtype=dtype, device=device),
+        **kwargs,
+    }
+
+
+@pytest.mark.parametrize(
+    ("dtype", "pad_value", "stored"),
+    [
+        (torch.int64, 2**40 + 1, 2**40 + 1),  # past 2^24: a float32 kernel argument rounded it
+        (torch.int64, -(2**63), -(2**63)),
+        (torch.int32, -5.0, -5),  # an integral float
+        (torch.int32, 2**31 - 1, 2**31 - 1),
+        (torch.float16, 65519.0, 65504.0),  # finite, rounds to float16's largest
+        (torch.bfloat16, 0.1, 0.10009765625),
+        (torch.float32, 7, 7.0),
+    ],
+)
+def test_pack_pad_values_stored_as_the_dtype_holds_them(dtype, pad_value, stored, device, backend):
+    x = torch.arange(3, device=device).to(dtype)
+    out = pack_seq(x, _lens([1, 2], device), max_len=3, pad_value=pad_value, backend=backend)
+    assert out.tolist() == [[0, stored, stored], [1, 2, stored]]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -239,7 +266,27 @@ def _lens(values, device, dtype=torch.int32):
         (lambda d: {"out": torch.full((2, 3, 3), 9.0, device=d)}, ValueError, "out"),
         (lambda d: {"out": torch.full((2, 3, 2), 9, dtype=torch.int32, device=d)}, TypeError, "out"),
         (lambda d: {"x": torch.randn(2, 6, device=d).t()}, ValueError, "x"),
+        (lambda d: {"x": 3}, TypeError, "x"),
+        (lambda d: {"x": [[1.0, 2.0]] * 6}, TypeError, "x"),
         (lambda d: {"backend": "cuda"}, ValueError, "backend"),
+        # pad_value: a number the output's dtype holds as it is.
+        (lambda d: {"pad_value": float("nan")}, ValueError, "pad_value"),
+        (lambda d: {"pad_value": float("-inf")}, ValueError, "pad_value"),
+        (lambda d: {"pad_value": 1e39}, ValueError, "pad_value"),  # float32: inf
+        (lambda d: {"pad_value": "0"}, TypeError, "pad_value"),
+        (lambda d: {"pad_value": None}, TypeError, "pad_value"),
+        (lambda d: {"pad_value": True}, TypeError, "pad_value"),
+        (lambda d: {"pad_value": torch.tensor(0.0, device=d)}, TypeError, "pad_value"),
+        (lambda d: _typed(d, torch.float16, pad_value=1e40), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.float16, pad_value=65520.0), ValueError, "pad_value"),  # rounds to inf
+        (lambda d: _typed(d, torch.float16, pad_value=70000), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.bfloat16, pad_value=10**400), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int32, pad_value=2**40), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int32, pad_value=-(2**31) - 1), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int32, pad_value=1.5), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int64, pad_value=2**63), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int64, pad_value=float("inf")), ValueError, "pad_value"),
+        (lambda d: _typed(d, torch.int64, pad_value=float(2**63)), ValueError, "pad_value"),
     ],
 )
 def test_pack_rejects_bad_input_before_writing(kwargs, error, match, device, backend):

@@ -13,6 +13,7 @@ from _helpers import case_device, on_host, prefix_sum
 from hypothesis import given
 from hypothesis import strategies as st
 
+import batchmeta.ops.positions as positions_module
 from batchmeta.ops import PAD_SLOT_ID, compute_slot_mappings, prepare_position_slot_ids
 
 SENTINEL = 123_456_789
@@ -171,6 +172,8 @@ def _position_args(device):
         (on_host(lambda a, d: {"cu_seqlen": t([0, 3, 2, 5], torch.int32, d)}), ValueError, "cu_seqlen"),
         (lambda a, d: {"cu_seqlen": a["cu_seqlen"].double()}, TypeError, "cu_seqlen"),
         (lambda a, d: {"cu_slots": a["cu_slots"][:2]}, ValueError, "cu_slots"),
+        (on_host(lambda a, d: {"cu_slots": t([0, -8, 10], torch.int32, d)}), ValueError, "cu_slots"),
+        (on_host(lambda a, d: {"cu_seqlen": t([-2, 0, 0, 3], torch.int32, d)}), ValueError, "cu_seqlen"),
         (
             on_host(lambda a, d: {"position_ids": torch.full((4,), SENTINEL, dtype=torch.int32, device=d)}),
             ValueError,
@@ -198,6 +201,54 @@ def test_prepare_position_slot_ids_rejects_bad_input_before_writing(change, erro
         prepare_position_slot_ids(**args, backend=backend)
     for k, v in before.items():
         assert torch.equal(args[k], v), f"{k} was written before the error"
+
+
+I32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("cache_len", "cu_slot", "pos_dtype", "slot_dtype", "match"),
+    [
+        (I32_MAX - 1, 0, torch.int32, torch.int64, "position_ids"),  # last position 2^31
+        (I32_MAX - 2, 2, torch.int64, torch.int32, "slot_indices"),  # last slot index 2^31
+        (2**63 - 2, 0, torch.int64, torch.int64, "position_ids"),  # last position 2^63: not even int64
+        (2**62, 2**62, torch.int64, torch.int64, "slot_indices"),  # last slot index past 2^63
+    ],
+    ids=["int32-positions", "int32-slots", "int64-positions", "int64-slots"],
+)
+def test_prepare_position_slot_ids_rejects_values_the_outputs_cannot_hold(
+    cache_len, cu_slot, pos_dtype, slot_dtype, match, backend
+):
+    # Host data: the largest value written must fit its output's dtype (it used to wrap silently).
+    device = torch.device("cpu")  # a value check: host tensors only (see on_host)
+    position_ids = torch.full((3,), SENTINEL, dtype=pos_dtype)
+    slot_indices = torch.full((3,), SENTINEL, dtype=slot_dtype)
+    with pytest.raises(ValueError, match=match):
+        prepare_position_slot_ids(
+            t([cache_len], torch.int64, device),
+            t([0, 3], torch.int64, device),
+            t([cu_slot], torch.int64, device),
+            position_ids=position_ids,
+            slot_indices=slot_indices,
+            backend=backend,
+        )
+    assert (position_ids == SENTINEL).all() and (slot_indices == SENTINEL).all()
+
+
+def test_prepare_position_slot_ids_int32_outputs_up_to_their_limit(device, backend):
+    # The largest values int32 holds are written; an empty row past the limit writes nothing.
+    position_ids = torch.full((4,), SENTINEL, dtype=torch.int32, device=device)
+    slot_indices = torch.full((4,), SENTINEL, dtype=torch.int32, device=device)
+    prepare_position_slot_ids(
+        t([I32_MAX - 2, 2**40], torch.int64, device),
+        t([0, 3, 3], torch.int64, device),
+        t([0, 2**40], torch.int64, device),
+        position_ids=position_ids,
+        slot_indices=slot_indices,
+        backend=backend,
+    )
+    assert position_ids.tolist() == [I32_MAX - 2, I32_MAX - 1, I32_MAX, SENTINEL]
+    assert slot_indices.tolist() == [I32_MAX - 2, I32_MAX - 1, I32_MAX, SENTINEL]
 
 
 def test_prepare_position_slot_ids_rejects_unknown_backend(device):
@@ -410,6 +461,8 @@ def _full(n, device, dtype=torch.int64):
         (lambda a, d: {"page_sizes": [4]}, ValueError, "page_sizes"),
         (lambda a, d: {"page_sizes": [4, 0]}, ValueError, r"page_sizes\[1\]"),
         (lambda a, d: {"page_sizes": [4.0, 1]}, TypeError, r"page_sizes\[0\]"),
+        (lambda a, d: {"page_sizes": [2**31, 1]}, ValueError, r"page_sizes\[0\]"),
+        (on_host(lambda a, d: {"qo_indptr": t([-1, 2, 3], torch.int32, d)}), ValueError, "qo_indptr"),
         (on_host(lambda a, d: {"slot_mappings": [_full(4, d), _full(2, d)]}), ValueError, r"slot_mappings\[1\]"),
         (
             lambda a, d: {"slot_mappings": [_full(4, d, torch.float32), _full(4, d)]},
@@ -433,6 +486,97 @@ def test_compute_slot_mappings_rejects_bad_input_before_writing(change, error, m
         compute_slot_mappings(**args, backend=backend)
     for o, b in zip(outputs, before, strict=True):
         assert torch.equal(o, b), "an output was written before the error"
+
+
+@pytest.mark.parametrize(
+    ("cache_lens", "group"),
+    [([5, 0], 1), ([7, 0], 0), ([3, 5], 1)],
+    ids=["past-group-1-only", "past-both-groups", "second-row"],
+)
+def test_compute_slot_mappings_rejects_rows_past_the_table_width(cache_lens, group, backend):
+    # _slot_args: group 0 is 2 pages of 4 tokens wide, group 1 is 5 pages of 1 token. Row 0 (2 new
+    # tokens over 5 cached) reaches position 6: page 1 of group 0 (fits), page 6 of group 1 (does not).
+    # The torch path used to raise IndexError and the kernel to read the next request's row: with
+    # host data it is a ValueError naming cache_lens and the group, before anything is written.
+    device = torch.device("cpu")  # a value check: host tensors only (see on_host)
+    args = _slot_args(device)
+    args["cache_lens"] = t(cache_lens, torch.int32, device)
+    outputs = [*args["slot_mappings"], args["positions"]]
+    with pytest.raises(ValueError, match=rf"cache_lens: .*group {group}.*block_tables\[{group}\] is \d+ pages wide"):
+        compute_slot_mappings(**args, backend=backend)
+    for o in outputs:
+        assert (o == SENTINEL).all(), f"written before the error: {o.tolist()}"
+
+
+def test_compute_slot_mappings_rows_filling_the_table_exactly(device, backend):
+    # The boundary of the check above: positions up to W * ps - 1 are inside the table.
+    args = _slot_args(device)
+    args["cache_lens"] = t([3, 4], torch.int32, device)  # row 0: positions 3, 4; row 1: position 4
+    compute_slot_mappings(**args, backend=backend)
+    assert args["slot_mappings"][0].tolist() == [7 * 4 + 3, 8 * 4, 6 * 4, PAD_SLOT_ID]
+    assert args["slot_mappings"][1].tolist() == [9, 10, 5, PAD_SLOT_ID]
+
+
+def test_compute_slot_mappings_device_data_past_the_table_gets_pad(monkeypatch, device, backend):
+    # Device inputs are not read by the checks (a sync): a row past its table is the caller's
+    # responsibility, but its slots are PAD, never the pages of the next request slot's row. Without a
+    # GPU, simulated by making the op treat its CPU inputs as device data.
+    monkeypatch.setattr(positions_module, "is_host", lambda _t: False)
+    args = _slot_args(device)
+    args["cache_lens"] = t([7, 0], torch.int32, device)  # row 0 (request slot 1): positions 7, 8
+    compute_slot_mappings(**args, backend=backend)
+    assert args["slot_mappings"][0].tolist() == [8 * 4 + 3, PAD_SLOT_ID, 5 * 4 + 0, PAD_SLOT_ID]
+    assert args["slot_mappings"][1].tolist() == [PAD_SLOT_ID, PAD_SLOT_ID, 1, PAD_SLOT_ID]
+    assert args["positions"].tolist() == [7, 8, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("table", "page_size", "cache_len", "pos_dtype", "slot_dtype", "match"),
+    [
+        ([[2**28]], 16, 0, torch.int64, torch.int32, r"slot_mappings\[0\]"),  # slot 2^32
+        ([[0, 1]], I32_MAX, I32_MAX, torch.int32, torch.int64, "positions"),  # position 2^31
+    ],
+    ids=["int32-slot-mapping", "int32-positions"],
+)
+def test_compute_slot_mappings_rejects_values_int32_outputs_cannot_hold(
+    table, page_size, cache_len, pos_dtype, slot_dtype, match, backend
+):
+    # Host data: an int32 output whose largest value passes 2^31 - 1 is a ValueError naming it (it
+    # used to wrap silently), before anything is written.
+    device = torch.device("cpu")  # a value check: host tensors only (see on_host)
+    sm = torch.full((2,), SENTINEL, dtype=slot_dtype)
+    positions = torch.full((2,), SENTINEL, dtype=pos_dtype)
+    with pytest.raises(ValueError, match=match):
+        compute_slot_mappings(
+            t([0], torch.int32, device),
+            t([0, 2], torch.int32, device),
+            t([cache_len], torch.int64, device),
+            [t(table, torch.int32, device)],
+            [page_size],
+            slot_mappings=[sm],
+            positions=positions,
+            backend=backend,
+        )
+    assert (sm == SENTINEL).all() and (positions == SENTINEL).all()
+
+
+def test_compute_slot_mappings_int32_outputs_up_to_their_limit(device, backend):
+    # Page (2^31 - 1) // 16 of 16 tokens: its last slot is 2^31 - 1 - 15 + 15 = int32's largest.
+    page = (I32_MAX - 15) // 16
+    sm = torch.full((3,), SENTINEL, dtype=torch.int32, device=device)
+    positions = torch.full((3,), SENTINEL, dtype=torch.int32, device=device)
+    compute_slot_mappings(
+        t([0], torch.int32, device),
+        t([0, 2], torch.int32, device),
+        t([14], torch.int32, device),
+        [t([[page]], torch.int32, device)],
+        [16],
+        slot_mappings=[sm],
+        positions=positions,
+        backend=backend,
+    )
+    assert sm.tolist() == [page * 16 + 14, page * 16 + 15, PAD_SLOT_ID] and page * 16 + 15 == I32_MAX
+    assert positions.tolist() == [14, 15, 0]
 
 
 def test_compute_slot_mappings_rejects_negative_query_length(backend):

@@ -10,6 +10,7 @@ from _helpers import case_device, naive_copy_next, naive_slots_filtering, on_hos
 from hypothesis import given
 from hypothesis import strategies as st
 
+import batchmeta.ops.tokens as tokens_module
 from batchmeta.ops import copy_next_input_ids_inplace, slots_filtering
 
 SENTINEL = -777
@@ -180,6 +181,12 @@ def _copy_args(device):
         (lambda a, d: {"cu_accepted_ids": a["cu_accepted_ids"][:2]}, ValueError, "cu_accepted_ids"),
         (on_host(lambda a, d: {"cu_accepted_ids": t([0, 2, 1], torch.int32, d)}), ValueError, "cu_accepted_ids"),
         (lambda a, d: {"cu_accepted_ids": a["cu_accepted_ids"].double()}, TypeError, "cu_accepted_ids"),
+        # Negative lengths: torch used to wrap the column, the kernel to write into the previous row.
+        (on_host(lambda a, d: {"cache_lengths": t([1, -1], torch.int32, d)}), ValueError, "cache_lengths"),
+        (on_host(lambda a, d: {"input_lengths": t([-1, 2], torch.int32, d)}), ValueError, "input_lengths"),
+        (on_host(lambda a, d: {"prompt_lengths": t([1, -2], torch.int32, d)}), ValueError, "prompt_lengths"),
+        # Row 0 writes columns 5 and 6 (4 cached + 1 input + 2 accepted) of a 6-column history.
+        (on_host(lambda a, d: {"cache_lengths": t([4, 0], torch.int32, d)}), ValueError, "all_input_ids"),
     ],
 )
 def test_copy_next_input_ids_rejects_bad_input_before_writing(change, error, match, device, backend):
@@ -190,6 +197,28 @@ def test_copy_next_input_ids_rejects_bad_input_before_writing(change, error, mat
     with pytest.raises(error, match=match):
         copy_next_input_ids_inplace(**args, backend=backend)
     assert torch.equal(args["all_input_ids"], before)
+
+
+def test_copy_next_input_ids_rows_up_to_the_last_column(device, backend):
+    # The boundary of the width check: row 0 fills its history to the last column; row 1's accepted
+    # token lands on column 5, still inside its 6-token prompt, so it writes nothing.
+    args = _copy_args(device)
+    args.update(cache_lengths=t([3, 3], torch.int32, device), prompt_lengths=t([1, 6], torch.int32, device))
+    copy_next_input_ids_inplace(**args, backend=backend)
+    assert args["all_input_ids"].tolist() == [[SENTINEL] * 4 + [5, 6], [SENTINEL] * 6]
+
+
+def test_copy_next_input_ids_device_data_never_writes_outside_a_row(monkeypatch, device, backend):
+    # Device inputs are not read by the checks (a sync): negative lengths are the caller's
+    # responsibility, but a column before the row's start is dropped, never written into the previous
+    # row (the kernel) or wrapped to the row's end (torch). Without a GPU, simulated by making the op
+    # treat its CPU inputs as device data.
+    monkeypatch.setattr(tokens_module, "is_host", lambda _t: False)
+    args = _copy_args(device)
+    args.update(cache_lengths=t([1, -3], torch.int32, device), prompt_lengths=t([1, -5], torch.int32, device))
+    copy_next_input_ids_inplace(**args, backend=backend)
+    # Row 1: one accepted token at column -3 + 2 + 0 = -1: dropped.
+    assert args["all_input_ids"].tolist() == [[SENTINEL, SENTINEL, 5, 6, SENTINEL, SENTINEL], [SENTINEL] * 6]
 
 
 def test_copy_next_input_ids_rejects_unknown_backend(device):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from batchmeta import ops
-from batchmeta.ops._common import check_index_vector, check_int, check_tensor
+from batchmeta.ops._common import check_index_vector, check_int, check_int_list, check_tensor
 
 __all__ = [
     "block_tables_to_padded",
@@ -50,20 +50,20 @@ def block_tables_to_ragged(
     """Flattens row ``b``'s first ``cache_lengths[b] + input_lengths[b]`` entries of ``block_tables``
     (``[B, W]`` int32) into a new 1-D int32 tensor, rows back to back (page size 1 semantics).
 
-    ``input_lengths``/``cache_lengths`` are host lists sizing the output; the tensors (``[B]`` on
-    the table's device) give the same lengths to the kernel.
+    ``input_lengths``/``cache_lengths`` are host lists of ints sizing the output (a float or None in
+    them is a ``TypeError``, never truncated); the tensors (``[B]`` on the table's device) give the
+    same lengths to the kernel.
     """
     del max_current_length  # sizes LoRAX's grid only; this kernel loops over the real lengths
     check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2)
     device = block_tables.device
+    input_lengths = check_int_list("input_lengths", input_lengths, minimum=0)
+    cache_lengths = check_int_list("cache_lengths", cache_lengths, minimum=0)
     if len(input_lengths) != len(cache_lengths):
         raise ValueError(
             f"cache_lengths: expected {len(input_lengths)} entries (len(input_lengths)), got {len(cache_lengths)}"
         )
     num_rows = len(input_lengths)
-    for name, lens in (("input_lengths", input_lengths), ("cache_lengths", cache_lengths)):
-        if any(n < 0 for n in lens):
-            raise ValueError(f"{name}: expected non-negative lengths, got {min(lens)}")
     check_index_vector("input_lengths_tensor", input_lengths_tensor, device=device)
     check_index_vector("cache_lengths_tensor", cache_lengths_tensor, device=device)
     for name, t in (("input_lengths_tensor", input_lengths_tensor), ("cache_lengths_tensor", cache_lengths_tensor)):

@@ -7,9 +7,12 @@ syncs with the device. Checks run before any output is written.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import triton
 
@@ -96,6 +99,93 @@ def check_int(name: str, v: object, *, minimum: int | None = None, maximum: int 
 def check_int32(name: str, v: object) -> int:
     """An int that fits an int32 element (a value stored into an int32 table)."""
     return check_int(name, v, minimum=-(2**31), maximum=2**31 - 1)
+
+
+def check_int_list(name: str, values: object, *, minimum: int | None = None) -> list[int]:
+    """Host-side integers (a list, tuple or integer numpy array), returned as Python ints.
+
+    Each element must be an ``int`` or numpy integer: a float is a ``TypeError`` (never truncated), as
+    are ``None``, a bool and a tensor element (reading a device tensor would sync).
+    """
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a list of ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}: expected ints, got {type(v).__name__} {v!r} at index {i}")
+        v = int(v)
+        if minimum is not None and v < minimum:
+            raise ValueError(f"{name}: expected ints >= {minimum}, got {v} at index {i}")
+        out.append(v)
+    return out
+
+
+def check_fill_value(name: str, value: object, dtype: torch.dtype) -> int | float:
+    """A number that tensors of ``dtype`` hold as it is, returned as the Python int or float stored.
+
+    ``TypeError`` for anything but a real number (a bool included); ``ValueError`` for NaN, an
+    infinity, a value outside an integer dtype's range or with a fraction, and a finite value that
+    rounds to an infinity (or, in a float8 type without one, NaN) in a float dtype.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    kind = _dtype_names((dtype,))
+    if dtype.is_floating_point or dtype.is_complex:
+        try:
+            f = float(value)
+        except OverflowError:
+            raise ValueError(f"{name}: {kind} cannot hold an int of {len(str(abs(int(value))))} digits") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{name}: expected a finite number, got {f}")
+        stored = torch.tensor(f, dtype=torch.float64).to(dtype)
+        if not bool(torch.isfinite(stored)):
+            raise ValueError(f"{name}: {value} is out of range for {kind} (it would be stored as {stored.item()})")
+        return float(stored.real.item()) if dtype.is_complex else float(stored.item())
+    if isinstance(value, numbers.Integral):
+        v = int(value)
+    else:
+        f = float(value)
+        if not math.isfinite(f):
+            raise ValueError(f"{name}: expected a finite number, got {f}")
+        if not f.is_integer():
+            raise ValueError(f"{name}: {kind} holds integers only, got {value}")
+        v = int(f)
+    lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: {kind} cannot hold {v} (range [{lo}, {hi}])")
+    return v
+
+
+def check_fits(name: str, dtype: torch.dtype, largest: int, smallest: int = 0) -> None:
+    """``ValueError`` naming ``name`` (an output) unless integer ``dtype`` holds ``[smallest, largest]``."""
+    info = torch.iinfo(dtype)
+    bad = largest if largest > info.max else smallest if smallest < info.min else None
+    if bad is not None:
+        raise ValueError(f"{name}: {_dtype_names((dtype,))} cannot hold {bad}, a value this call writes there")
+
+
+def is_host(t: torch.Tensor) -> bool:
+    """Whether the checks may read ``t``'s values: a CPU tensor. Reading a device tensor would sync, so
+    its values are the caller's responsibility."""
+    return t.device.type == "cpu"
+
+
+def check_host_nonnegative(name: str, t: torch.Tensor, what: str = "lengths") -> None:
+    """Values of a CPU tensor ``>= 0``; a device tensor is not read."""
+    if is_host(t) and t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name}: expected non-negative {what}, got {int(t.min())}")
+
+
+def host_sum(name: str, *terms: torch.Tensor) -> torch.Tensor:
+    """Elementwise int64 sum of non-negative host tensors; ``ValueError`` naming ``name`` where a sum
+    passes the int64 range (never wrapped)."""
+    total = terms[0].long()
+    for term in terms[1:]:
+        total = total + term.long()
+        # Non-negative terms below 2^63: a sum that passes 2^63 - 1 wraps to a negative one.
+        if total.numel() and int(total.min()) < 0:
+            raise ValueError(f"{name}: values sum past the int64 range")
+    return total
 
 
 def check_unit_column_stride(name: str, t: torch.Tensor) -> None:

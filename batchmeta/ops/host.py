@@ -11,35 +11,60 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from batchmeta.ops._common import check_int_list
+
 __all__ = ["fill_kv_indptr", "fill_kv_last_page_len", "fill_qo_indptr"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 def _as_numpy(name: str, a: object, *, writable: bool = False) -> np.ndarray:
+    """A 1-D integer numpy view of ``a``. An input comes back as int64 (a value int64 cannot hold is a
+    ``ValueError``, never wrapped); an output (``writable``) as the caller's own, writable, array."""
     if isinstance(a, torch.Tensor):
         if a.device.type != "cpu":
             raise ValueError(f"{name}: expected host data (numpy array or CPU tensor), got a tensor on {a.device}")
+        if a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer dtype, got {str(a.dtype).replace('torch.', '')}")
         a = a.numpy()
     elif isinstance(a, (list, tuple)):
         if writable:
             raise TypeError(f"{name}: expected a numpy array or CPU tensor to write into, got {type(a).__name__}")
-        # No dtype forced: a list of floats must fail the integer check below, not be truncated.
-        a = np.asarray(a) if len(a) else np.zeros(0, np.int64)
+        try:
+            arr = np.asarray(a) if len(a) else np.zeros(0, np.int64)
+        except (TypeError, ValueError, OverflowError):  # ragged nesting, a device tensor...
+            arr = None
+        if arr is None or arr.dtype.kind not in "iub":
+            # Floats, None, or ints numpy could not hold as int64/uint64 (it makes those floats or
+            # objects): element by element, so a float fails rather than being truncated.
+            values = check_int_list(name, a)
+            if max(values) > _INT64_MAX or min(values) < -_INT64_MAX - 1:
+                raise ValueError(f"{name}: values must fit int64, got {max(values, key=abs)}")
+            arr = np.array(values, dtype=np.int64)
+        a = arr
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, CPU tensor or list, got {type(a).__name__}")
     if a.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {a.dtype}")
-    return a
+    if writable:
+        if not a.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array, got a read-only one")
+        return a
+    if a.dtype.kind == "u" and a.size and int(a.max()) > _INT64_MAX:
+        raise ValueError(f"{name}: values must fit int64, got {int(a.max())}")
+    return a.astype(np.int64, copy=False)
 
 
 def _check_page_size(page_size: object) -> int:
     if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)):
         raise TypeError(f"page_size: expected an int, got {type(page_size).__name__}")
-    if page_size < 1:
-        raise ValueError(f"page_size: expected an int >= 1, got {page_size}")
+    if not 1 <= page_size <= _INT64_MAX:
+        raise ValueError(f"page_size: expected an int in [1, 2**63 - 1], got {page_size}")
     return int(page_size)
 
 
@@ -58,6 +83,15 @@ def _check_lengths(name: str, lens: np.ndarray) -> None:
         raise ValueError(f"{name}: expected non-negative lengths, got minimum {lens.min()}")
 
 
+def _prefix_sum(name: str, counts: np.ndarray) -> np.ndarray:
+    """Inclusive int64 prefix sum of non-negative int64 ``counts``; ``ValueError`` naming ``name`` where
+    it passes int64 (a wrap shows as a negative partial sum)."""
+    sums = np.cumsum(counts, dtype=np.int64)
+    if sums.size and sums.min() < 0:
+        raise ValueError(f"{name}: the sum passes the int64 range")
+    return sums
+
+
 def fill_qo_indptr(query_lens: ArrayLike, out: ArrayLike) -> np.ndarray:
     """``out[:B+1] = [0, cumsum(query_lens)]`` (FlashInfer's ``qo_indptr``); returns that view.
 
@@ -70,13 +104,14 @@ def fill_qo_indptr(query_lens: ArrayLike, out: ArrayLike) -> np.ndarray:
     """
     lens = _as_numpy("query_lens", query_lens)
     dst = _as_numpy("out", out, writable=True)
-    _check_out("out", dst, lens.shape[0] + 1)
+    n = lens.shape[0]
+    _check_out("out", dst, n + 1)
     _check_lengths("query_lens", lens)
-    total = int(lens.sum(dtype=np.int64))
-    _check_fits("out", dst, total)
+    sums = _prefix_sum("query_lens", lens)
+    _check_fits("out", dst, int(sums[-1]) if n else 0)
     dst[0] = 0
-    np.cumsum(lens, dtype=np.int64, out=dst[1 : lens.shape[0] + 1])
-    return dst[: lens.shape[0] + 1]
+    dst[1 : n + 1] = sums
+    return dst[: n + 1]
 
 
 def fill_kv_indptr(seq_lens: ArrayLike, page_size: int, out: ArrayLike) -> np.ndarray:
@@ -97,11 +132,12 @@ def fill_kv_indptr(seq_lens: ArrayLike, page_size: int, out: ArrayLike) -> np.nd
     n = lens.shape[0]
     _check_out("out", dst, n + 1)
     _check_lengths("seq_lens", lens)
-    # In 64 bits: seq_len + page_size - 1 passes 2^31 for int32 lengths near the top of their range.
-    pages = (lens.astype(np.int64) + (ps - 1)) // ps
-    _check_fits("out", dst, int(pages.sum()))
+    # ceil without adding page_size - 1 first, which would wrap for lengths near the top of int64.
+    pages = lens // ps + (lens % ps != 0)
+    sums = _prefix_sum("seq_lens", pages)
+    _check_fits("out", dst, int(sums[-1]) if n else 0)
     dst[0] = 0
-    np.cumsum(pages, out=dst[1 : n + 1])
+    dst[1 : n + 1] = sums
     return dst[: n + 1]
 
 
@@ -127,5 +163,5 @@ def fill_kv_last_page_len(seq_lens: ArrayLike, page_size: int, out: ArrayLike) -
     _check_fits("out", dst, ps)
     view = dst[:n]
     # An empty sequence has no last page; (0 - 1) % ps + 1 would claim a full one.
-    view[:] = np.where(lens == 0, 0, (lens.astype(np.int64) - 1) % ps + 1)
+    view[:] = np.where(lens == 0, 0, (lens - 1) % ps + 1)
     return view

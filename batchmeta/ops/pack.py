@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from batchmeta.launch import cached_kernel
-from batchmeta.ops._common import check_index_vector, check_int, check_tensor, use_triton
+from batchmeta.ops._common import check_fill_value, check_index_vector, check_int, check_tensor, use_triton
 
 __all__ = ["pack_seq", "unpack_seq"]
 
@@ -95,12 +95,17 @@ def pack_seq(
     max_len:
         ``Lmax``. When None it is ``out.shape[1]``, or ``lengths.max()``: a host sync if ``lengths``
         is on the GPU.
+    pad_value:
+        A number the dtype of ``x`` holds: finite, not rounding to an infinity in a float dtype, an
+        integral value inside the range of an integer dtype.
     out:
         ``[B, Lmax, ...]`` contiguous, dtype of ``x``; allocated when None.
     """
     check_tensor("x", x, contiguous=True)
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension, got a scalar")
+    # As stored: an int for integer data (exact past 2^24, where a float kernel argument would round).
+    pad = check_fill_value("pad_value", pad_value, x.dtype)
     device = x.device
     _check_lengths(lengths, device)
     num_seqs = lengths.numel()
@@ -123,7 +128,7 @@ def pack_seq(
     features = math.prod(x.shape[1:])
     if on_triton:
         grid = (num_seqs, triton.cdiv(max_len, _BLOCK_T))
-        _pack.launch(grid, (x, x.shape[0], features, lengths, out, max_len, float(pad_value),
+        _pack.launch(grid, (x, x.shape[0], features, lengths, out, max_len, pad,
                             True, 256, _BLOCK_T, _BLOCK_F))  # fmt: skip
         return out
     starts = torch.cumsum(lengths.long(), 0) - lengths.long()
@@ -132,8 +137,8 @@ def pack_seq(
     valid = (t[None, :] < lengths.long()[:, None]) & (src < x.shape[0])
     flat = x.reshape(x.shape[0], features)
     vals = flat[src.clamp(0, max(x.shape[0] - 1, 0))] if x.shape[0] else flat.new_zeros((*src.shape, features))
-    pad = torch.full((), pad_value, dtype=x.dtype, device=device)
-    out.view(num_seqs, max_len, features).copy_(torch.where(valid[..., None], vals, pad))
+    pad_t = torch.full((), pad, dtype=x.dtype, device=device)
+    out.view(num_seqs, max_len, features).copy_(torch.where(valid[..., None], vals, pad_t))
     return out
 
 

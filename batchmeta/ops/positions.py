@@ -21,13 +21,17 @@ import triton.language as tl
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import (
     INDEX_DTYPES,
+    check_fits,
     check_group_lists,
     check_host_index_range,
+    check_host_nonnegative,
     check_index_vector,
     check_int,
     check_tensor,
     check_unit_column_stride,
     group_launches,
+    host_sum,
+    is_host,
     use_triton,
 )
 
@@ -93,8 +97,13 @@ def prepare_position_slot_ids(
     cu_slots:
         ``[>= B]`` int32/int64 start of each row in the flat slot list.
     position_ids, slot_indices:
-        ``[>= cu_seqlen[B]]`` int32/int64 outputs (checked on the host when ``cu_seqlen`` is a CPU
-        tensor; writes past their end are dropped otherwise).
+        ``[>= cu_seqlen[B]]`` int32/int64 outputs.
+
+    With CPU inputs every value is checked before anything is written: lengths and offsets
+    non-negative, ``cu_seqlen`` non-decreasing, the outputs long enough, and the largest position
+    and slot index held by the outputs' dtypes (never wrapped). Device inputs are not read (that would
+    sync): their values are the caller's responsibility; writes past the outputs' end are dropped,
+    and a value past an int32 output's range wraps.
     """
     check_index_vector("cache_lengths", cache_lengths, device=None)
     device = cache_lengths.device
@@ -104,15 +113,24 @@ def prepare_position_slot_ids(
     check_index_vector("position_ids", position_ids, device=device)
     check_index_vector("slot_indices", slot_indices, device=device)
     capacity = min(position_ids.numel(), slot_indices.numel())
-    if not cu_seqlen.is_cuda and num_rows:
-        counts = cu_seqlen[1 : num_rows + 1] - cu_seqlen[:num_rows]
+    if is_host(cu_seqlen) and num_rows:  # every input is on this device (checked above)
+        cu = cu_seqlen[: num_rows + 1].long()
+        check_host_nonnegative("cu_seqlen", cu, "offsets")
+        counts = cu[1:] - cu[:-1]
         if int(counts.min()) < 0:
             raise ValueError("cu_seqlen: expected a non-decreasing prefix sum")
-        if int(cu_seqlen[num_rows]) > capacity:
+        if int(cu[-1]) > capacity:
             name = "position_ids" if position_ids.numel() == capacity else "slot_indices"
-            raise ValueError(f"{name}: expected at least {int(cu_seqlen[num_rows])} elements, got {capacity}")
-    if not cache_lengths.is_cuda and num_rows and int(cache_lengths.min()) < 0:
-        raise ValueError("cache_lengths: expected non-negative lengths")
+            raise ValueError(f"{name}: expected at least {int(cu[-1])} elements, got {capacity}")
+        check_host_nonnegative("cache_lengths", cache_lengths)
+        check_host_nonnegative("cu_slots", cu_slots[:num_rows], "offsets")
+        active = counts > 0
+        if bool(active.any()):
+            # The largest values written: a row's last position and slot index.
+            last = host_sum("position_ids", cache_lengths.long()[active], counts[active] - 1)
+            check_fits("position_ids", position_ids.dtype, int(last.max()))
+            last_slot = host_sum("slot_indices", cu_slots[:num_rows].long()[active], last)
+            check_fits("slot_indices", slot_indices.dtype, int(last_slot.max()))
     on_triton = use_triton(backend, cache_lengths)
     if num_rows == 0:
         return
@@ -141,7 +159,7 @@ def prepare_position_slot_ids(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _slot_row(
-    table_ptr, table_stride, page_size, slot_ptr, slot_capacity, req, start, n, cache_len,
+    table_ptr, table_stride, table_width, page_size, slot_ptr, slot_capacity, req, start, n, cache_len,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = table_ptr + req * table_stride
@@ -150,8 +168,11 @@ def _slot_row(
         dst = start + j
         m = (j < n) & (dst < slot_capacity)
         pos = cache_len + j
-        page = tl.load(row + pos // page_size, mask=m, other=0).to(tl.int64)
-        tl.store(slot_ptr + dst, page * page_size + pos % page_size, mask=m)
+        # A position outside the row's table (device data the host could not check) gets PAD: never a
+        # page read past the row, which would be another request's.
+        inside = (pos >= 0) & (pos // page_size < table_width)
+        page = tl.load(row + pos // page_size, mask=m & inside, other=0).to(tl.int64)
+        tl.store(slot_ptr + dst, tl.where(inside, page * page_size + pos % page_size, -1), mask=m)
 
 
 @triton.jit
@@ -169,11 +190,11 @@ def _slot_mapping_kernel(
     positions_ptr,  # [P] int32/int64 (written by group-0 programs when WRITE_POSITIONS)
     positions_capacity,
     num_rows,
-    # Group g: persistent block table [R, W_g] (row stride), page size, slot mapping [S_g].
-    t0, ts0, ps0, o0, oc0,
-    t1, ts1, ps1, o1, oc1,
-    t2, ts2, ps2, o2, oc2,
-    t3, ts3, ps3, o3, oc3,
+    # Group g: persistent block table [R, W_g] (row stride, width), page size, slot mapping [S_g].
+    t0, ts0, tw0, ps0, o0, oc0,
+    t1, ts1, tw1, ps1, o1, oc1,
+    t2, ts2, tw2, ps2, o2, oc2,
+    t3, ts3, tw3, ps3, o3, oc3,
     NUM_GROUPS: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -203,7 +224,7 @@ def _slot_mapping_kernel(
         n = tl.load(qo_indptr_ptr + b + 1).to(tl.int64) - start
         cache_len = tl.load(cache_lens_ptr + b).to(tl.int64)
         if g == 0:
-            _slot_row(t0, ts0, ps0, o0, oc0, req, start, n, cache_len, BLOCK)
+            _slot_row(t0, ts0, tw0, ps0, o0, oc0, req, start, n, cache_len, BLOCK)
             if WRITE_POSITIONS:
                 for off in range(0, n, BLOCK):
                     j = off + tl.arange(0, BLOCK)
@@ -211,16 +232,75 @@ def _slot_mapping_kernel(
                     tl.store(positions_ptr + dst, cache_len + j, mask=(j < n) & (dst < positions_capacity))
         if NUM_GROUPS > 1:
             if g == 1:
-                _slot_row(t1, ts1, ps1, o1, oc1, req, start, n, cache_len, BLOCK)
+                _slot_row(t1, ts1, tw1, ps1, o1, oc1, req, start, n, cache_len, BLOCK)
         if NUM_GROUPS > 2:
             if g == 2:
-                _slot_row(t2, ts2, ps2, o2, oc2, req, start, n, cache_len, BLOCK)
+                _slot_row(t2, ts2, tw2, ps2, o2, oc2, req, start, n, cache_len, BLOCK)
         if NUM_GROUPS > 3:
             if g == 3:
-                _slot_row(t3, ts3, ps3, o3, oc3, req, start, n, cache_len, BLOCK)
+                _slot_row(t3, ts3, tw3, ps3, o3, oc3, req, start, n, cache_len, BLOCK)
 
 
 _slot_mapping = cached_kernel(_slot_mapping_kernel)
+
+
+def _slots_torch(table: torch.Tensor, page_size: int, reqs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Slot id (int64) of each ``(request slot, position)``; PAD where the position is outside the
+    request's table row, like the kernel."""
+    width = table.shape[1]
+    page_idx = pos // page_size
+    inside = (pos >= 0) & (page_idx < width)
+    if width == 0 or pos.numel() == 0:
+        return torch.full_like(pos, PAD_SLOT_ID)
+    page = table[reqs, page_idx.clamp(0, width - 1)].long()
+    return torch.where(inside, page * page_size + pos % page_size, PAD_SLOT_ID)
+
+
+def _token_rows(qo_indptr: torch.Tensor, cache_lens: torch.Tensor, idx_mapping: torch.Tensor, num_rows: int):
+    """Request slot and position of every token ``qo_indptr[0] <= t < qo_indptr[B]``."""
+    qo = qo_indptr[: num_rows + 1].long()
+    counts = qo[1:] - qo[:-1]
+    row = torch.repeat_interleave(torch.arange(num_rows, device=qo.device), counts)
+    tok = torch.arange(int(qo[0]), int(qo[-1]), device=qo.device)
+    return idx_mapping.long()[row], cache_lens.long()[row] + (tok - qo[:-1][row])
+
+
+def _check_host_slot_values(
+    idx_mapping: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    cache_lens: torch.Tensor,
+    block_tables: Sequence[torch.Tensor],
+    page_sizes: Sequence[int],
+    slot_mappings: Sequence[torch.Tensor],
+    positions: torch.Tensor | None,
+    num_rows: int,
+) -> None:
+    """Host data: every new token's position inside its request's table row in every group, and the
+    largest position and slot ids held by the outputs' dtypes."""
+    qo = qo_indptr[: num_rows + 1].long()
+    counts = qo[1:] - qo[:-1]
+    active = (counts > 0).nonzero().flatten()
+    if active.numel() == 0:
+        return
+    # Each row's last position, cache_lens + query length - 1 (the rows' largest).
+    last = host_sum("cache_lens", cache_lens.long()[active], counts[active] - 1)
+    top = int(last.max())
+    row = int(active[int(last.argmax())])
+    for g, (bt, ps) in enumerate(zip(block_tables, page_sizes, strict=True)):
+        needed = top // ps + 1
+        if needed > bt.shape[1]:
+            raise ValueError(
+                f"cache_lens: row {row} reaches position {top} (cache_lens + query length - 1), which needs "
+                f"{needed} pages of {ps} tokens in group {g}, but block_tables[{g}] is {bt.shape[1]} pages wide"
+            )
+    if positions is not None:
+        check_fits("positions", positions.dtype, top)
+    narrow = [g for g, sm in enumerate(slot_mappings) if sm.dtype != torch.int64]
+    if narrow:
+        reqs, pos = _token_rows(qo_indptr, cache_lens, idx_mapping, num_rows)
+        for g in narrow:
+            slots = _slots_torch(block_tables[g], page_sizes[g], reqs, pos)
+            check_fits(f"slot_mappings[{g}]", slot_mappings[g].dtype, int(slots.max()), int(slots.min()))
 
 
 def compute_slot_mappings(
@@ -245,6 +325,13 @@ def compute_slot_mappings(
     - ``slot_mappings[g][t] = block_tables[g][r, p // ps_g] * ps_g + p % ps_g``;
       ``slot_mappings[g][t] = -1`` (PAD) for every ``t >= qo_indptr[B]`` up to the end.
 
+    With CPU inputs every value is checked before anything is written: request slots inside the
+    tables, offsets and lengths non-negative, every token's page inside its request's table row
+    (``cache_lens[b] + query_len_b <= W_g * ps_g`` for each group), the outputs long enough, and the
+    largest position and slot id held by the outputs' dtypes. Device inputs are not read (that would
+    sync): their values are the caller's responsibility. A token whose page lies outside the table
+    row then gets PAD (never a page of another request); a value past an int32 output's range wraps.
+
     Parameters
     ----------
     idx_mapping:
@@ -257,7 +344,7 @@ def compute_slot_mappings(
     block_tables:
         Per group, ``[R, W_g]`` int32 persistent table (unit column stride).
     page_sizes:
-        Per group, tokens per page.
+        Per group, tokens per page (at most ``2**31 - 1``).
     slot_mappings:
         Per group, ``[S_g]`` int64 (or int32 for small caches) output, written to its end.
     positions:
@@ -274,18 +361,21 @@ def compute_slot_mappings(
     for g, (bt, ps, sm) in enumerate(zip(block_tables, page_sizes, slot_mappings, strict=True)):
         check_tensor(f"block_tables[{g}]", bt, dtypes=(torch.int32,), ndim=2, device=device)
         check_unit_column_stride(f"block_tables[{g}]", bt)
-        check_int(f"page_sizes[{g}]", ps, minimum=1)
+        # An int32 page id times a page size below 2^31 stays inside int64.
+        check_int(f"page_sizes[{g}]", ps, minimum=1, maximum=2**31 - 1)
         check_tensor(f"slot_mappings[{g}]", sm, dtypes=INDEX_DTYPES, ndim=1, device=device, contiguous=True)
     if positions is not None:
         check_index_vector("positions", positions, device=device)
     outputs = [(f"slot_mappings[{g}]", sm) for g, sm in enumerate(slot_mappings)]
     if positions is not None:
         outputs.append(("positions", positions))
-    if not qo_indptr.is_cuda and num_rows:
+    host = is_host(qo_indptr)  # every input is on this device (checked above)
+    if host and num_rows:
         qo = qo_indptr[: num_rows + 1]
-        if int((qo[1:] - qo[:-1]).min()) < 0:
+        check_host_nonnegative("qo_indptr", qo, "offsets")
+        if int((qo[1:].long() - qo[:-1].long()).min()) < 0:
             raise ValueError("qo_indptr: expected a non-decreasing prefix sum")
-    if num_tokens is None and not qo_indptr.is_cuda:
+    if num_tokens is None and host:
         num_tokens = int(qo_indptr[num_rows])
     if num_tokens is not None:
         check_int("num_tokens", num_tokens, minimum=0)
@@ -294,8 +384,11 @@ def compute_slot_mappings(
                 raise ValueError(f"{name}: expected at least {num_tokens} elements, got {t.numel()}")
     for bt in block_tables:
         check_host_index_range("idx_mapping", idx_mapping, bt.shape[0])
-    if not cache_lens.is_cuda and num_rows and int(cache_lens[:num_rows].min()) < 0:
-        raise ValueError("cache_lens: expected non-negative lengths")
+    check_host_nonnegative("cache_lens", cache_lens[:num_rows])
+    if host and num_rows:
+        _check_host_slot_values(
+            idx_mapping, qo_indptr, cache_lens, block_tables, page_sizes, slot_mappings, positions, num_rows
+        )
 
     if use_triton(backend, idx_mapping):
         pos = positions if positions is not None else slot_mappings[0]
@@ -303,23 +396,18 @@ def compute_slot_mappings(
             args: list = [idx_mapping, qo_indptr, cache_lens, pos, pos.numel(), num_rows]
             for g in arg_groups:
                 bt, sm = block_tables[g], slot_mappings[g]
-                args += [bt, bt.stride(0), page_sizes[g], sm, sm.numel()]
+                args += [bt, bt.stride(0), bt.shape[1], page_sizes[g], sm, sm.numel()]
             write_positions = positions is not None and arg_groups[0] == 0
             _slot_mapping.launch((num_rows + 1, n), (*args, n, write_positions, _BLOCK))
         return
 
-    qo = qo_indptr[: num_rows + 1].long()
-    counts = qo[1:] - qo[:-1]
-    total = int(qo[-1])
-    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
-    tok = torch.arange(int(qo[0]), total, device=device)
-    pos_vals = cache_lens.long()[row] + (tok - qo[:-1][row])
-    reqs = idx_mapping.long()[row]
+    start = int(qo_indptr[0])
+    total = int(qo_indptr[num_rows])
+    reqs, pos_vals = _token_rows(qo_indptr, cache_lens, idx_mapping, num_rows)
     if positions is not None:
-        positions[int(qo[0]) : total] = pos_vals[: max(0, positions.numel() - int(qo[0]))].to(positions.dtype)
+        positions[start:total] = pos_vals[: max(0, positions.numel() - start)].to(positions.dtype)
         positions[total:] = 0
     for bt, ps, sm in zip(block_tables, page_sizes, slot_mappings, strict=True):
-        page = bt[reqs, pos_vals // ps].long() if pos_vals.numel() else pos_vals
-        slots = page * ps + pos_vals % ps
-        sm[int(qo[0]) : total] = slots[: max(0, sm.numel() - int(qo[0]))].to(sm.dtype)
+        slots = _slots_torch(bt, ps, reqs, pos_vals)
+        sm[start:total] = slots[: max(0, sm.numel() - start)].to(sm.dtype)
         sm[total:] = PAD_SLOT_ID

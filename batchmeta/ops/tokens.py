@@ -9,9 +9,12 @@ import triton.language as tl
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import (
     check_host_index_range,
+    check_host_nonnegative,
     check_index_vector,
     check_tensor,
     check_unit_column_stride,
+    host_sum,
+    is_host,
     use_triton,
 )
 
@@ -49,8 +52,9 @@ def _copy_next_kernel(
         j = off + tl.arange(0, BLOCK)
         col = base + j
         src = src_start + j
-        # A request still inside its prompt (chunked prefill) keeps its prompt tokens.
-        m = (j < n) & (col >= prompt_len) & (col < ids_width) & (src < next_numel)
+        # A request still inside its prompt (chunked prefill) keeps its prompt tokens; a column outside
+        # the row (negative lengths on the device) is dropped, never written into a neighbouring row.
+        m = (j < n) & (col >= prompt_len) & (col >= 0) & (col < ids_width) & (src < next_numel)
         v = tl.load(next_input_ids_ptr + src, mask=m)
         tl.store(row + col, v, mask=m)
 
@@ -91,6 +95,12 @@ def copy_next_input_ids_inplace(
         ``[B + 1]`` int32/int64 prefix sum of accepted tokens per row.
     idx_mapping:
         ``[B]`` int32/int64 row of ``all_input_ids`` of each batch row, or None for the identity.
+
+    With CPU inputs every value is checked before anything is written: lengths non-negative,
+    ``cu_accepted_ids`` non-decreasing and within ``next_input_ids``, rows of ``idx_mapping`` inside
+    ``all_input_ids``, and every row that writes fits: ``cache_lengths[b] + input_lengths[b] +
+    accepted_b <= L``. Device inputs are not read (that would sync): their values are the caller's
+    responsibility, and a token whose column falls outside its row is dropped.
     """
     check_tensor("all_input_ids", all_input_ids, ndim=2)
     device = all_input_ids.device
@@ -106,14 +116,30 @@ def copy_next_input_ids_inplace(
     check_tensor("next_input_ids", next_input_ids, dtypes=(all_input_ids.dtype,), ndim=1, device=device,
                  contiguous=True)  # fmt: skip
     check_index_vector("cu_accepted_ids", cu_accepted_ids, device=device, min_numel=num_rows + 1)
-    if not cu_accepted_ids.is_cuda and num_rows:
-        cu = cu_accepted_ids[: num_rows + 1]
-        if int((cu[1:] - cu[:-1]).min()) < 0:
+    if is_host(cu_accepted_ids) and num_rows:  # every input is on this device (checked above)
+        cu = cu_accepted_ids[: num_rows + 1].long()
+        check_host_nonnegative("cu_accepted_ids", cu, "offsets")
+        accepted = cu[1:] - cu[:-1]
+        if int(accepted.min()) < 0:
             raise ValueError("cu_accepted_ids: expected a non-decreasing prefix sum")
         if int(cu[-1]) > next_input_ids.numel():
             raise ValueError(
                 f"next_input_ids: expected at least {int(cu[-1])} elements (cu_accepted_ids[-1]), "
                 f"got {next_input_ids.numel()}"
+            )
+        cache, inputs, prompts = (t[:num_rows].long() for t in (cache_lengths, input_lengths, prompt_lengths))
+        check_host_nonnegative("cache_lengths", cache)
+        check_host_nonnegative("input_lengths", inputs)
+        check_host_nonnegative("prompt_lengths", prompts)
+        # Rows that write: some accepted token lands at or past the prompt's end.
+        ends = host_sum("all_input_ids", cache, inputs, accepted)
+        writes = (accepted > 0) & (ends > prompts)
+        width = all_input_ids.shape[1]
+        if bool(writes.any()) and int(ends[writes].max()) > width:
+            b = int(writes.nonzero().flatten()[int(ends[writes].argmax())])
+            raise ValueError(
+                f"all_input_ids: row {b} writes up to column {int(ends[b]) - 1} (cache_lengths + input_lengths + "
+                f"accepted - 1), past its {width} columns"
             )
     on_triton = use_triton(backend, all_input_ids)
     if num_rows == 0:
@@ -135,7 +161,8 @@ def copy_next_input_ids_inplace(
     src = torch.arange(int(cu[0]), int(cu[-1]), device=device)
     j = src - cu[:-1][row]
     col = cache_lengths.long()[row] + input_lengths.long()[row] + j
-    keep = (col >= prompt_lengths.long()[row]) & (col < all_input_ids.shape[1]) & (src < next_input_ids.numel())
+    keep = (col >= prompt_lengths.long()[row]) & (col >= 0) & (col < all_input_ids.shape[1])
+    keep &= src < next_input_ids.numel()
     rows = row if idx_mapping is None else idx_mapping.long()[row]
     all_input_ids[rows[keep], col[keep]] = next_input_ids[src[keep]]
 
