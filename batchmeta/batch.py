@@ -48,9 +48,12 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "iu":
-        if arr.dtype == object and all(type(v) is int for v in arr):
-            raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX})")
-        raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+        if arr.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr):
+            if any(not -_I64_MAX - 1 <= int(v) <= _I64_MAX for v in arr):
+                raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX})")
+            arr = arr.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > _I64_MAX:
         raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX}), got {arr.max()}")
     if length is not None and arr.shape[0] != length:

@@ -103,6 +103,8 @@ def _to_sizes(value: object) -> tuple[int, ...]:
 class MetadataConfig:
     """What a :class:`~batchmeta.metadata.BatchMetadata` is sized for. Frozen; validated on creation.
 
+    Every size, page id and length the buffers store is int32: the bounds here keep it so.
+
     Parameters
     ----------
     max_num_reqs:
@@ -111,8 +113,6 @@ class MetadataConfig:
         New tokens in one step (the scheduler's token budget).
     max_model_len:
         Longest sequence (cached + new tokens) of any request, ``< 2^31``.
-
-    Every size, page id and length the buffers store is int32: each bound here keeps it so.
     kv_groups:
         One :class:`KVGroup` per block table (hybrid models have several).
     num_qo_heads, num_kv_heads, head_dim:
@@ -136,7 +136,8 @@ class MetadataConfig:
         FlashInfer float workspace, shared by every wrapper on the device.
     backend:
         How the step kernel runs: ``None`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, the torch
-        implementation otherwise), ``"triton"`` or ``"torch"``, as for every op.
+        implementation otherwise), ``"triton"`` or ``"torch"``, as for every op. ``"torch"`` on CUDA
+        is a reference path: like every op's torch implementation it reads device values (syncs).
     plan_attention:
         Plan FlashInfer every step (when it is installed and the device is CUDA). ``False`` for
         engines whose attention reads the metadata directly (block tables, ``seq_lens``); steps then

@@ -48,9 +48,6 @@ class DecodeGraphs:
     def __init__(self) -> None:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def __contains__(self, batch_size: int) -> bool:
-        return batch_size in self._graphs
-
     def capture(self, step: Step, forward: Callable[[Step], None], *, warmup: int) -> torch.cuda.CUDAGraph:
         """Captures ``forward(step)`` for ``step.padded_num_reqs`` rows (``step``: a planned graph step).
 

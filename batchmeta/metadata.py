@@ -30,12 +30,14 @@ from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
-from batchmeta.ops._common import check_tensor
+from batchmeta.ops._common import check_tensor, check_unit_column_stride
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
 from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_step
 from batchmeta.step import Step, StepViews
 
 __all__ = ["BatchMetadata"]
+
+_I32_MAX = 2**31 - 1
 
 
 class BatchMetadata:
@@ -199,28 +201,31 @@ class BatchMetadata:
             offsets, values = self._apply_excess_writes(offsets, values)
         self._clock[0] += 1  # from here the buffers change: earlier steps are stale
         h = ring.next()
-        num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._rows, idx, qlens, clens, seq, pages,
-                                                 max_seq, padded, graph, offsets, values)  # fmt: skip
-        ring.upload(lay.fixed_end + 2 * len(offsets))  # one host→device copy
-        self._fill(padded)  # one launch: staged writes and every metadata field
-        b = idx.shape[0]
-        query_len = qlens if type(qlens) is int else None
-        tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
-        key = (ring.current, b, padded, tokens_run, widths)
-        views = self._views.get(key)
-        if views is None:
-            if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
-                self._views.clear()
-            views = self._views[key] = StepViews.build(self.config, lay, ring, self._buffers, b, padded, tokens_run,
-                                                       widths)  # fmt: skip
-        num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
-        wrappers = None
-        if self._planned and padded:
-            max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
-            wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len)
-        ring.done()
-        return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
-                    num_kv_pages, views, wrappers, self._clock, self.block_tables)  # fmt: skip
+        try:
+            num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._rows, idx, qlens, clens, seq,
+                                                     pages, max_seq, padded, graph, offsets, values)  # fmt: skip
+            ring.upload(lay.fixed_end + 2 * len(offsets))  # one host→device copy
+            self._fill(padded)  # one launch: staged writes and every metadata field
+            b = idx.shape[0]
+            query_len = qlens if type(qlens) is int else None
+            tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
+            key = (ring.current, b, padded, tokens_run, widths)
+            views = self._views.get(key)
+            if views is None:
+                if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
+                    self._views.clear()
+                views = self._views[key] = StepViews.build(self.config, lay, ring, self._buffers, b, padded, tokens_run,
+                                                           widths)  # fmt: skip
+            num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
+            wrappers = None
+            if self._planned and padded:
+                max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
+                wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens,
+                                              max_query_len)  # fmt: skip
+            return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
+                        num_kv_pages, views, wrappers, self._clock, self.block_tables)  # fmt: skip
+        finally:
+            ring.done()  # the host buffer stays busy until what was enqueued from it has run
 
     # ---------------------------------------------------------------------------------------------
     # CUDA-graph decode
@@ -250,6 +255,10 @@ class BatchMetadata:
     def replay_decode_graph(self, step: Step) -> None:
         """Replays the graph captured for ``step.padded_num_reqs`` (``step``: the latest step, prepared
         with ``cuda_graph=True``)."""
+        if not isinstance(step, Step):
+            raise TypeError(f"step: expected the Step of a prepare_decode call, got {type(step).__name__}")
+        if step._clock is not self._clock:
+            raise ValueError("step: prepared by another BatchMetadata")
         with self._on_device():
             self._graphs.replay(step)
 
@@ -304,9 +313,10 @@ class BatchMetadata:
                      device=self.block_tables.flat.device)  # fmt: skip
         if token_ids.shape[0] < r:
             raise ValueError(f"token_ids: expected {r} rows (max_num_reqs), got shape {tuple(token_ids.shape)}")
-        check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), ndim=1,
-                         device=token_ids.device)  # fmt: skip
-        if int(accepted.sum()) > next_input_ids.numel():
+        check_unit_column_stride("token_ids", token_ids)
+        check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), ndim=1, device=token_ids.device,
+                     contiguous=True)  # fmt: skip
+        if int(accepted.sum()) > min(next_input_ids.numel(), _I32_MAX):
             raise ValueError(f"next_input_ids: expected at least {int(accepted.sum())} tokens (sum of num_accepted), "
                              f"got {next_input_ids.numel()}")  # fmt: skip
         ends = step.cache_lens_host + step.query_lens_host + accepted
@@ -315,16 +325,18 @@ class BatchMetadata:
         # Staging fields: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
         cu, prompt, cache, query, rows = (slice(0, b + 1), *(slice(k * r + 1, k * r + 1 + b) for k in range(1, 5)))
         h = self._accept_staging.next()
-        ops.fill_qo_indptr(accepted, h[cu])
-        h[prompt] = prompts
-        h[cache] = step.cache_lens_host
-        h[query] = step.query_lens_host
-        h[rows] = step.idx_mapping_host
         with self._on_device():
-            d = self._accept_staging.upload(5 * r + 1)
-            ops.copy_next_input_ids_inplace(token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu],
-                                            idx_mapping=d[rows], backend=self.config.backend)  # fmt: skip
-            self._accept_staging.done()
+            try:
+                ops.fill_qo_indptr(accepted, h[cu])
+                h[prompt] = prompts
+                h[cache] = step.cache_lens_host
+                h[query] = step.query_lens_host
+                h[rows] = step.idx_mapping_host
+                d = self._accept_staging.upload(5 * r + 1)
+                ops.copy_next_input_ids_inplace(token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu],
+                                                idx_mapping=d[rows], backend=self.config.backend)  # fmt: skip
+            finally:
+                self._accept_staging.done()
         return step.cache_lens_host + step.query_lens_host, accepted
 
     # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class Step:
     cuda_graph:
         Planned for CUDA-graph replay (``BatchMetadata.replay_decode_graph``).
     idx_mapping_host, cache_lens_host:
-        ``[B]`` int64 numpy, owned by the step (valid after later steps too).
+        ``[B]`` int64 numpy, owned by the step and read-only (valid after later steps too).
 
     Device views (FlashInfer's names): ``idx_mapping`` ``[Bp]`` int32 request slot of each row
     (padding rows map to the reserved row); ``qo_indptr`` ``[Bp + 1]`` int32 (padding rows add no
@@ -184,6 +184,11 @@ class Step:
         self.num_tokens = num_tokens
         self.query_len = query_len
         self.cuda_graph = cuda_graph
+        # The step's own copies: read-only, so neither the engine nor accept_tokens' caller can change them.
+        idx_mapping_host.flags.writeable = False
+        cache_lens_host.flags.writeable = False
+        if query_lens is not None:
+            query_lens.flags.writeable = False
         self.idx_mapping_host = idx_mapping_host
         self.cache_lens_host = cache_lens_host
         self._query_lens = query_lens

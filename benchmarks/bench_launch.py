@@ -44,7 +44,7 @@ def _cases(dev: torch.device):
 
     ragged_args = (table, table.stride(0), table.shape[1], idx, indptr, seq, 1, kv_indices, kv_indices.numel(),
                    True, False, 256)  # fmt: skip
-    group = [table, table.stride(0), 16, slots, slots.numel()]
+    group = [table, table.stride(0), table.shape[1], 16, slots, slots.numel()]
     slot_args = (idx, qsl, seq, pos, pos.numel(), b, *group, *group, *group, *group, 1, True, 256)
     store_args = (key, key, *key.stride(), *key.stride(), slots, cache, *cache.stride(), cache, *cache.stride(),
                   16, cache.shape[0] * 16, 8, 128, 512)  # fmt: skip
@@ -53,7 +53,7 @@ def _cases(dev: torch.device):
     return [
         ("empty kernel (1 arg)", _empty, (1,), empty_args),
         ("kv_indices (12 args)", block_table._ragged_kernel, (b,), ragged_args),
-        ("slot mapping (29 args)", positions._slot_mapping_kernel, (b + 1, 1), slot_args),
+        ("slot mapping (33 args)", positions._slot_mapping_kernel, (b + 1, 1), slot_args),
         ("store_kv (24 args)", kv_cache._store_kv_kernel, (b,), store_args),
     ]
 

@@ -275,7 +275,13 @@ def measure(impls: dict, steps: int, progress) -> dict:
 
 def memory_report(s: Setup) -> dict:
     meta = s.meta
-    tensors = [meta.block_tables.flat, meta._staging.dev, meta._accept_staging.dev, meta._out32, meta._out64]
+    tensors = [
+        meta.block_tables.flat,
+        meta._staging.dev,
+        meta._accept_staging.dev,
+        meta._buffers.out32,
+        meta._buffers.out64,
+    ]
     held = sum(t.numel() * t.element_size() for t in tensors)
     b = len(s.scn.cache_lens)
     seq = np.array(s.scn.cache_lens) + np.array(s.scn.query_lens)

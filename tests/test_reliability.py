@@ -250,3 +250,45 @@ def test_accept_tokens_rejects_a_step_of_another_metadata():
     assert isinstance(step, Step)
     with pytest.raises(ValueError, match=r"^step: .*another BatchMetadata"):
         m.accept_tokens(step, torch.zeros(2, 16, dtype=torch.int64), torch.tensor([1]), [1], [0])
+
+
+@pytest.mark.parametrize("layout", ["strided next_input_ids", "transposed token_ids"])
+def test_accept_tokens_layout_checked_before_anything_changes(layout):
+    m = meta()
+    m.block_tables.append(0, [1, 2])
+    step = m.prepare_decode([0], [3])
+    history = torch.zeros(2, 16, dtype=torch.int64)
+    ids = torch.tensor([9, 9, 9, 9])
+    if layout == "strided next_input_ids":
+        call, name = (lambda: m.accept_tokens(step, history, ids[::2], [1], [0])), "next_input_ids"
+    else:
+        wide = torch.zeros(16, 2, dtype=torch.int64).t()  # [2, 16] with column stride 2
+        call, name = (lambda: m.accept_tokens(step, wide, ids[:1], [1], [0])), "token_ids"
+    rejects(m, ValueError, f"^{name}: ", call)
+
+
+def test_replay_rejects_what_is_not_its_step():
+    m = meta()
+    with pytest.raises(TypeError, match=r"^step: "):
+        m.replay_decode_graph("step")
+    other = meta()
+    other.block_tables.append(0, [1])
+    with pytest.raises(ValueError, match="another BatchMetadata"):
+        m.replay_decode_graph(other.prepare_decode([0], [1]))
+
+
+def test_step_host_arrays_are_read_only():
+    m = meta()
+    m.block_tables.append(0, [1, 2])
+    step = m.prepare_prefill([0], [2], [3])
+    for arr in (step.idx_mapping_host, step.cache_lens_host, step.query_lens_host):
+        with pytest.raises(ValueError, match="read-only"):
+            arr += 1
+    assert step.seq_lens_host.tolist() == [5]
+
+
+def test_object_arrays_of_small_ints_are_ints():
+    m = meta()
+    m.block_tables.append(1, [4])
+    step = m.prepare_decode(np.array([1], dtype=object), np.array([np.int32(2)], dtype=object))
+    assert step.slot_mappings[0].tolist() == [4 * 4 + 2]
