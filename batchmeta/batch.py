@@ -27,6 +27,7 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
     wrong number of elements; ``TypeError`` for non-integer data (a float list must not be
     truncated), bool, sparse tensors.
     """
+    owned = False  # whether ``value`` becomes an array nobody else holds
     if type(value) is not np.ndarray:
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu":
@@ -40,6 +41,7 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
         elif isinstance(value, (str, bytes)) or value is None:
             raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
         else:
+            owned = isinstance(value, (list, tuple))  # np.asarray makes a new array of these
             try:
                 value = np.asarray(value)
             except (ValueError, TypeError) as e:  # ragged nested lists
@@ -58,7 +60,9 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
         raise ValueError(f"{name}: values beyond int64 (max {_I64_MAX}), got {arr.max()}")
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"{name}: expected {length} elements (one per batch row), got {arr.shape[0]}")
-    return arr.astype(np.int64)  # a copy, also when it is int64 already
+    if owned and arr.dtype == np.int64:
+        return arr
+    return arr.astype(np.int64)  # a copy, also when it is int64 already: the caller may reuse its array
 
 
 class BatchChecker:
@@ -101,20 +105,15 @@ class BatchChecker:
             raise ValueError("idx_mapping: a request slot appears twice in one batch")
         if clens.min() < 0:
             raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
-        # Each value bounded before any sum, so no sum can overflow int64 or wrap in int32 staging.
-        if clens.max() > cfg.max_model_len:
-            raise ValueError(f"cache_lens: expected at most max_model_len ({cfg.max_model_len}) cached tokens, "
-                             f"got {clens.max()}")  # fmt: skip
-        if type(qlens) is not int and qlens.max() > cfg.max_num_tokens:
-            raise ValueError(f"query_lens: {qlens.max()} tokens in one row exceed max_num_tokens "
-                             f"({cfg.max_num_tokens})")  # fmt: skip
         num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
         seq = clens + qlens
-        max_seq = int(seq.max())
+        # Read as unsigned, a sum that overflowed int64 is huge: this one bound also rejects every
+        # overflow (a query_lens sum can only wrap if some row's length is beyond max_model_len).
+        max_seq = int(seq.view(np.uint64).max())
         if max_seq > cfg.max_model_len:
-            raise ValueError(f"cache_lens: a row reaches {max_seq} tokens, more than max_model_len "
+            raise ValueError(f"cache_lens: a row reaches {self._reach(seq)} tokens, more than max_model_len "
                              f"({cfg.max_model_len})")  # fmt: skip
         pages = []
         for g, grp in enumerate(cfg.kv_groups):
@@ -126,6 +125,11 @@ class BatchChecker:
                 self._raise_short(g, idx, seq, need, held, int(np.argmax(short)))
             pages.append(need)
         return seq, pages, max_seq
+
+    @staticmethod
+    def _reach(seq: np.ndarray) -> str:
+        """The longest row's tokens, for a message (``beyond int64`` where the sum overflowed)."""
+        return "beyond int64" if seq.min() < 0 else str(int(seq.max()))
 
     def _raise_short(self, g: int, idx, seq, need, held, k: int) -> None:
         req = int(idx[k])

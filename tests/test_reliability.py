@@ -77,12 +77,23 @@ def test_rejected_step_keeps_staged_writes(call):
 
 
 # 2. A step owns copies of its host arrays, whatever the caller passed.
-@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+class _Sub(np.ndarray):
+    """A numpy subclass: np.asarray returns a view of it, not a copy."""
+
+
+WRAPS = {
+    "numpy": lambda a: np.array(a, np.int64),
+    "tensor": lambda a: torch.tensor(a, dtype=torch.int64),
+    "subclass": lambda a: np.array(a, np.int64).view(_Sub),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRAPS))
 def test_step_host_arrays_do_not_alias_the_callers(kind):
     m = meta()
     m.block_tables.append(0, [1, 2])
     m.block_tables.append(1, [3, 4])
-    wrap = (lambda a: np.array(a, np.int64)) if kind == "numpy" else (lambda a: torch.tensor(a, dtype=torch.int64))
+    wrap = WRAPS[kind]
     idx, clens, qlens = wrap([0, 1]), wrap([3, 1]), wrap([2, 4])
     step = m.prepare_prefill(idx, qlens, clens)
     idx[:] = wrap([1, 0])
