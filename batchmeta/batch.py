@@ -103,15 +103,18 @@ class BatchChecker:
         self._seen[idx] = rows
         if (self._seen[idx] != rows).any():
             raise ValueError("idx_mapping: a request slot appears twice in one batch")
-        if clens.min() < 0:
-            raise ValueError(f"cache_lens: expected non-negative lengths, got {clens.min()}")
+        # Read as unsigned, a negative length is huge: one reduction bounds cache_lens on both sides.
+        if int(clens.view(np.uint64).max()) > cfg.max_model_len:
+            raise ValueError(f"cache_lens: expected lengths in [0, {cfg.max_model_len}] (max_model_len), "
+                             f"got {clens.min()}..{clens.max()}")  # fmt: skip
         num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
         seq = clens + qlens
-        # Read as unsigned, a sum that overflowed int64 is huge: this one bound also rejects every
-        # overflow (a query_lens sum can only wrap if some row's length is beyond max_model_len).
-        max_seq = int(seq.view(np.uint64).max())
+        # Decode: a small int added to bounded lengths cannot overflow. Prefill: read as unsigned, a
+        # sum that overflowed int64 is huge, so the one bound below rejects it (a query_lens sum can
+        # only have wrapped if some row is longer than max_model_len).
+        max_seq = int(seq.max()) if type(qlens) is int else int(seq.view(np.uint64).max())
         if max_seq > cfg.max_model_len:
             raise ValueError(f"cache_lens: a row reaches {self._reach(seq)} tokens, more than max_model_len "
                              f"({cfg.max_model_len})")  # fmt: skip
