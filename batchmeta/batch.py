@@ -80,7 +80,7 @@ class BatchChecker:
     def __init__(self, config: MetadataConfig, held: np.ndarray):
         self.config = config
         self._held = held
-        self._rows = np.arange(config.max_num_reqs + 1, dtype=np.int64)
+        self.rows = np.arange(config.max_num_reqs + 1, dtype=np.int64)  # 0..max_num_reqs, shared scratch
         self._seen = np.zeros(config.max_num_reqs, dtype=np.int64)
 
     def check(self, idx: np.ndarray, qlens: np.ndarray | int,
@@ -99,7 +99,7 @@ class BatchChecker:
         if (idx.view(np.uint64) >= r).any():  # a negative slot reads as a huge unsigned one
             raise ValueError(f"idx_mapping: expected request slots in [0, {r}), got {idx.min()}..{idx.max()}")
         # Duplicates: after seen[idx] = 0..b-1, a repeated slot reads back another row's number.
-        rows = self._rows[:b]
+        rows = self.rows[:b]
         self._seen[idx] = rows
         if (self._seen[idx] != rows).any():
             raise ValueError("idx_mapping: a request slot appears twice in one batch")

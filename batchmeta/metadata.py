@@ -105,7 +105,6 @@ class BatchMetadata:
         self._planner = StepPlanner(cfg, buf.kv_indices)
         self._graphs = DecodeGraphs()
         self._views: dict[tuple, StepViews] = {}
-        self._rows = np.arange(r + 1, dtype=np.int64)
         self._clock = [0]  # number of the latest step: older steps' views are stale
 
     def __repr__(self) -> str:
@@ -202,8 +201,8 @@ class BatchMetadata:
         self._clock[0] += 1  # from here the buffers change: earlier steps are stale
         h = ring.next()
         try:
-            num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._rows, idx, qlens, clens, seq,
-                                                     pages, max_seq, padded, graph, offsets, values)  # fmt: skip
+            num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
+                                                     seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
             ring.upload(lay.fixed_end + 2 * len(offsets))  # one host→device copy
             self._fill(padded)  # one launch: staged writes and every metadata field
             b = idx.shape[0]
