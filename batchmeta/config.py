@@ -142,6 +142,15 @@ class MetadataConfig:
         Plan FlashInfer every step (when it is installed and the device is CUDA). ``False`` for
         engines whose attention reads the metadata directly (block tables, ``seq_lens``); steps then
         carry no wrappers.
+    prefill_backend:
+        FlashInfer's ``backend`` for the paged and ragged prefill wrappers: ``"fa2"`` (default),
+        ``"fa3"`` (sm90 only) or ``"auto"`` (FlashInfer picks: FA3 on sm90). FA3's planner costs
+        0.7–2 ms of host time per plan on an H100 machine (a heap over heads × query tiles), FA2's
+        20–45 µs, so FA2 is the default; both take batchmeta's fast planning path.
+    batch_block_tables:
+        Build ``step.batch_block_tables`` (each batch row's pages, ``[B, W]``) every step. Off by
+        default: FlashInfer reads ``kv_indices``, and writing a second copy of every row's pages
+        doubles the step kernel's writes. Turn it on for attention kernels that read block tables.
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
@@ -161,6 +170,8 @@ class MetadataConfig:
     workspace_bytes: int = attrs.field(default=128 * 1024 * 1024, validator=_int_in(1, 2**63 - 1))
     backend: str | None = attrs.field(default=None)
     plan_attention: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    prefill_backend: str = attrs.field(default="fa2")
+    batch_block_tables: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     @kv_groups.validator
     def _check_groups(self, attribute, value) -> None:
@@ -207,6 +218,11 @@ class MetadataConfig:
     def _check_backend(self, attribute, value) -> None:
         if value not in (None, "triton", "torch"):
             raise ValueError(f"backend: expected None, 'triton' or 'torch', got {value!r}")
+
+    @prefill_backend.validator
+    def _check_prefill_backend(self, attribute, value) -> None:
+        if value not in ("fa2", "fa3", "auto"):
+            raise ValueError(f"prefill_backend: expected 'fa2', 'fa3' or 'auto', got {value!r}")
 
     @cuda_graph_batch_sizes.validator
     def _check_graph_sizes(self, attribute, value) -> None:

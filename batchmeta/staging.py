@@ -124,19 +124,26 @@ class StepBuffers:
     kv_indices:
         Per group ``[(max_num_reqs + 1) * W_g]`` int32.
     batch_block_tables:
-        Per group ``[max_num_reqs, W_g]`` int32: each batch row's pages (``W_g`` the table width).
+        Per group ``[max_num_reqs, W_g]`` int32: each batch row's pages (``W_g`` the table width);
+        None unless ``config.batch_block_tables``.
     """
 
     def __init__(self, config: MetadataConfig, device: torch.device):
         cfg = config
         r, t, groups = cfg.max_num_reqs, cfg.max_num_tokens, len(cfg.kv_groups)
         self.widths = [cfg.max_pages_per_req(g) for g in range(groups)]
-        # int32 outputs: per group kv_indices [(r + 1) * W] then the per-batch table [r, W].
+        # int32 outputs: per group kv_indices [(r + 1) * W] then the per-batch table [r, W]. Without
+        # config.batch_block_tables every step stages a table width of 0, so the kernel writes no
+        # table: its offset then names the kv_indices region (valid, never written) and no memory.
         self.kv_offsets, self.table_offsets, pos = [], [], 0
         for w in self.widths:
             self.kv_offsets.append(pos)
-            self.table_offsets.append(pos + (r + 1) * w)
-            pos += (2 * r + 1) * w
+            if cfg.batch_block_tables:
+                self.table_offsets.append(pos + (r + 1) * w)
+                pos += (2 * r + 1) * w
+            else:
+                self.table_offsets.append(pos)
+                pos += (r + 1) * w
         self.out32 = torch.zeros(pos, dtype=torch.int32, device=device)
         # int64 outputs: positions, then per group the slot mapping, each [t]; slots start as PAD.
         self.out64 = torch.full(((1 + groups) * t,), -1, dtype=torch.int64, device=device)
@@ -146,8 +153,10 @@ class StepBuffers:
         self.kv_indices = tuple(
             self.out32[at : at + (r + 1) * w] for at, w in zip(self.kv_offsets, self.widths, strict=True)
         )
-        self.batch_block_tables = tuple(
-            self.out32[at : at + r * w].view(r, w) for at, w in zip(self.table_offsets, self.widths, strict=True)
+        self.batch_block_tables = (
+            tuple(self.out32[at : at + r * w].view(r, w) for at, w in zip(self.table_offsets, self.widths, strict=True))
+            if cfg.batch_block_tables
+            else None
         )
 
     def kernel_layout(self, config: MetadataConfig, staging: StagingLayout, block_tables: BlockTables) -> StepLayout:
@@ -218,8 +227,12 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
         if padded > b:  # padding rows: one page each (the padding page), one token in it
             np.add(rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
             last[b:] = 1
-        # Eager steps fill only as many per-batch table columns as the longest row needs.
-        widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
+        # Eager steps fill only as many per-batch table columns as the longest row needs; none
+        # unless the configuration asks for the tables.
+        if not config.batch_block_tables:
+            widths.append(0)
+        else:
+            widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
         h[lay.step_width[g]] = widths[g]
     n = len(offsets)
     h[lay.num_writes] = n

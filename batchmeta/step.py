@@ -90,7 +90,9 @@ class StepViews:
             kv_indptr=per_group(d, lay.kv_indptr, n + 1),
             kv_indices_full=buffers.kv_indices,
             kv_last_page_len=per_group(d, lay.last_page_len, n),
-            batch_block_tables=tuple(t[:n, :w] for t, w in zip(buffers.batch_block_tables, widths, strict=True)),
+            batch_block_tables=None
+            if buffers.batch_block_tables is None
+            else tuple(t[:n, :w] for t, w in zip(buffers.batch_block_tables, widths, strict=True)),
             idx_mapping_host=h[lay.idx : lay.idx + n],
             qo_indptr_host=h[lay.qo_indptr : lay.qo_indptr + n + 1],
             kv_indptr_host=per_group(h, lay.kv_indptr, n + 1),
@@ -247,7 +249,20 @@ class Step:
     slot_mappings = _view("slot_mappings", "Per group ``[Tp]`` int64 device: KV slot of each token (PAD past T).")
     kv_indptr = _view("kv_indptr", "Per group ``[Bp + 1]`` int32 device: prefix sum of pages per row.")
     kv_last_page_len = _view("kv_last_page_len", "Per group ``[Bp]`` int32 device: tokens in each row's last page.")
-    batch_block_tables = _view("batch_block_tables", "Per group ``[Bp, W]`` int32 device: each row's pages, 0-padded.")
+
+    @property
+    def batch_block_tables(self) -> tuple[torch.Tensor, ...]:
+        """Per group ``[Bp, W]`` int32 device: each row's pages, 0-padded (``W`` the longest row's
+        pages, or the table width in a CUDA graph). Built only with
+        ``MetadataConfig(batch_block_tables=True)``."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("batch_block_tables")
+        tables = self._views.batch_block_tables
+        if tables is None:
+            raise ValueError("batch_block_tables: not built; make the BatchMetadata with "
+                             "MetadataConfig(batch_block_tables=True) to have them every step")  # fmt: skip
+        return tables
+
     qo_indptr_host = _view("qo_indptr_host", "``[Bp + 1]`` int32 numpy twin of ``qo_indptr``.")
     kv_indptr_host = _view("kv_indptr_host", "Per group ``[Bp + 1]`` int32 numpy twin of ``kv_indptr``.")
     kv_last_page_len_host = _view("kv_last_page_len_host", "Per group ``[Bp]`` int32 numpy twin of kv_last_page_len.")

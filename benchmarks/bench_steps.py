@@ -1,6 +1,6 @@
 """Per-step metadata cost: batchmeta against the glue engines write today, measured in one run.
 
-Run on a machine with CUDA and FlashInfer:  python benchmarks/bench_steps.py
+Run on a machine with CUDA and FlashInfer:  python benchmarks/bench_steps.py [--prefill-backend fa2|fa3|auto]
 Writes ``benchmarks/results/<device>-<date>.{md,json,png}`` (and copies them to ``$OUT`` if set).
 
 Implementations, A/B interleaved step by step:
@@ -20,6 +20,16 @@ step's device work, enqueued behind a sleeping kernel so the host's pace is excl
 implementation that syncs waits for the GPU, so its gaps count); host syncs (torch's sync debug
 mode, counted in a separate pass); and host→device bytes the implementation itself copies
 (FlashInfer's own plan copies are the same for all and not counted).
+
+``--prefill-backend`` (``fa2``, the default; ``fa3``; ``auto``) is FlashInfer's ``backend=`` for the prefill
+wrappers: batchmeta gets it as ``MetadataConfig.prefill_backend``, and ``stock-plan`` and ``eager-glue`` build
+their ``BatchPrefillWithPagedKVCacheWrapper`` with the same one, so the comparison is like for like (decode
+wrappers have no such choice). The backend is recorded in the report's header and json.
+
+After the per-implementation table, the report has a summary: one row per scenario with batchmeta's host and
+GPU medians as ratios of stock-plan's from the same run, each checked against ``TARGETS`` (the project's speed
+issue) with ✓ / ✗, and an overall pass / miss (``n/a`` where a target cannot be checked in this run, e.g. D2
+without D1). The json carries the same under ``summary``.
 """
 
 from __future__ import annotations
@@ -86,6 +96,23 @@ def scenarios(rng) -> list[Scenario]:
 
 
 HEADS = (32, 8, 128)  # num_qo_heads, num_kv_heads, head_dim (Llama-3-8B-like); --head-dim changes the last
+TIMES = "\N{MULTIPLICATION SIGN}"  # spelt out: ruff flags the literal sign as ambiguous
+PREFILL_BACKENDS = ("fa2", "fa3", "auto")  # FlashInfer's backend= of the paged and ragged prefill wrappers
+
+# Speed targets, from the project's speed issue; all are ratios of medians measured in the same run.
+# host: batchmeta host µs / stock-plan host µs at most this; noplan: batchmeta-noplan / stock-plan likewise;
+# host_vs: host µs no more than that scenario's batchmeta host µs (D2, under graphs, no slower than D1 eager);
+# gpu_ratio: batchmeta GPU µs at most this × stock-plan's; gpu_us: an absolute GPU µs bound instead.
+TARGETS: dict[str, dict] = {
+    "D1": dict(host=0.17, noplan=0.08, gpu_ratio=1.5),
+    "D2": dict(host_vs="D1", gpu_ratio=1.5),
+    "D3": dict(host=0.17, noplan=0.08, gpu_ratio=1.5),
+    "D4": dict(host=0.17, noplan=0.08, gpu_ratio=1.5),
+    "D5": dict(host=0.17, noplan=0.08, gpu_us=25.0),
+    "P1": dict(host=0.5, gpu_ratio=1.5),
+    "M1": dict(host=0.5, gpu_ratio=1.5),
+    "S": dict(host=0.5, gpu_ratio=1.5),
+}
 
 
 @dataclass
@@ -94,11 +121,12 @@ class Setup:
     meta: BatchMetadata
     idx: np.ndarray
     noplan: BatchMetadata | None = None
+    prefill_backend: str = "fa2"
     host: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
 
 
-def build(scn: Scenario, rng) -> Setup:
+def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     b = len(scn.cache_lens)
     seq = np.array(scn.cache_lens) + np.array(scn.query_lens)
     max_len = int(seq.max()) + 64
@@ -115,6 +143,7 @@ def build(scn: Scenario, rng) -> Setup:
         device="cuda",
         cuda_graph_batch_sizes=(b,) if scn.graph else (),
         max_draft_tokens=scn.draft,
+        prefill_backend=prefill_backend,
     )
     meta = BatchMetadata(cfg)
     noplan = BatchMetadata(attrs.evolve(cfg, plan_attention=False))
@@ -127,7 +156,7 @@ def build(scn: Scenario, rng) -> Setup:
             m.block_tables.append(r, perm[start : start + n].tolist())
         start += n
     idx = np.arange(b)
-    s = Setup(scn, meta, idx, noplan=noplan)
+    s = Setup(scn, meta, idx, noplan=noplan, prefill_backend=prefill_backend)
     # Host arrays for the stock plan, and device kv_indices, prepared once (not timed).
     with meta.prepare_prefill(idx, scn.query_lens, scn.cache_lens) as step:
         s.host = dict(
@@ -142,13 +171,13 @@ def build(scn: Scenario, rng) -> Setup:
 # --------------------------------------------------------------------------------------------------
 # Implementations: each returns a callable running one step, and the host→device bytes it copies
 # --------------------------------------------------------------------------------------------------
-def _wrappers(decode: bool):
+def _wrappers(decode: bool, prefill_backend: str):
     import flashinfer
 
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     if decode:
         return flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=HEADS[0] // HEADS[1] > 4)
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=prefill_backend)
 
 
 def _plan(w, decode, qo, kv, indices, last, ps):
@@ -162,7 +191,7 @@ def impl_eager_glue(s: Setup):
     scn = s.scn
     ps = scn.page_size
     decode = scn.decode and scn.draft == 0
-    w = _wrappers(decode)
+    w = _wrappers(decode, s.prefill_backend)
     table = s.dev["table"]
     width = table.shape[1]
     cols = torch.arange(width, device="cuda")
@@ -193,7 +222,7 @@ def impl_eager_glue(s: Setup):
 def impl_stock_plan(s: Setup):
     scn = s.scn
     decode = scn.decode and scn.draft == 0
-    w = _wrappers(decode)
+    w = _wrappers(decode, s.prefill_backend)
     h, ind = s.host, s.dev["kv_indices"]
 
     def step():
@@ -296,6 +325,114 @@ def memory_report(s: Setup) -> dict:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# Summary against TARGETS (pure functions of the results dict: exercised without a GPU)
+# --------------------------------------------------------------------------------------------------
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or not den > 0:
+        return None
+    return num / den
+
+
+def _shown(value: float, limit: float, suffix: str = "") -> str:
+    """``value`` with as many decimals (2 to 4) as it takes for the shown figure to compare to ``limit`` as
+    the figure itself does, so a near miss never reads "0.17 ≤ 0.17 ✗"."""
+    text = ""
+    for digits in (2, 3, 4):
+        text = f"{value:.{digits}f}"
+        if (float(text) <= limit) == (value <= limit):
+            break
+    return text + suffix
+
+
+def _check(label: str, value: float | None, limit: float | None, shown: str, bound: str) -> dict:
+    ok = None if value is None or limit is None else bool(value <= limit)
+    mark = {True: "✓", False: "✗", None: "n/a"}[ok]
+    return dict(name=label, value=value, limit=limit, ok=ok, text=f"{label} {shown} ≤ {bound} {mark}")
+
+
+def summarize(results: dict, targets: dict | None = None) -> dict:
+    """Per scenario: batchmeta's medians against stock-plan's, each target checked; ``passed`` is True when
+    every check passes, False when any fails, None when none fails but some cannot be checked."""
+    targets = TARGETS if targets is None else targets
+    out = {}
+    for name, r in results.items():
+        impls = r["impls"]
+        stock = impls.get("stock-plan", {})
+        bm_name = "batchmeta-graph" if "batchmeta-graph" in impls else "batchmeta"
+        bm = impls.get(bm_name, {})
+        noplan = impls.get("batchmeta-noplan", {})
+        host_ratio = _ratio(bm.get("host_median"), stock.get("host_median"))
+        noplan_ratio = _ratio(noplan.get("host_median"), stock.get("host_median"))
+        gpu_ratio = _ratio(bm.get("gpu_median"), stock.get("gpu_median"))
+        tgt = targets.get(name, {})
+        checks = []
+        if "host" in tgt:
+            shown = "n/a" if host_ratio is None else _shown(host_ratio, tgt["host"])
+            checks.append(_check("host", host_ratio, tgt["host"], shown, f"{tgt['host']:g}"))
+        if "noplan" in tgt:
+            shown = "n/a" if noplan_ratio is None else _shown(noplan_ratio, tgt["noplan"])
+            checks.append(_check("noplan", noplan_ratio, tgt["noplan"], shown, f"{tgt['noplan']:g}"))
+        if "host_vs" in tgt:
+            other = tgt["host_vs"]
+            ref = results.get(other, {}).get("impls", {}).get("batchmeta", {}).get("host_median")
+            value = bm.get("host_median")
+            if value is None or ref is None:
+                checks.append(
+                    dict(name="host", value=None, limit=None, ok=None, text=f"host vs {other} n/a ({other} not run)")
+                )
+            else:
+                checks.append(
+                    _check("host", value, ref, _shown(value, ref, " µs"), f"{other} batchmeta {_shown(ref, ref)} µs")
+                )
+        if "gpu_ratio" in tgt:
+            lim = tgt["gpu_ratio"]
+            shown = "n/a" if gpu_ratio is None else _shown(gpu_ratio, lim, TIMES)
+            checks.append(_check("GPU", gpu_ratio, lim, shown, f"{lim:g}{TIMES}"))
+        if "gpu_us" in tgt:
+            lim, value = tgt["gpu_us"], bm.get("gpu_median")
+            shown = "n/a" if value is None else _shown(value, lim, " µs")
+            checks.append(_check("GPU", value, lim, shown, f"{lim:g} µs"))
+        oks = [c["ok"] for c in checks]
+        passed = False if False in oks else (None if None in oks or not oks else True)
+        out[name] = dict(
+            what=r.get("what", ""),
+            batchmeta_impl=bm_name,
+            stock_plan_host_us=stock.get("host_median"),
+            batchmeta_host_us=bm.get("host_median"),
+            host_ratio=host_ratio,
+            noplan_ratio=noplan_ratio,
+            gpu_ratio=gpu_ratio,
+            targets=tgt,
+            checks=checks,
+            passed=passed,
+        )
+    return out
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary table, in markdown."""
+
+    def num(v, fmt, suffix=""):
+        return "—" if v is None else format(v, fmt) + suffix
+
+    lines = [
+        "| scenario | stock-plan host µs | batchmeta host µs | batchmeta / stock-plan | batchmeta-noplan / stock-plan "
+        "| GPU µs batchmeta / stock-plan | target | pass/miss |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, s in summary.items():
+        bm = "" if s["batchmeta_impl"] == "batchmeta" else f" ({s['batchmeta_impl']})"
+        checks = "; ".join(c["text"] for c in s["checks"]) or "no target"
+        verdict = {True: "**pass**", False: "**miss**", None: "n/a"}[s["passed"]]
+        lines.append(
+            f"| {name} | {num(s['stock_plan_host_us'], '.1f')} | {num(s['batchmeta_host_us'], '.1f')}{bm} | "
+            f"{num(s['host_ratio'], '.3f')} | {num(s['noplan_ratio'], '.3f')} | {num(s['gpu_ratio'], '.2f', TIMES)} | "
+            f"{checks} | {verdict} |"
+        )
+    return lines
+
+
 def main() -> int:
     global HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -303,6 +440,12 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--head-dim", type=int, default=128, help="attention head size (a FlashInfer JIT variant)")
+    parser.add_argument(
+        "--prefill-backend",
+        choices=PREFILL_BACKENDS,
+        default="fa2",
+        help="FlashInfer backend= of the prefill wrappers, for batchmeta and the stock baselines alike",
+    )
     args = parser.parse_args()
     HEADS = (HEADS[0], HEADS[1], args.head_dim)
     if not torch.cuda.is_available():
@@ -321,7 +464,7 @@ def main() -> int:
 
     results, memory = {}, None
     for scn in chosen:
-        s = build(scn, rng)
+        s = build(scn, rng, prefill_backend=args.prefill_backend)
         impls = {
             "eager-glue": impl_eager_glue(s),
             "stock-plan": impl_stock_plan(s),
@@ -349,7 +492,8 @@ def main() -> int:
     lines = [
         f"# batchmeta per-step cost on {torch.cuda.get_device_name()} ({stamp})",
         "",
-        f"torch {torch.__version__}; heads {HEADS}; bf16; {args.steps} interleaved steps per implementation.",
+        f"torch {torch.__version__}; heads {HEADS}; bf16; prefill backend {args.prefill_backend}; "
+        f"{args.steps} interleaved steps per implementation.",
         "",
         "| scenario | implementation | host µs median | host µs p90 | GPU µs median | syncs/step | H2D bytes/step |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -360,6 +504,13 @@ def main() -> int:
                 f"| {name}: {r['what']} | {impl} | {m['host_median']:.1f} | {m['host_p90']:.1f} | "
                 f"{m['gpu_median']:.1f} | {m['syncs']} | {m['h2d_bytes']} |"
             )
+    summary = summarize(results)
+    lines += [
+        "",
+        "Summary against the speed targets (ratios of medians from this run; batchmeta is batchmeta-graph for D2):",
+        "",
+        *summary_lines(summary),
+    ]
     if memory:
         lines += [
             "",
@@ -372,7 +523,9 @@ def main() -> int:
         k: dict(what=v["what"], impls={i: {kk: vv for kk, vv in m.items()} for i, m in v["impls"].items()})
         for k, v in results.items()
     }
-    base.with_suffix(".json").write_text(json.dumps(dict(results=raw, memory=memory), indent=1))
+    base.with_suffix(".json").write_text(
+        json.dumps(dict(results=raw, memory=memory, prefill_backend=args.prefill_backend, summary=summary), indent=1)
+    )
     try:
         import matplotlib
 

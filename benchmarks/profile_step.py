@@ -1,10 +1,11 @@
-"""Where the host microseconds of one decode step go (scenario D1 of bench_steps: B=256, context 4K).
+"""Where the host microseconds of one step go (a scenario of bench_steps; D1, B=256 decode, by default).
 
 Run on a machine with CUDA and FlashInfer:  python benchmarks/profile_step.py [--scenario D1]
 
-Times each part of ``BatchMetadata.prepare_decode`` separately, by wrapping the internal calls with
-counters (each wrapper adds well under a microsecond), over many steps with the GPU idle, and prints
-the median microseconds per part beside the whole step. The parts:
+Times each part of ``BatchMetadata.prepare_decode`` (``prepare_prefill`` for P1 and M1) separately,
+by wrapping the internal calls with counters (each wrapper adds well under a microsecond), over many
+steps with the GPU idle, and prints the median microseconds per part beside the whole step. The
+parts:
 
 - validate: host-side checks of the batch (``BatchChecker.check``);
 - host arrays: the staged block-table writes taken and numpy into the pinned staging buffer
@@ -47,7 +48,7 @@ def main() -> int:
     scn = next(s for s in bench_steps.scenarios(rng) if s.name == args.scenario)
     setup = bench_steps.build(scn, rng)
     meta = setup.noplan if args.no_plan else setup.meta
-    idx, cache = setup.idx, np.array(scn.cache_lens)
+    idx, cache, query = setup.idx, np.array(scn.cache_lens), np.array(scn.query_lens)
     times: dict[str, list[float]] = defaultdict(list)
     current: dict[str, float] = defaultdict(float)
 
@@ -74,7 +75,10 @@ def main() -> int:
 
     def step():
         t0 = time.perf_counter_ns()
-        ctx = meta.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
+        if scn.decode:
+            ctx = meta.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
+        else:
+            ctx = meta.prepare_prefill(idx, query, cache)
         t1 = time.perf_counter_ns()
         with ctx:
             pass

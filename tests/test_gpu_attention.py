@@ -21,13 +21,13 @@ class Engine:
     densely as well, for the reference."""
 
     def __init__(self, page_sizes=(16,), windows=(-1,), heads=(8, 2), head_dim=64, dtype=torch.float16,
-                 graph_sizes=(), max_draft_tokens=0):  # fmt: skip
+                 graph_sizes=(), max_draft_tokens=0, **config):  # fmt: skip
         self.cfg = MetadataConfig(
             max_num_reqs=16, max_num_tokens=512, max_model_len=512,
             kv_groups=tuple(KVGroup(page_size=p, window_left=w) for p, w in zip(page_sizes, windows, strict=True)),
             num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, q_dtype=dtype, kv_dtype=dtype,
             device="cuda", num_kv_pages=NUM_PAGES, cuda_graph_batch_sizes=graph_sizes,
-            max_draft_tokens=max_draft_tokens,
+            max_draft_tokens=max_draft_tokens, **config,
         )  # fmt: skip
         self.meta = BatchMetadata(self.cfg)
         self.dtype = dtype
@@ -294,21 +294,29 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
     assert meta._planner.decode_planners()[("decode", 0)].fast == fast_plan_supported()
 
 
+def _skip_unless_backend(backend):
+    if backend == "fa3" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("FlashInfer's FA3 kernels run on sm90 only")
+
+
 @pytest.mark.parametrize("page_size", [16, 1])
 @pytest.mark.parametrize("heads", [(8, 2), (16, 2)])  # GQA 4 and 8
 @pytest.mark.parametrize("window, dtype", [(-1, torch.float16), (24, torch.bfloat16)])
-def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype):
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, backend):
     """Chunked, mixed and speculative steps planned by PrefillPlanner give bit-identical attention to
     a wrapper planned by FlashInfer's stock plan() on the same batch, over changing batches."""
     import flashinfer
 
-    eng = Engine(page_sizes=(page_size,), windows=(window,), heads=heads, dtype=dtype, max_draft_tokens=3)
+    _skip_unless_backend(backend)
+    eng = Engine(page_sizes=(page_size,), windows=(window,), heads=heads, dtype=dtype, max_draft_tokens=3,
+                 prefill_backend=backend)  # fmt: skip
     meta = eng.meta
     torch.manual_seed(5)
     ((kc, vc),) = eng.caches
     lens = {r: 0 for r in range(8)}
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+    stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
     steps = [  # (idx, query_lens): chunks over cached prefixes, mixed with decodes, speculative rows
         ([0, 1, 2], [30, 7, 19]),
         ([0, 1, 2, 3], [1, 40, 1, 12]),
@@ -339,7 +347,9 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype):
         check_outputs(eng, q, [fast], idx, qlens)
         for r, n in zip(idx, qlens, strict=True):
             lens[r] += n
-    assert meta._planner.prefill_planners()[0].fast == fast_plan_supported()
+    planner = meta._planner.prefill_planners()[0]
+    assert planner.fast == fast_plan_supported()
+    assert planner.wrapper._backend == backend
     # Speculative decode steps plan through the same planner.
     idx = [0, 1, 2, 3]
     for r in idx:
@@ -353,3 +363,39 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype):
                    step.kv_indices[0], torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d,
                    page_size, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
         assert torch.equal(fast, stock.run(q, (kc, vc)))
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (16, 2)])
+@pytest.mark.parametrize("window, dtype", [(-1, torch.float16), (24, torch.bfloat16)])
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_fast_ragged_plan_equals_stock_plan(heads, window, dtype, backend):
+    """Prefill steps with nothing cached (the ragged wrapper) planned by PrefillPlanner give
+    bit-identical attention to a ragged wrapper planned by FlashInfer's stock plan()."""
+    import flashinfer
+
+    _skip_unless_backend(backend)
+    eng = Engine(windows=(window,), heads=heads, dtype=dtype, prefill_backend=backend)
+    meta = eng.meta
+    torch.manual_seed(9)
+    ((kc, vc),) = eng.caches
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    stock = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+    for idx, qlens in (([0, 1], [30, 7]), ([2], [61]), ([3, 4, 5], [1, 40, 12]), ([6, 7], [100, 3])):
+        for r, q in zip(idx, qlens, strict=True):
+            eng.grow(r, q)
+        k, v = eng.new_kv(idx, qlens)
+        q = torch.randn(sum(qlens), heads[0], eng.d, device="cuda").to(dtype)
+        with meta.prepare_prefill(idx, qlens, [0] * len(idx)) as step:
+            assert step.kind == "ragged_prefill"
+            ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
+            fast = step.attention(q, kc, vc, k=k, v=v)
+            qo = torch.from_numpy(step.qo_indptr_host.copy())
+            stock.plan(qo, qo, *heads, eng.d, causal=True, window_left=window, q_data_type=dtype,
+                       kv_data_type=dtype)  # fmt: skip
+            ref = stock.run(q, k, v)
+        torch.cuda.synchronize()
+        assert torch.equal(fast, ref)
+        check_outputs(eng, q, [fast], idx, qlens)
+    planner = meta._planner.prefill_planners()[("ragged", 0)]
+    assert planner.fast == fast_plan_supported()
+    assert planner.wrapper._backend == backend

@@ -15,6 +15,8 @@ from batchmeta.metadata import BatchMetadata
 
 
 def make_meta(device, page_sizes=(4, 2), windows=None, max_num_reqs=6, max_model_len=48, **kw):
+    # check_step reads the per-batch block tables: built here unless a test says otherwise.
+    kw.setdefault("batch_block_tables", True)
     windows = windows or (-1,) * len(page_sizes)
     cfg = MetadataConfig(
         max_num_reqs=max_num_reqs,
@@ -102,6 +104,8 @@ def check_step(step, meta, pages, idx, qlens, clens):
         assert step.kv_indices[g].cpu().tolist() == exp["kv_indices"][g]
         assert step.kv_last_page_len[g].cpu().tolist() == exp["last"][g]
         assert step.kv_last_page_len_host[g].tolist() == exp["last"][g]
+        if not meta.config.batch_block_tables:
+            continue
         for b, row in enumerate(exp["tables"][g]):
             got = step.batch_block_tables[g][b].cpu().tolist()
             assert got[: len(row)] == row[: len(got)]
@@ -411,3 +415,34 @@ def test_ragged_step_attention_needs_new_keys_on_every_path():
     kc = torch.zeros(4, 4, 2, 64)
     with meta.prepare_prefill([0], [2], [0]) as step, pytest.raises(ValueError, match="k, v"):
         step.attention(torch.zeros(2, 8, 64), kc, kc)
+
+
+def test_batch_block_tables_only_when_asked(device):
+    """Without config.batch_block_tables the kernel writes no per-batch table, none is allocated, and
+    reading it says how to turn it on; kv_indices and the rest are unchanged."""
+    on, off = make_meta(device), make_meta(device, batch_block_tables=False)
+    assert off._buffers.out32.numel() < on._buffers.out32.numel()
+    assert off._buffers.batch_block_tables is None
+    for m in (on, off):
+        pages = Pages(m)
+        for r, n in ((0, 9), (3, 20), (5, 2)):
+            pages.grow(r, n)
+    before = off._buffers.out32.clone()
+    with (
+        on.prepare_prefill([3, 0, 5], [4, 9, 2], [16, 0, 0]) as a,
+        off.prepare_prefill([3, 0, 5], [4, 9, 2], [16, 0, 0]) as b,
+    ):
+        for g in range(2):
+            assert torch.equal(a.kv_indices[g], b.kv_indices[g])
+            assert torch.equal(a.slot_mappings[g], b.slot_mappings[g])
+        assert torch.equal(a.positions, b.positions)
+        with pytest.raises(ValueError, match=r"batch_block_tables: not built.*batch_block_tables=True"):
+            _ = b.batch_block_tables
+        assert a.batch_block_tables[0].shape == (3, 5)
+    # Only kv_indices changed in the smaller buffer.
+    changed = (off._buffers.out32 != before).nonzero().flatten().tolist()
+    ends = [
+        o + n
+        for o, n in zip(off._buffers.kv_offsets, (len(b.kv_indices_host[0]), len(b.kv_indices_host[1])), strict=True)
+    ]
+    assert all(any(o <= i < e for o, e in zip(off._buffers.kv_offsets, ends, strict=True)) for i in changed)

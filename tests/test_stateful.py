@@ -33,14 +33,15 @@ STEPS = int(os.environ.get("BATCHMETA_STATEFUL_STEPS", "25"))
 class MetadataMachine(RuleBasedStateMachine):
     BACKEND: str | None = None
 
-    @initialize(page_sizes=st.sampled_from(PAGE_SIZES), data=st.data())
-    def setup(self, page_sizes, data=None):
+    @initialize(page_sizes=st.sampled_from(PAGE_SIZES), tables=st.booleans(), data=st.data())
+    def setup(self, page_sizes, tables=True, data=None):
         self.page_sizes = page_sizes
         cfg = MetadataConfig(
             max_num_reqs=R, max_num_tokens=T, max_model_len=L,
             kv_groups=tuple(KVGroup(page_size=p) for p in page_sizes), num_qo_heads=4, num_kv_heads=2, head_dim=8,
             q_dtype=torch.float16, kv_dtype=torch.float16, device=DEVICE,
             num_kv_pages=NUM_PAGES, max_draft_tokens=K, backend=self.BACKEND, plan_attention=False,
+            batch_block_tables=tables,
         )  # fmt: skip
         self.meta = BatchMetadata(cfg)
         self.widths = [math.ceil(L / p) for p in page_sizes]

@@ -10,7 +10,7 @@ plans through :class:`~batchmeta.attention.prefill_planner.PrefillPlanner`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,8 +44,7 @@ class StepPlanner:
         self.config = config
         self._kv_indices = tuple(kv_indices)
         self._planners: dict[tuple, DecodePlanner] = {}
-        self._prefill_planners: dict[int, PrefillPlanner] = {}
-        self._wrappers: dict[tuple, Any] = {}
+        self._prefill_planners: dict[int | tuple[str, int], PrefillPlanner] = {}
         self._heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim)
 
     def decode_planners(self) -> dict[tuple, DecodePlanner]:
@@ -62,7 +61,7 @@ class StepPlanner:
         """
         cfg = self.config
         out = []
-        for g, grp in enumerate(cfg.kv_groups):
+        for g in range(len(cfg.kv_groups)):
             if kind == "decode":
                 planner = self._decode_planner(g, padded, graph, views)
                 planner.plan(views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
@@ -72,9 +71,10 @@ class StepPlanner:
                 continue
             qo = views.qo_indptr_pinned
             if kind == "ragged_prefill":
-                w = self._wrapper(("ragged", g), new_ragged_prefill_wrapper)
-                w.plan(qo, qo, *self._heads, causal=True, window_left=grp.window_left,
-                       q_data_type=cfg.q_dtype, kv_data_type=cfg.q_dtype)  # fmt: skip
+                w = self._prefill_planner(g, ragged=True).plan(
+                    qo, None, None, views.seq_lens_pinned, num_tokens, max_query_len, max_seq_len, views.qo_indptr,
+                    None, None, None, 0,
+                )  # fmt: skip
             else:  # prefill, mixed, speculative decode
                 planner = self._prefill_planner(g)
                 w = planner.plan(qo, views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
@@ -83,25 +83,21 @@ class StepPlanner:
             out.append(w)
         return tuple(out)
 
-    def _wrapper(self, key: tuple, make: Callable[[torch.Tensor], Any]) -> Any:
-        w = self._wrappers.get(key)
-        if w is None:
-            w = self._wrappers[key] = make(get_workspace(self.config.device, self.config.workspace_bytes))
-        return w
-
-    def prefill_planners(self) -> dict[int, PrefillPlanner]:
-        """Every paged-prefill planner made so far, by group."""
+    def prefill_planners(self) -> dict[int | tuple[str, int], PrefillPlanner]:
+        """Every prefill planner made so far: paged ones by group, ragged ones keyed ``("ragged", group)``."""
         return self._prefill_planners
 
-    def _prefill_planner(self, g: int) -> PrefillPlanner:
-        planner = self._prefill_planners.get(g)
+    def _prefill_planner(self, g: int, ragged: bool = False) -> PrefillPlanner:
+        key: int | tuple[str, int] = ("ragged", g) if ragged else g
+        planner = self._prefill_planners.get(key)
         if planner is None:
             cfg, grp = self.config, self.config.kv_groups[g]
-            wrapper = new_paged_prefill_wrapper(get_workspace(cfg.device, cfg.workspace_bytes))
-            planner = self._prefill_planners[g] = PrefillPlanner(
+            make = new_ragged_prefill_wrapper if ragged else new_paged_prefill_wrapper
+            wrapper = make(get_workspace(cfg.device, cfg.workspace_bytes), backend=cfg.prefill_backend)
+            planner = self._prefill_planners[key] = PrefillPlanner(
                 wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
-                kv_data_type=cfg.kv_dtype,
+                kv_data_type=cfg.kv_dtype, ragged=ragged,
             )  # fmt: skip
         return planner
 

@@ -1,4 +1,4 @@
-"""Fast FlashInfer paged-prefill planning: ``PrefillPlanner``, the counterpart of ``DecodePlanner``."""
+"""Fast FlashInfer prefill planning (paged and ragged): ``PrefillPlanner``, the counterpart of ``DecodePlanner``."""
 
 from __future__ import annotations
 
@@ -11,18 +11,22 @@ from batchmeta.attention.decode_planner import fast_plan_supported
 __all__ = ["PrefillPlanner"]
 
 # The backends whose planning call :meth:`PrefillPlanner.plan` reproduces (FlashInfer 0.7.2.post1's
-# ``BatchPrefillWithPagedKVCacheWrapper.plan``): FA2 takes four more arguments than FA3.
+# ``BatchPrefillWithPagedKVCacheWrapper.plan`` and ``BatchPrefillWithRaggedKVCacheWrapper.plan``):
+# FA2 takes four more arguments than FA3.
 _FAST_BACKENDS = ("fa2", "fa3")
 
 
 class PrefillPlanner:
-    """Plans one ``BatchPrefillWithPagedKVCacheWrapper`` (eager, NHD, causal) per step, from host arrays.
+    """Plans one prefill wrapper (eager, NHD, causal) per step, from host arrays.
 
-    FlashInfer's ``plan()`` of a paged prefill copies the indptr and last-page-length arrays to the
-    device, rebuilds the KV lengths, resolves the backend and module, and only then calls the cached
-    module's planning function. The first plan of a planner is the stock ``plan()``; if it left
-    the wrapper on the FA2 or FA3 path (no custom mask, no JIT variant, no block tables, no
-    specialised verify kernel) on a verified FlashInfer version, later plans set the batch-dependent
+    The wrapper is a ``BatchPrefillWithPagedKVCacheWrapper``, or with ``ragged=True`` a
+    ``BatchPrefillWithRaggedKVCacheWrapper`` (nothing cached: keys and values are the step's own
+    tokens, so ``kv_indptr`` is ``qo_indptr``). FlashInfer's ``plan()`` copies the indptr (and
+    last-page-length) arrays to the device, rebuilds the KV lengths, resolves the backend and module,
+    and only then calls the cached module's planning function. The first plan of a planner is the
+    stock ``plan()``; if it left the wrapper on the FA2 or FA3 path (no custom mask, no JIT
+    variant, no block tables, no specialised verify kernel) on a verified FlashInfer version, later
+    plans set the batch-dependent
     wrapper state and call the module's ``plan`` directly, with the caller's device buffers (already
     written by the step kernel) and pinned host arrays: nothing is copied or allocated. Otherwise
     every plan is the stock ``plan()``.
@@ -30,9 +34,12 @@ class PrefillPlanner:
     Parameters
     ----------
     wrapper:
-        A ``BatchPrefillWithPagedKVCacheWrapper`` made without ``use_cuda_graph``.
+        A ``BatchPrefillWithPagedKVCacheWrapper`` (or, with ``ragged``, a
+        ``BatchPrefillWithRaggedKVCacheWrapper``) made without ``use_cuda_graph``.
     num_qo_heads, num_kv_heads, head_dim, page_size, window_left, q_data_type, kv_data_type:
-        As for ``plan()`` (causal attention).
+        As for ``plan()`` (causal attention; a ragged wrapper ignores ``page_size``).
+    ragged:
+        Whether ``wrapper`` is the ragged one.
     """
 
     def __init__(
@@ -46,8 +53,10 @@ class PrefillPlanner:
         window_left: int,
         q_data_type: torch.dtype,
         kv_data_type: torch.dtype,
+        ragged: bool = False,
     ):
         self.wrapper = wrapper
+        self.ragged = ragged
         self._heads = (num_qo_heads, num_kv_heads, head_dim)
         self._page_size = page_size
         self._window_left = window_left
@@ -83,30 +92,43 @@ class PrefillPlanner:
         qo_indptr, kv_indptr, kv_indices, kv_last_page_len:
             The same on the device (``kv_indices`` may be longer than ``num_kv_pages``), already
             written or enqueued on the current stream.
+
+        A ragged planner reads only ``qo_indptr_host``, ``seq_lens_host`` (the query lengths),
+        ``num_tokens`` and ``qo_indptr``; pass None for the paged-only arguments.
         """
         w = self.wrapper
         hq, hkv, d = self._heads
         if not self.fast:
-            w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
-                   self._page_size, causal=True, window_left=self._window_left, **self._dtypes)  # fmt: skip
+            if self.ragged:
+                w.plan(qo_indptr_host, qo_indptr_host, hq, hkv, d, causal=True, window_left=self._window_left,
+                       q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"])  # fmt: skip
+            else:
+                w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
+                       self._page_size, causal=True, window_left=self._window_left, **self._dtypes)  # fmt: skip
             self.fast = self._allowed and self._verified_state()
             if self.fast:
                 # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len.
                 self._extra = (-1, False, 0, 0) if w._backend == "fa2" else ()
             return w
-        b = kv_last_page_len_host.shape[0]
-        w._batch_size = b
+        b = qo_indptr_host.shape[0] - 1
         w._qo_indptr_last = num_tokens
-        w._max_q_len = max_query_len
-        w._max_kv_len = max_seq_len
         w._qo_indptr_buf = qo_indptr
-        w._paged_kv_indptr_buf = kv_indptr
-        w._paged_kv_indices_buf = kv_indices
-        w._paged_kv_last_page_len_buf = kv_last_page_len
+        if self.ragged:
+            # Keys and values are the step's tokens: their indptr is the queries' (as plan() sets it).
+            w._kv_indptr_buf = w._o_indptr_buf = w._v_indptr_buf = qo_indptr
+            kv_indptr_host, page_size = qo_indptr_host, 1
+        else:
+            w._batch_size = b
+            w._max_q_len = max_query_len
+            w._max_kv_len = max_seq_len
+            w._paged_kv_indptr_buf = kv_indptr
+            w._paged_kv_indices_buf = kv_indices
+            w._paged_kv_last_page_len_buf = kv_last_page_len
+            page_size = self._page_size
         w._plan_info = w._cached_module.plan(
             w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer, qo_indptr_host,
-            kv_indptr_host, seq_lens_host, num_tokens, b, hq, hkv, self._page_size, False, d, d, True,
-            self._window_left, *self._extra,
+            kv_indptr_host, seq_lens_host, num_tokens, b, hq, hkv, page_size, False, d, d, True, self._window_left,
+            *self._extra,
         )  # fmt: skip
         return w
 
@@ -114,6 +136,20 @@ class PrefillPlanner:
         """Whether the stock plan left the wrapper on a path :meth:`plan` reproduces."""
         w = self.wrapper
         try:
+            if self.ragged:
+                return (
+                    getattr(w, "_jit_module", None) is None
+                    and w._cached_module is not None
+                    and w._backend in _FAST_BACKENDS
+                    and not w.is_cuda_graph_enabled
+                    and w._custom_mask_buf is None
+                    and w._prefix_len_ptr is None
+                    and not getattr(w, "_variant_owns_mask", False)
+                    and w._seq_lens_kv is None
+                    and w._seq_lens_q is None
+                    and w._o_indptr_buf is w._qo_indptr_buf
+                    and w._v_indptr_buf is w._kv_indptr_buf
+                )
             return (
                 getattr(w, "_jit_module", None) is None
                 and w._cached_module is not None

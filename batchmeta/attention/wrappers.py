@@ -46,18 +46,18 @@ def get_workspace(device: torch.device, nbytes: int = 128 * 1024 * 1024) -> torc
     return ws
 
 
-def new_paged_prefill_wrapper(workspace: torch.Tensor) -> Any:
-    """``BatchPrefillWithPagedKVCacheWrapper`` (NHD) over ``workspace``."""
+def new_paged_prefill_wrapper(workspace: torch.Tensor, backend: str = "fa2") -> Any:
+    """``BatchPrefillWithPagedKVCacheWrapper`` (NHD) over ``workspace``, with FlashInfer's ``backend``."""
     import flashinfer
 
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
 
 
-def new_ragged_prefill_wrapper(workspace: torch.Tensor) -> Any:
+def new_ragged_prefill_wrapper(workspace: torch.Tensor, backend: str = "fa2") -> Any:
     """``BatchPrefillWithRaggedKVCacheWrapper`` (NHD) over ``workspace``: prefill with nothing cached."""
     import flashinfer
 
-    return flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+    return flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend=backend)
 
 
 def new_decode_wrapper(
