@@ -11,13 +11,15 @@ passed as device addresses (so the launcher does not query the driver for each p
 The key is at least as fine as Triton's specialization, so a hit always selects the binary Triton
 would have selected:
 
-- tensors: dtype and ``data_ptr() % 16`` (Triton specializes on 16-byte alignment);
+- tensors: dtype and ``data_ptr() % 16`` (Triton specializes on 16-byte alignment). Pinned host
+  tensors count as device tensors: with unified addressing (every 64-bit CUDA platform) their host
+  address is their device address, which Triton's launcher also finds for them;
 - ints: ``== 1``, ``% 16``, and the 32/64-bit range (i32 / i64 / u64);
 - bools and ``None`` by value; floats by type (Triton passes them as fp32, never specialized);
 - constexpr parameters by value;
 - ``num_warps``, ``num_stages`` and the current CUDA device.
 
-Anything the key cannot describe (other objects, a tensor not on a CUDA device, unhashable
+Anything the key cannot describe (other objects, a host tensor that is not pinned, unhashable
 constexprs, a registered launch hook, a pre-run hook, the Triton interpreter, a Triton version
 outside 3.6-3.9) takes Triton's normal launch path: a cache miss is never a wrong result, only a
 slower launch. The launcher's C entry point is called directly only for launcher sources verified
@@ -78,8 +80,8 @@ def _other(a: Any) -> tuple[Any, Any]:
         # Triton passes every Python float as fp32 and does not specialize on its value.
         return a, float
     if isinstance(a, torch.Tensor):
-        if not a.is_cuda:
-            raise _Unkeyable("a tensor not on a CUDA device")
+        if not a.is_cuda and not a.is_pinned():
+            raise _Unkeyable("a tensor neither on a CUDA device nor in pinned host memory")
         ptr = a.data_ptr()
         return ptr, (a.dtype, ptr & 15 == 0)
     if isinstance(a, int):
@@ -103,8 +105,8 @@ def _make_prep_fn(params: Sequence[Any]):
             continue
         body += [
             f"    if type({a}) is _T:",
-            f"        if not {a}.is_cuda:",
-            "            raise _Unkeyable('a tensor not on a CUDA device')",
+            f"        if not {a}.is_cuda and not {a}.is_pinned():",
+            "            raise _Unkeyable('a tensor neither on a CUDA device nor in pinned host memory')",
             f"        p{i} = {a}.data_ptr()",
             f"        k{i} = ({a}.dtype, p{i} & 15 == 0)",
             f"    elif type({a}) is int:",

@@ -5,10 +5,11 @@ A step, as :meth:`BatchMetadata.prepare_prefill` / :meth:`~BatchMetadata.prepare
 
 1. convert and check the scheduler's host-side batch, before anything changes (:mod:`batchmeta.batch`);
 2. take the block-table writes staged since the last step (:mod:`batchmeta.block_tables`);
-3. write the step's small host arrays with numpy into a pinned staging buffer and copy it to the
-   device in one transfer (:mod:`batchmeta.staging`);
-4. one kernel launch: apply the staged block-table writes and write positions, slot mappings,
-   ``kv_indices`` and per-batch block tables of every KV-cache group (:mod:`batchmeta.ops.step`);
+3. write the step's small host arrays into a pinned staging buffer (:mod:`batchmeta.staging`);
+4. one kernel launch, reading that pinned buffer in place (zero-copy): apply the staged block-table
+   writes, write positions, slot mappings, ``kv_indices`` (and, if asked, per-batch block tables)
+   of every KV-cache group, and copy the staged fields FlashInfer reads to the device
+   (:mod:`batchmeta.ops.step`);
 5. plan FlashInfer once per group from the pinned host arrays (:mod:`batchmeta.attention`);
 6. hand back a :class:`~batchmeta.step.Step` of views (:mod:`batchmeta.step`).
 
@@ -92,8 +93,10 @@ class BatchMetadata:
             self._accept_staging = PinnedRing(5 * r + 1, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
-            self._fill = bind_step_metadata(kernel_layout, self._staging.dev, self.block_tables.flat, buf.out32,
-                                            buf.out64, max_rows=r, backend=cfg.backend)  # fmt: skip
+            # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
+            self._fills = [bind_step_metadata(kernel_layout, host, self.block_tables.flat, buf.out32, buf.out64,
+                                              max_rows=r, mirror=self._staging.dev, backend=cfg.backend)
+                           for host in self._staging.host]  # fmt: skip
             self._scatter = bind_scatter_pairs(self._staging.dev, self.block_tables.flat, count=self._layout.num_writes,
                                                pairs=self._layout.pairs, max_writes=max_writes,
                                                backend=cfg.backend)  # fmt: skip
@@ -203,8 +206,7 @@ class BatchMetadata:
         try:
             num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
                                                      seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
-            ring.upload(lay.fixed_end + 2 * len(offsets))  # one host→device copy
-            self._fill(padded)  # one launch: staged writes and every metadata field
+            self._fills[ring.current](padded)  # one launch: staged writes and every metadata field
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
             tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]

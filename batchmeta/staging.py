@@ -1,11 +1,12 @@
 """The buffers a step fills: pinned host staging (with its fixed layout) and the device outputs.
 
-vLLM's ``buffer_utils.py`` counterpart. A step writes its small host arrays with numpy into one of
-two pinned int32 staging buffers (:class:`PinnedRing`), at offsets fixed once by
-:class:`StagingLayout`, and copies them to the device in one transfer. The step kernel reads that
-device copy and the persistent block tables and writes :class:`StepBuffers` (positions, slot
-mappings, ``kv_indices``, per-batch block tables), whose addresses never change (CUDA graphs read
-them). :meth:`StepBuffers.kernel_layout` tells the kernel where everything is.
+vLLM's ``buffer_utils.py`` counterpart. A step writes its small host arrays into one of two pinned
+int32 staging buffers (:class:`PinnedRing`), at offsets fixed once by :class:`StagingLayout`. The
+step kernel reads that pinned buffer in place, through its device address (zero-copy: no transfer
+to enqueue), with the persistent block tables, and writes :class:`StepBuffers` (positions, slot
+mappings, ``kv_indices``, per-batch block tables) and the device mirror of the staged fields that
+FlashInfer and CUDA graphs read (``PinnedRing.dev``); none of their addresses ever change.
+:meth:`StepBuffers.kernel_layout` tells the kernel where everything is.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class StagingLayout:
 
 
 class PinnedRing:
-    """Two host staging buffers (pinned on CUDA), filled in turn and copied to one device buffer.
+    """Two host staging buffers (pinned on CUDA), filled in turn, and one device buffer ``dev``.
 
-    A host buffer is reused only after the transfer that last read it has finished (an event
-    query; in steady state always true, since the engine has synced on the step's sampled tokens).
-    ``memo[current]`` lets the caller remember what the current host buffer already holds.
+    The step kernel reads the current host buffer in place and copies what the device needs into
+    ``dev``; :meth:`upload` copies a range instead, for launches that read ``dev``. A host buffer is
+    reused only after the work that last read it has finished (an event query; in steady state
+    always true, since the engine has synced on the step's sampled tokens). ``memo[current]`` lets
+    the caller remember what the current host buffer already holds.
     """
 
     def __init__(self, numel: int, device: torch.device):
@@ -164,7 +167,8 @@ class StepBuffers:
         r, t, groups = config.max_num_reqs, config.max_num_tokens, len(config.kv_groups)
         return StepLayout(
             page_size=[grp.page_size for grp in config.kv_groups], width=self.widths, num_table_rows=r + 1,
-            idx=staging.idx, qo_indptr=staging.qo_indptr, cache_lens=staging.cache, kv_indptr=staging.kv_indptr,
+            idx=staging.idx, qo_indptr=staging.qo_indptr, cache_lens=staging.cache, seq_lens=staging.seq,
+            logits=staging.logits, kv_indptr=staging.kv_indptr, last_page_len=staging.last_page_len,
             step_width=staging.step_width, num_writes=staging.num_writes, pairs=staging.pairs,
             max_writes=staging.max_writes, table=block_tables.table_offsets,
             held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],

@@ -27,7 +27,7 @@ class Case:
     query_len); every group's table gets random pages, each row holds at least what it needs."""
 
     def __init__(self, draw_int, page_sizes, rows, *, num_slots, width_mult, full_width, extra_held, device,
-                 num_writes=0):  # fmt: skip
+                 num_writes=0, pinned=False):  # fmt: skip
         self.page_sizes = page_sizes
         self.rows = rows
         b = len(rows)
@@ -71,7 +71,10 @@ class Case:
             idx=put(staging, [r for r, _, _ in rows]),
             qo_indptr=put(staging, self.qo_indptr),
             cache_lens=put(staging, [c for _, c, _ in rows]),
+            seq_lens=put(staging, [c + q for _, c, q in rows]),
+            logits=put(staging, [draw_int(0, 99) for _ in rows]),
             kv_indptr=[put(staging, self.indptr[g]) for g in g_],
+            last_page_len=[put(staging, [draw_int(1, ps) for _ in rows]) for ps in page_sizes],
             step_width=[put(staging, [self.step_width[g]]) for g in g_],
             num_writes=put(staging, [num_writes]),
             pairs=put(staging, [S] * (2 * num_writes + 4)),
@@ -110,10 +113,23 @@ class Case:
             staging[lay["pairs"] + 2 * i] = t
             staging[lay["pairs"] + 2 * i + 1] = v
         # Each buffer is the middle of a larger one whose guard regions must stay untouched.
+        self.staging_values = staging
         self.guarded = [torch.tensor([S] * GUARD + buf + [S] * GUARD, dtype=dt, device=device)
                         for buf, dt in ((staging, torch.int32), (tables, torch.int32), (out32, torch.int32),
-                                        (out64, torch.int64))]  # fmt: skip
-        self.staging, self.table_buf, self.out32, self.out64 = (g[GUARD:-GUARD] for g in self.guarded)
+                                        (out64, torch.int64), ([S] * len(staging), torch.int32))]  # fmt: skip
+        if pinned:  # staging in pinned host memory, read by the kernel in place (zero-copy)
+            self.guarded[0] = self.guarded[0].cpu().pin_memory()
+        self.staging, self.table_buf, self.out32, self.out64, self.mirror = (g[GUARD:-GUARD] for g in self.guarded)
+
+    def expected_mirror(self):
+        """The mirror after a launch with it: the rows' staged fields, sentinels everywhere else."""
+        lay, b = self.layout, len(self.rows)
+        out = [S] * len(self.staging_values)
+        fields = [(lay.idx, b), (lay.qo_indptr, b + 1), (lay.cache_lens, b), (lay.seq_lens, b), (lay.logits, b)]
+        fields += [(at, b + 1) for at in lay.kv_indptr] + [(at, b) for at in lay.last_page_len]
+        for at, n in fields:
+            out[at : at + n] = self.staging_values[at : at + n]
+        return out
 
     def expected(self):
         """Naive per-request loop over the layout: the outputs every field should hold."""
@@ -169,29 +185,45 @@ def cases(draw, device=None):
         draw_int, page_sizes, rows, num_slots=num_slots, width_mult=draw(st.sampled_from([1, 2])),
         full_width=draw(st.booleans()), extra_held=draw(st.integers(0, 2)), device=device,
         num_writes=draw(st.sampled_from([0, 1, 5, 40])),
+        pinned=device is not None and torch.device(device).type == "cuda" and draw(st.booleans(), label="pinned"),
     )  # fmt: skip
 
 
-@given(data=st.data())
-def test_fill_step_metadata_matches_naive(data, device, backend):
+def check_case(case, with_mirror):
+    exp32, exp64 = case.expected()
+    assert case.out32.cpu().tolist() == exp32
+    assert case.out64.cpu().tolist() == exp64
+    assert case.mirror.cpu().tolist() == (case.expected_mirror() if with_mirror else [S] * case.mirror.numel())
+    assert case.staging.cpu().tolist() == case.staging_values  # read only
+
+
+@given(data=st.data(), with_mirror=st.booleans())
+def test_fill_step_metadata_matches_naive(data, with_mirror, device, backend):
     case = data.draw(cases(device=device))
     fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
-                       backend=backend)  # fmt: skip
-    exp32, exp64 = case.expected()
-    assert case.out32.cpu().tolist() == exp32
-    assert case.out64.cpu().tolist() == exp64
+                       mirror=case.mirror if with_mirror else None, backend=backend)  # fmt: skip
+    check_case(case, with_mirror)
 
 
-@given(data=st.data())
-def test_bound_fill_matches_naive(data, device):
+@given(data=st.data(), with_mirror=st.booleans())
+def test_bound_fill_matches_naive(data, with_mirror, device):
     case = data.draw(cases(device=device))
     fill = bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
-                              max_rows=len(case.rows))  # fmt: skip
+                              max_rows=len(case.rows), mirror=case.mirror if with_mirror else None)  # fmt: skip
     fill(len(case.rows))
     fill(len(case.rows))  # the bound (cached) launch, on a GPU
-    exp32, exp64 = case.expected()
-    assert case.out32.cpu().tolist() == exp32
-    assert case.out64.cpu().tolist() == exp64
+    check_case(case, with_mirror)
+
+
+def test_staging_must_be_on_the_device_or_pinned(device):
+    case = _small_case(device)
+    with pytest.raises(ValueError, match="mirror"):
+        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, 1,
+                           mirror=case.mirror[:3])  # fmt: skip
+    if device.type != "cuda":
+        return
+    with pytest.raises(ValueError, match=r"staging: .*not pinned"):
+        fill_step_metadata(case.layout, case.staging.cpu(), case.table_buf, case.out32, case.out64, 1)
 
 
 def _small_case(device):

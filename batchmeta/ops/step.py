@@ -45,11 +45,15 @@ def _ints(value: object) -> tuple[int, ...]:
 class StepLayout:
     """Element offsets of every field :func:`fill_step_metadata` reads and writes.
 
-    ``staging`` (int32, uploaded each step): ``idx`` ``[Bp]`` request slot of each row,
-    ``qo_indptr`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, per group ``kv_indptr``
-    ``[Bp + 1]`` and ``step_width`` ``[1]`` (columns of the per-step table to write, ``<= width``),
-    and the staged table writes: their count ``num_writes`` ``[1]`` and ``(offset, value)``
-    ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique).
+    ``staging`` (int32, written on the host each step): ``idx`` ``[Bp]`` request slot of each row,
+    ``qo_indptr`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, ``seq_lens`` and ``logits`` ``[Bp]``
+    (only copied to the mirror), per group ``kv_indptr`` ``[Bp + 1]``, ``last_page_len`` ``[Bp]``
+    (only copied) and ``step_width`` ``[1]`` (columns of the per-step table to write,
+    ``<= width``), and the staged table writes: their count ``num_writes`` ``[1]`` and
+    ``(offset, value)`` ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique). The
+    ``mirror`` buffer, when given, has the same layout: the launch copies the step's rows of
+    ``idx``, ``qo_indptr``, ``seq_lens``, ``cache_lens``, ``logits``, ``kv_indptr`` and
+    ``last_page_len`` into it.
 
     ``tables`` (int32, persistent): per group ``table`` ``[num_table_rows, width]`` and ``held``
     ``[num_table_rows]`` (pages each request slot holds).
@@ -69,7 +73,10 @@ class StepLayout:
     idx: int
     qo_indptr: int
     cache_lens: int
+    seq_lens: int
+    logits: int
     kv_indptr: tuple[int, ...] = attrs.field(converter=_ints)
+    last_page_len: tuple[int, ...] = attrs.field(converter=_ints)
     step_width: tuple[int, ...] = attrs.field(converter=_ints)
     num_writes: int
     pairs: int
@@ -88,24 +95,37 @@ class StepLayout:
         return len(self.page_size)
 
     def check(self, staging: torch.Tensor, tables: torch.Tensor, out32: torch.Tensor, out64: torch.Tensor,
-              max_rows: int) -> None:  # fmt: skip
-        """Raises ``ValueError`` unless every field of ``max_rows`` rows fits its buffer."""
+              max_rows: int, mirror: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Raises ``ValueError`` unless every field of ``max_rows`` rows fits its buffer.
+
+        ``staging`` is on the device of ``tables``, or pinned host memory when that is CUDA (the
+        kernel reads it through its device address); ``mirror`` (if given) on that device.
+        """
         check_tensor("staging", staging, dtypes=(torch.int32,), ndim=1, contiguous=True)
-        device = staging.device
-        check_tensor("tables", tables, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
+        device = tables.device
+        if staging.device != device and not (device.type == "cuda" and staging.is_pinned()):
+            raise ValueError(f"staging: expected a tensor on {device} or pinned host memory, got one on "
+                             f"{staging.device}{'' if staging.device.type != 'cpu' else ' (not pinned)'}")  # fmt: skip
+        check_tensor("tables", tables, dtypes=(torch.int32,), ndim=1, contiguous=True)
+        if mirror is not None:
+            check_tensor("mirror", mirror, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
+            if mirror.numel() < staging.numel():
+                raise ValueError(f"mirror: expected at least {staging.numel()} elements (staging's), "
+                                 f"got {mirror.numel()}")  # fmt: skip
         check_tensor("out32", out32, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
         check_tensor("out64", out64, dtypes=(torch.int64,), ndim=1, device=device, contiguous=True)
         g = self.num_groups
-        fields = ("width", "kv_indptr", "step_width", "table", "held", "kv_indices", "kv_capacity", "step_table",
-                  "slot_mapping")  # fmt: skip
+        fields = ("width", "kv_indptr", "last_page_len", "step_width", "table", "held", "kv_indices", "kv_capacity",
+                  "step_table", "slot_mapping")  # fmt: skip
         for name in fields:
             if len(getattr(self, name)) != g:
                 raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
         r, rows = max_rows, self.num_table_rows
         ends = {
-            "staging": (staging, [self.idx + r, self.qo_indptr + r + 1, self.cache_lens + r, self.num_writes + 1,
-                                  self.pairs + 2 * self.max_writes]
-                        + [o + r + 1 for o in self.kv_indptr] + [o + 1 for o in self.step_width]),
+            "staging": (staging, [self.idx + r, self.qo_indptr + r + 1, self.cache_lens + r, self.seq_lens + r,
+                                  self.logits + r, self.num_writes + 1, self.pairs + 2 * self.max_writes]
+                        + [o + r + 1 for o in self.kv_indptr] + [o + r for o in self.last_page_len]
+                        + [o + 1 for o in self.step_width]),
             "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
                        + [h + rows for h in self.held]),
             "out32": (out32, [k + c for k, c in zip(self.kv_indices, self.kv_capacity, strict=True)]
@@ -140,6 +160,7 @@ def _group_row(
     TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
     SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
+    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr,
 ):  # fmt: skip
     # This step's staged writes to the row (new pages, the held count) first, by this program: its
     # reads below then see them. The tail program applies every write (rows not in the batch too);
@@ -156,8 +177,12 @@ def _group_row(
         page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
         tl.store(out64_ptr + SLOTS + t, page * PS + pos % PS, mask=m)
     # One pass over the row's columns feeds both the ragged kv_indices and the per-step table.
-    lo = tl.load(staging_ptr + INDPTR + b).to(tl.int64)
+    lo32 = tl.load(staging_ptr + INDPTR + b)
+    lo = lo32.to(tl.int64)
     cnt = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64) - lo
+    if MIRROR:
+        tl.store(mirror_ptr + INDPTR + b, lo32)
+        tl.store(mirror_ptr + LAST + b, tl.load(staging_ptr + LAST + b))
     held = tl.load(tables_ptr + HELD + req).to(tl.int64)
     width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
     step_row = out32_ptr + STEP + b.to(tl.int64) * W
@@ -170,91 +195,121 @@ def _group_row(
 
 
 @triton.jit
+def _copy_at(src_ptr, dst_ptr, at, MIRROR: tl.constexpr):
+    if MIRROR:
+        tl.store(dst_ptr + at, tl.load(src_ptr + at))
+
+
+@triton.jit
 def _step_kernel(
-    staging_ptr,  # int32 [*]: rows, lengths, indptrs of this step (offsets below)
+    staging_ptr,  # int32 [*]: rows, lengths, indptrs of this step (offsets below); pinned host memory on CUDA
     tables_ptr,  # int32 [*]: persistent block tables and pages held
     out32_ptr,  # int32 [*]: kv_indices, per-step block tables
     out64_ptr,  # int64 [*]: positions, slot mappings
-    IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, POS: tl.constexpr, TOKEN_CAP: tl.constexpr,
-    COUNT: tl.constexpr, PAIRS: tl.constexpr, TABLES_NUMEL: tl.constexpr,
-    WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
+    IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
+    POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
+    TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
+    MIRROR: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, step width,
-    # kv_indices (and its capacity), step table, slot mapping. Unused argument sets repeat the first.
+    # kv_indices (and its capacity), step table, slot mapping, last page length. Unused argument
+    # sets repeat the first.
     PS0: tl.constexpr, W0: tl.constexpr, TAB0: tl.constexpr, HELD0: tl.constexpr, INDPTR0: tl.constexpr,
     SWIDTH0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
+    LAST0: tl.constexpr,
     PS1: tl.constexpr, W1: tl.constexpr, TAB1: tl.constexpr, HELD1: tl.constexpr, INDPTR1: tl.constexpr,
     SWIDTH1: tl.constexpr, KV1: tl.constexpr, KVCAP1: tl.constexpr, STEP1: tl.constexpr, SLOTS1: tl.constexpr,
+    LAST1: tl.constexpr,
     PS2: tl.constexpr, W2: tl.constexpr, TAB2: tl.constexpr, HELD2: tl.constexpr, INDPTR2: tl.constexpr,
     SWIDTH2: tl.constexpr, KV2: tl.constexpr, KVCAP2: tl.constexpr, STEP2: tl.constexpr, SLOTS2: tl.constexpr,
+    LAST2: tl.constexpr,
     PS3: tl.constexpr, W3: tl.constexpr, TAB3: tl.constexpr, HELD3: tl.constexpr, INDPTR3: tl.constexpr,
     SWIDTH3: tl.constexpr, KV3: tl.constexpr, KVCAP3: tl.constexpr, STEP3: tl.constexpr, SLOTS3: tl.constexpr,
+    LAST3: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
     num_rows = tl.num_programs(0) - 1
     if b == num_rows:
         # The last program of each group fills every slot past the step's tokens with PAD (and
-        # positions with 0), so a graph captured for more tokens writes nothing for its padding.
+        # positions with 0), so a graph captured for more tokens writes nothing for its padding;
+        # and copies the indptrs' last elements to the mirror.
         num_tokens = tl.load(staging_ptr + QO_INDPTR + num_rows).to(tl.int64)
         if g == 0:
             _pad_tail(out64_ptr + SLOTS0, num_tokens, TOKEN_CAP, -1, BLOCK)
+            _copy_at(staging_ptr, mirror_ptr, INDPTR0 + num_rows, MIRROR)
             if WRITE_POSITIONS:
                 _pad_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
+                _copy_at(staging_ptr, mirror_ptr, QO_INDPTR + num_rows, MIRROR)
                 # Every staged write, including those to request slots not in this batch.
                 _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, COUNT, PAIRS, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
                 _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
+                _copy_at(staging_ptr, mirror_ptr, INDPTR1 + num_rows, MIRROR)
         if NUM_GROUPS > 2:
             if g == 2:
                 _pad_tail(out64_ptr + SLOTS2, num_tokens, TOKEN_CAP, -1, BLOCK)
+                _copy_at(staging_ptr, mirror_ptr, INDPTR2 + num_rows, MIRROR)
         if NUM_GROUPS > 3:
             if g == 3:
                 _pad_tail(out64_ptr + SLOTS3, num_tokens, TOKEN_CAP, -1, BLOCK)
+                _copy_at(staging_ptr, mirror_ptr, INDPTR3 + num_rows, MIRROR)
     else:
-        req = tl.load(staging_ptr + IDX + b).to(tl.int64)
-        start = tl.load(staging_ptr + QO_INDPTR + b).to(tl.int64)
+        req32 = tl.load(staging_ptr + IDX + b)
+        start32 = tl.load(staging_ptr + QO_INDPTR + b)
+        cache32 = tl.load(staging_ptr + CACHE + b)
+        req = req32.to(tl.int64)
+        start = start32.to(tl.int64)
         n = tl.load(staging_ptr + QO_INDPTR + b + 1).to(tl.int64) - start
-        cache_len = tl.load(staging_ptr + CACHE + b).to(tl.int64)
+        cache_len = cache32.to(tl.int64)
         if g == 0:
             if WRITE_POSITIONS:
+                if MIRROR:  # the row's fields that plan, attention and graphs read on the device
+                    tl.store(mirror_ptr + IDX + b, req32)
+                    tl.store(mirror_ptr + QO_INDPTR + b, start32)
+                    tl.store(mirror_ptr + CACHE + b, cache32)
+                    _copy_at(staging_ptr, mirror_ptr, SEQ + b, MIRROR)
+                    _copy_at(staging_ptr, mirror_ptr, LOGITS + b, MIRROR)
                 for off in range(0, n, BLOCK):
                     j = off + tl.arange(0, BLOCK)
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
-                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0)  # fmt: skip
+                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
+                       mirror_ptr, MIRROR)  # fmt: skip
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1,
-                           SLOTS1)  # fmt: skip
+                           SLOTS1, LAST1, mirror_ptr, MIRROR)  # fmt: skip
         if NUM_GROUPS > 2:
             if g == 2:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2,
-                           SLOTS2)  # fmt: skip
+                           SLOTS2, LAST2, mirror_ptr, MIRROR)  # fmt: skip
         if NUM_GROUPS > 3:
             if g == 3:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3,
-                           SLOTS3)  # fmt: skip
+                           SLOTS3, LAST3, mirror_ptr, MIRROR)  # fmt: skip
 
 
 _step = cached_kernel(_step_kernel)
 
 
-def _launch_args(layout: StepLayout, staging, tables, out32, out64) -> list[tuple[int, tuple]]:
+def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None) -> list[tuple[int, tuple]]:
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each."""
     launches = []
     for n, arg_groups in group_launches(layout.num_groups):
-        args: list = [staging, tables, out32, out64, layout.idx, layout.qo_indptr, layout.cache_lens,
-                      layout.positions, layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(),
-                      arg_groups[0] == 0, n, _BLOCK]  # fmt: skip
+        args: list = [staging, tables, out32, out64, staging if mirror is None else mirror, layout.idx,
+                      layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
+                      layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
+                      _BLOCK, mirror is not None]  # fmt: skip
         for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
-                     layout.slot_mapping[g]]  # fmt: skip
+                     layout.slot_mapping[g], layout.last_page_len[g]]  # fmt: skip
         launches.append((n, tuple(args)))
     return launches
 
@@ -269,8 +324,15 @@ def _apply_writes_torch(staging: torch.Tensor, dst: torch.Tensor, pairs_at: int,
     dst[pairs[keep, 0]] = pairs[keep, 1].to(dst.dtype)
 
 
-def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int) -> None:
-    lay, dev = layout, staging.device
+def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None) -> None:
+    lay, dev = layout, tables.device
+    staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
+    if mirror is not None:
+        copied = [(lay.idx, num_rows), (lay.qo_indptr, num_rows + 1), (lay.cache_lens, num_rows),
+                  (lay.seq_lens, num_rows), (lay.logits, num_rows)]  # fmt: skip
+        copied += [(at, num_rows + 1) for at in lay.kv_indptr] + [(at, num_rows) for at in lay.last_page_len]
+        for at, n in copied:
+            mirror[at : at + n] = staging[at : at + n]
     _apply_writes_torch(staging, tables, lay.pairs, int(staging[lay.num_writes]))
     cap = lay.token_capacity
     idx = staging[lay.idx : lay.idx + num_rows].long()
@@ -314,6 +376,7 @@ def fill_step_metadata(
     out64: torch.Tensor,
     num_rows: int,
     *,
+    mirror: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
@@ -327,14 +390,17 @@ def fill_step_metadata(
     - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``;
 
     after applying the staged writes ``tables[pairs[2i]] = pairs[2i + 1]`` for ``i < num_writes``
-    (offsets outside ``tables`` dropped). Buffers as described by :class:`StepLayout` (checked).
+    (offsets outside ``tables`` dropped); and with ``mirror``, copies the ``num_rows`` rows of the
+    staged fields into it (``qo_indptr`` and ``kv_indptr`` with their last element). Buffers as
+    described by :class:`StepLayout` (checked). On CUDA ``staging`` may be pinned host memory: the
+    kernel reads it in place (zero-copy), so it must not change until the launch has run.
     """
-    layout.check(staging, tables, out32, out64, num_rows)
-    if use_triton(backend, staging):
-        for n, args in _launch_args(layout, staging, tables, out32, out64):
+    layout.check(staging, tables, out32, out64, num_rows, mirror)
+    if use_triton(backend, tables):
+        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror):
             _step.launch((num_rows + 1, n), args, num_warps=_NUM_WARPS)
         return
-    _fill_torch(layout, staging, tables, out32, out64, num_rows)
+    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror)
 
 
 def bind_step_metadata(
@@ -345,6 +411,7 @@ def bind_step_metadata(
     out64: torch.Tensor,
     *,
     max_rows: int,
+    mirror: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Callable[[int], None]:
     """``fill(num_rows)``: :func:`fill_step_metadata` over these buffers, checked once here.
@@ -353,11 +420,11 @@ def bind_step_metadata(
     (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the driver launch and little else.
     Otherwise it runs :func:`fill_step_metadata` with ``backend`` (the interpreter or torch).
     """
-    layout.check(staging, tables, out32, out64, max_rows)
-    use_triton(backend, staging)  # raises for an unknown backend, or "triton" where it cannot run
-    if staging.is_cuda and backend != "torch":
-        bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in _launch_args(layout, staging, tables,
-                                                                                          out32, out64)]  # fmt: skip
+    layout.check(staging, tables, out32, out64, max_rows, mirror)
+    use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
+    if tables.is_cuda and backend != "torch":
+        launches = _launch_args(layout, staging, tables, out32, out64, mirror)
+        bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in launches]
         if len(bound) == 1:
             ((n0, launch0),) = bound
 
@@ -373,7 +440,7 @@ def bind_step_metadata(
         return fill_many
 
     def fill_host(num_rows: int) -> None:
-        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, backend=backend)
+        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, backend=backend)
 
     return fill_host
 
