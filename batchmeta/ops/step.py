@@ -142,10 +142,8 @@ class StepLayout:
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, COUNT: tl.constexpr, PAIRS: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
-    """Applies the staged writes whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
-    num_writes = tl.load(staging_ptr + COUNT)
+def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, num_writes, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+    """Applies the first ``num_writes`` staged writes whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
     for off in range(0, num_writes, BLOCK):
         i = off + tl.arange(0, BLOCK)
         m = i < num_writes
@@ -162,10 +160,20 @@ def _group_row(
     SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
     LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr,
 ):  # fmt: skip
+    # Every staging value this program needs, loaded up front: independent loads overlap, which
+    # matters when staging is host memory read over the bus.
+    lo32 = tl.load(staging_ptr + INDPTR + b)
+    hi = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64)
+    width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
+    num_writes = tl.load(staging_ptr + COUNT)
+    if MIRROR:
+        last = tl.load(staging_ptr + LAST + b)
+        tl.store(mirror_ptr + INDPTR + b, lo32)
+        tl.store(mirror_ptr + LAST + b, last)
     # This step's staged writes to the row (new pages, the held count) first, by this program: its
     # reads below then see them. The tail program applies every write (rows not in the batch too);
     # where both write, they write the same value.
-    _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, COUNT, PAIRS, BLOCK)
+    _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, num_writes, PAIRS, BLOCK)
     tl.debug_barrier()
     row = tables_ptr + TAB + req * W
     # Slot ids in 64 bits: page * page_size passes 2^31 on large caches.
@@ -177,14 +185,9 @@ def _group_row(
         page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
         tl.store(out64_ptr + SLOTS + t, page * PS + pos % PS, mask=m)
     # One pass over the row's columns feeds both the ragged kv_indices and the per-step table.
-    lo32 = tl.load(staging_ptr + INDPTR + b)
     lo = lo32.to(tl.int64)
-    cnt = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64) - lo
-    if MIRROR:
-        tl.store(mirror_ptr + INDPTR + b, lo32)
-        tl.store(mirror_ptr + LAST + b, tl.load(staging_ptr + LAST + b))
+    cnt = hi - lo
     held = tl.load(tables_ptr + HELD + req).to(tl.int64)
-    width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
     step_row = out32_ptr + STEP + b.to(tl.int64) * W
     for off in range(0, tl.maximum(width, cnt), BLOCK):
         c = off + tl.arange(0, BLOCK)
@@ -242,7 +245,7 @@ def _step_kernel(
                 _pad_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
                 _copy_at(staging_ptr, mirror_ptr, QO_INDPTR + num_rows, MIRROR)
                 # Every staged write, including those to request slots not in this batch.
-                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, COUNT, PAIRS, BLOCK)
+                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, tl.load(staging_ptr + COUNT), PAIRS, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
                 _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
@@ -455,7 +458,7 @@ def _scatter_pairs_kernel(
     COUNT: tl.constexpr, PAIRS: tl.constexpr, DST_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     # One program: only the rare writes beyond one step's transfer come here.
-    _apply_writes(staging_ptr, dst_ptr, 0, DST_NUMEL, 0, COUNT, PAIRS, BLOCK)
+    _apply_writes(staging_ptr, dst_ptr, 0, DST_NUMEL, 0, tl.load(staging_ptr + COUNT), PAIRS, BLOCK)
 
 
 _scatter_pairs = cached_kernel(_scatter_pairs_kernel)
