@@ -20,6 +20,10 @@ __all__ = ["BlockTables"]
 _I32_MAX = 2**31 - 1
 
 
+_NO_WRITES = np.zeros(0, np.int32)  # what take_staged returns with nothing staged (no allocation per step)
+_NO_WRITES.flags.writeable = False
+
+
 class BlockTables:
     """Persistent per-request block tables, one per KV-cache group (``meta.block_tables``).
 
@@ -131,7 +135,7 @@ class BlockTables:
     def take_staged(self) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, values) of every staged write into :attr:`flat`, forgotten once taken."""
         if not self._staged:
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+            return _NO_WRITES, _NO_WRITES
         offsets = np.fromiter(self._staged.keys(), np.int32, len(self._staged))
         values = np.fromiter(self._staged.values(), np.int32, len(self._staged))
         self._staged.clear()

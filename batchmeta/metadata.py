@@ -31,9 +31,10 @@ from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
+from batchmeta.host_path import COMPILED, HostPath
 from batchmeta.ops._common import check_tensor, check_unit_column_stride
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
-from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_step
+from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_step, stage_writes
 from batchmeta.step import Step, StepViews
 
 __all__ = ["BatchMetadata"]
@@ -104,6 +105,8 @@ class BatchMetadata:
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
+        # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
+        self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
         self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_available()
         self._planner = StepPlanner(cfg, buf.kv_indices)
         self._graphs = DecodeGraphs()
@@ -145,10 +148,9 @@ class BatchMetadata:
         clens = host_ints("cache_lens", cache_lens, length=b)
         if b and qlens.min() < 1:
             raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
-        seq, pages, max_seq = self._checker.check(idx, qlens, clens)
         kind = "prefill" if clens.any() else "ragged_prefill"
         with self._on_device():
-            return self._prepare(idx, qlens, clens, seq, pages, max_seq, kind, padded=b, graph=False)
+            return self._prepare(idx, qlens, clens, kind, padded=b, graph=False)
 
     def prepare_decode(
         self, idx_mapping: Any, cache_lens: Any, *, num_draft_tokens: int = 0, cuda_graph: bool = False
@@ -185,27 +187,45 @@ class BatchMetadata:
             if num_draft_tokens:
                 raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
             padded = self.graph_batch_size(b)
-        q = 1 + num_draft_tokens
-        seq, pages, max_seq = self._checker.check(idx, q, clens)
         kind = "spec_decode" if num_draft_tokens else "decode"
         with self._on_device():
-            return self._prepare(idx, q, clens, seq, pages, max_seq, kind, padded=padded, graph=cuda_graph)
+            return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
 
-    def _prepare(self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, seq: np.ndarray,
-                 pages: list[np.ndarray], max_seq: int, kind: str, *, padded: int, graph: bool) -> Step:  # fmt: skip
-        """The step after its checks passed: stage, upload, launch, plan, and the ``Step``.
+    def _prepare(self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, kind: str, *, padded: int,
+                 graph: bool) -> Step:  # fmt: skip
+        """The step: check, stage, launch, plan, and the ``Step``. ``qlens`` is an int for decode.
 
-        ``qlens`` is an int for decode; ``pages`` per group ``ceil(seq / page_size)``.
+        Nothing changes before every check has passed. The compiled host path checks and writes
+        the other host staging buffer in one call (writing nothing if the batch is invalid; the
+        numpy checker then raises the message); without numba, the numpy checks run first.
         """
         lay, ring = self._layout, self._staging
-        offsets, values = self.block_tables.take_staged()
-        if len(offsets) > lay.max_writes:  # more new pages than one transfer holds: apply the excess first
-            offsets, values = self._apply_excess_writes(offsets, values)
-        self._clock[0] += 1  # from here the buffers change: earlier steps are stale
-        h = ring.next()
-        try:
+        if self._host_path is not None:
+            h = ring.peek()
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph)
+            if staged is None:
+                self._checker.check(idx, qlens, clens)  # raises the message
+                raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
+            offsets, values = self.block_tables.take_staged()
+            if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
+                offsets, values = self._apply_excess_writes(offsets, values)
+                h = ring.peek()  # the excess went through the ring: stage again
+                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph)
+            self._clock[0] += 1  # from here the buffers change: earlier steps are stale
+            ring.advance()
+            ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds
+            stage_writes(h, lay, offsets, values)
+            num_tokens, widths, max_seq = staged  # type: ignore[misc]
+        else:
+            seq, pages, max_seq = self._checker.check(idx, qlens, clens)
+            offsets, values = self.block_tables.take_staged()
+            if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
+                offsets, values = self._apply_excess_writes(offsets, values)
+            self._clock[0] += 1  # from here the buffers change: earlier steps are stale
+            h = ring.next()
             num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
                                                      seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
+        try:
             self._fills[ring.current](padded)  # one launch: staged writes and every metadata field
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
@@ -249,8 +269,7 @@ class BatchMetadata:
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
         with self._on_device():
-            step = self._prepare(empty, 1, empty, empty, [empty] * len(self.config.kv_groups), 0, "decode",
-                                 padded=batch_size, graph=True)  # fmt: skip
+            step = self._prepare(empty, 1, empty, "decode", padded=batch_size, graph=True)
             return self._graphs.capture(step, forward, warmup=warmup)
 
     def replay_decode_graph(self, step: Step) -> None:

@@ -20,7 +20,7 @@ from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.ops.step import StepLayout
 
-__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "stage_step"]
+__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "stage_step", "stage_writes"]
 
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
@@ -83,12 +83,22 @@ class PinnedRing:
         self._copies: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def next(self) -> np.ndarray:
-        """Switches to the other host buffer (waiting for its last transfer if needed); returns it."""
-        self.current ^= 1
-        ev = self.events[self.current]
+        """Switches to the other host buffer (waiting for its last use if needed); returns it."""
+        h = self.peek()
+        self.advance()
+        return h
+
+    def peek(self) -> np.ndarray:
+        """The other host buffer, free to write (waiting for its last use if needed), without
+        switching to it: a caller that may still reject the step writes it, then :meth:`advance`."""
+        ev = self.events[self.current ^ 1]
         if ev is not None and not ev.query():
-            ev.synchronize()  # the transfer of two uses ago is still pending: never in steady state
-        return self.host_np[self.current]
+            ev.synchronize()  # the step of two uses ago is still pending: never in steady state
+        return self.host_np[self.current ^ 1]
+
+    def advance(self) -> None:
+        """Switches to the other host buffer (after :meth:`peek`)."""
+        self.current ^= 1
 
     def upload(self, end: int, start: int = 0) -> torch.Tensor:
         """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
@@ -238,10 +248,16 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
         else:
             widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
         h[lay.step_width[g]] = widths[g]
+    stage_writes(h, lay, offsets, values)
+    return num_tokens, tuple(widths), max_seq
+
+
+def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values: np.ndarray) -> None:
+    """Writes the staged block-table writes (``offsets`` into the tables, ``values``; at most
+    ``lay.max_writes``) and their count into host staging buffer ``h``."""
     n = len(offsets)
     h[lay.num_writes] = n
     if n:
         pairs = h[lay.pairs : lay.pairs + 2 * n]
         pairs[0::2] = offsets
         pairs[1::2] = values
-    return num_tokens, tuple(widths), max_seq

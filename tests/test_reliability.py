@@ -9,6 +9,17 @@ import pytest
 import torch
 
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, Step
+from batchmeta.host_path import COMPILED
+
+_HOST_PATH = ["compiled"]
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def host_path(request):
+    """Every test runs through both host paths: the compiled one (numba) and the numpy reference."""
+    if request.param == "compiled" and not COMPILED:
+        pytest.skip("numba not installed (or BATCHMETA_HOST_PATH=numpy)")
+    _HOST_PATH[0] = request.param
 
 
 def meta(**kw):
@@ -16,7 +27,10 @@ def meta(**kw):
                 num_qo_heads=4, num_kv_heads=2, head_dim=8, q_dtype=torch.float16, kv_dtype=torch.float16,
                 device="cpu")  # fmt: skip
     base.update(kw)
-    return BatchMetadata(MetadataConfig(**base))
+    m = BatchMetadata(MetadataConfig(**base))
+    if _HOST_PATH[0] == "numpy":
+        m._host_path = None
+    return m
 
 
 def state(m: BatchMetadata) -> list:

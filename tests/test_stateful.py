@@ -32,6 +32,7 @@ STEPS = int(os.environ.get("BATCHMETA_STATEFUL_STEPS", "25"))
 
 class MetadataMachine(RuleBasedStateMachine):
     BACKEND: str | None = None
+    NUMPY_HOST_PATH = False  # True: the numpy checks and staging (the reference of the compiled path)
 
     @initialize(page_sizes=st.sampled_from(PAGE_SIZES), tables=st.booleans(), data=st.data())
     def setup(self, page_sizes, tables=True, data=None):
@@ -44,6 +45,8 @@ class MetadataMachine(RuleBasedStateMachine):
             batch_block_tables=tables,
         )  # fmt: skip
         self.meta = BatchMetadata(cfg)
+        if self.NUMPY_HOST_PATH:
+            self.meta._host_path = None
         self.widths = [math.ceil(L / p) for p in page_sizes]
         self.held = {r: [[] for _ in page_sizes] for r in range(R)}  # the model: pages per slot and group
         self.history = torch.zeros(R, L, dtype=torch.int64, device=DEVICE)
@@ -196,6 +199,11 @@ class TritonMachine(MetadataMachine):
     BACKEND = None  # Triton: compiled on a GPU, the interpreter on a CPU (conftest sets TRITON_INTERPRET)
 
 
+class NumpyHostMachine(MetadataMachine):
+    BACKEND = "torch"
+    NUMPY_HOST_PATH = True
+
+
 _settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None)
 TestStatefulTorch = TorchMachine.TestCase
 TestStatefulTorch.settings = _settings
@@ -210,3 +218,7 @@ def test_model_rejects_what_it_should():
     m.held[0] = [[1, 2], [3, 4, 5]]  # 6 tokens in both groups
     assert m.batch_ok([0], [2], [4]) and not m.batch_ok([0], [3], [4]) and not m.batch_ok([0, 0], [1, 1], [0, 0])
     assert np.array_equal(m.meta.block_tables.pages(0), np.zeros(0)), "the model was edited, not the object"
+
+
+TestStatefulNumpyHost = NumpyHostMachine.TestCase
+TestStatefulNumpyHost.settings = _settings
