@@ -130,6 +130,9 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     b = len(scn.cache_lens)
     seq = np.array(scn.cache_lens) + np.array(scn.query_lens)
     max_len = int(seq.max()) + 64
+    # Trees before prefill_backend existed (benchmarks/ab_revisions.py, profile_step.py on an older
+    # checkout) planned prefill with FlashInfer's default backend.
+    extra = {"prefill_backend": prefill_backend} if "prefill_backend" in attrs.fields_dict(MetadataConfig) else {}
     cfg = MetadataConfig(
         max_num_reqs=b,
         max_num_tokens=max(int(sum(scn.query_lens)), b),
@@ -143,7 +146,7 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
         device="cuda",
         cuda_graph_batch_sizes=(b,) if scn.graph else (),
         max_draft_tokens=scn.draft,
-        prefill_backend=prefill_backend,
+        **extra,
     )
     meta = BatchMetadata(cfg)
     noplan = BatchMetadata(attrs.evolve(cfg, plan_attention=False))
