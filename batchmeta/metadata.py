@@ -112,6 +112,7 @@ class BatchMetadata:
         self._graphs = DecodeGraphs()
         self._views: dict[tuple, StepViews] = {}
         self._clock = [0]  # number of the latest step: older steps' views are stale
+        self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -226,7 +227,10 @@ class BatchMetadata:
             num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
                                                      seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
         try:
-            self._fills[ring.current](padded)  # one launch: staged writes and every metadata field
+            # One launch: staged writes and every metadata field; its column programs cover the
+            # longest row's pages in the group of smallest pages (and the per-step tables' width).
+            max_cols = max(-(-max_seq // self._min_page_size), *widths)
+            self._fills[ring.current](padded, max_cols)
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
             tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]

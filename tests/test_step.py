@@ -6,11 +6,14 @@ Layouts are built with gaps between fields, and every buffer starts filled with 
 wrong offset or an element written where it must not be shows up.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import batchmeta.ops.step as step_ops
 from batchmeta.ops.step import StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata
 
 S = 77_777  # sentinel
@@ -197,21 +200,41 @@ def check_case(case, with_mirror):
     assert case.staging.cpu().tolist() == case.staging_values  # read only
 
 
-@given(data=st.data(), with_mirror=st.booleans())
-def test_fill_step_metadata_matches_naive(data, with_mirror, device, backend):
+def max_cols_of(case):
+    """The tightest column bound a caller may pass: every row's pages and the per-step table width."""
+    return max([case.indptr[g][b + 1] - case.indptr[g][b] for g in range(len(case.page_sizes))
+                for b in range(len(case.rows))] + case.step_width + [0])  # fmt: skip
+
+
+@contextlib.contextmanager
+def columns_per_program(n):
+    """Long rows split over programs of ``n`` columns (the kernel's default splits only huge rows)."""
+    saved, step_ops._COLS = step_ops._COLS, n
+    try:
+        yield
+    finally:
+        step_ops._COLS = saved
+
+
+@given(data=st.data(), with_mirror=st.booleans(), cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
+def test_fill_step_metadata_matches_naive(data, with_mirror, cols, tight, device, backend):
     case = data.draw(cases(device=device))
-    fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
-                       mirror=case.mirror if with_mirror else None, backend=backend)  # fmt: skip
+    with columns_per_program(cols):
+        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
+                           mirror=case.mirror if with_mirror else None, max_cols=max_cols_of(case) if tight else None,
+                           backend=backend)  # fmt: skip
     check_case(case, with_mirror)
 
 
-@given(data=st.data(), with_mirror=st.booleans())
-def test_bound_fill_matches_naive(data, with_mirror, device):
+@given(data=st.data(), with_mirror=st.booleans(), cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
+def test_bound_fill_matches_naive(data, with_mirror, cols, tight, device):
     case = data.draw(cases(device=device))
-    fill = bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
-                              max_rows=len(case.rows), mirror=case.mirror if with_mirror else None)  # fmt: skip
-    fill(len(case.rows))
-    fill(len(case.rows))  # the bound (cached) launch, on a GPU
+    with columns_per_program(cols):
+        fill = bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
+                                  max_rows=len(case.rows), mirror=case.mirror if with_mirror else None)  # fmt: skip
+        max_cols = max_cols_of(case) if tight else None
+        fill(len(case.rows), max_cols)
+        fill(len(case.rows), max_cols)  # the bound (cached) launch, on a GPU
     check_case(case, with_mirror)
 
 

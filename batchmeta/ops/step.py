@@ -35,6 +35,7 @@ __all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_
 
 _BLOCK = 1024
 _NUM_WARPS = 4
+_COLS = 4096  # columns of a row per program: a row of 32K pages takes 8 programs (bandwidth, not latency)
 
 
 def _ints(value: object) -> tuple[int, ...]:
@@ -158,26 +159,28 @@ def _group_row(
     TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
     SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
-    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr,
+    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr, ch, COLS: tl.constexpr,
 ):  # fmt: skip
-    # Every staging value this program needs, loaded up front: independent loads overlap, which
+    # Program ``ch`` of the row writes its columns [ch * COLS, (ch + 1) * COLS); program 0 also its
+    # slots and mirror fields. Every staging value this program needs, loaded up front: independent loads overlap, which
     # matters when staging is host memory read over the bus.
     lo32 = tl.load(staging_ptr + INDPTR + b)
     hi = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64)
     width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
     num_writes = tl.load(staging_ptr + COUNT)
     if MIRROR:
-        last = tl.load(staging_ptr + LAST + b)
-        tl.store(mirror_ptr + INDPTR + b, lo32)
-        tl.store(mirror_ptr + LAST + b, last)
+        if ch == 0:
+            last = tl.load(staging_ptr + LAST + b)
+            tl.store(mirror_ptr + INDPTR + b, lo32)
+            tl.store(mirror_ptr + LAST + b, last)
     # This step's staged writes to the row (new pages, the held count) first, by this program: its
     # reads below then see them. The tail program applies every write (rows not in the batch too);
-    # where both write, they write the same value.
+    # where several write, they write the same value.
     _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, num_writes, PAIRS, BLOCK)
     tl.debug_barrier()
     row = tables_ptr + TAB + req * W
     # Slot ids in 64 bits: page * page_size passes 2^31 on large caches.
-    for off in range(0, n, BLOCK):
+    for off in range(0, tl.where(ch == 0, n, 0), BLOCK):
         j = off + tl.arange(0, BLOCK)
         t = start + j
         m = (j < n) & (t < TOKEN_CAP)
@@ -189,7 +192,7 @@ def _group_row(
     cnt = hi - lo
     held = tl.load(tables_ptr + HELD + req).to(tl.int64)
     step_row = out32_ptr + STEP + b.to(tl.int64) * W
-    for off in range(0, tl.maximum(width, cnt), BLOCK):
+    for off in range(ch * COLS, tl.minimum(tl.maximum(width, cnt), (ch + 1) * COLS), BLOCK):
         c = off + tl.arange(0, BLOCK)
         v = tl.load(row + c, mask=(c < held) & (c < W), other=0)
         tl.store(step_row + c, v, mask=c < width)
@@ -213,7 +216,7 @@ def _step_kernel(
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
     POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-    MIRROR: tl.constexpr,
+    MIRROR: tl.constexpr, COLS: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, step width,
     # kv_indices (and its capacity), step table, slot mapping, last page length. Unused argument
     # sets repeat the first.
@@ -232,8 +235,9 @@ def _step_kernel(
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
+    ch = tl.program_id(2)  # column chunk: long rows are split over several programs
     num_rows = tl.num_programs(0) - 1
-    if b == num_rows:
+    if b == num_rows and ch == 0:
         # The last program of each group fills every slot past the step's tokens with PAD (and
         # positions with 0), so a graph captured for more tokens writes nothing for its padding;
         # and copies the indptrs' last elements to the mirror.
@@ -258,7 +262,7 @@ def _step_kernel(
             if g == 3:
                 _pad_tail(out64_ptr + SLOTS3, num_tokens, TOKEN_CAP, -1, BLOCK)
                 _copy_at(staging_ptr, mirror_ptr, INDPTR3 + num_rows, MIRROR)
-    else:
+    elif b < num_rows:
         req32 = tl.load(staging_ptr + IDX + b)
         start32 = tl.load(staging_ptr + QO_INDPTR + b)
         cache32 = tl.load(staging_ptr + CACHE + b)
@@ -269,36 +273,43 @@ def _step_kernel(
         if g == 0:
             if WRITE_POSITIONS:
                 if MIRROR:  # the row's fields that plan, attention and graphs read on the device
-                    tl.store(mirror_ptr + IDX + b, req32)
-                    tl.store(mirror_ptr + QO_INDPTR + b, start32)
-                    tl.store(mirror_ptr + CACHE + b, cache32)
-                    _copy_at(staging_ptr, mirror_ptr, SEQ + b, MIRROR)
-                    _copy_at(staging_ptr, mirror_ptr, LOGITS + b, MIRROR)
-                for off in range(0, n, BLOCK):
+                    if ch == 0:
+                        tl.store(mirror_ptr + IDX + b, req32)
+                        tl.store(mirror_ptr + QO_INDPTR + b, start32)
+                        tl.store(mirror_ptr + CACHE + b, cache32)
+                        _copy_at(staging_ptr, mirror_ptr, SEQ + b, MIRROR)
+                        _copy_at(staging_ptr, mirror_ptr, LOGITS + b, MIRROR)
+                for off in range(0, tl.where(ch == 0, n, 0), BLOCK):
                     j = off + tl.arange(0, BLOCK)
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
                        COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
-                       mirror_ptr, MIRROR)  # fmt: skip
+                       mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1,
-                           SLOTS1, LAST1, mirror_ptr, MIRROR)  # fmt: skip
+                           SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 2:
             if g == 2:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2,
-                           SLOTS2, LAST2, mirror_ptr, MIRROR)  # fmt: skip
+                           SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 3:
             if g == 3:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
                            BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3,
-                           SLOTS3, LAST3, mirror_ptr, MIRROR)  # fmt: skip
+                           SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
 
 
 _step = cached_kernel(_step_kernel)
+
+
+def _num_chunks(layout: StepLayout, max_cols: int | None) -> int:
+    """Column programs per row: enough for ``max_cols`` columns (default: the widest table)."""
+    cols = max(layout.width) if max_cols is None else min(max_cols, max(layout.width))
+    return max(1, -(-cols // _COLS))
 
 
 def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None) -> list[tuple[int, tuple]]:
@@ -308,7 +319,7 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None)
         args: list = [staging, tables, out32, out64, staging if mirror is None else mirror, layout.idx,
                       layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
                       layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
-                      _BLOCK, mirror is not None]  # fmt: skip
+                      _BLOCK, mirror is not None, _COLS]  # fmt: skip
         for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
@@ -380,6 +391,7 @@ def fill_step_metadata(
     num_rows: int,
     *,
     mirror: torch.Tensor | None = None,
+    max_cols: int | None = None,
     backend: str | None = None,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
@@ -397,11 +409,14 @@ def fill_step_metadata(
     staged fields into it (``qo_indptr`` and ``kv_indptr`` with their last element). Buffers as
     described by :class:`StepLayout` (checked). On CUDA ``staging`` may be pinned host memory: the
     kernel reads it in place (zero-copy), so it must not change until the launch has run.
+    ``max_cols`` bounds the columns any row writes (``kv_indices`` pages, per-step table width) in
+    every group; the launch sizes its column programs by it. Default: the widest table.
     """
     layout.check(staging, tables, out32, out64, num_rows, mirror)
     if use_triton(backend, tables):
+        chunks = _num_chunks(layout, max_cols)
         for n, args in _launch_args(layout, staging, tables, out32, out64, mirror):
-            _step.launch((num_rows + 1, n), args, num_warps=_NUM_WARPS)
+            _step.launch((num_rows + 1, n, chunks), args, num_warps=_NUM_WARPS)
         return
     _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror)
 
@@ -416,8 +431,8 @@ def bind_step_metadata(
     max_rows: int,
     mirror: torch.Tensor | None = None,
     backend: str | None = None,
-) -> Callable[[int], None]:
-    """``fill(num_rows)``: :func:`fill_step_metadata` over these buffers, checked once here.
+) -> Callable[..., None]:
+    """``fill(num_rows, max_cols=None)``: :func:`fill_step_metadata` over these buffers, checked once here.
 
     On CUDA (``backend`` None or ``"triton"``) the launches are bound
     (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the driver launch and little else.
@@ -431,19 +446,21 @@ def bind_step_metadata(
         if len(bound) == 1:
             ((n0, launch0),) = bound
 
-            def fill(num_rows: int) -> None:
-                launch0((num_rows + 1, n0))
+            def fill(num_rows: int, max_cols: int | None = None) -> None:
+                launch0((num_rows + 1, n0, _num_chunks(layout, max_cols)))
 
             return fill
 
-        def fill_many(num_rows: int) -> None:
+        def fill_many(num_rows: int, max_cols: int | None = None) -> None:
+            chunks = _num_chunks(layout, max_cols)
             for n, launch in bound:
-                launch((num_rows + 1, n))
+                launch((num_rows + 1, n, chunks))
 
         return fill_many
 
-    def fill_host(num_rows: int) -> None:
-        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, backend=backend)
+    def fill_host(num_rows: int, max_cols: int | None = None) -> None:
+        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, max_cols=max_cols,
+                           backend=backend)  # fmt: skip
 
     return fill_host
 
