@@ -7,9 +7,11 @@ by wrapping the internal calls with counters (each wrapper adds well under a mic
 steps with the GPU idle, and prints the median microseconds per part beside the whole step. The
 parts:
 
-- validate: host-side checks of the batch (``BatchChecker.check``);
-- host arrays: the staged block-table writes taken and numpy into the pinned staging buffer
-  (``BlockTables.take_staged``, ``staging.stage_step``);
+- validate: host-side checks of the batch (``BatchChecker.check``; 0 on the compiled path, whose
+  checks are part of its one call);
+- host arrays: the staged block-table writes taken and the step's arrays written into the pinned
+  staging buffer (``BlockTables.take_staged``, then ``HostPath.stage``, which also checks, or
+  numpy's ``staging.stage_step``);
 - upload: a host→device copy (none per step since the kernel reads pinned staging in place; kept
   for older trees and the rare excess block-table writes);
 - fill: the one bound kernel launch (staged block-table writes and every metadata field);
@@ -68,6 +70,8 @@ def main() -> int:
     meta_module.stage_step = timed("stage", meta_module.stage_step)
     type(meta)._prepare = timed("prepare", type(meta)._prepare)
     meta._checker.check = timed("validate", meta._checker.check)
+    if getattr(meta, "_host_path", None) is not None:  # the compiled path: checks and staging in one call
+        meta._host_path.stage = timed("stage", meta._host_path.stage)
     meta._planner.plan = timed("plan", meta._planner.plan)
     meta.block_tables.take_staged = timed("take_staged", meta.block_tables.take_staged)
     meta._staging.upload = timed("upload", meta._staging.upload)
