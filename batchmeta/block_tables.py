@@ -132,6 +132,10 @@ class BlockTables:
             self._set_count(g, req, 0)
         self.num_resets += 1
 
+    def num_staged(self) -> int:
+        """Writes staged since the last step (what :meth:`take_staged` would return)."""
+        return len(self._staged)
+
     def take_staged(self) -> tuple[np.ndarray, np.ndarray]:
         """(offsets, values) of every staged write into :attr:`flat`, forgotten once taken."""
         if not self._staged:

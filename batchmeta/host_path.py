@@ -33,6 +33,19 @@ import os
 import numpy as np
 
 from batchmeta.config import MetadataConfig
+from batchmeta.ops.step import ROW_CACHE as _ROW_CACHE
+from batchmeta.ops.step import ROW_COUNT as _ROW_COUNT
+from batchmeta.ops.step import ROW_END as _ROW_END
+from batchmeta.ops.step import ROW_GROUP as _ROW_GROUP
+from batchmeta.ops.step import ROW_IDX as _ROW_IDX
+from batchmeta.ops.step import ROW_KV_HI as _ROW_KV_HI
+from batchmeta.ops.step import ROW_KV_LO as _ROW_KV_LO
+from batchmeta.ops.step import ROW_LAST as _ROW_LAST
+from batchmeta.ops.step import ROW_LOGITS as _ROW_LOGITS
+from batchmeta.ops.step import ROW_PER_GROUP as _ROW_PER_GROUP
+from batchmeta.ops.step import ROW_SEQ as _ROW_SEQ
+from batchmeta.ops.step import ROW_START as _ROW_START
+from batchmeta.ops.step import ROW_SWIDTH as _ROW_SWIDTH
 from batchmeta.staging import StagingLayout
 
 try:
@@ -48,7 +61,7 @@ COMPILED: bool = numba is not None and os.environ.get("BATCHMETA_HOST_PATH", "")
 # The kernel's int64 workspace (`ws`), one array so that a call unboxes one argument, not three
 # (~80 ns each): parameters fixed at init, then outputs, then per-call scratch. Parameters first:
 (_R, _MNT, _MML, _IDX, _QO, _SEQ, _CACHE, _LOGITS, _FIXED_END, _TABLES, _NUM_GROUPS, _OUT, _SEEN, _ROWS,
- _GROUPS) = range(15)  # fmt: skip
+ _PACKED, _STRIDE, _GROUPS) = range(17)  # fmt: skip
 # then per group g, _PER_GROUP entries from _GROUPS + g * _PER_GROUP (_SHIFT: log2 of a power-of-two
 # page size, else -1: a shift is cheaper than a division, and page sizes are powers of two in practice):
 _KV_INDPTR, _LAST, _STEP_WIDTH, _PAGE, _SHIFT, _MAX_PAGES = range(6)
@@ -62,13 +75,14 @@ _INVALID = -1  # the batch fails a check: the caller's BatchChecker.check raises
 _MISUSE = -2  # padded outside [b, max_num_reqs], a short staging buffer or mismatched arrays
 
 
-def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph):
+def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes):
     """Checks the batch, then (only if valid) writes its staging fields into ``h``.
 
     Returns the step's ``num_tokens`` (``>= 0``), or ``_INVALID`` / ``_MISUSE`` with ``h``
     untouched. ``ws`` is the workspace (module constants above); its scratch entries are written
     before they are read in each call. ``qlens`` is read only when ``decode`` is false; else every
-    row has ``q`` new tokens.
+    row has ``q`` new tokens. ``num_writes`` goes into the packed rows (the caller writes the count
+    and the pairs themselves).
     """
     r = ws[_R]
     mnt = ws[_MNT]
@@ -189,6 +203,43 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph):
         h[ws[base + _STEP_WIDTH]] = width
         ws[ws[_OUT] + 1 + g] = width
     ws[ws[_OUT]] = max_seq
+    # The step kernel's packed rows (staging.pack_rows is the reference): row i < padded from the
+    # fields just written; row padded holds the indptrs' last elements; everything else 0.
+    stride = ws[_STRIDE]
+    rows = h[ws[_PACKED] : ws[_PACKED] + (padded + 1) * stride]
+    for k in range((padded + 1) * stride):
+        rows[k] = 0
+    h_cache_all = h[ws[_CACHE] : ws[_CACHE] + padded]
+    h_logits_all = h[ws[_LOGITS] : ws[_LOGITS] + padded]
+    for i in range(padded):
+        o = i * stride
+        rows[o + _ROW_IDX] = h_idx[i]
+        rows[o + _ROW_START] = qo[i]
+        rows[o + _ROW_END] = qo[i + 1]
+        rows[o + _ROW_CACHE] = h_cache_all[i]
+        rows[o + _ROW_SEQ] = h_seq[i]
+        rows[o + _ROW_LOGITS] = h_logits_all[i]
+        rows[o + _ROW_COUNT] = num_writes
+    o = padded * stride
+    rows[o + _ROW_START] = qo[padded]
+    rows[o + _ROW_END] = qo[padded]
+    rows[o + _ROW_COUNT] = num_writes
+    for g in range(groups):
+        base = _GROUPS + g * _PER_GROUP
+        at = _ROW_GROUP + _ROW_PER_GROUP * g
+        indptr = h[ws[base + _KV_INDPTR] : ws[base + _KV_INDPTR] + padded + 1]
+        last = h[ws[base + _LAST] : ws[base + _LAST] + padded]
+        width = ws[ws[_OUT] + 1 + g]
+        for i in range(padded):
+            o = i * stride + at
+            rows[o + _ROW_KV_LO] = indptr[i]
+            rows[o + _ROW_KV_HI] = indptr[i + 1]
+            rows[o + _ROW_LAST] = last[i]
+            rows[o + _ROW_SWIDTH] = width
+        o = padded * stride + at
+        rows[o + _ROW_KV_LO] = indptr[padded]
+        rows[o + _ROW_KV_HI] = indptr[padded]
+        rows[o + _ROW_SWIDTH] = width
     return num_tokens
 
 
@@ -228,6 +279,7 @@ class HostPath:
                   layout.cache, layout.logits, layout.fixed_end, tables, groups]  # fmt: skip
         n = _GROUPS + groups * _PER_GROUP
         params += [n, n + 1 + groups, n + 1 + groups + r]  # _OUT, _SEEN, _ROWS
+        params += [layout.rows, layout.row_stride]  # _PACKED, _STRIDE
         assert len(params) == _GROUPS
         for g, grp in enumerate(config.kv_groups):
             ps = grp.page_size
@@ -243,11 +295,11 @@ class HostPath:
             # batch on a scratch buffer of the staging layout.
             scratch = np.zeros(layout.fixed_end, np.int32)
             empty = self._no_qlens
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False)
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0)
 
     def stage(self, h: np.ndarray, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, padded: int,
-              graph: bool) -> tuple[int, tuple[int, ...], int] | None:  # fmt: skip
+              graph: bool, num_writes: int = 0) -> tuple[int, tuple[int, ...], int] | None:  # fmt: skip
         """Checks a batch and, if valid, writes its staging fields into ``h``.
 
         Parameters
@@ -264,6 +316,9 @@ class HostPath:
         graph:
             A CUDA-graph step: the per-batch tables' widths are the full table widths (0 without
             ``config.batch_block_tables``, as in an eager step).
+        num_writes:
+            The staged block-table writes the caller will write into ``h`` (their count goes into
+            the packed rows).
 
         Returns
         -------
@@ -271,7 +326,8 @@ class HostPath:
             ``(num_tokens, widths, max_seq)`` as :func:`~batchmeta.staging.stage_step` returns
             them, after writing the same ``idx``, ``cache``, ``seq``, ``qo_indptr``, ``logits``,
             per-group ``kv_indptr``, ``last_page_len`` and ``step_width`` elements (the decode
-            ``qo_indptr`` / ``logits`` always: no memo). Not ``num_writes`` nor the pairs. ``None``
+            ``qo_indptr`` / ``logits`` always: no memo) and the step kernel's packed rows
+            (:func:`~batchmeta.staging.pack_rows`). Not ``num_writes`` nor the pairs. ``None``
             when the batch fails a check, with nothing written: ``BatchChecker.check`` on the same
             input raises the message.
 
@@ -287,9 +343,10 @@ class HostPath:
             raise RuntimeError("HostPath.stage: the compiled host path is off (numba missing or "
                                "BATCHMETA_HOST_PATH=numpy); use BatchChecker.check and stage_step")  # fmt: skip
         if type(qlens) is int:
-            n = _stage_kernel(h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph)
+            n = _stage_kernel(h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph,
+                              num_writes)  # fmt: skip
         else:
-            n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph)
+            n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes)
         if n < 0:
             if n == _INVALID:
                 return None

@@ -203,7 +203,8 @@ class BatchMetadata:
         lay, ring = self._layout, self._staging
         if self._host_path is not None:
             h = ring.peek()
-            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph)
+            num_writes = min(self.block_tables.num_staged(), lay.max_writes)
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes)
             if staged is None:
                 self._checker.check(idx, qlens, clens)  # raises the message
                 raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
@@ -211,7 +212,7 @@ class BatchMetadata:
             if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
                 offsets, values = self._apply_excess_writes(offsets, values)
                 h = ring.peek()  # the excess went through the ring: stage again
-                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph)
+                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, len(offsets))
             self._clock[0] += 1  # from here the buffers change: earlier steps are stale
             ring.advance()
             ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds

@@ -18,9 +18,25 @@ import torch
 
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
-from batchmeta.ops.step import StepLayout
+from batchmeta.ops.step import (
+    ROW_CACHE,
+    ROW_COUNT,
+    ROW_END,
+    ROW_GROUP,
+    ROW_IDX,
+    ROW_KV_HI,
+    ROW_KV_LO,
+    ROW_LAST,
+    ROW_LOGITS,
+    ROW_PER_GROUP,
+    ROW_SEQ,
+    ROW_START,
+    ROW_SWIDTH,
+    StepLayout,
+    row_stride,
+)
 
-__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "stage_step", "stage_writes"]
+__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "pack_rows", "stage_step", "stage_writes"]
 
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
@@ -31,8 +47,9 @@ class StagingLayout:
 
     ``idx`` ``[R]`` request slot of each row, ``qo_indptr`` ``[R + 1]``, ``seq`` / ``cache`` /
     ``logits`` ``[R]``, per group ``kv_indptr`` ``[R + 1]``, ``last_page_len`` ``[R]`` and
-    ``step_width`` ``[1]``, ``num_writes`` ``[1]``, then ``(offset, value)`` pairs of staged
-    block-table writes (``[2 * max_writes]``), last so a step uploads only ``fixed_end + 2n``.
+    ``step_width`` ``[1]``, the step kernel's packed ``rows`` ``[R + 1, row_stride]`` (the same
+    values, row by row: see :mod:`batchmeta.ops.step`), ``num_writes`` ``[1]``, then
+    ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``).
     """
 
     def __init__(self, max_reqs: int, num_groups: int, max_writes: int):
@@ -52,6 +69,8 @@ class StagingLayout:
         self.kv_indptr = [take(r + 1) for _ in range(num_groups)]
         self.last_page_len = [take(r) for _ in range(num_groups)]
         self.step_width = [take(1) for _ in range(num_groups)]
+        self.row_stride = row_stride(num_groups)
+        self.rows = take((r + 1) * self.row_stride)
         self.num_writes = take(1)
         self.fixed_end = pos
         self.max_writes = max_writes
@@ -179,7 +198,8 @@ class StepBuffers:
             page_size=[grp.page_size for grp in config.kv_groups], width=self.widths, num_table_rows=r + 1,
             idx=staging.idx, qo_indptr=staging.qo_indptr, cache_lens=staging.cache, seq_lens=staging.seq,
             logits=staging.logits, kv_indptr=staging.kv_indptr, last_page_len=staging.last_page_len,
-            step_width=staging.step_width, num_writes=staging.num_writes, pairs=staging.pairs,
+            step_width=staging.step_width, rows=staging.rows, row_stride=staging.row_stride,
+            num_writes=staging.num_writes, pairs=staging.pairs,
             max_writes=staging.max_writes, table=block_tables.table_offsets,
             held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],
             kv_indices=self.kv_offsets, kv_capacity=[(r + 1) * w for w in self.widths],
@@ -249,7 +269,33 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
             widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
         h[lay.step_width[g]] = widths[g]
     stage_writes(h, lay, offsets, values)
+    pack_rows(h, lay, padded)
     return num_tokens, tuple(widths), max_seq
+
+
+def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int) -> None:
+    """Writes the step kernel's packed rows ``[0, padded]`` from the fields already in ``h``
+    (after the step's arrays and ``num_writes``): the numpy reference of the compiled path."""
+    stride, n = lay.row_stride, padded
+    rows = h[lay.rows : lay.rows + (n + 1) * stride].reshape(n + 1, stride)
+    rows[:] = 0
+    qo = h[lay.qo_indptr : lay.qo_indptr + n + 1]
+    rows[:n, ROW_IDX] = h[lay.idx : lay.idx + n]
+    rows[:, ROW_START] = qo
+    rows[:n, ROW_END] = qo[1:]
+    rows[n, ROW_END] = qo[n]
+    rows[:n, ROW_CACHE] = h[lay.cache : lay.cache + n]
+    rows[:n, ROW_SEQ] = h[lay.seq : lay.seq + n]
+    rows[:n, ROW_LOGITS] = h[lay.logits : lay.logits + n]
+    rows[:, ROW_COUNT] = h[lay.num_writes]
+    for g in range(len(lay.kv_indptr)):
+        at = ROW_GROUP + ROW_PER_GROUP * g
+        kv = h[lay.kv_indptr[g] : lay.kv_indptr[g] + n + 1]
+        rows[:, at + ROW_KV_LO] = kv
+        rows[:n, at + ROW_KV_HI] = kv[1:]
+        rows[n, at + ROW_KV_HI] = kv[n]
+        rows[:n, at + ROW_LAST] = h[lay.last_page_len[g] : lay.last_page_len[g] + n]
+        rows[:, at + ROW_SWIDTH] = h[lay.step_width[g]]
 
 
 def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values: np.ndarray) -> None:

@@ -63,6 +63,22 @@ class Case:
         staging, tables, out32, out64 = [], [], [], []
         self.num_writes = num_writes
 
+        # The kernel's packed rows: per row, the fields above (see batchmeta.ops.step), then a tail
+        # row with the indptrs' ends. The torch twin reads the fields, the kernel the rows.
+        logits = [draw_int(0, 99) for _ in rows]
+        last = [[draw_int(1, ps) for _ in rows] for ps in page_sizes]
+        stride = 16 * -(-(7 + 4 * len(page_sizes)) // 16)
+        packed = []
+        for i, (r, c, q) in enumerate([*rows, (0, 0, 0)]):
+            tail = i == len(rows)
+            lo = self.qo_indptr[i]
+            row = [0 if tail else r, lo, lo if tail else self.qo_indptr[i + 1], 0 if tail else c,
+                   0 if tail else c + q, 0 if tail else logits[i], num_writes]  # fmt: skip
+            for g in range(len(page_sizes)):
+                kv = self.indptr[g]
+                row += [kv[i], kv[i] if tail else kv[i + 1], 0 if tail else last[g][i], self.step_width[g]]
+            packed += row + [0] * (stride - len(row))
+
         def put(buf, values):
             at = len(buf) + GAP
             buf.extend([S] * GAP)
@@ -75,9 +91,11 @@ class Case:
             qo_indptr=put(staging, self.qo_indptr),
             cache_lens=put(staging, [c for _, c, _ in rows]),
             seq_lens=put(staging, [c + q for _, c, q in rows]),
-            logits=put(staging, [draw_int(0, 99) for _ in rows]),
+            logits=put(staging, logits),
             kv_indptr=[put(staging, self.indptr[g]) for g in g_],
-            last_page_len=[put(staging, [draw_int(1, ps) for _ in rows]) for ps in page_sizes],
+            last_page_len=[put(staging, last[g]) for g in g_],
+            row_stride=stride,
+            rows=put(staging, packed),
             step_width=[put(staging, [self.step_width[g]]) for g in g_],
             num_writes=put(staging, [num_writes]),
             pairs=put(staging, [S] * (2 * num_writes + 4)),

@@ -38,6 +38,28 @@ _NUM_WARPS = 4
 _COLS = 4096  # columns of a row per program: a row of 32K pages takes 8 programs (bandwidth, not latency)
 
 
+# A step's packed rows: row b of ``[Bp + 1, row_stride]`` int32 holds everything program b reads,
+# so it reads one contiguous block (one bus transaction when staging is pinned host memory, where
+# eleven scattered 4-byte reads per program cost 5x the kernel). Per row: request slot, qo_indptr[b],
+# qo_indptr[b + 1], cache_len, seq_len, logits index, num_writes, then per group g at
+# ROW_GROUP + ROW_PER_GROUP * g: kv_indptr[b], kv_indptr[b + 1], last page length, step width.
+# Row Bp (the tail program's): qo_indptr[Bp] as start and end, kv_indptr[Bp] as both kv fields,
+# num_writes and the step widths; its other fields and every row's padding are 0.
+ROW_IDX, ROW_START, ROW_END, ROW_CACHE, ROW_SEQ, ROW_LOGITS, ROW_COUNT, ROW_GROUP = range(8)
+ROW_KV_LO, ROW_KV_HI, ROW_LAST, ROW_SWIDTH = range(4)
+ROW_PER_GROUP = 4
+
+
+# The same, as constants the kernel may read (Triton kernels read only constexpr globals).
+_F_IDX, _F_START, _F_END, _F_CACHE, _F_SEQ, _F_LOGITS, _F_COUNT = (tl.constexpr(f) for f in range(7))
+_F_KV_LO, _F_KV_HI, _F_LAST, _F_SWIDTH = (tl.constexpr(f) for f in range(4))
+
+
+def row_stride(num_groups: int) -> int:
+    """int32 elements of a packed row for ``num_groups`` groups: a multiple of 16 (64 bytes)."""
+    return -(-(ROW_GROUP + ROW_PER_GROUP * num_groups) // 16) * 16
+
+
 def _ints(value: object) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
 
@@ -79,6 +101,8 @@ class StepLayout:
     kv_indptr: tuple[int, ...] = attrs.field(converter=_ints)
     last_page_len: tuple[int, ...] = attrs.field(converter=_ints)
     step_width: tuple[int, ...] = attrs.field(converter=_ints)
+    rows: int
+    row_stride: int
     num_writes: int
     pairs: int
     max_writes: int
@@ -124,7 +148,8 @@ class StepLayout:
         r, rows = max_rows, self.num_table_rows
         ends = {
             "staging": (staging, [self.idx + r, self.qo_indptr + r + 1, self.cache_lens + r, self.seq_lens + r,
-                                  self.logits + r, self.num_writes + 1, self.pairs + 2 * self.max_writes]
+                                  self.logits + r, self.num_writes + 1, self.pairs + 2 * self.max_writes,
+                                  self.rows + (r + 1) * self.row_stride]
                         + [o + r + 1 for o in self.kv_indptr] + [o + r for o in self.last_page_len]
                         + [o + 1 for o in self.step_width]),
             "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
@@ -154,25 +179,29 @@ def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, num_writes, PAIRS: tl.
 
 
 @triton.jit
+def _field(v, ar, F: tl.constexpr):
+    """Element ``F`` of a packed row held in registers."""
+    return tl.sum(tl.where(ar == F, v, 0), axis=0)
+
+
+@triton.jit
 def _group_row(
-    staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len,
-    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
+    staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
+    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
     PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
-    SWIDTH: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
+    RF: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
     LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr, ch, COLS: tl.constexpr,
 ):  # fmt: skip
     # Program ``ch`` of the row writes its columns [ch * COLS, (ch + 1) * COLS); program 0 also its
-    # slots and mirror fields. Every staging value this program needs, loaded up front: independent loads overlap, which
-    # matters when staging is host memory read over the bus.
-    lo32 = tl.load(staging_ptr + INDPTR + b)
-    hi = tl.load(staging_ptr + INDPTR + b + 1).to(tl.int64)
-    width = tl.load(staging_ptr + SWIDTH).to(tl.int64)
-    num_writes = tl.load(staging_ptr + COUNT)
+    # slots and mirror fields. ``v`` is the row's packed staging (fields of this group from ``RF``).
+    lo32 = _field(v, ar, RF + _F_KV_LO)
+    hi = _field(v, ar, RF + _F_KV_HI).to(tl.int64)
+    width = _field(v, ar, RF + _F_SWIDTH).to(tl.int64)
+    num_writes = _field(v, ar, _F_COUNT)
     if MIRROR:
         if ch == 0:
-            last = tl.load(staging_ptr + LAST + b)
             tl.store(mirror_ptr + INDPTR + b, lo32)
-            tl.store(mirror_ptr + LAST + b, last)
+            tl.store(mirror_ptr + LAST + b, _field(v, ar, RF + _F_LAST))
     # This step's staged writes to the row (new pages, the held count) first, by this program: its
     # reads below then see them. The tail program applies every write (rows not in the batch too);
     # where several write, they write the same value.
@@ -201,12 +230,6 @@ def _group_row(
 
 
 @triton.jit
-def _copy_at(src_ptr, dst_ptr, at, MIRROR: tl.constexpr):
-    if MIRROR:
-        tl.store(dst_ptr + at, tl.load(src_ptr + at))
-
-
-@triton.jit
 def _step_kernel(
     staging_ptr,  # int32 [*]: rows, lengths, indptrs of this step (offsets below); pinned host memory on CUDA
     tables_ptr,  # int32 [*]: persistent block tables and pages held
@@ -216,59 +239,68 @@ def _step_kernel(
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
     POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-    MIRROR: tl.constexpr, COLS: tl.constexpr,
-    # Group argument set g: page size, table width, offsets of table, held, kv_indptr, step width,
-    # kv_indices (and its capacity), step table, slot mapping, last page length. Unused argument
-    # sets repeat the first.
+    MIRROR: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr,
+    # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
+    # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length.
+    # Unused argument sets repeat the first.
     PS0: tl.constexpr, W0: tl.constexpr, TAB0: tl.constexpr, HELD0: tl.constexpr, INDPTR0: tl.constexpr,
-    SWIDTH0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
+    RF0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
     LAST0: tl.constexpr,
     PS1: tl.constexpr, W1: tl.constexpr, TAB1: tl.constexpr, HELD1: tl.constexpr, INDPTR1: tl.constexpr,
-    SWIDTH1: tl.constexpr, KV1: tl.constexpr, KVCAP1: tl.constexpr, STEP1: tl.constexpr, SLOTS1: tl.constexpr,
+    RF1: tl.constexpr, KV1: tl.constexpr, KVCAP1: tl.constexpr, STEP1: tl.constexpr, SLOTS1: tl.constexpr,
     LAST1: tl.constexpr,
     PS2: tl.constexpr, W2: tl.constexpr, TAB2: tl.constexpr, HELD2: tl.constexpr, INDPTR2: tl.constexpr,
-    SWIDTH2: tl.constexpr, KV2: tl.constexpr, KVCAP2: tl.constexpr, STEP2: tl.constexpr, SLOTS2: tl.constexpr,
+    RF2: tl.constexpr, KV2: tl.constexpr, KVCAP2: tl.constexpr, STEP2: tl.constexpr, SLOTS2: tl.constexpr,
     LAST2: tl.constexpr,
     PS3: tl.constexpr, W3: tl.constexpr, TAB3: tl.constexpr, HELD3: tl.constexpr, INDPTR3: tl.constexpr,
-    SWIDTH3: tl.constexpr, KV3: tl.constexpr, KVCAP3: tl.constexpr, STEP3: tl.constexpr, SLOTS3: tl.constexpr,
+    RF3: tl.constexpr, KV3: tl.constexpr, KVCAP3: tl.constexpr, STEP3: tl.constexpr, SLOTS3: tl.constexpr,
     LAST3: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     g = tl.program_id(1)
     ch = tl.program_id(2)  # column chunk: long rows are split over several programs
     num_rows = tl.num_programs(0) - 1
+    # Everything this program reads from staging, in one contiguous load (its packed row).
+    ar = tl.arange(0, STRIDE)
+    v = tl.load(staging_ptr + ROWS + b.to(tl.int64) * STRIDE + ar)
     if b == num_rows and ch == 0:
         # The last program of each group fills every slot past the step's tokens with PAD (and
         # positions with 0), so a graph captured for more tokens writes nothing for its padding;
         # and copies the indptrs' last elements to the mirror.
-        num_tokens = tl.load(staging_ptr + QO_INDPTR + num_rows).to(tl.int64)
+        num_tokens32 = _field(v, ar, _F_START)
+        num_tokens = num_tokens32.to(tl.int64)
         if g == 0:
             _pad_tail(out64_ptr + SLOTS0, num_tokens, TOKEN_CAP, -1, BLOCK)
-            _copy_at(staging_ptr, mirror_ptr, INDPTR0 + num_rows, MIRROR)
+            if MIRROR:
+                tl.store(mirror_ptr + INDPTR0 + num_rows, _field(v, ar, RF0 + _F_KV_LO))
             if WRITE_POSITIONS:
                 _pad_tail(out64_ptr + POS, num_tokens, TOKEN_CAP, 0, BLOCK)
-                _copy_at(staging_ptr, mirror_ptr, QO_INDPTR + num_rows, MIRROR)
+                if MIRROR:
+                    tl.store(mirror_ptr + QO_INDPTR + num_rows, num_tokens32)
                 # Every staged write, including those to request slots not in this batch.
-                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, tl.load(staging_ptr + COUNT), PAIRS, BLOCK)
+                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, _field(v, ar, _F_COUNT), PAIRS, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
                 _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
-                _copy_at(staging_ptr, mirror_ptr, INDPTR1 + num_rows, MIRROR)
+                if MIRROR:
+                    tl.store(mirror_ptr + INDPTR1 + num_rows, _field(v, ar, RF1 + _F_KV_LO))
         if NUM_GROUPS > 2:
             if g == 2:
                 _pad_tail(out64_ptr + SLOTS2, num_tokens, TOKEN_CAP, -1, BLOCK)
-                _copy_at(staging_ptr, mirror_ptr, INDPTR2 + num_rows, MIRROR)
+                if MIRROR:
+                    tl.store(mirror_ptr + INDPTR2 + num_rows, _field(v, ar, RF2 + _F_KV_LO))
         if NUM_GROUPS > 3:
             if g == 3:
                 _pad_tail(out64_ptr + SLOTS3, num_tokens, TOKEN_CAP, -1, BLOCK)
-                _copy_at(staging_ptr, mirror_ptr, INDPTR3 + num_rows, MIRROR)
+                if MIRROR:
+                    tl.store(mirror_ptr + INDPTR3 + num_rows, _field(v, ar, RF3 + _F_KV_LO))
     elif b < num_rows:
-        req32 = tl.load(staging_ptr + IDX + b)
-        start32 = tl.load(staging_ptr + QO_INDPTR + b)
-        cache32 = tl.load(staging_ptr + CACHE + b)
+        req32 = _field(v, ar, _F_IDX)
+        start32 = _field(v, ar, _F_START)
+        cache32 = _field(v, ar, _F_CACHE)
         req = req32.to(tl.int64)
         start = start32.to(tl.int64)
-        n = tl.load(staging_ptr + QO_INDPTR + b + 1).to(tl.int64) - start
+        n = _field(v, ar, _F_END).to(tl.int64) - start
         cache_len = cache32.to(tl.int64)
         if g == 0:
             if WRITE_POSITIONS:
@@ -277,30 +309,30 @@ def _step_kernel(
                         tl.store(mirror_ptr + IDX + b, req32)
                         tl.store(mirror_ptr + QO_INDPTR + b, start32)
                         tl.store(mirror_ptr + CACHE + b, cache32)
-                        _copy_at(staging_ptr, mirror_ptr, SEQ + b, MIRROR)
-                        _copy_at(staging_ptr, mirror_ptr, LOGITS + b, MIRROR)
+                        tl.store(mirror_ptr + SEQ + b, _field(v, ar, _F_SEQ))
+                        tl.store(mirror_ptr + LOGITS + b, _field(v, ar, _F_LOGITS))
                 for off in range(0, tl.where(ch == 0, n, 0), BLOCK):
                     j = off + tl.arange(0, BLOCK)
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
-            _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP, BLOCK,
-                       COUNT, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, SWIDTH0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
+            _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar, TOKEN_CAP,
+                       BLOCK, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, RF0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
                        mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 1:
             if g == 1:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, SWIDTH1, KV1, KVCAP1, STEP1,
-                           SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
+                           TOKEN_CAP, BLOCK, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, RF1, KV1, KVCAP1,
+                           STEP1, SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 2:
             if g == 2:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, SWIDTH2, KV2, KVCAP2, STEP2,
-                           SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
+                           TOKEN_CAP, BLOCK, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, RF2, KV2, KVCAP2,
+                           STEP2, SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
         if NUM_GROUPS > 3:
             if g == 3:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, TOKEN_CAP,
-                           BLOCK, COUNT, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, SWIDTH3, KV3, KVCAP3, STEP3,
-                           SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
+                           TOKEN_CAP, BLOCK, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, RF3, KV3, KVCAP3,
+                           STEP3, SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
 
 
 _step = cached_kernel(_step_kernel)
@@ -319,10 +351,10 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None)
         args: list = [staging, tables, out32, out64, staging if mirror is None else mirror, layout.idx,
                       layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
                       layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
-                      _BLOCK, mirror is not None, _COLS]  # fmt: skip
+                      _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride]  # fmt: skip
         for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
-                     layout.step_width[g], layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
+                     ROW_GROUP + ROW_PER_GROUP * g, layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
                      layout.slot_mapping[g], layout.last_page_len[g]]  # fmt: skip
         launches.append((n, tuple(args)))
     return launches
