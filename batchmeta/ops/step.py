@@ -223,10 +223,10 @@ def _group_row(
     step_row = out32_ptr + STEP + b.to(tl.int64) * W
     for off in range(ch * COLS, tl.minimum(tl.maximum(width, cnt), (ch + 1) * COLS), BLOCK):
         c = off + tl.arange(0, BLOCK)
-        v = tl.load(row + c, mask=(c < held) & (c < W), other=0)
-        tl.store(step_row + c, v, mask=c < width)
+        pages = tl.load(row + c, mask=(c < held) & (c < W), other=0)
+        tl.store(step_row + c, pages, mask=c < width)
         k = lo + c
-        tl.store(out32_ptr + KV + k, v, mask=(c < cnt) & (k < KV_CAP))
+        tl.store(out32_ptr + KV + k, pages, mask=(c < cnt) & (k < KV_CAP))
 
 
 @triton.jit
