@@ -175,6 +175,9 @@ class BatchMetadata:
             :meth:`prepare_prefill`).
         """
         cfg = self.config
+        if not isinstance(cuda_graph, (bool, np.bool_)):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(cuda_graph).__name__}")
+        cuda_graph = bool(cuda_graph)  # one compiled specialisation of the host path, not one per type
         if type(num_draft_tokens) is not int:
             raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
         if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
@@ -368,8 +371,8 @@ class BatchMetadata:
     # Internals
     # ---------------------------------------------------------------------------------------------
     def _apply_excess_writes(self, offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Applies the staged writes beyond one step's transfer through the pinned ring, one
-        transfer and launch per ``max_writes``; returns the last ``max_writes`` for the step itself."""
+        """Applies the staged writes beyond what one step's staging holds through the pinned ring,
+        one transfer and launch per ``max_writes``; returns the last ``max_writes`` for the step itself."""
         lay, ring = self._layout, self._staging
         cut = len(offsets) - lay.max_writes
         for start in range(0, cut, lay.max_writes):

@@ -49,17 +49,20 @@ def hold(m: BatchMetadata, pages: dict[int, list[int]]) -> None:
     bt.take_staged()  # staged writes are the caller's business, not this test's
 
 
-def reference(m: BatchMetadata, h: np.ndarray, idx, qlens, clens, padded: int, graph: bool):
-    """The numpy path into ``h``: check, then stage_step with a fresh ring (its decode memo writes everything)."""
+def reference(m: BatchMetadata, h: np.ndarray, idx, qlens, clens, padded: int, graph: bool, num_writes: int = 0):
+    """The numpy path into ``h``: check, then stage_step with a fresh ring (its decode memo writes
+    everything) and ``num_writes`` staged writes, whose count and pairs are then restored (HostPath
+    leaves them to the caller; only its packed rows carry the count)."""
     lay = m._layout
     checker = BatchChecker(m.config, m.block_tables.host_num_blocks())
     seq, pages, max_seq = checker.check(idx, qlens, clens)
     ring = PinnedRing(lay.total, torch.device("cpu"))
-    keep = int(h[lay.num_writes])
+    keep = h[lay.num_writes : lay.pairs + 2 * num_writes].copy()
+    writes = np.arange(num_writes, dtype=np.int32)
     ret = stage_step(h, lay, ring, m.config, checker.rows, idx, qlens, clens, seq, pages, max_seq, padded, graph,
-                     NO_WRITES, NO_WRITES)  # fmt: skip
-    assert h[lay.num_writes] == 0
-    h[lay.num_writes] = keep  # num_writes and the pairs are the caller's: HostPath leaves them
+                     writes, writes)  # fmt: skip
+    assert h[lay.num_writes] == num_writes
+    h[lay.num_writes : lay.pairs + 2 * num_writes] = keep
     return ret
 
 
@@ -116,8 +119,9 @@ def test_same_bytes_and_return_as_numpy_path(data):
     # A few steps into the same buffers: fields a shorter step leaves alone keep the longer one's values.
     for _ in range(data.draw(st.integers(1, 3), label="steps")):
         idx, qlens, clens, padded, graph = data.draw(batches(m), label="batch")
-        want = reference(m, ref, idx, qlens, clens, padded, graph)
-        got = hp.stage(h, idx, qlens, clens, padded, graph)
+        num_writes = data.draw(st.sampled_from([0, 1, 7]), label="num_writes")
+        want = reference(m, ref, idx, qlens, clens, padded, graph, num_writes)
+        got = hp.stage(h, idx, qlens, clens, padded, graph, num_writes)
         assert got == want
         assert all(type(v) is int for v in (got[0], got[2], *got[1]))
         np.testing.assert_array_equal(h, ref)

@@ -446,3 +446,54 @@ def test_batch_block_tables_only_when_asked(device):
         for o, n in zip(off._buffers.kv_offsets, (len(b.kv_indices_host[0]), len(b.kv_indices_host[1])), strict=True)
     ]
     assert all(any(o <= i < e for o, e in zip(off._buffers.kv_offsets, ends, strict=True)) for i in changed)
+
+
+def test_rows_split_over_small_column_programs(device, monkeypatch):
+    """With 2 columns per program, every row spreads over many programs: the grid BatchMetadata sizes
+    from the step's longest row (``max_cols``) must still cover every page of every group."""
+    import batchmeta.ops.step as step_ops
+
+    monkeypatch.setattr(step_ops, "_COLS", 2)
+    meta = make_meta(device, page_sizes=(1, 4))  # page size 1: the longest rows in columns
+    pages = Pages(meta)
+    for r, n in ((0, 9), (3, 30), (5, 2)):
+        pages.grow(r, n)
+    for idx, qlens, clens in (([3, 0, 5], [4, 9, 2], [26, 0, 0]), ([5, 3], [1, 1], [1, 29])):
+        with meta.prepare_prefill(idx, qlens, clens) as step:
+            check_step(step, meta, pages.held, idx, qlens, clens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_reads_pinned_staging_after_the_host_moved_on():
+    """Zero-copy staging: each step's kernel reads its pinned staging buffer when it runs. With every
+    kernel held back behind a sleeping one, the host stages later steps (and reuses the two buffers)
+    long before: each step must still see its own batch (a CPU BatchMetadata is the reference)."""
+    gpu = make_meta("cuda", plan_attention=False)
+    cpu = make_meta("cpu", plan_attention=False)
+    held = [Pages(gpu), Pages(cpu)]
+    steps = [  # (idx, query_lens, cache_lens, growth before the step)
+        ([0, 1], [5, 9], [0, 0], [(0, 5), (1, 9)]),
+        ([1, 0], [1, 1], [9, 5], [(0, 6), (1, 10)]),
+        ([2, 0, 1], [7, 3, 1], [0, 6, 10], [(2, 7), (0, 9), (1, 11)]),
+        ([2], [1], [7], [(2, 8)]),
+        ([0, 2, 1], [2, 1, 12], [9, 8, 11], [(0, 11), (2, 9), (1, 23)]),
+        ([1], [1], [23], [(1, 24)]),
+    ]
+    snapshots = []
+    for idx, qlens, clens, grow in steps:
+        for pages in held:
+            for r, n in grow:
+                pages.grow(r, n)
+        torch.cuda._sleep(20_000_000)  # the step kernel runs long after the host has moved on
+        s = gpu.prepare_prefill(idx, qlens, clens)
+        snapshots.append([t.clone() for t in (s.qo_indptr, s.seq_lens, s.idx_mapping, s.logits_indices,
+                                              s.positions, *s.slot_mappings, *s.kv_indptr, *s.kv_indices,
+                                              *s.kv_last_page_len)])  # fmt: skip
+    torch.cuda.synchronize()
+    for (idx, qlens, clens, _), got in zip(steps, snapshots, strict=True):
+        s = cpu.prepare_prefill(idx, qlens, clens)
+        want = (s.qo_indptr, s.seq_lens, s.idx_mapping, s.logits_indices, s.positions, *s.slot_mappings,
+                *s.kv_indptr, *s.kv_indices, *s.kv_last_page_len)  # fmt: skip
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a.cpu(), b)

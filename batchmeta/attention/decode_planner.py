@@ -39,7 +39,7 @@ class DecodePlanner:
     a planner goes through the stock ``plan()``; if the wrapper then resolved to the FA2 kernels
     (CUDA-core decode, or tensor-core prefill-as-decode) on a verified FlashInfer version, later
     plans set the batch-dependent wrapper state and call the cached module directly, with the
-    caller's device buffers (already uploaded) instead of fresh copies. Otherwise every plan is the
+    caller's device buffers (already on the device) instead of fresh copies. Otherwise every plan is the
     stock ``plan()``. Everything else (heads, dtypes, page size, window) is fixed per planner.
 
     Parameters

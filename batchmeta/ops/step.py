@@ -9,10 +9,11 @@ buffers whose layout never changes. :class:`StepLayout` describes that layout, a
 - the group's per-step block table (each batch row's persistent row, 0 past the pages it holds).
 
 Every offset, width and page size of the layout is a compile-time constant of the kernel: a launch
-passes four base addresses and nothing else, so binding it once (:func:`bind_step_metadata`) leaves
+passes five base addresses and nothing else, so binding it once (:func:`bind_step_metadata`) leaves
 a per-step launch of a few microseconds. The values that change per step (the rows, their lengths,
-the indptrs, the per-step table width) are read from the staging buffer the step uploads; the grid
-gives the padded row count.
+the indptrs, the per-step table width, the count of staged writes) are read from the staging
+buffer's packed rows, one contiguous block per program (on CUDA the buffer may be pinned host
+memory, read in place); the grid gives the padded row count and the column programs per row.
 
 The general, separately callable ops (``compute_slot_mappings``, ``write_kv_indices``,
 ``gather_block_tables``) compute the same things for arbitrary tensors.
@@ -67,6 +68,10 @@ def _ints(value: object) -> tuple[int, ...]:
 @attrs.frozen(kw_only=True)
 class StepLayout:
     """Element offsets of every field :func:`fill_step_metadata` reads and writes.
+
+    The Triton kernel reads a step's values from the packed ``rows`` ``[Bp + 1, row_stride]`` (the
+    format is described at ``ROW_IDX`` above; :func:`batchmeta.staging.pack_rows` writes it from the
+    fields) and the pairs; the torch implementation reads the fields. They must agree.
 
     ``staging`` (int32, written on the host each step): ``idx`` ``[Bp]`` request slot of each row,
     ``qo_indptr`` ``[Bp + 1]``, ``cache_lens`` ``[Bp]``, ``seq_lens`` and ``logits`` ``[Bp]``
@@ -221,12 +226,13 @@ def _group_row(
     cnt = hi - lo
     held = tl.load(tables_ptr + HELD + req).to(tl.int64)
     step_row = out32_ptr + STEP + b.to(tl.int64) * W
-    for off in range(ch * COLS, tl.minimum(tl.maximum(width, cnt), (ch + 1) * COLS), BLOCK):
+    end = (ch + 1) * COLS  # this program's columns only: a grid too small for a row must show
+    for off in range(ch * COLS, tl.minimum(tl.maximum(width, cnt), end), BLOCK):
         c = off + tl.arange(0, BLOCK)
-        pages = tl.load(row + c, mask=(c < held) & (c < W), other=0)
-        tl.store(step_row + c, pages, mask=c < width)
+        pages = tl.load(row + c, mask=(c < held) & (c < W) & (c < end), other=0)
+        tl.store(step_row + c, pages, mask=(c < width) & (c < end))
         k = lo + c
-        tl.store(out32_ptr + KV + k, pages, mask=(c < cnt) & (k < KV_CAP))
+        tl.store(out32_ptr + KV + k, pages, mask=(c < cnt) & (k < KV_CAP) & (c < end))
 
 
 @triton.jit
@@ -506,7 +512,7 @@ def _scatter_pairs_kernel(
     dst_ptr,  # int32 [DST_NUMEL]
     COUNT: tl.constexpr, PAIRS: tl.constexpr, DST_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    # One program: only the rare writes beyond one step's transfer come here.
+    # One program: only the rare writes beyond what one step's staging holds come here.
     _apply_writes(staging_ptr, dst_ptr, 0, DST_NUMEL, 0, tl.load(staging_ptr + COUNT), PAIRS, BLOCK)
 
 
