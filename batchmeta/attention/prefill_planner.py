@@ -136,31 +136,23 @@ class PrefillPlanner:
         """Whether the stock plan left the wrapper on a path :meth:`plan` reproduces."""
         w = self.wrapper
         try:
-            if self.ragged:
-                return (
-                    getattr(w, "_jit_module", None) is None
-                    and w._cached_module is not None
-                    and w._backend in _FAST_BACKENDS
-                    and not w.is_cuda_graph_enabled
-                    and w._custom_mask_buf is None
-                    and w._prefix_len_ptr is None
-                    and not getattr(w, "_variant_owns_mask", False)
-                    and w._seq_lens_kv is None
-                    and w._seq_lens_q is None
-                    and w._o_indptr_buf is w._qo_indptr_buf
-                    and w._v_indptr_buf is w._kv_indptr_buf
-                )
-            return (
+            common = (
                 getattr(w, "_jit_module", None) is None
                 and w._cached_module is not None
                 and w._backend in _FAST_BACKENDS
                 and not w.is_cuda_graph_enabled
                 and w._custom_mask_buf is None
                 and w._prefix_len_ptr is None
-                and w._block_tables is None
                 and not getattr(w, "_variant_owns_mask", False)
-                and getattr(w, "_eagle_verify_fp8kv_sm90_state", None) is None
                 and w._seq_lens_kv is None
             )
+            if self.ragged:  # keys and values indexed by the queries' indptr, as plan() sets them
+                return (
+                    common
+                    and w._seq_lens_q is None
+                    and w._o_indptr_buf is w._qo_indptr_buf
+                    and w._v_indptr_buf is w._kv_indptr_buf
+                )
+            return common and w._block_tables is None and getattr(w, "_eagle_verify_fp8kv_sm90_state", None) is None
         except AttributeError:
             return False
