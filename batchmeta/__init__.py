@@ -2,7 +2,7 @@
 
 from batchmeta import ops
 from batchmeta.block_tables import BlockTables
-from batchmeta.config import KVGroup, MetadataConfig
+from batchmeta.config import MLA, KVGroup, MetadataConfig
 from batchmeta.metadata import BatchMetadata
 from batchmeta.ops import PAD_SLOT_ID, has_triton
 from batchmeta.step import StaleStepError, Step, current_step
@@ -10,6 +10,7 @@ from batchmeta.step import StaleStepError, Step, current_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLA",
     "PAD_SLOT_ID",
     "BatchMetadata",
     "BlockTables",

@@ -6,10 +6,12 @@ config is made, with a message naming the field.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
-__all__ = ["KVGroup", "MetadataConfig"]
+__all__ = ["MLA", "KVGroup", "MetadataConfig"]
 
 _ATTN_DTYPES = (torch.float16, torch.bfloat16)
 _KV_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
@@ -32,9 +34,41 @@ _positive = _int_in(1, _MAX_INT32)
 _non_negative = _int_in(0, _MAX_INT32)
 
 
+def _positive_float(name: str, value: object, *, zero_ok: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name}: expected a finite float {bound}, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek V2/V3, Kimi K2): the shape of an MLA group's attention.
+
+    Its layers cache one compressed latent ``[num_pages, page_size, head_dim_ckv]`` and one rope
+    part ``[num_pages, page_size, head_dim_kpe]`` per token (no per-head keys or values), and attend
+    with FlashInfer's ``BatchMLAPagedAttentionWrapper`` (absorbed form: queries ``q_nope``
+    ``[T, num_heads, head_dim_ckv]`` and ``q_pe`` ``[T, num_heads, head_dim_kpe]``).
+
+    Parameters
+    ----------
+    num_heads:
+        Query heads of one rank.
+    head_dim_ckv:
+        Width of the compressed latent (DeepSeek: ``kv_lora_rank`` = 512).
+    head_dim_kpe:
+        Width of the rope part (DeepSeek: ``qk_rope_head_dim`` = 64).
+    """
+
+    num_heads: int = attrs.field(validator=_positive)
+    head_dim_ckv: int = attrs.field(validator=_positive)
+    head_dim_kpe: int = attrs.field(validator=_positive)
+
+
 @attrs.frozen(kw_only=True)
 class KVGroup:
-    """A set of layers sharing one block table: its page size and sliding window.
+    """A set of layers sharing one block table: its page size, sliding window and attention scales.
 
     Parameters
     ----------
@@ -43,10 +77,23 @@ class KVGroup:
     window_left:
         Sliding window: a query at position ``p`` attends to keys at positions
         ``[p - window_left, p]``; ``-1`` (default) for full attention.
+    sm_scale:
+        Softmax scale of the group's attention logits, given to FlashInfer's plan; None (default)
+        for ``1 / sqrt(head_dim)``. Gemma 2/3: ``query_pre_attn_scalar ** -0.5``. An MLA group must
+        set it (DeepSeek: ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5``, times its YaRN mscale²).
+    logits_soft_cap:
+        Soft cap of the logits (after ``sm_scale``): ``cap * tanh(logit / cap)``; 0 (default) for
+        none. Gemma 2: ``attn_logit_softcapping`` (50).
+    mla:
+        An :class:`MLA` shape makes the group an MLA group; None (default) for ordinary paged
+        attention with the config's heads.
     """
 
     page_size: int = attrs.field(validator=_positive)
     window_left: int = attrs.field(default=-1)
+    sm_scale: float | None = attrs.field(default=None)
+    logits_soft_cap: float = attrs.field(default=0.0)
+    mla: MLA | None = attrs.field(default=None)
 
     @window_left.validator
     def _check_window(self, attribute, value) -> None:
@@ -54,6 +101,30 @@ class KVGroup:
             raise TypeError(f"window_left: expected an int, got {type(value).__name__}")
         if value < -1:
             raise ValueError(f"window_left: expected -1 (full attention) or a window >= 0, got {value}")
+
+    @sm_scale.validator
+    def _check_sm_scale(self, attribute, value) -> None:
+        if value is not None:
+            _positive_float("sm_scale", value, zero_ok=False)
+
+    @logits_soft_cap.validator
+    def _check_soft_cap(self, attribute, value) -> None:
+        _positive_float("logits_soft_cap", value, zero_ok=True)
+
+    @mla.validator
+    def _check_mla(self, attribute, value) -> None:
+        if value is None:
+            return
+        if not isinstance(value, MLA):
+            raise TypeError(f"mla: expected an MLA or None, got {type(value).__name__}")
+        # FlashInfer's MLA kernels have neither a window nor a soft cap; a default scale would be a guess.
+        if self.window_left != -1:
+            raise ValueError(f"window_left: an MLA group attends to every cached token (-1), got {self.window_left}")
+        if self.logits_soft_cap:
+            raise ValueError(f"logits_soft_cap: an MLA group has no soft cap (0), got {self.logits_soft_cap}")
+        if self.sm_scale is None:
+            raise ValueError("sm_scale: an MLA group needs its softmax scale (DeepSeek: "
+                             "(qk_nope_head_dim + qk_rope_head_dim) ** -0.5 times its mscale squared)")  # fmt: skip
 
 
 def _default_device() -> torch.device:
@@ -118,7 +189,9 @@ class MetadataConfig:
     num_qo_heads, num_kv_heads, head_dim:
         Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``.
     q_dtype, kv_dtype:
-        Query and KV-cache dtypes given to FlashInfer's plan.
+        Query and KV-cache dtypes given to FlashInfer's plan. A float8 ``kv_dtype`` (e4m3fn or e5m2)
+        is a quantized cache: store with ``ops.store_kv(..., k_scale=, v_scale=)`` and attend with
+        ``step.attention(..., k_scale=, v_scale=)`` (the same per-layer scales); not for MLA groups.
     device:
         Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Default: ``"cuda"`` when this
         machine has a CUDA device, else ``"cpu"``. A device this machine lacks raises ``ValueError``.
@@ -208,6 +281,15 @@ class MetadataConfig:
         if value not in _KV_DTYPES:
             raise TypeError(f"kv_dtype: expected float16, bfloat16 or a float8 dtype, got {value}")
 
+    @kv_groups.validator
+    def _check_fp8(self, attribute, value) -> None:
+        if self.kv_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return
+        for i, g in enumerate(value):
+            if g.mla is not None:
+                raise ValueError(f"kv_groups[{i}].mla: batchmeta has no float8 MLA cache; kv_dtype must be "
+                                 f"float16 or bfloat16 with MLA groups, got {self.kv_dtype}")  # fmt: skip
+
     @max_draft_tokens.validator
     def _check_draft(self, attribute, value) -> None:
         if value >= self.max_num_tokens:
@@ -223,6 +305,14 @@ class MetadataConfig:
     def _check_prefill_backend(self, attribute, value) -> None:
         if value not in ("fa2", "fa3", "auto"):
             raise ValueError(f"prefill_backend: expected 'fa2', 'fa3' or 'auto', got {value!r}")
+
+    @prefill_backend.validator
+    def _check_fp8_backend(self, attribute, value) -> None:
+        fp8 = self.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if fp8 and value != "fa2":
+            # FA3 attends over float8 keys only with float8 queries.
+            raise ValueError(f"prefill_backend: a float8 KV cache with {self.q_dtype} queries needs 'fa2', "
+                             f"got {value!r}")  # fmt: skip
 
     @cuda_graph_batch_sizes.validator
     def _check_graph_sizes(self, attribute, value) -> None:
@@ -250,6 +340,11 @@ class MetadataConfig:
     @property
     def gqa_ratio(self) -> int:
         return self.num_qo_heads // self.num_kv_heads
+
+    def sm_scale(self, group: int) -> float:
+        """Softmax scale of group ``group``: its ``sm_scale``, or ``1 / sqrt(head_dim)``."""
+        scale = self.kv_groups[group].sm_scale
+        return float(scale) if scale is not None else 1.0 / math.sqrt(self.head_dim)
 
     def max_pages_per_req(self, group: int) -> int:
         """Width of group ``group``'s block table: ``ceil(max_model_len / page_size)``."""

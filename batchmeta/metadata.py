@@ -27,6 +27,7 @@ import torch
 
 from batchmeta import ops
 from batchmeta.attention import StepPlanner, flashinfer_available
+from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
@@ -108,6 +109,10 @@ class BatchMetadata:
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
         self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_available()
+        if self._planned:
+            for g, grp in enumerate(cfg.kv_groups):
+                if grp.mla is not None:
+                    check_mla_shape(g, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe)
         self._planner = StepPlanner(cfg, buf.kv_indices)
         self._graphs = DecodeGraphs()
         self._views: dict[tuple, StepViews] = {}

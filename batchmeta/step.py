@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchmeta.attention.torch_ref import paged_attention_torch
+from batchmeta.attention.mla import mla_run
+from batchmeta.attention.torch_ref import mla_attention_torch, paged_attention_torch
 
 __all__ = ["StaleStepError", "Step", "StepViews", "current_step"]
 
@@ -59,8 +60,8 @@ class StepViews:
     __slots__ = (
         "batch_block_tables", "idx_mapping", "idx_mapping_host", "kv_indices_full", "kv_indptr", "kv_indptr_host",
         "kv_indptr_pinned", "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices",
-        "page_sizes", "positions", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned", "seq_lens", "seq_lens_pinned",
-        "slot_mappings", "window_lefts",
+        "logits_soft_caps", "mla", "page_sizes", "positions", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned",
+        "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
     )  # fmt: skip
 
     def __init__(self, **views: Any):
@@ -103,6 +104,9 @@ class StepViews:
             seq_lens_pinned=ht[lay.seq : lay.seq + n],
             page_sizes=tuple(grp.page_size for grp in config.kv_groups),
             window_lefts=tuple(grp.window_left for grp in config.kv_groups),
+            sm_scales=tuple(config.sm_scale(g) for g in range(ng)),
+            logits_soft_caps=tuple(float(grp.logits_soft_cap) for grp in config.kv_groups),
+            mla=tuple(grp.mla for grp in config.kv_groups),
         )
 
 
@@ -307,6 +311,25 @@ class Step:
     def window_lefts(self) -> tuple[int, ...]:
         return self._views.window_lefts
 
+    @property
+    def sm_scales(self) -> tuple[float, ...]:
+        """Per group, the softmax scale its attention uses (``KVGroup.sm_scale`` or ``1/sqrt(head_dim)``)."""
+        return self._views.sm_scales
+
+    @property
+    def logits_soft_caps(self) -> tuple[float, ...]:
+        """Per group, the logits soft cap its attention uses (0: none)."""
+        return self._views.logits_soft_caps
+
+    def _check_group(self, group: object, mla: bool) -> int:
+        groups = self._views.mla
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(groups):
+            raise ValueError(f"group: expected a KV-cache group in [0, {len(groups)}), got {group!r}")
+        if mla != (groups[group] is not None):
+            what = "an MLA group: call step.mla_attention" if groups[group] is not None else "not an MLA group"
+            raise ValueError(f"group: KV-cache group {group} is {what}")
+        return group
+
     def attention(
         self,
         q: torch.Tensor,
@@ -316,14 +339,17 @@ class Step:
         group: int = 0,
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
+        k_scale: float | None = None,
+        v_scale: float | None = None,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of this step's queries over one layer of KV-cache group ``group``.
 
         Runs the group's planned FlashInfer wrapper, or the torch implementation where none is
-        planned. Write the step's keys and values first (``batchmeta.ops.store_kv`` at
-        ``slot_mappings[group]``). A ``"ragged_prefill"`` step attends over ``k`` / ``v`` (the new
-        tokens, ``[T, Hkv, D]``) instead of the cache.
+        planned, with the group's ``sm_scale``, ``logits_soft_cap`` and window. Write the step's
+        keys and values first (``batchmeta.ops.store_kv`` at ``slot_mappings[group]``). A
+        ``"ragged_prefill"`` step attends over ``k`` / ``v`` (the new tokens, ``[T, Hkv, D]``,
+        unquantized) instead of the cache.
 
         Parameters
         ----------
@@ -331,6 +357,10 @@ class Step:
             ``[Tp, Hq, D]``.
         k_cache, v_cache:
             ``[num_pages, page_size, Hkv, D]`` of this layer (NHD).
+        k_scale, v_scale:
+            This layer's dequantization scales of a float8 cache: the ones ``store_kv`` quantized
+            with (FlashInfer folds ``k_scale`` into the logit scale and multiplies the output by
+            ``v_scale``). None: 1.
         out:
             Optional ``[Tp, Hq, D]`` output.
 
@@ -338,6 +368,7 @@ class Step:
         """
         if self._generation != self._clock[0]:
             self._raise_stale("attention")
+        group = self._check_group(group, mla=False)
         if self.kind == "ragged_prefill" and (k is None or v is None):
             raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
         views = self._views
@@ -345,10 +376,60 @@ class Step:
             w = self._wrappers[group]
             if self.kind == "ragged_prefill":
                 return w.run(q, k, v, out=out)
-            return w.run(q, (k_cache, v_cache), out=out)
+            return w.run(q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale, out=out)
+        if self.kind == "ragged_prefill":  # the new tokens are the whole KV: attend over them, not the cache
+            k_cache, v_cache = k.unsqueeze(1), v.unsqueeze(1)  # type: ignore[union-attr]
+            kv_indptr, indices = views.qo_indptr_host, torch.arange(k_cache.shape[0], device=q.device)
+            last, k_scale, v_scale = np.ones(self.padded_num_reqs, np.int32), None, None
+        else:
+            kv_indptr, indices = views.kv_indptr_host[group], self.kv_indices[group]
+            last = views.kv_last_page_len_host[group]
         res = paged_attention_torch(
-            q, k_cache, v_cache, views.qo_indptr_host, views.kv_indptr_host[group], self.kv_indices[group],
-            views.kv_last_page_len_host[group], causal=True, window_left=views.window_lefts[group],
+            q, k_cache, v_cache, views.qo_indptr_host, kv_indptr, indices, last, causal=True,
+            window_left=views.window_lefts[group], sm_scale=views.sm_scales[group],
+            logits_soft_cap=views.logits_soft_caps[group], k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res
+
+    def mla_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        ckv_cache: torch.Tensor,
+        kpe_cache: torch.Tensor,
+        *,
+        group: int = 0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MLA of this step's queries over one layer of MLA group ``group`` (absorbed form).
+
+        Runs the group's planned ``BatchMLAPagedAttentionWrapper``, or the torch implementation
+        where none is planned. Write the step's latents first (``batchmeta.ops.store_mla_kv`` at
+        ``slot_mappings[group]``); every step kind, ``"ragged_prefill"`` included, reads the cache.
+
+        Parameters
+        ----------
+        q_nope, q_pe:
+            ``[Tp, num_heads, head_dim_ckv]`` and ``[Tp, num_heads, head_dim_kpe]``.
+        ckv_cache, kpe_cache:
+            ``[num_pages, page_size, head_dim_ckv]`` and ``[num_pages, page_size, head_dim_kpe]``.
+        out:
+            Optional ``[Tp, num_heads, head_dim_ckv]`` output.
+
+        Returns ``[Tp, num_heads, head_dim_ckv]`` in ``q_nope``'s dtype.
+        """
+        if self._generation != self._clock[0]:
+            self._raise_stale("mla_attention")
+        group = self._check_group(group, mla=True)
+        views = self._views
+        if self._wrappers is not None:
+            return mla_run(self._wrappers[group], q_nope, q_pe, ckv_cache, kpe_cache, out)
+        res = mla_attention_torch(
+            q_nope, q_pe, ckv_cache, kpe_cache, views.qo_indptr_host, views.kv_indptr_host[group],
+            self.kv_indices[group], views.kv_last_page_len_host[group], sm_scale=views.sm_scales[group],
         )  # fmt: skip
         if out is not None:
             out.copy_(res)

@@ -49,6 +49,9 @@ class DecodePlanner:
         last-page-length buffers must be the device tensors later passed to :meth:`plan`.
     num_qo_heads, num_kv_heads, head_dim, page_size, window_left, q_data_type, kv_data_type:
         As for ``plan()``.
+    sm_scale, logits_soft_cap:
+        As for ``plan()``: the logit scale (None: ``1/sqrt(head_dim)``) and soft cap (0: none). The
+        soft cap selects FlashInfer's kernel variant, so a planner keeps one of each.
     max_batch_size:
         Largest batch this planner will see.
     """
@@ -65,11 +68,15 @@ class DecodePlanner:
         q_data_type: torch.dtype,
         kv_data_type: torch.dtype,
         max_batch_size: int,
+        sm_scale: float | None = None,
+        logits_soft_cap: float = 0.0,
     ):
         self.wrapper = wrapper
         self._static = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self._window_left = window_left
-        self._dtypes = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
+        self._logits_soft_cap = float(logits_soft_cap)
+        self._plan_kwargs = dict(q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale,
+                            logits_soft_cap=self._logits_soft_cap)  # fmt: skip
         self._allowed = fast_plan_supported()
         self.fast = False  # True once the stock plan has shown the wrapper takes the verified path
         device = wrapper.device
@@ -105,7 +112,7 @@ class DecodePlanner:
             # Stock plan; a CUDA-graph wrapper copies kv_indices itself unless given none.
             indices = kv_indices[:0] if w.is_cuda_graph_enabled else kv_indices
             w.plan(kv_indptr_host, indices, kv_last_page_len_host, *self._static,
-                   window_left=self._window_left, **self._dtypes)  # fmt: skip
+                   window_left=self._window_left, **self._plan_kwargs)  # fmt: skip
             self.fast = self._allowed and self._verified_state(kv_indptr, kv_last_page_len)
             return w
         views = self._qo_views.get(b)
@@ -128,7 +135,8 @@ class DecodePlanner:
         else:
             w._plan_info = w._cached_module.plan(
                 w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
-                kv_indptr_host, b, hq, hkv, ps, w.is_cuda_graph_enabled, self._window_left, 0.0, d, d, *self._empty,
+                kv_indptr_host, b, hq, hkv, ps, w.is_cuda_graph_enabled, self._window_left, self._logits_soft_cap, d, d,
+                *self._empty,
             )  # fmt: skip
         return w
 

@@ -5,7 +5,9 @@ prefill wrapper (nothing cached), a paged prefill wrapper (chunked, mixed and sp
 decode wrappers (eager, and one CUDA-graph wrapper per captured batch size), each made on first
 use over the device's shared workspace. Plans read pinned host arrays only (no device→host sync);
 decode plans go through :class:`~batchmeta.attention.decode_planner.DecodePlanner` and paged-prefill
-plans through :class:`~batchmeta.attention.prefill_planner.PrefillPlanner`.
+plans through :class:`~batchmeta.attention.prefill_planner.PrefillPlanner`. Each group's wrappers are
+planned with its ``sm_scale`` and ``logits_soft_cap``. An MLA group has one MLA wrapper for every
+eager step kind and one per captured batch size (:class:`~batchmeta.attention.mla.MLAPlanner`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from batchmeta.attention.decode_planner import DecodePlanner
+from batchmeta.attention.mla import MLAPlanner, new_mla_wrapper
 from batchmeta.attention.prefill_planner import PrefillPlanner
 from batchmeta.attention.wrappers import (
     get_workspace,
@@ -45,6 +48,7 @@ class StepPlanner:
         self._kv_indices = tuple(kv_indices)
         self._planners: dict[tuple, DecodePlanner] = {}
         self._prefill_planners: dict[int | tuple[str, int], PrefillPlanner] = {}
+        self._mla_planners: dict[tuple, MLAPlanner] = {}
         self._heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim)
 
     def decode_planners(self) -> dict[tuple, DecodePlanner]:
@@ -61,7 +65,12 @@ class StepPlanner:
         """
         cfg = self.config
         out = []
-        for g in range(len(cfg.kv_groups)):
+        for g, grp in enumerate(cfg.kv_groups):
+            if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
+                planner = self._mla_planner(g, padded, graph, views)
+                out.append(planner.plan(views.qo_indptr_pinned, views.kv_indptr_pinned[g], views.seq_lens_pinned,
+                                        self._kv_indices[g][: num_kv_pages[g]]))  # fmt: skip
+                continue
             if kind == "decode":
                 planner = self._decode_planner(g, padded, graph, views)
                 planner.plan(views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
@@ -83,6 +92,27 @@ class StepPlanner:
             out.append(w)
         return tuple(out)
 
+    def mla_planners(self) -> dict[tuple, MLAPlanner]:
+        """Every MLA planner made so far, keyed ``("mla", group)`` or ``("mla_graph", group, batch_size)``."""
+        return self._mla_planners
+
+    def _mla_planner(self, g: int, padded: int, graph: bool, views: Any) -> MLAPlanner:
+        key = ("mla_graph", g, padded) if graph else ("mla", g)
+        planner = self._mla_planners.get(key)
+        if planner is None:
+            cfg, grp = self.config, self.config.kv_groups[g]
+            ws = get_workspace(cfg.device, cfg.workspace_bytes)
+            # A graph wrapper reads the step's own device views (fixed per batch size); its plan
+            # copies the same values the step kernel writes there.
+            buffers = (views.qo_indptr, views.kv_indptr[g], self._kv_indices[g], views.seq_lens) if graph else None
+            mla = grp.mla
+            planner = self._mla_planners[key] = MLAPlanner(
+                new_mla_wrapper(ws, buffers), num_heads=mla.num_heads, head_dim_ckv=mla.head_dim_ckv,
+                head_dim_kpe=mla.head_dim_kpe, page_size=grp.page_size, sm_scale=cfg.sm_scale(g),
+                q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype,
+            )  # fmt: skip
+        return planner
+
     def prefill_planners(self) -> dict[int | tuple[str, int], PrefillPlanner]:
         """Every prefill planner made so far: paged ones by group, ragged ones keyed ``("ragged", group)``."""
         return self._prefill_planners
@@ -97,7 +127,8 @@ class StepPlanner:
             planner = self._prefill_planners[key] = PrefillPlanner(
                 wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
-                kv_data_type=cfg.kv_dtype, ragged=ragged,
+                kv_data_type=cfg.kv_dtype, ragged=ragged, sm_scale=cfg.sm_scale(g),
+                logits_soft_cap=grp.logits_soft_cap,
             )  # fmt: skip
         return planner
 
@@ -119,6 +150,7 @@ class StepPlanner:
             planner = self._planners[key] = DecodePlanner(
                 wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
-                kv_data_type=cfg.kv_dtype, max_batch_size=cfg.max_num_reqs,
+                kv_data_type=cfg.kv_dtype, max_batch_size=cfg.max_num_reqs, sm_scale=cfg.sm_scale(g),
+                logits_soft_cap=grp.logits_soft_cap,
             )  # fmt: skip
         return planner

@@ -38,6 +38,9 @@ class PrefillPlanner:
         ``BatchPrefillWithRaggedKVCacheWrapper``) made without ``use_cuda_graph``.
     num_qo_heads, num_kv_heads, head_dim, page_size, window_left, q_data_type, kv_data_type:
         As for ``plan()`` (causal attention; a ragged wrapper ignores ``page_size``).
+    sm_scale, logits_soft_cap:
+        As for ``plan()`` (None: ``1/sqrt(head_dim)``; 0: no soft cap). The stock plan stores both on
+        the wrapper, whose ``run()`` reads them; the fast path leaves them as they are.
     ragged:
         Whether ``wrapper`` is the ragged one.
     """
@@ -54,6 +57,8 @@ class PrefillPlanner:
         q_data_type: torch.dtype,
         kv_data_type: torch.dtype,
         ragged: bool = False,
+        sm_scale: float | None = None,
+        logits_soft_cap: float = 0.0,
     ):
         self.wrapper = wrapper
         self.ragged = ragged
@@ -61,6 +66,7 @@ class PrefillPlanner:
         self._page_size = page_size
         self._window_left = window_left
         self._dtypes = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
+        self._scales = dict(sm_scale=sm_scale, logits_soft_cap=float(logits_soft_cap))
         self._allowed = fast_plan_supported()
         self.fast = False  # True once the stock plan has shown the wrapper takes a verified path
         self._extra: tuple = ()
@@ -100,11 +106,14 @@ class PrefillPlanner:
         hq, hkv, d = self._heads
         if not self.fast:
             if self.ragged:
+                # The keys and values are the step's own (unquantized) tokens: the query dtype.
                 w.plan(qo_indptr_host, qo_indptr_host, hq, hkv, d, causal=True, window_left=self._window_left,
-                       q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"])  # fmt: skip
+                       q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"],
+                       **self._scales)  # fmt: skip
             else:
                 w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
-                       self._page_size, causal=True, window_left=self._window_left, **self._dtypes)  # fmt: skip
+                       self._page_size, causal=True, window_left=self._window_left, **self._dtypes,
+                       **self._scales)  # fmt: skip
             self.fast = self._allowed and self._verified_state()
             if self.fast:
                 # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len.

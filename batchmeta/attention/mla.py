@@ -1,0 +1,95 @@
+"""FlashInfer's MLA wrapper: construction, planning from a step's arrays, and the attention call.
+
+An MLA group's metadata is the same as any group's (``qo_indptr``, ``kv_indptr``, ``kv_indices``
+from the step kernel; the KV lengths are ``seq_lens``); only the wrapper differs:
+``BatchMLAPagedAttentionWrapper`` with FlashInfer's FA2 backend, which runs on sm80 and newer and
+needs ``head_dim_ckv`` a multiple of 128 and ``head_dim_kpe`` a multiple of 64.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+__all__ = ["MLAPlanner", "check_mla_shape", "mla_run", "new_mla_wrapper"]
+
+
+def check_mla_shape(group: int, head_dim_ckv: int, head_dim_kpe: int) -> None:
+    """Raises ``ValueError`` naming the group when FlashInfer's FA2 MLA kernels cannot run its shape."""
+    if head_dim_ckv % 128 or head_dim_kpe % 64:
+        raise ValueError(f"kv_groups[{group}].mla: FlashInfer's MLA kernels need head_dim_ckv a multiple of 128 and "
+                         f"head_dim_kpe a multiple of 64, got {head_dim_ckv} and {head_dim_kpe}")  # fmt: skip
+
+
+@functools.cache
+def _canonical_api() -> bool:
+    """FlashInfer 0.7's metadata object and structural ``query=`` / ``kv_cache=`` run arguments."""
+    import flashinfer.mla
+
+    return hasattr(flashinfer.mla, "MLAPlanMetadata")
+
+
+def new_mla_wrapper(workspace: torch.Tensor, graph_buffers: tuple[torch.Tensor, ...] | None = None) -> Any:
+    """``BatchMLAPagedAttentionWrapper`` (FA2) over ``workspace``. With ``graph_buffers`` =
+    ``(qo_indptr [bs+1], kv_indptr [bs+1], kv_indices [capacity], kv_len_arr [bs])`` it is a
+    CUDA-graph wrapper for one batch size, reading those fixed buffers."""
+    from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+    if graph_buffers is None:
+        return BatchMLAPagedAttentionWrapper(workspace, backend="fa2")
+    qo, kv, indices, lens = graph_buffers
+    return BatchMLAPagedAttentionWrapper(workspace, use_cuda_graph=True, qo_indptr=qo, kv_indptr=kv,
+                                         kv_indices=indices, kv_len_arr=lens, backend="fa2")  # fmt: skip
+
+
+class MLAPlanner:
+    """Plans one ``BatchMLAPagedAttentionWrapper`` per step (causal) from pinned host arrays.
+
+    The metadata goes in as pinned host tensors (``qo_indptr``, ``kv_indptr``, KV lengths: what
+    FlashInfer's planner reads on the host, so nothing syncs) and the device ``kv_indices`` the
+    step kernel wrote (used in place). A CUDA-graph wrapper's fixed buffers are the step's own
+    device views: its plan copies the same values the kernel writes into them.
+
+    Parameters
+    ----------
+    wrapper:
+        From :func:`new_mla_wrapper`.
+    num_heads, head_dim_ckv, head_dim_kpe, page_size, sm_scale, q_data_type, kv_data_type:
+        As for FlashInfer's ``plan()``.
+    """
+
+    def __init__(self, wrapper: Any, *, num_heads: int, head_dim_ckv: int, head_dim_kpe: int, page_size: int,
+                 sm_scale: float, q_data_type: torch.dtype, kv_data_type: torch.dtype):  # fmt: skip
+        self.wrapper = wrapper
+        self._args = dict(num_heads=num_heads, head_dim_ckv=head_dim_ckv, head_dim_kpe=head_dim_kpe,
+                          page_size=page_size, causal=True, sm_scale=sm_scale, q_data_type=q_data_type,
+                          kv_data_type=kv_data_type)  # fmt: skip
+        self._canonical = _canonical_api()
+
+    def plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
+             kv_indices: torch.Tensor) -> Any:  # fmt: skip
+        """Plans a batch of ``B`` rows; returns the wrapper.
+
+        ``qo_indptr_host`` ``[B+1]``, ``kv_indptr_host`` ``[B+1]``, ``kv_len_host`` ``[B]``: int32
+        pinned CPU tensors; ``kv_indices``: the device pages ``[kv_indptr[B]]``.
+        """
+        w = self.wrapper
+        if self._canonical:
+            from flashinfer.mla import MLAPlanMetadata
+
+            meta = MLAPlanMetadata.csr(qo_indptr_host, kv_indptr_host, kv_indices, kv_len_host)
+            w.plan(metadata=meta, query_layout="split", kv_cache_layout="split", **self._args)
+        else:
+            w.plan(qo_indptr=qo_indptr_host, kv_indptr=kv_indptr_host, kv_indices=kv_indices,
+                   kv_len_arr=kv_len_host, **self._args)  # fmt: skip
+        return w
+
+
+def mla_run(wrapper: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
+            kpe_cache: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """``wrapper.run`` over split queries and caches, in the form this FlashInfer takes."""
+    if _canonical_api():
+        return wrapper.run(query=(q_nope, q_pe), kv_cache=(ckv_cache, kpe_cache), out=out)
+    return wrapper.run(q_nope=q_nope, q_pe=q_pe, ckv_cache=ckv_cache, kpe_cache=kpe_cache, out=out)
