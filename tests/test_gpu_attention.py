@@ -21,25 +21,34 @@ class Engine:
     densely as well, for the reference."""
 
     def __init__(self, page_sizes=(16,), windows=(-1,), heads=(8, 2), head_dim=64, dtype=torch.float16,
-                 graph_sizes=(), max_draft_tokens=0, **config):  # fmt: skip
+                 graph_sizes=(), max_draft_tokens=0, sm_scales=None, soft_caps=None, kv_dtype=None, kv_scales=None,
+                 **config):  # fmt: skip
+        sm_scales = sm_scales or (None,) * len(page_sizes)
+        soft_caps = soft_caps or (0.0,) * len(page_sizes)
+        groups = tuple(KVGroup(page_size=p, window_left=w, sm_scale=s, logits_soft_cap=c)
+                       for p, w, s, c in zip(page_sizes, windows, sm_scales, soft_caps, strict=True))  # fmt: skip
+        kv_dtype = kv_dtype or dtype
         self.cfg = MetadataConfig(
-            max_num_reqs=16, max_num_tokens=512, max_model_len=512,
-            kv_groups=tuple(KVGroup(page_size=p, window_left=w) for p, w in zip(page_sizes, windows, strict=True)),
-            num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, q_dtype=dtype, kv_dtype=dtype,
+            max_num_reqs=16, max_num_tokens=512, max_model_len=512, kv_groups=groups,
+            num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, q_dtype=dtype, kv_dtype=kv_dtype,
             device="cuda", num_kv_pages=NUM_PAGES, cuda_graph_batch_sizes=graph_sizes,
             max_draft_tokens=max_draft_tokens, **config,
         )  # fmt: skip
         self.meta = BatchMetadata(self.cfg)
         self.dtype = dtype
         self.hkv, self.d = heads[1], head_dim
+        # A float8 cache: store_kv quantizes with these scales, attention dequantizes with them.
+        self.k_scale, self.v_scale = kv_scales or (None, None)
         self.caches = [
-            (torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=dtype, device="cuda"),
-             torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=dtype, device="cuda"))
+            (torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"),
+             torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"))
             for p in page_sizes
         ]  # fmt: skip
+        self.store_scales = {} if self.k_scale is None else dict(k_scale=self.k_scale, v_scale=self.v_scale)
         self.free = [list(range(NUM_PAGES - 1, 0, -1)) for _ in page_sizes]  # page 0: padding
         self.held = {}
-        self.dense_k, self.dense_v = {}, {}
+        self.dense_k, self.dense_v = {}, {}  # what attention reads from the cache (float8: the round trip)
+        self.raw_k, self.raw_v = {}, {}  # what the model made (a ragged prefill attends over these)
 
     def grow(self, req, seq_len):
         rows = self.held.setdefault(req, [[] for _ in self.cfg.kv_groups])
@@ -57,22 +66,41 @@ class Engine:
         v = torch.randn(t, self.hkv, self.d, device="cuda").to(self.dtype)
         s = 0
         for r, q in zip(idx, qlens, strict=True):
-            self.dense_k[r] = torch.cat([self.dense_k.get(r, k[:0]), k[s : s + q]])
-            self.dense_v[r] = torch.cat([self.dense_v.get(r, v[:0]), v[s : s + q]])
+            self.dense_k[r] = torch.cat([self.dense_k.get(r, k[:0]), self.cached(k[s : s + q], self.k_scale)])
+            self.dense_v[r] = torch.cat([self.dense_v.get(r, v[:0]), self.cached(v[s : s + q], self.v_scale)])
+            self.raw_k[r] = torch.cat([self.raw_k.get(r, k[:0]), k[s : s + q]])
+            self.raw_v[r] = torch.cat([self.raw_v.get(r, v[:0]), v[s : s + q]])
             s += q
         return k, v
 
-    def reference(self, q, idx, qlens, window_left):
-        """Dense float32 attention of each request's new queries over all its tokens."""
+    def cached(self, x, scale):
+        """What attention reads back of ``x`` from the cache: ``x`` itself, or its float8 round trip."""
+        if scale is None:
+            return x
+        kv_dtype = self.caches[0][0].dtype
+        inv = torch.tensor(1.0 / scale, dtype=torch.float32)
+        q = (x.float() * inv.item()).clamp(-torch.finfo(kv_dtype).max, torch.finfo(kv_dtype).max).to(kv_dtype)
+        return (q.float() * scale).to(self.dtype)
+
+    def reference(self, q, idx, qlens, window_left, group=0, raw=False, plain=False):
+        """Dense float32 attention of each request's new queries over all its tokens, with the group's
+        scale and soft cap (``plain``: ``1/sqrt(head_dim)`` and none); ``raw``: over the keys and
+        values as made, not as cached."""
+        grp = self.cfg.kv_groups[group]
+        cap = 0.0 if plain else grp.logits_soft_cap
+        sm_scale = grp.sm_scale if grp.sm_scale is not None and not plain else 1 / math.sqrt(self.d)
         out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
         rep = q.shape[1] // self.hkv
         s = 0
         for r, n in zip(idx, qlens, strict=True):
-            k = self.dense_k[r].float().repeat_interleave(rep, 1)
-            v = self.dense_v[r].float().repeat_interleave(rep, 1)
+            dk, dv = (self.raw_k, self.raw_v) if raw else (self.dense_k, self.dense_v)
+            k = dk[r].float().repeat_interleave(rep, 1)
+            v = dv[r].float().repeat_interleave(rep, 1)
             L = k.shape[0]
             qq = q[s : s + n].float()
-            scores = torch.einsum("qhd,khd->hqk", qq, k) / math.sqrt(self.d)
+            scores = torch.einsum("qhd,khd->hqk", qq, k) * sm_scale
+            if cap:
+                scores = cap * torch.tanh(scores / cap)
             qpos = torch.arange(L - n, L, device="cuda")[:, None]
             kpos = torch.arange(L, device="cuda")[None, :]
             mask = kpos <= qpos
@@ -87,8 +115,8 @@ class Engine:
         q = torch.randn(sum(qlens), self.cfg.num_qo_heads, self.d, device="cuda").to(self.dtype)
         outs = []
         for g, (kc, vc) in enumerate(self.caches):
-            ops.store_kv(k, v, step.slot_mappings[g], kc, vc)
-            outs.append(step.attention(q, kc, vc, group=g, k=k, v=v))
+            ops.store_kv(k, v, step.slot_mappings[g], kc, vc, **self.store_scales)
+            outs.append(step.attention(q, kc, vc, group=g, k=k, v=v, **self.store_scales))
         return q, outs
 
 
@@ -96,9 +124,9 @@ def tol(dtype):
     return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
 
 
-def check_outputs(eng, q, outs, idx, qlens):
+def check_outputs(eng, q, outs, idx, qlens, raw=False):
     for g, out in enumerate(outs):
-        ref = eng.reference(q, idx, qlens, eng.cfg.kv_groups[g].window_left)
+        ref = eng.reference(q, idx, qlens, eng.cfg.kv_groups[g].window_left, group=g, raw=raw)
         torch.testing.assert_close(out.float(), ref, **tol(eng.dtype))
 
 
