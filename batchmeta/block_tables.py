@@ -30,7 +30,7 @@ class BlockTables:
     ``append`` and ``reset`` change a host mirror at once (so a step's checks see them) and stage the
     device writes; the next ``prepare_*`` applies every staged write in its one launch. Row
     ``max_num_reqs`` of every table is reserved for CUDA-graph padding rows and holds
-    ``config.padding_page``.
+    ``config.padding_page`` (in as many columns as a padding row of a speculative graph step reads).
 
     Attributes
     ----------
@@ -63,10 +63,12 @@ class BlockTables:
         self._host_tables = [np.zeros((rows, w), np.int32) for w in widths]
         self._host_num_blocks = np.zeros((len(widths), rows), np.int64)
         self._staged: dict[int, int] = {}
-        # The padding row: one page, the padding page, in every group.
-        for g in range(len(widths)):
-            self._write(g, cfg.max_num_reqs, 0, [cfg.padding_page])
-            self._set_count(g, cfg.max_num_reqs, 1)
+        # The padding row, in every group: the padding page, as many times as a padding row of a
+        # speculative CUDA-graph step reads (one cached token and 1 + max_draft_tokens new ones).
+        for g, w in enumerate(widths):
+            n = min(w, -(-(2 + cfg.max_draft_tokens) // cfg.kv_groups[g].page_size))
+            self._write(g, cfg.max_num_reqs, 0, [cfg.padding_page] * n)
+            self._set_count(g, cfg.max_num_reqs, n)
 
     def __repr__(self) -> str:
         used = int((self._host_num_blocks[:, : self.config.max_num_reqs] > 0).any(axis=0).sum())

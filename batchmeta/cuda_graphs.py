@@ -1,10 +1,14 @@
-"""CUDA-graph decode: the captured graphs of one model runner, and the padding policy.
+"""CUDA-graph decode and speculative verify: the captured graphs of one model runner, and the padding policy.
 
-A decode batch of ``B`` rows is padded to the next captured size ``Bp`` (:func:`graph_batch_size`).
-Padding rows use a reserved extra row of every block table holding ``padding_page``; each has one
-cached token (never 0 tokens, which some kernels turn into NaN or illegal accesses), reads that page,
-and adds no new token: every slot from the step's token count to the end of the buffer is PAD (-1),
-so ``store_kv`` writes nothing for them. Their outputs are garbage and must be ignored
+A decode batch of ``B`` rows with ``k`` draft tokens per row is padded to the next captured size
+``Bp`` (:func:`graph_batch_size`); graphs are captured per ``(Bp, k)``. Padding rows use a reserved
+extra row of every block table holding ``padding_page``; each has one cached token (never 0
+tokens, which some kernels turn into NaN or illegal accesses) and reads that page. In plain decode
+they add no new token: every slot from the step's token count to the end of the buffer is PAD
+(-1). In a verify step (``k > 0``) each adds ``1 + k`` tokens like a real row, so every row of the
+graph has the same query length (FlashInfer's prefill wrapper plans a CUDA graph for a fixed row
+count and sizes its tiles for uniform rows), and the step kernel gives those tokens PAD slots. Either
+way ``store_kv`` writes nothing for padding rows; their outputs are garbage and must be ignored
 (``logits_indices`` covers real rows only). Each step plans outside the graph; the graph reads only
 buffers whose addresses never change.
 """
@@ -43,13 +47,14 @@ def graph_batch_size(config: MetadataConfig, num_reqs: int, *, planned: bool) ->
 
 
 class DecodeGraphs:
-    """The CUDA graphs captured for decode, one per batch size."""
+    """The CUDA graphs captured for decode steps, one per ``(batch size, query length)``."""
 
     def __init__(self) -> None:
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def capture(self, step: Step, forward: Callable[[Step], None], *, warmup: int) -> torch.cuda.CUDAGraph:
-        """Captures ``forward(step)`` for ``step.padded_num_reqs`` rows (``step``: a planned graph step).
+        """Captures ``forward(step)`` for ``step.padded_num_reqs`` rows of ``step.query_len`` tokens
+        (``step``: a planned graph step).
 
         ``forward`` runs ``warmup`` times on a side stream first (lazy initialisation, autotuning),
         then once under capture; ``step`` is the current step throughout.
@@ -63,16 +68,18 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), step:
             forward(step)
-        self._graphs[step.padded_num_reqs] = graph
+        self._graphs[(step.padded_num_reqs, step.query_len)] = graph  # type: ignore[index]
         return graph
 
     def replay(self, step: Step) -> None:
-        """Replays the graph captured for ``step.padded_num_reqs``."""
+        """Replays the graph captured for ``step.padded_num_reqs`` and ``step.query_len``."""
         if not step.cuda_graph:
             raise ValueError("step: planned without cuda_graph=True; its wrappers do not match a captured graph")
         if step.is_stale:
             step._raise_stale("replay")
-        graph = self._graphs.get(step.padded_num_reqs)
+        graph = self._graphs.get((step.padded_num_reqs, step.query_len))  # type: ignore[arg-type]
         if graph is None:
-            raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs}")
+            k = step.query_len - 1  # type: ignore[operator]
+            raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs} with "
+                             f"{k} draft tokens (capture_decode_graph(..., num_draft_tokens={k}))")  # fmt: skip
         graph.replay()

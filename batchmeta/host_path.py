@@ -144,8 +144,10 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
                 if held_g[idx[i]] < need:
                     return _INVALID
                 pages[i] = need
-    elif padded:
-        max_seq = 1  # padding rows only (a graph capture), as stage_step has it
+    # Padding rows (graph steps) hold one cached token and, in a speculative step, q new ones.
+    pad_q = q if decode and q > 1 else 0
+    if padded > b:
+        max_seq = max(max_seq, 1 + pad_q)
     # ---- writes: the same elements and values as stage_step ----
     h_idx = h[ws[_IDX] : ws[_IDX] + padded]
     h_cache = h[ws[_CACHE] : ws[_CACHE] + b]
@@ -158,14 +160,16 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
         h_cache[i] = clens[i]
     for i in range(b):
         h_seq[i] = seq[i]
+    h_cache_pad = h[ws[_CACHE] : ws[_CACHE] + padded]
     for i in range(b, padded):  # padding rows: the reserved table row, one cached token
         h_idx[i] = r
-        h_seq[i] = 1
+        h_cache_pad[i] = 1
+        h_seq[i] = 1 + pad_q
     if decode:
         for i in range(b + 1):
             qo[i] = i * q
-        for i in range(b + 1, padded + 1):  # padding rows add no token
-            qo[i] = num_tokens
+        for i in range(b + 1, padded + 1):  # padding rows add pad_q tokens (none in plain decode)
+            qo[i] = num_tokens + (i - b) * pad_q
         for i in range(b):
             logits[i] = (i + 1) * q - 1
     else:
@@ -189,9 +193,10 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
             indptr[1 + i] = acc
         for i in range(b):
             last[i] = seq[i] - (pages[i] - 1) * ps  # 1 when ps == 1, as stage_step writes it
-        for j in range(padded - b):  # padding rows: one page each (the padding page), one token in it
-            indptr[b + 1 + j] = acc + j + 1
-            last[b + j] = 1
+        n_pad = (1 + pad_q + ps - 1) // ps  # padding rows: the padding page, as often as their tokens need
+        for j in range(padded - b):
+            indptr[b + 1 + j] = acc + (j + 1) * n_pad
+            last[b + j] = 1 + pad_q - (n_pad - 1) * ps
         # Eager steps fill only as many per-batch table columns as the longest row needs; none
         # without config.batch_block_tables.
         if not ws[_TABLES]:

@@ -171,7 +171,9 @@ class BatchMetadata:
             Speculative tokens verified this step (``<= config.max_draft_tokens``).
         cuda_graph:
             Pad the batch to the next size in ``config.cuda_graph_batch_sizes`` and plan the
-            CUDA-graph wrappers (plain decode only); replay with :meth:`replay_decode_graph`.
+            CUDA-graph wrappers (decode, or with draft tokens speculative verify: FlashInfer's
+            prefill wrapper in CUDA-graph mode); replay with :meth:`replay_decode_graph` a graph
+            captured for that size and ``num_draft_tokens``.
 
         Returns
         -------
@@ -191,11 +193,7 @@ class BatchMetadata:
         idx = host_ints("idx_mapping", idx_mapping)
         b = idx.shape[0]
         clens = host_ints("cache_lens", cache_lens, length=b)
-        padded = b
-        if cuda_graph:
-            if num_draft_tokens:
-                raise ValueError("cuda_graph: CUDA-graph decode supports plain decode only (num_draft_tokens=0)")
-            padded = self.graph_batch_size(b)
+        padded = self.graph_batch_size(b) if cuda_graph else b
         kind = "spec_decode" if num_draft_tokens else "decode"
         with self._on_device():
             return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
@@ -268,26 +266,43 @@ class BatchMetadata:
         """The captured batch size a decode batch of ``num_reqs`` rows is padded to."""
         return graph_batch_size(self.config, num_reqs, planned=self._planned)
 
-    def capture_decode_graph(self, batch_size: int, forward: Callable[[Step], None], *, warmup: int = 2) -> Any:
+    def capture_decode_graph(self, batch_size: int, forward: Callable[[Step], None], *, num_draft_tokens: int = 0,
+                             warmup: int = 2) -> Any:  # fmt: skip
         """Captures ``forward(step)`` for a decode batch of ``batch_size`` rows as a CUDA graph.
 
         ``forward`` must read and write only fixed buffers (the step's views, the engine's own
-        static input/output tensors). The capture plans with a batch of padding rows only; each
-        later step plans outside the graph (``prepare_decode(..., cuda_graph=True)``) and
-        :meth:`replay_decode_graph` replays it.
+        static input/output tensors, ``batch_size * (1 + num_draft_tokens)`` tokens). The capture
+        plans with a batch of padding rows only; each later step plans outside the graph
+        (``prepare_decode(..., num_draft_tokens=k, cuda_graph=True)``) and
+        :meth:`replay_decode_graph` replays the graph of its size and ``k``.
+
+        Parameters
+        ----------
+        batch_size:
+            One of ``config.cuda_graph_batch_sizes``.
+        num_draft_tokens:
+            Speculative tokens per row (``<= config.max_draft_tokens``): a verify step of
+            ``1 + num_draft_tokens`` tokens per row. 0: plain decode.
         """
-        if batch_size not in self.config.cuda_graph_batch_sizes:
+        cfg = self.config
+        if batch_size not in cfg.cuda_graph_batch_sizes:
             raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
-                             f"{self.config.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip
+                             f"{cfg.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip
+        if type(num_draft_tokens) is not int:
+            raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
+        if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
+            raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
+                             f"got {num_draft_tokens}")  # fmt: skip
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
+        kind = "spec_decode" if num_draft_tokens else "decode"
         with self._on_device():
-            step = self._prepare(empty, 1, empty, "decode", padded=batch_size, graph=True)
+            step = self._prepare(empty, 1 + num_draft_tokens, empty, kind, padded=batch_size, graph=True)
             return self._graphs.capture(step, forward, warmup=warmup)
 
     def replay_decode_graph(self, step: Step) -> None:
-        """Replays the graph captured for ``step.padded_num_reqs`` (``step``: the latest step, prepared
-        with ``cuda_graph=True``)."""
+        """Replays the graph captured for ``step.padded_num_reqs`` and its draft tokens (``step``: the
+        latest step, prepared with ``cuda_graph=True``); raises if none was captured for them."""
         if not isinstance(step, Step):
             raise TypeError(f"step: expected the Step of a prepare_decode call, got {type(step).__name__}")
         if step._clock is not self._clock:

@@ -215,19 +215,24 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
     """Writes a step's host arrays into host staging buffer ``h``; returns ``(num_tokens, widths, max_seq)``.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
-    ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph decode)
-    use the reserved table row, hold one cached token and add no new token. ``widths`` are the
-    per-batch table columns written per group: the longest row's pages (eager) or the full width;
-    ``max_seq`` is 1 for a batch of padding rows only (a graph capture).
+    ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
+    use the reserved table row and hold one cached token; in a plain decode step they add no new
+    token, in a speculative one (``qlens > 1``) as many as a real row, whose slots the step kernel
+    makes PAD (a graph of uniform rows: FlashInfer's prefill wrapper plans it with a fixed row
+    count). ``widths`` are the per-batch table columns written per group: the longest row's pages
+    (eager) or the full width; ``max_seq`` covers the padding rows' lengths too.
     """
     b = idx.shape[0]
+    pad_q = qlens if type(qlens) is int and qlens > 1 else 0  # new tokens of each padding row
     h[lay.idx : lay.idx + b] = idx
     h[lay.cache : lay.cache + b] = clens
     seq_h = h[lay.seq : lay.seq + padded]
     seq_h[:b] = seq
     if padded > b:
         h[lay.idx + b : lay.idx + padded] = config.max_num_reqs
-        seq_h[b:] = 1
+        h[lay.cache + b : lay.cache + padded] = 1
+        seq_h[b:] = 1 + pad_q
+        max_seq = max(max_seq, 1 + pad_q)
     qo = h[lay.qo_indptr : lay.qo_indptr + padded + 1]
     if type(qlens) is int:
         # Decode: qo_indptr and logits_indices depend only on (B, Bp, q); each host buffer
@@ -236,7 +241,8 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
         shape = (b, padded, qlens)
         if ring.memo[ring.current] != shape:
             np.multiply(rows[: padded + 1], qlens, out=qo)
-            qo[b + 1 :] = num_tokens
+            if not pad_q:
+                qo[b + 1 :] = num_tokens
             np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
             ring.memo[ring.current] = shape
     else:
@@ -245,8 +251,6 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
         num_tokens = int(qo[b])
         np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
         ring.memo[ring.current] = None
-    if not b and padded:
-        max_seq = 1  # padding rows only (a graph capture)
     widths = []
     for g, grp in enumerate(config.kv_groups):
         ps = grp.page_size
@@ -258,9 +262,11 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
             last[:b] = 1
         else:
             np.subtract(seq, (pages[g] - 1) * ps, out=last[:b])
-        if padded > b:  # padding rows: one page each (the padding page), one token in it
-            np.add(rows[1 : padded - b + 1], indptr[b], out=indptr[b + 1 :])
-            last[b:] = 1
+        if padded > b:  # padding rows: the padding page, as often as 1 + pad_q tokens need
+            n = -(-(1 + pad_q) // ps)
+            np.multiply(rows[1 : padded - b + 1], n, out=indptr[b + 1 :])
+            indptr[b + 1 :] += indptr[b]
+            last[b:] = 1 + pad_q - (n - 1) * ps
         # Eager steps fill only as many per-batch table columns as the longest row needs; none
         # unless the configuration asks for the tables.
         if not config.batch_block_tables:

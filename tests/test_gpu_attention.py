@@ -258,6 +258,8 @@ def test_prepare_makes_no_host_sync():
             meta.accept_tokens(step, history, sampled, [1, 3, 2], [0, 0, 0])
         with meta.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True):
             pass
+        with meta.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2, cuda_graph=True):
+            pass
 
     steps()  # compile kernels, build wrappers, JIT FlashInfer
     eng.grow(3, 80)  # a staged block-table write in the checked round too

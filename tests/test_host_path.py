@@ -175,7 +175,8 @@ def test_same_verdict_as_numpy_checker(data):
 @pytest.mark.parametrize("padded", [0, 1, 5, R])
 @pytest.mark.parametrize("qlens", [1, 3, ints([])], ids=["decode", "spec", "prefill"])
 def test_empty_batch_and_graph_capture(qlens, padded, graph):
-    """b == 0: ``capture_decode_graph`` stages padding rows only (max_seq 1); nothing is checked."""
+    """b == 0: ``capture_decode_graph`` stages padding rows only (max_seq: one cached token, and a
+    speculative step's new ones); nothing is checked."""
     m, hp = setup((16, 1))
     hold(m, {})
     h = np.full(m._layout.total, SENTINEL, np.int32)
@@ -183,13 +184,15 @@ def test_empty_batch_and_graph_capture(qlens, padded, graph):
     empty = ints([])
     want = reference(m, ref, empty, qlens, empty, padded, graph)
     assert hp.stage(h, empty, qlens, empty, padded, graph) == want
-    assert want[2] == (1 if padded else 0)
+    pad_q = qlens if isinstance(qlens, int) and qlens > 1 else 0
+    assert want[2] == (1 + pad_q if padded else 0)
     np.testing.assert_array_equal(h, ref)
 
 
 @pytest.mark.parametrize("tables", [True, False])
 def test_decode_fields_by_hand(tables):
-    """One worked example, independent of stage_step: B=2 padded to 4, q=2, page sizes 4 and 1."""
+    """One worked example, independent of stage_step: B=2 padded to 4, q=2 (speculative: padding
+    rows hold one cached token and q new ones, on the padding page), page sizes 4 and 1."""
     m, hp = setup((4, 1), tables)
     hold(m, {3: [3, 9], 5: [1, 2]})
     lay = m._layout
@@ -197,13 +200,13 @@ def test_decode_fields_by_hand(tables):
     got = hp.stage(h, ints([3, 5]), 2, ints([7, 0]), 4, False)
     assert got == (4, (3, 9) if tables else (0, 0), 9)  # table widths: the longest row's pages, or none
     assert h[lay.idx : lay.idx + 5].tolist() == [3, 5, R, R, SENTINEL]
-    assert h[lay.cache : lay.cache + 3].tolist() == [7, 0, SENTINEL]
-    assert h[lay.seq : lay.seq + 5].tolist() == [9, 2, 1, 1, SENTINEL]
-    assert h[lay.qo_indptr : lay.qo_indptr + 6].tolist() == [0, 2, 4, 4, 4, SENTINEL]
+    assert h[lay.cache : lay.cache + 5].tolist() == [7, 0, 1, 1, SENTINEL]
+    assert h[lay.seq : lay.seq + 5].tolist() == [9, 2, 3, 3, SENTINEL]
+    assert h[lay.qo_indptr : lay.qo_indptr + 6].tolist() == [0, 2, 4, 6, 8, SENTINEL]
     assert h[lay.logits : lay.logits + 3].tolist() == [1, 3, SENTINEL]
     assert h[lay.kv_indptr[0] : lay.kv_indptr[0] + 6].tolist() == [0, 3, 4, 5, 6, SENTINEL]
-    assert h[lay.last_page_len[0] : lay.last_page_len[0] + 5].tolist() == [1, 2, 1, 1, SENTINEL]
-    assert h[lay.kv_indptr[1] : lay.kv_indptr[1] + 6].tolist() == [0, 9, 11, 12, 13, SENTINEL]
+    assert h[lay.last_page_len[0] : lay.last_page_len[0] + 5].tolist() == [1, 2, 3, 3, SENTINEL]
+    assert h[lay.kv_indptr[1] : lay.kv_indptr[1] + 6].tolist() == [0, 9, 11, 14, 17, SENTINEL]
     assert h[lay.last_page_len[1] : lay.last_page_len[1] + 5].tolist() == [1, 1, 1, 1, SENTINEL]
     assert [h[w] for w in lay.step_width] == list(got[1])
     assert h[lay.num_writes] == SENTINEL

@@ -166,7 +166,9 @@ class Case:
                 p = c + j
                 out64[lay.positions + t] = p
                 for g, ps in enumerate(self.page_sizes):
-                    out64[lay.slot_mapping[g] + t] = self.tables[g][r][p // ps] * ps + p % ps
+                    # The last table row is the padding row: its tokens get PAD slots.
+                    slot = -1 if r == lay.num_table_rows - 1 else self.tables[g][r][p // ps] * ps + p % ps
+                    out64[lay.slot_mapping[g] + t] = slot
                 t += 1
             for g in range(len(self.page_sizes)):
                 row = self.tables[g][r]

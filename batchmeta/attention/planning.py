@@ -1,8 +1,9 @@
 """Planning FlashInfer for a step: one wrapper per KV-cache group, planned once for all layers.
 
 :class:`StepPlanner` owns every wrapper a :class:`~batchmeta.metadata.BatchMetadata` plans: a ragged
-prefill wrapper (nothing cached), a paged prefill wrapper (chunked, mixed and speculative steps) and
-decode wrappers (eager, and one CUDA-graph wrapper per captured batch size), each made on first
+prefill wrapper (nothing cached), a paged prefill wrapper (chunked, mixed and speculative steps, and
+one CUDA-graph wrapper per captured batch size and draft count for speculative verify) and decode
+wrappers (eager, and one CUDA-graph wrapper per captured batch size), each made on first
 use over the device's shared workspace. Plans read pinned host arrays only (no device→host sync);
 decode plans go through :class:`~batchmeta.attention.decode_planner.DecodePlanner` and paged-prefill
 plans through :class:`~batchmeta.attention.prefill_planner.PrefillPlanner`. Each group's wrappers are
@@ -67,7 +68,7 @@ class StepPlanner:
         out = []
         for g, grp in enumerate(cfg.kv_groups):
             if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
-                planner = self._mla_planner(g, padded, graph, views)
+                planner = self._mla_planner(g, padded, graph, views, max_query_len)
                 out.append(planner.plan(views.qo_indptr_pinned, views.kv_indptr_pinned[g], views.seq_lens_pinned,
                                         self._kv_indices[g][: num_kv_pages[g]]))  # fmt: skip
                 continue
@@ -84,8 +85,9 @@ class StepPlanner:
                     qo, None, None, views.seq_lens_pinned, num_tokens, max_query_len, max_seq_len, views.qo_indptr,
                     None, None, None, 0,
                 )  # fmt: skip
-            else:  # prefill, mixed, speculative decode
-                planner = self._prefill_planner(g)
+            else:  # prefill, mixed, speculative decode (under a CUDA graph: one planner per size and k)
+                planner = self._prefill_planner(g, graph_rows=padded if graph else 0, views=views,
+                                                query_len=max_query_len)  # fmt: skip
                 w = planner.plan(qo, views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
                                  num_tokens, max_query_len, max_seq_len, views.qo_indptr, views.kv_indptr[g],
                                  self._kv_indices[g], views.kv_last_page_len[g], num_kv_pages[g])  # fmt: skip
@@ -93,11 +95,12 @@ class StepPlanner:
         return tuple(out)
 
     def mla_planners(self) -> dict[tuple, MLAPlanner]:
-        """Every MLA planner made so far, keyed ``("mla", group)`` or ``("mla_graph", group, batch_size)``."""
+        """Every MLA planner made so far, keyed ``("mla", group)`` or ``("mla_graph", group, batch_size,
+        query_len)``."""
         return self._mla_planners
 
-    def _mla_planner(self, g: int, padded: int, graph: bool, views: Any) -> MLAPlanner:
-        key = ("mla_graph", g, padded) if graph else ("mla", g)
+    def _mla_planner(self, g: int, padded: int, graph: bool, views: Any, query_len: int) -> MLAPlanner:
+        key = ("mla_graph", g, padded, query_len) if graph else ("mla", g)
         planner = self._mla_planners.get(key)
         if planner is None:
             cfg, grp = self.config, self.config.kv_groups[g]
@@ -113,22 +116,32 @@ class StepPlanner:
             )  # fmt: skip
         return planner
 
-    def prefill_planners(self) -> dict[int | tuple[str, int], PrefillPlanner]:
-        """Every prefill planner made so far: paged ones by group, ragged ones keyed ``("ragged", group)``."""
+    def prefill_planners(self) -> dict[Any, PrefillPlanner]:
+        """Every prefill planner made so far: paged ones by group, ragged ones keyed ``("ragged", group)``,
+        CUDA-graph ones (speculative verify) ``("graph", group, batch_size, query_len)``."""
         return self._prefill_planners
 
-    def _prefill_planner(self, g: int, ragged: bool = False) -> PrefillPlanner:
-        key: int | tuple[str, int] = ("ragged", g) if ragged else g
+    def _prefill_planner(self, g: int, ragged: bool = False, graph_rows: int = 0, views: Any = None,
+                         query_len: int = 0) -> PrefillPlanner:  # fmt: skip
+        key: Any = ("ragged", g) if ragged else ("graph", g, graph_rows, query_len) if graph_rows else g
         planner = self._prefill_planners.get(key)
         if planner is None:
             cfg, grp = self.config, self.config.kv_groups[g]
-            make = new_ragged_prefill_wrapper if ragged else new_paged_prefill_wrapper
-            wrapper = make(get_workspace(cfg.device, cfg.workspace_bytes), backend=cfg.prefill_backend)
+            ws = get_workspace(cfg.device, cfg.workspace_bytes)
+            if ragged:
+                wrapper = new_ragged_prefill_wrapper(ws, backend=cfg.prefill_backend)
+            elif graph_rows:
+                # The graph reads the step's own device views (fixed per batch size): the step kernel
+                # writes them; the planner copies nothing.
+                buffers = (views.qo_indptr, views.kv_indptr[g], self._kv_indices[g], views.kv_last_page_len[g])
+                wrapper = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend, graph_buffers=buffers)
+            else:
+                wrapper = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend)
             planner = self._prefill_planners[key] = PrefillPlanner(
                 wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                 page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
                 kv_data_type=cfg.kv_dtype, ragged=ragged, sm_scale=cfg.sm_scale(g),
-                logits_soft_cap=grp.logits_soft_cap,
+                logits_soft_cap=grp.logits_soft_cap, uniform_query_len=query_len if graph_rows else 0,
             )  # fmt: skip
         return planner
 

@@ -34,8 +34,8 @@ class PrefillPlanner:
     Parameters
     ----------
     wrapper:
-        A ``BatchPrefillWithPagedKVCacheWrapper`` (or, with ``ragged``, a
-        ``BatchPrefillWithRaggedKVCacheWrapper``) made without ``use_cuda_graph``.
+        A ``BatchPrefillWithPagedKVCacheWrapper`` (eager or CUDA-graph) or, with ``ragged``, a
+        ``BatchPrefillWithRaggedKVCacheWrapper``.
     num_qo_heads, num_kv_heads, head_dim, page_size, window_left, q_data_type, kv_data_type:
         As for ``plan()`` (causal attention; a ragged wrapper ignores ``page_size``).
     sm_scale, logits_soft_cap:
@@ -43,6 +43,10 @@ class PrefillPlanner:
         the wrapper, whose ``run()`` reads them; the fast path leaves them as they are.
     ragged:
         Whether ``wrapper`` is the ragged one.
+    uniform_query_len:
+        For a CUDA-graph paged wrapper (speculative verify: its fixed buffers are the caller's
+        device arrays, which :meth:`plan` must be given), the query rows of every request; FA2
+        then sizes its query tiles for them (FlashInfer's ``uniform_q_len``). 0 otherwise.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class PrefillPlanner:
         ragged: bool = False,
         sm_scale: float | None = None,
         logits_soft_cap: float = 0.0,
+        uniform_query_len: int = 0,
     ):
         self.wrapper = wrapper
         self.ragged = ragged
@@ -67,6 +72,8 @@ class PrefillPlanner:
         self._window_left = window_left
         self._dtypes = dict(q_data_type=q_data_type, kv_data_type=kv_data_type)
         self._scales = dict(sm_scale=sm_scale, logits_soft_cap=float(logits_soft_cap))
+        self._uniform = uniform_query_len
+        self._graph = wrapper.is_cuda_graph_enabled
         self._allowed = fast_plan_supported()
         self.fast = False  # True once the stock plan has shown the wrapper takes a verified path
         self._extra: tuple = ()
@@ -111,13 +118,15 @@ class PrefillPlanner:
                        q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"],
                        **self._scales)  # fmt: skip
             else:
+                # A graph wrapper copies into its fixed buffers: they are these, holding these values.
+                graph = dict(uniform_q_len=self._uniform) if self._graph else {}
                 w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
                        self._page_size, causal=True, window_left=self._window_left, **self._dtypes,
-                       **self._scales)  # fmt: skip
-            self.fast = self._allowed and self._verified_state()
+                       **self._scales, **graph)  # fmt: skip
+            self.fast = self._allowed and self._verified_state(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
             if self.fast:
                 # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len.
-                self._extra = (-1, False, 0, 0) if w._backend == "fa2" else ()
+                self._extra = (-1, False, 0, self._uniform if self._graph else 0) if w._backend == "fa2" else ()
             return w
         b = qo_indptr_host.shape[0] - 1
         w._qo_indptr_last = num_tokens
@@ -130,26 +139,40 @@ class PrefillPlanner:
             w._batch_size = b
             w._max_q_len = max_query_len
             w._max_kv_len = max_seq_len
-            w._paged_kv_indptr_buf = kv_indptr
-            w._paged_kv_indices_buf = kv_indices
-            w._paged_kv_last_page_len_buf = kv_last_page_len
+            if not self._graph:  # a graph wrapper's buffers are already these (checked once)
+                w._paged_kv_indptr_buf = kv_indptr
+                w._paged_kv_indices_buf = kv_indices
+                w._paged_kv_last_page_len_buf = kv_last_page_len
             page_size = self._page_size
+        # A graph wrapper plans for the row count fixed at its first plan (its capture).
+        total_rows = w._max_total_num_rows if self._graph else num_tokens
         w._plan_info = w._cached_module.plan(
             w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer, qo_indptr_host,
-            kv_indptr_host, seq_lens_host, num_tokens, b, hq, hkv, page_size, False, d, d, True, self._window_left,
-            *self._extra,
+            kv_indptr_host, seq_lens_host, total_rows, b, hq, hkv, page_size, self._graph, d, d, True,
+            self._window_left, *self._extra,
         )  # fmt: skip
         return w
 
-    def _verified_state(self) -> bool:
+    def _verified_state(self, qo_indptr: torch.Tensor, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any) -> bool:
         """Whether the stock plan left the wrapper on a path :meth:`plan` reproduces."""
         w = self.wrapper
         try:
+            if self._graph:
+                # The graph reads the wrapper's own buffers: they must be the caller's, so nothing is copied;
+                # every plan must be uniform (padding rows included) for the tile size the capture used.
+                pairs = (
+                    (w._qo_indptr_buf, qo_indptr),
+                    (w._paged_kv_indptr_buf, kv_indptr),
+                    (w._paged_kv_indices_buf, kv_indices),
+                    (w._paged_kv_last_page_len_buf, kv_last_page_len),
+                )
+                same = all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+                if self.ragged or not same or not self._uniform or w._max_total_num_rows is None:
+                    return False
             common = (
                 getattr(w, "_jit_module", None) is None
                 and w._cached_module is not None
                 and w._backend in _FAST_BACKENDS
-                and not w.is_cuda_graph_enabled
                 and w._custom_mask_buf is None
                 and w._prefix_len_ptr is None
                 and not getattr(w, "_variant_owns_mask", False)

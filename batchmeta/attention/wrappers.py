@@ -46,11 +46,24 @@ def get_workspace(device: torch.device, nbytes: int = 128 * 1024 * 1024) -> torc
     return ws
 
 
-def new_paged_prefill_wrapper(workspace: torch.Tensor, backend: str = "fa2") -> Any:
-    """``BatchPrefillWithPagedKVCacheWrapper`` (NHD) over ``workspace``, with FlashInfer's ``backend``."""
+def new_paged_prefill_wrapper(
+    workspace: torch.Tensor,
+    backend: str = "fa2",
+    graph_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> Any:
+    """``BatchPrefillWithPagedKVCacheWrapper`` (NHD) over ``workspace``, with FlashInfer's ``backend``.
+    With ``graph_buffers`` = ``(qo_indptr [bs+1], kv_indptr [bs+1], kv_indices [capacity],
+    kv_last_page_len [bs])`` it is a CUDA-graph wrapper for one batch size, reading those fixed
+    buffers (speculative verify steps under graphs)."""
     import flashinfer
 
-    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+    if graph_buffers is None:
+        return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+    qo, indptr, indices, last_page_len = graph_buffers
+    return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo, paged_kv_indptr_buf=indptr,
+        paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last_page_len, backend=backend,
+    )  # fmt: skip
 
 
 def new_ragged_prefill_wrapper(workspace: torch.Tensor, backend: str = "fa2") -> Any:

@@ -195,7 +195,7 @@ def _group_row(
     TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
     PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
     RF: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
-    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr, ch, COLS: tl.constexpr,
+    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr, ch, COLS: tl.constexpr, PAD_ROW: tl.constexpr,
 ):  # fmt: skip
     # Program ``ch`` of the row writes its columns [ch * COLS, (ch + 1) * COLS); program 0 also its
     # slots and mirror fields. ``v`` is the row's packed staging (fields of this group from ``RF``).
@@ -213,14 +213,15 @@ def _group_row(
     _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, num_writes, PAIRS, BLOCK)
     tl.debug_barrier()
     row = tables_ptr + TAB + req * W
-    # Slot ids in 64 bits: page * page_size passes 2^31 on large caches.
+    # Slot ids in 64 bits: page * page_size passes 2^31 on large caches. The tokens of a padding
+    # row (the reserved last table row) get PAD: it reads the padding page and never writes it.
     for off in range(0, tl.where(ch == 0, n, 0), BLOCK):
         j = off + tl.arange(0, BLOCK)
         t = start + j
         m = (j < n) & (t < TOKEN_CAP)
         pos = cache_len + j
         page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
-        tl.store(out64_ptr + SLOTS + t, page * PS + pos % PS, mask=m)
+        tl.store(out64_ptr + SLOTS + t, tl.where(req < PAD_ROW, page * PS + pos % PS, -1), mask=m)
     # One pass over the row's columns feeds both the ragged kv_indices and the per-step table.
     lo = lo32.to(tl.int64)
     cnt = hi - lo
@@ -245,7 +246,7 @@ def _step_kernel(
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
     POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-    MIRROR: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr,
+    MIRROR: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, PAD_ROW: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
     # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length.
     # Unused argument sets repeat the first.
@@ -323,22 +324,22 @@ def _step_kernel(
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar, TOKEN_CAP,
                        BLOCK, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, RF0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
-                       mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                       mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
         if NUM_GROUPS > 1:
             if g == 1:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
                            TOKEN_CAP, BLOCK, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, RF1, KV1, KVCAP1,
-                           STEP1, SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                           STEP1, SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
         if NUM_GROUPS > 2:
             if g == 2:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
                            TOKEN_CAP, BLOCK, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, RF2, KV2, KVCAP2,
-                           STEP2, SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                           STEP2, SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
         if NUM_GROUPS > 3:
             if g == 3:
                 _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
                            TOKEN_CAP, BLOCK, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, RF3, KV3, KVCAP3,
-                           STEP3, SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS)  # fmt: skip
+                           STEP3, SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
 
 
 _step = cached_kernel(_step_kernel)
@@ -357,7 +358,8 @@ def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None)
         args: list = [staging, tables, out32, out64, staging if mirror is None else mirror, layout.idx,
                       layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
                       layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
-                      _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride]  # fmt: skip
+                      _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride,
+                      layout.num_table_rows - 1]  # fmt: skip
         for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      ROW_GROUP + ROW_PER_GROUP * g, layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
@@ -403,7 +405,8 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
         held = tables[lay.held[g] : lay.held[g] + lay.num_table_rows].long()[idx]
         slots = out64[lay.slot_mapping[g] : lay.slot_mapping[g] + cap]
         page = table[idx[row], pos // ps].long() if pos.numel() else pos
-        slots[start:end] = (page * ps + pos % ps)[: end - start]
+        slot = torch.where(idx[row] < lay.num_table_rows - 1, page * ps + pos % ps, -1)  # padding rows: PAD
+        slots[start:end] = slot[: end - start]
         slots[total:] = -1
         width = int(staging[lay.step_width[g]])
         cols = torch.arange(w, device=dev)
@@ -437,8 +440,9 @@ def fill_step_metadata(
     For batch row ``b < num_rows`` (request slot ``r = idx[b]``), group ``g``, new token ``j`` at
     ``t = qo_indptr[b] + j``, position ``p = cache_lens[b] + j``:
 
-    - ``positions[t] = p`` and ``slot_mapping_g[t] = table_g[r, p // ps_g] * ps_g + p % ps_g``;
-      from ``qo_indptr[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
+    - ``positions[t] = p`` and ``slot_mapping_g[t] = table_g[r, p // ps_g] * ps_g + p % ps_g``
+      (-1, PAD, for rows of the reserved padding slot ``r = num_table_rows - 1``); from
+      ``qo_indptr[num_rows]`` to ``token_capacity``: positions 0, slots -1 (PAD);
     - ``kv_indices_g[kv_indptr_g[b] + c] = table_g[r, c]`` for ``c < kv_indptr_g[b+1] - kv_indptr_g[b]``;
     - ``step_table_g[b, c] = table_g[r, c]`` if ``c < held_g[r]`` else 0, for ``c < step_width_g``;
 
