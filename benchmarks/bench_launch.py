@@ -46,15 +46,16 @@ def _cases(dev: torch.device):
                    True, False, 256)  # fmt: skip
     group = [table, table.stride(0), table.shape[1], 16, slots, slots.numel()]
     slot_args = (idx, qsl, seq, pos, pos.numel(), b, *group, *group, *group, *group, 1, True, 256)
+    # Key and value of 8 heads x 128, unscaled (no float8): the plain-cast specialisation.
     store_args = (key, key, *key.stride(), *key.stride(), slots, cache, *cache.stride(), cache, *cache.stride(),
-                  16, cache.shape[0] * 16, 8, 128, 512)  # fmt: skip
+                  16, cache.shape[0] * 16, 8, 128, 8, 128, 1.0, 1.0, 512, False, False, False, 0.0, 0.0)  # fmt: skip
     slots.zero_()
     empty_args = (kv_indices,)
     return [
         ("empty kernel (1 arg)", _empty, (1,), empty_args),
         ("kv_indices (12 args)", block_table._ragged_kernel, (b,), ragged_args),
         ("slot mapping (33 args)", positions._slot_mapping_kernel, (b + 1, 1), slot_args),
-        ("store_kv (24 args)", kv_cache._store_kv_kernel, (b,), store_args),
+        ("store_kv (30 args)", kv_cache._store_kv_kernel, (b,), store_args),
     ]
 
 

@@ -17,6 +17,7 @@ PUBLIC_OPS = {
     "unpack_seq",
     "correct_attn_out",
     "store_kv",
+    "store_mla_kv",
     "fill_qo_indptr",
     "fill_kv_indptr",
     "fill_kv_last_page_len",
@@ -26,7 +27,7 @@ INTERNALS = ["StepLayout", "bind_step_metadata", "bind_scatter_pairs", "fill_ste
 
 
 def test_ops_all_is_exactly_the_public_ops():
-    assert len(PUBLIC_OPS) == 17
+    assert len(PUBLIC_OPS) == 18
     assert len(batchmeta.ops.__all__) == len(set(batchmeta.ops.__all__))
     assert set(batchmeta.ops.__all__) == PUBLIC_OPS
     for name in PUBLIC_OPS:

@@ -19,7 +19,7 @@ from batchmeta.ops.block_table import (
     write_kv_indices,
 )
 from batchmeta.ops.host import fill_kv_indptr, fill_kv_last_page_len, fill_qo_indptr
-from batchmeta.ops.kv_cache import store_kv
+from batchmeta.ops.kv_cache import store_kv, store_mla_kv
 from batchmeta.ops.lse import correct_attn_out
 from batchmeta.ops.pack import pack_seq, unpack_seq
 from batchmeta.ops.positions import PAD_SLOT_ID, compute_slot_mappings, prepare_position_slot_ids
@@ -41,6 +41,7 @@ __all__ = [
     "prepare_position_slot_ids",
     "slots_filtering",
     "store_kv",
+    "store_mla_kv",
     "unpack_seq",
     "write_kv_indices",
 ]
