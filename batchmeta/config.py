@@ -224,6 +224,12 @@ class MetadataConfig:
         Build ``step.batch_block_tables`` (each batch row's pages, ``[B, W]``) every step. Off by
         default: FlashInfer reads ``kv_indices``, and writing a second copy of every row's pages
         doubles the step kernel's writes. Turn it on for attention kernels that read block tables.
+    token_history:
+        Own a device token history ``[max_num_reqs, max_model_len]`` int64
+        (``BatchMetadata.token_ids``): prompts staged with ``stage_prompt`` are written into it by
+        the next step's launch, ``accept_tokens`` writes sampled tokens into it, and every step
+        gathers its ``input_ids`` from it in the same launch, so an engine can prepare step N+1
+        before it has seen step N's tokens. Off by default.
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
@@ -245,6 +251,7 @@ class MetadataConfig:
     plan_attention: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     prefill_backend: str = attrs.field(default="fa2")
     batch_block_tables: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    token_history: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     @kv_groups.validator
     def _check_groups(self, attribute, value) -> None:

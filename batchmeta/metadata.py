@@ -35,7 +35,7 @@ from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
 from batchmeta.host_path import COMPILED, HostPath
 from batchmeta.ops._common import check_tensor, check_unit_column_stride
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
-from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_step, stage_writes
+from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_prompts, stage_step, stage_writes
 from batchmeta.step import Step, StepViews
 
 __all__ = ["BatchMetadata"]
@@ -72,6 +72,10 @@ class BatchMetadata:
         Per group ``[max_num_tokens]`` int64 device buffers (PAD past a step's tokens).
     kv_indices:
         Per group ``[(max_num_reqs + 1) * W_g]`` int32 device buffers.
+    token_ids:
+        ``[max_num_reqs, max_model_len]`` int64 device token history (``config.token_history``),
+        else None: prompts staged with :meth:`stage_prompt`, tokens written by
+        :meth:`accept_tokens`; each step's ``input_ids`` are gathered from it.
     """
 
     def __init__(self, config: MetadataConfig):
@@ -89,7 +93,11 @@ class BatchMetadata:
             # Staged block-table writes per step: a full prefill budget of new pages plus a count per
             # request per group, twice over; more than that is applied in several copies.
             max_writes = groups * (t + 4 * (r + 1))
-            self._layout = StagingLayout(r, groups, max_writes)
+            # Token history: one staged prompt span per request slot, a step's tokens plus a whole
+            # prompt of them between two steps.
+            hist = cfg.token_history
+            self._layout = StagingLayout(r, groups, max_writes, max_chunks=r if hist else 0,
+                                         max_prompt_tokens=t + cfg.max_model_len if hist else 0)  # fmt: skip
             self._staging = PinnedRing(self._layout.total, dev)
             # accept_tokens: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
             self._accept_staging = PinnedRing(5 * r + 1, dev)
@@ -97,7 +105,8 @@ class BatchMetadata:
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
             # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
             self._fills = [bind_step_metadata(kernel_layout, host, self.block_tables.flat, buf.out32, buf.out64,
-                                              max_rows=r, mirror=self._staging.dev, backend=cfg.backend)
+                                              max_rows=r, mirror=self._staging.dev, backend=cfg.backend,
+                                              history=buf.token_ids)
                            for host in self._staging.host]  # fmt: skip
             self._scatter = bind_scatter_pairs(self._staging.dev, self.block_tables.flat, count=self._layout.num_writes,
                                                pairs=self._layout.pairs, max_writes=max_writes,
@@ -105,6 +114,10 @@ class BatchMetadata:
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
+        self.token_ids = buf.token_ids
+        # Staged prompt spans per request slot: (first position, token arrays), and their token count.
+        self._prompts: dict[int, tuple[int, list[np.ndarray]]] = {}
+        self._num_prompt_tokens = 0
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
@@ -125,6 +138,66 @@ class BatchMetadata:
                 f"max_num_tokens={cfg.max_num_tokens}, max_model_len={cfg.max_model_len}, "
                 f"kv_groups={list(cfg.kv_groups)}, plans_flashinfer={self._planned}, "
                 f"cuda_graph_batch_sizes={cfg.cuda_graph_batch_sizes}, steps={self._clock[0]})")  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------
+    # Token history
+    # ---------------------------------------------------------------------------------------------
+    def stage_prompt(self, req_idx: int, token_ids: Any, start: int = 0) -> None:
+        """Stages prompt tokens of request slot ``req_idx`` at positions ``[start, start + n)`` of the
+        token history; the next ``prepare_*`` launch writes them (``config.token_history``).
+
+        A request's staged tokens form one span until the next step: staging again continues it
+        (``start`` = the span's end). Between two steps at most ``max_num_tokens + max_model_len``
+        tokens may be staged in all. Nothing is staged when a check fails.
+
+        Parameters
+        ----------
+        req_idx:
+            Request slot, in ``[0, max_num_reqs)``.
+        token_ids:
+            ``[n]`` host ints (list, numpy array or CPU tensor), each in ``[0, 2^31)``.
+        start:
+            Position of the first token.
+        """
+        cfg = self.config
+        if self.token_ids is None:
+            raise ValueError("stage_prompt: this BatchMetadata has no token history; make it with "
+                             "MetadataConfig(token_history=True)")  # fmt: skip
+        for name, v in (("req_idx", req_idx), ("start", start)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if not 0 <= req_idx < cfg.max_num_reqs:
+            raise ValueError(f"req_idx: expected a request slot in [0, {cfg.max_num_reqs}), got {req_idx}")
+        tokens = host_ints("token_ids", token_ids)
+        n = tokens.shape[0]
+        if n and not 0 <= tokens.min() <= tokens.max() <= _I32_MAX:
+            raise ValueError(f"token_ids: expected token ids in [0, 2^31), got {tokens.min()}..{tokens.max()}")
+        if not 0 <= start <= cfg.max_model_len - n:
+            raise ValueError(f"start: {n} tokens from position {start} do not fit max_model_len ({cfg.max_model_len})")
+        pending = self._prompts.get(req_idx)
+        if pending is not None and start != pending[0] + sum(len(a) for a in pending[1]):
+            end = pending[0] + sum(len(a) for a in pending[1])
+            raise ValueError(f"start: request slot {req_idx} has positions [{pending[0]}, {end}) staged; continue "
+                             f"them from {end}, or stage other positions after the next step")  # fmt: skip
+        room = self._layout.max_prompt_tokens - self._num_prompt_tokens
+        if n > room:
+            raise ValueError(f"token_ids: {n} tokens exceed the {room} that may still be staged before the next step "
+                             f"(max_num_tokens + max_model_len in all)")  # fmt: skip
+        if not n:
+            return
+        if pending is None:
+            self._prompts[req_idx] = (int(start), [tokens.astype(np.int32)])
+        else:
+            pending[1].append(tokens.astype(np.int32))
+        self._num_prompt_tokens += n
+
+    def _take_prompts(self) -> list[tuple[int, int, np.ndarray]]:
+        """The staged prompt spans, as ``(request slot, first position, tokens)``; none remain staged."""
+        spans = [(r, first, parts[0] if len(parts) == 1 else np.concatenate(parts))
+                 for r, (first, parts) in self._prompts.items()]  # fmt: skip
+        self._prompts = {}
+        self._num_prompt_tokens = 0
+        return spans
 
     # ---------------------------------------------------------------------------------------------
     # Every step
@@ -224,6 +297,8 @@ class BatchMetadata:
             ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds
             stage_writes(h, lay, offsets, values)
             num_tokens, widths, max_seq = staged  # type: ignore[misc]
+            if self.token_ids is not None:
+                stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         else:
             seq, pages, max_seq = self._checker.check(idx, qlens, clens)
             offsets, values = self.block_tables.take_staged()
@@ -233,6 +308,8 @@ class BatchMetadata:
             h = ring.next()
             num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
                                                      seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
+            if self.token_ids is not None:
+                stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         try:
             # One launch: staged writes and every metadata field; its column programs cover the
             # longest row's pages in the group of smallest pages (and the per-step tables' width).
@@ -314,7 +391,12 @@ class BatchMetadata:
     # After sampling
     # ---------------------------------------------------------------------------------------------
     def accept_tokens(
-        self, step: Step, token_ids: torch.Tensor, next_input_ids: torch.Tensor, num_accepted: Any, prompt_lens: Any
+        self,
+        step: Step,
+        token_ids: torch.Tensor | None,
+        next_input_ids: torch.Tensor,
+        num_accepted: Any,
+        prompt_lens: Any,
     ) -> tuple[np.ndarray, np.ndarray]:
         """After sampling: writes each row's accepted tokens into the token history, and advances lengths.
 
@@ -329,7 +411,9 @@ class BatchMetadata:
         step:
             The step just run (decode, speculative decode or prefill).
         token_ids:
-            ``[max_num_reqs, L]`` the engine's persistent token history on the device.
+            ``[max_num_reqs, L]`` the engine's persistent token history on the device; None for
+            :attr:`token_ids` (``config.token_history``), which the next steps gather
+            ``input_ids`` from.
         next_input_ids:
             ``[sum(num_accepted)]`` accepted tokens of each row, back to back (same dtype as
             ``token_ids``).
@@ -345,6 +429,11 @@ class BatchMetadata:
             raise TypeError(f"step: expected the Step of a prepare_* call, got {type(step).__name__}")
         if step._clock is not self._clock:
             raise ValueError("step: prepared by another BatchMetadata")
+        if token_ids is None:
+            if self.token_ids is None:
+                raise ValueError("token_ids: None names this BatchMetadata's token history, and it has none "
+                                 "(MetadataConfig(token_history=True))")  # fmt: skip
+            token_ids = self.token_ids
         b = step.num_reqs
         accepted = host_ints("num_accepted", num_accepted, length=b)
         prompts = host_ints("prompt_lens", prompt_lens, length=b)

@@ -33,10 +33,11 @@ from batchmeta.ops.step import (
     ROW_START,
     ROW_SWIDTH,
     StepLayout,
+    row_chunks,
     row_stride,
 )
 
-__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "pack_rows", "stage_step", "stage_writes"]
+__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "pack_rows", "stage_prompts", "stage_step", "stage_writes"]
 
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
@@ -49,10 +50,13 @@ class StagingLayout:
     ``logits`` ``[R]``, per group ``kv_indptr`` ``[R + 1]``, ``last_page_len`` ``[R]`` and
     ``step_width`` ``[1]``, the step kernel's packed ``rows`` ``[R + 1, row_stride]`` (the same
     values, row by row: see :mod:`batchmeta.ops.step`), ``num_writes`` ``[1]``, then
-    ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``).
+    ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``), then (token
+    history) staged prompt spans ``chunks`` ``[4 * max_chunks]`` (request slot, first position,
+    count, offset) and their tokens ``prompt_tokens`` ``[max_prompt_tokens]``.
     """
 
-    def __init__(self, max_reqs: int, num_groups: int, max_writes: int):
+    def __init__(self, max_reqs: int, num_groups: int, max_writes: int, max_chunks: int = 0,
+                 max_prompt_tokens: int = 0):  # fmt: skip
         r = max_reqs
         pos = 0
 
@@ -74,8 +78,12 @@ class StagingLayout:
         self.num_writes = take(1)
         self.fixed_end = pos
         self.max_writes = max_writes
-        self.pairs = pos
-        self.total = pos + 2 * max_writes
+        self.pairs = take(2 * max_writes)
+        self.max_chunks = max_chunks
+        self.chunks = take(4 * max_chunks)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.prompt_tokens = take(max_prompt_tokens)
+        self.total = pos
 
 
 class PinnedRing:
@@ -177,11 +185,16 @@ class StepBuffers:
                 self.table_offsets.append(pos)
                 pos += (r + 1) * w
         self.out32 = torch.zeros(pos, dtype=torch.int32, device=device)
-        # int64 outputs: positions, then per group the slot mapping, each [t]; slots start as PAD.
-        self.out64 = torch.full(((1 + groups) * t,), -1, dtype=torch.int64, device=device)
+        # int64 outputs: positions, then per group the slot mapping, then (token history) input_ids,
+        # each [t]; slots start as PAD. The history itself is [r, max_model_len].
+        hist = cfg.token_history
+        self.out64 = torch.full(((1 + groups + hist) * t,), -1, dtype=torch.int64, device=device)
         self.out64[:t] = 0
         self.positions = self.out64[:t]
         self.slot_mappings = tuple(self.out64[(1 + g) * t : (2 + g) * t] for g in range(groups))
+        self.input_ids_offset = (1 + groups) * t if hist else -1
+        self.input_ids = self.out64[(1 + groups) * t :].zero_() if hist else None
+        self.token_ids = torch.zeros(r, cfg.max_model_len, dtype=torch.int64, device=device) if hist else None
         self.kv_indices = tuple(
             self.out32[at : at + (r + 1) * w] for at, w in zip(self.kv_offsets, self.widths, strict=True)
         )
@@ -204,7 +217,9 @@ class StepBuffers:
             held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],
             kv_indices=self.kv_offsets, kv_capacity=[(r + 1) * w for w in self.widths],
             step_table=self.table_offsets, positions=0, slot_mapping=[(1 + g) * t for g in range(groups)],
-            token_capacity=t,
+            token_capacity=t, input_ids=self.input_ids_offset, chunks=staging.chunks, max_chunks=staging.max_chunks,
+            prompt_tokens=staging.prompt_tokens, max_prompt_tokens=staging.max_prompt_tokens,
+            history_len=config.max_model_len if config.token_history else 0,
         )  # fmt: skip
 
 
@@ -313,3 +328,21 @@ def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values:
         pairs = h[lay.pairs : lay.pairs + 2 * n]
         pairs[0::2] = offsets
         pairs[1::2] = values
+
+
+def stage_prompts(h: np.ndarray, lay: StagingLayout, spans: list[tuple[int, int, np.ndarray]], padded: int,
+                  num_groups: int) -> None:  # fmt: skip
+    """Writes the staged prompt spans (``(request slot, first position, tokens)``, at most
+    ``lay.max_chunks`` of them and ``lay.max_prompt_tokens`` tokens in all) into host staging buffer
+    ``h``, and their count into the packed rows ``[0, padded]`` (after :func:`pack_rows`)."""
+    n = len(spans)
+    if n:
+        chunks = h[lay.chunks : lay.chunks + 4 * n].reshape(n, 4)
+        at = 0
+        for i, (req, first, tokens) in enumerate(spans):
+            chunks[i] = (req, first, len(tokens), at)
+            h[lay.prompt_tokens + at : lay.prompt_tokens + at + len(tokens)] = tokens
+            at += len(tokens)
+    stride = lay.row_stride
+    field = lay.rows + row_chunks(num_groups)
+    h[field : field + (padded + 1) * stride : stride] = n

@@ -58,10 +58,10 @@ class StepViews:
     """
 
     __slots__ = (
-        "batch_block_tables", "idx_mapping", "idx_mapping_host", "kv_indices_full", "kv_indptr", "kv_indptr_host",
-        "kv_indptr_pinned", "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices",
-        "logits_soft_caps", "mla", "page_sizes", "positions", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned",
-        "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
+        "batch_block_tables", "idx_mapping", "idx_mapping_host", "input_ids", "kv_indices_full", "kv_indptr",
+        "kv_indptr_host", "kv_indptr_pinned", "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned",
+        "logits_indices", "logits_soft_caps", "mla", "page_sizes", "positions", "qo_indptr", "qo_indptr_host",
+        "qo_indptr_pinned", "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
     )  # fmt: skip
 
     def __init__(self, **views: Any):
@@ -86,6 +86,7 @@ class StepViews:
             qo_indptr=d[lay.qo_indptr : lay.qo_indptr + n + 1],
             seq_lens=d[lay.seq : lay.seq + n],
             positions=buffers.positions[:num_tokens_run],
+            input_ids=None if buffers.input_ids is None else buffers.input_ids[:num_tokens_run],
             logits_indices=d[lay.logits : lay.logits + b],
             slot_mappings=tuple(sm[:num_tokens_run] for sm in buffers.slot_mappings),
             kv_indptr=per_group(d, lay.kv_indptr, n + 1),
@@ -253,6 +254,18 @@ class Step:
     slot_mappings = _view("slot_mappings", "Per group ``[Tp]`` int64 device: KV slot of each token (PAD past T).")
     kv_indptr = _view("kv_indptr", "Per group ``[Bp + 1]`` int32 device: prefix sum of pages per row.")
     kv_last_page_len = _view("kv_last_page_len", "Per group ``[Bp]`` int32 device: tokens in each row's last page.")
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """``[Tp]`` int64 device: each new token's id, gathered from the token history at its
+        position by the step's launch (after the prompts staged before it); 0 past ``T``. Built
+        only with ``MetadataConfig(token_history=True)``."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("input_ids")
+        ids = self._views.input_ids
+        if ids is None:
+            raise ValueError("input_ids: not built; make the BatchMetadata with MetadataConfig(token_history=True)")
+        return ids
 
     @property
     def batch_block_tables(self) -> tuple[torch.Tensor, ...]:

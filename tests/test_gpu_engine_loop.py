@@ -95,3 +95,126 @@ def test_speculative_verify_under_cuda_graphs(heads):
         meta.replay_decode_graph(step)
     with pytest.raises(ValueError, match="at most 8"):
         meta.prepare_decode(list(range(9)), [1] * 9, num_draft_tokens=1, cuda_graph=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Device-side input ids: the overlapped decode loop
+# --------------------------------------------------------------------------------------------------
+VOCAB, HQ, HKV, D = 97, 8, 2, 64
+
+
+class TinyLM:
+    """Embedding, one attention layer through batchmeta (``store_kv`` + ``step.attention``), tied
+    unembedding: enough for greedy tokens that depend on every earlier token."""
+
+    def __init__(self, num_pages):
+        gen = torch.Generator().manual_seed(5)
+        hidden = HQ * D
+        self.emb = (torch.randn(VOCAB, hidden, generator=gen)).half().cuda()
+        self.w = [(torch.randn(hidden, n, generator=gen) / hidden**0.5).half().cuda()
+                  for n in (HQ * D, HKV * D, HKV * D, hidden)]  # fmt: skip
+        self.k_cache = torch.zeros(num_pages, 16, HKV, D, dtype=torch.float16, device="cuda")
+        self.v_cache = torch.zeros_like(self.k_cache)
+
+    def logits(self, step, ids):
+        x = self.emb[ids]
+        q, k, v = (x @ w for w in self.w[:3])
+        q, k, v = q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D)
+        ops.store_kv(k, v, step.slot_mappings[0], self.k_cache, self.v_cache)
+        o = step.attention(q, self.k_cache, self.v_cache, k=k, v=v)
+        return (x + o.reshape(x.shape[0], -1) @ self.w[3]) @ self.emb.T
+
+
+def loop_meta(history, graphs):
+    from batchmeta import BatchMetadata, KVGroup, MetadataConfig
+
+    cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=128, max_model_len=128, kv_groups=KVGroup(page_size=16),
+                         num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, q_dtype=torch.float16,
+                         kv_dtype=torch.float16, device="cuda", num_kv_pages=64, token_history=history,
+                         cuda_graph_batch_sizes=(4,) if graphs else ())  # fmt: skip
+    return BatchMetadata(cfg)
+
+
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26], [43, 38], [83, 27, 95, 2, 88, 41, 9, 71, 69]]
+STEPS = 50
+
+
+def give_pages(meta, n):
+    for r in range(n):
+        meta.block_tables.append(r, [list(range(1 + 8 * r, 9 + 8 * r))])  # 128 tokens each
+
+
+def synchronous_loop(model):
+    """The reference: the host reads every step's tokens and passes them as the next input."""
+    meta = loop_meta(False, False)
+    give_pages(meta, len(PROMPTS))
+    lens = [len(p) for p in PROMPTS]
+    with meta.prepare_prefill(list(range(len(PROMPTS))), lens, [0] * len(PROMPTS)) as step:
+        ids = torch.tensor([t for p in PROMPTS for t in p], device="cuda")
+        tokens = model.logits(step, ids)[step.logits_indices.long()].argmax(-1).tolist()
+    out = [tokens]
+    for _ in range(STEPS):
+        with meta.prepare_decode(list(range(len(PROMPTS))), lens) as step:
+            tokens = model.logits(step, torch.tensor(tokens, device="cuda")).argmax(-1).tolist()
+        out.append(tokens)
+        lens = [n + 1 for n in lens]
+    return out
+
+
+def overlapped_loop(model, meta, graphs, check_syncs):
+    """Prepare N+1 while N runs: sampling, acceptance and the next step's input ids stay on the
+    device; the host copies each step's tokens back without blocking and reads them one step late
+    (only once the copy's event has completed: never waiting)."""
+    b = len(PROMPTS)
+    give_pages(meta, b)
+    for r, p in enumerate(PROMPTS):
+        meta.stage_prompt(r, p)
+    lens = [len(p) for p in PROMPTS]
+    pinned = [torch.zeros(b, dtype=torch.int64, pin_memory=True) for _ in range(STEPS + 1)]
+    events = [torch.cuda.Event() for _ in range(STEPS + 1)]
+    logits_buf = torch.zeros(4, VOCAB, dtype=torch.float16, device="cuda")
+    if graphs:
+
+        def forward(step):
+            logits_buf[: step.padded_num_reqs] = model.logits(step, step.input_ids)
+
+        meta.capture_decode_graph(4, forward)
+    seen = []
+    if check_syncs:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        step = meta.prepare_prefill(list(range(b)), lens, [0] * b)
+        for n in range(STEPS + 1):
+            with step:
+                if step.cuda_graph:
+                    meta.replay_decode_graph(step)
+                    logits = logits_buf[: step.num_reqs]
+                else:
+                    logits = model.logits(step, step.input_ids)[step.logits_indices]
+            sampled = logits.argmax(-1)
+            lens_next, _ = meta.accept_tokens(step, None, sampled, [1] * b, [len(p) for p in PROMPTS])
+            pinned[n].copy_(sampled, non_blocking=True)
+            events[n].record()
+            if n and events[n - 1].query():  # one step late, only if already there
+                seen.append(n - 1)
+            if n < STEPS:
+                step = meta.prepare_decode(list(range(b)), lens_next, cuda_graph=graphs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return [p.tolist() for p in pinned], seen
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_overlapped_decode_loop_without_host_syncs(graphs):
+    model = TinyLM(64)
+    want = synchronous_loop(model)
+    assert len({tuple(t) for t in want}) > 5  # the tokens change from step to step: a real check
+    warm = loop_meta(True, graphs)
+    overlapped_loop(model, warm, graphs, check_syncs=False)  # compile kernels, JIT FlashInfer
+    meta = loop_meta(True, graphs)
+    got, _ = overlapped_loop(model, meta, graphs, check_syncs=True)
+    assert got == want
+    # The history holds each request's prompt and every token sampled after it.
+    for r, p in enumerate(PROMPTS):
+        assert meta.token_ids[r, : len(p) + STEPS + 1].tolist() == p + [t[r] for t in want]

@@ -32,7 +32,7 @@ from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import check_tensor, group_launches, use_triton
 from batchmeta.ops.positions import _pad_tail
 
-__all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata"]
+__all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata", "row_chunks"]
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -58,7 +58,13 @@ _F_KV_LO, _F_KV_HI, _F_LAST, _F_SWIDTH = (tl.constexpr(f) for f in range(4))
 
 def row_stride(num_groups: int) -> int:
     """int32 elements of a packed row for ``num_groups`` groups: a multiple of 16 (64 bytes)."""
-    return -(-(ROW_GROUP + ROW_PER_GROUP * num_groups) // 16) * 16
+    return -(-(row_chunks(num_groups) + 1) // 16) * 16
+
+
+def row_chunks(num_groups: int) -> int:
+    """Field of a packed row holding the number of staged prompt spans (token history), after the
+    groups' fields; ``ROW_GROUP + 4 * G`` is odd, so it never needs a longer row."""
+    return ROW_GROUP + ROW_PER_GROUP * num_groups
 
 
 def _ints(value: object) -> tuple[int, ...]:
@@ -90,7 +96,12 @@ class StepLayout:
     ``[>= Bp, width]``.
 
     ``out64`` (int64): ``positions`` ``[token_capacity]`` and per group ``slot_mapping``
-    ``[token_capacity]``.
+    ``[token_capacity]``; with a token history, ``input_ids`` ``[token_capacity]``.
+
+    Token history (``input_ids >= 0``): a ``history`` tensor ``[num_table_rows - 1, history_len]``
+    int64, staged prompt spans in ``staging``: ``chunks`` ``[4 * n]`` (request slot, first
+    position, count, offset into ``prompt_tokens``) with ``n`` in every packed row's
+    :func:`row_chunks` field, and their tokens ``prompt_tokens`` (int32).
 
     Per-group tuples have one entry per group.
     """
@@ -119,6 +130,16 @@ class StepLayout:
     positions: int
     slot_mapping: tuple[int, ...] = attrs.field(converter=_ints)
     token_capacity: int
+    input_ids: int = -1
+    chunks: int = 0
+    max_chunks: int = 0
+    prompt_tokens: int = 0
+    max_prompt_tokens: int = 0
+    history_len: int = 0
+
+    @property
+    def has_history(self) -> bool:
+        return self.input_ids >= 0
 
     @property
     def num_groups(self) -> int:
@@ -162,8 +183,12 @@ class StepLayout:
             "out32": (out32, [k + c for k, c in zip(self.kv_indices, self.kv_capacity, strict=True)]
                       + [s + r * w for s, w in zip(self.step_table, self.width, strict=True)]),
             "out64": (out64, [self.positions + self.token_capacity]
-                      + [s + self.token_capacity for s in self.slot_mapping]),
+                      + [s + self.token_capacity for s in self.slot_mapping]
+                      + ([self.input_ids + self.token_capacity] if self.has_history else [])),
         }  # fmt: skip
+        if self.has_history:
+            ends["staging"][1].extend([self.chunks + 4 * self.max_chunks,
+                                       self.prompt_tokens + self.max_prompt_tokens])  # fmt: skip
         for name, (buf, stops) in ends.items():
             if max(stops) > buf.numel():
                 raise ValueError(f"{name}: the layout needs {max(stops)} elements, got {buf.numel()}")
@@ -181,6 +206,54 @@ def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, num_writes, PAIRS: tl.
         dst = tl.load(staging_ptr + PAIRS + 2 * i, mask=m, other=-1).to(tl.int64)
         v = tl.load(staging_ptr + PAIRS + 2 * i + 1, mask=m)
         tl.store(tables_ptr + dst, v, mask=m & (((dst >= lo) & (dst < hi)) | (dst == extra)))
+
+
+@triton.jit
+def _apply_prompts(staging_ptr, hist_ptr, num_chunks, CHUNKS: tl.constexpr, PROMPT: tl.constexpr,
+                   HLEN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Writes every staged prompt span into the token history (the tail program: rows read spans
+    of this step from staging, never from the history this writes)."""
+    for c in range(0, num_chunks):
+        at = staging_ptr + CHUNKS + 4 * c
+        req = tl.load(at).to(tl.int64)
+        first = tl.load(at + 1).to(tl.int64)
+        count = tl.load(at + 2)
+        src = tl.load(at + 3).to(tl.int64)
+        for off in range(0, count, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            m = j < count
+            tok = tl.load(staging_ptr + PROMPT + src + j, mask=m, other=0)
+            tl.store(hist_ptr + req * HLEN + first + j, tok.to(tl.int64), mask=m)
+
+
+@triton.jit
+def _gather_input_ids(staging_ptr, hist_ptr, out64_ptr, req, start, n, cache_len, num_chunks,
+                      CHUNKS: tl.constexpr, PROMPT: tl.constexpr, HLEN: tl.constexpr, IDS: tl.constexpr,
+                      TOKEN_CAP: tl.constexpr, PAD_ROW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """``input_ids[t]`` of the row's tokens: the staged prompt span of its request where one covers
+    the position, else the history (written by earlier launches); 0 for a padding row."""
+    first = req * 0
+    count = req * 0
+    src = req * 0
+    for off in range(0, num_chunks, BLOCK):  # this request's span, if staged (at most one)
+        c = off + tl.arange(0, BLOCK)
+        m = c < num_chunks
+        hit = m & (tl.load(staging_ptr + CHUNKS + 4 * c, mask=m, other=-1).to(tl.int64) == req)
+        first += tl.sum(tl.where(hit, tl.load(staging_ptr + CHUNKS + 4 * c + 1, mask=hit, other=0), 0)).to(tl.int64)
+        count += tl.sum(tl.where(hit, tl.load(staging_ptr + CHUNKS + 4 * c + 2, mask=hit, other=0), 0)).to(tl.int64)
+        src += tl.sum(tl.where(hit, tl.load(staging_ptr + CHUNKS + 4 * c + 3, mask=hit, other=0), 0)).to(tl.int64)
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        t = start + j
+        m = (j < n) & (t < TOKEN_CAP)
+        pos = cache_len + j
+        staged = (pos >= first) & (pos < first + count)
+        outside = (pos < first) | (pos >= first + count)
+        from_span = tl.load(staging_ptr + PROMPT + src + pos - first, mask=m & staged, other=0).to(tl.int64)
+        # A padding row (the reserved slot past the history's rows) reads nothing: its ids are 0.
+        row_ok = (pos * 0 + req) < PAD_ROW
+        from_hist = tl.load(hist_ptr + req * HLEN + pos, mask=m & outside & row_ok & (pos < HLEN), other=0)
+        tl.store(out64_ptr + IDS + t, tl.where(staged, from_span, from_hist), mask=m)
 
 
 @triton.jit
@@ -243,10 +316,15 @@ def _step_kernel(
     out32_ptr,  # int32 [*]: kv_indices, per-step block tables
     out64_ptr,  # int64 [*]: positions, slot mappings
     mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
+    hist_ptr,  # int64 [R, HLEN]: the token history, when HIST
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
     POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
     MIRROR: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, PAD_ROW: tl.constexpr,
+    # Token history: on/off, the packed-row field of the span count, spans, their tokens, the
+    # history's row length, input_ids in out64.
+    HIST: tl.constexpr, HF: tl.constexpr, CHUNKS: tl.constexpr, PROMPT: tl.constexpr, HLEN: tl.constexpr,
+    IDS: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
     # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length.
     # Unused argument sets repeat the first.
@@ -286,6 +364,9 @@ def _step_kernel(
                     tl.store(mirror_ptr + QO_INDPTR + num_rows, num_tokens32)
                 # Every staged write, including those to request slots not in this batch.
                 _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, _field(v, ar, _F_COUNT), PAIRS, BLOCK)
+                if HIST:
+                    _pad_tail(out64_ptr + IDS, num_tokens, TOKEN_CAP, 0, BLOCK)
+                    _apply_prompts(staging_ptr, hist_ptr, _field(v, ar, HF), CHUNKS, PROMPT, HLEN, BLOCK)
         if NUM_GROUPS > 1:
             if g == 1:
                 _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
@@ -322,6 +403,11 @@ def _step_kernel(
                     j = off + tl.arange(0, BLOCK)
                     t = start + j
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
+                if HIST:
+                    if ch == 0:
+                        _gather_input_ids(staging_ptr, hist_ptr, out64_ptr, req, start, n, cache_len,
+                                          _field(v, ar, HF), CHUNKS, PROMPT, HLEN, IDS, TOKEN_CAP, PAD_ROW,
+                                          BLOCK)  # fmt: skip
             _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar, TOKEN_CAP,
                        BLOCK, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, RF0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
                        mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
@@ -351,15 +437,19 @@ def _num_chunks(layout: StepLayout, max_cols: int | None) -> int:
     return max(1, -(-cols // _COLS))
 
 
-def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None) -> list[tuple[int, tuple]]:
+def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None,
+                 history=None) -> list[tuple[int, tuple]]:  # fmt: skip
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each."""
     launches = []
+    lay = layout
     for n, arg_groups in group_launches(layout.num_groups):
-        args: list = [staging, tables, out32, out64, staging if mirror is None else mirror, layout.idx,
+        args: list = [staging, tables, out32, out64, staging if mirror is None else mirror,
+                      out64 if history is None else history, layout.idx,
                       layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
                       layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
                       _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride,
-                      layout.num_table_rows - 1]  # fmt: skip
+                      layout.num_table_rows - 1, lay.has_history, row_chunks(lay.num_groups), lay.chunks,
+                      lay.prompt_tokens, lay.history_len, max(lay.input_ids, 0)]  # fmt: skip
         for g in arg_groups:
             args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
                      ROW_GROUP + ROW_PER_GROUP * g, layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
@@ -378,7 +468,29 @@ def _apply_writes_torch(staging: torch.Tensor, dst: torch.Tensor, pairs_at: int,
     dst[pairs[keep, 0]] = pairs[keep, 1].to(dst.dtype)
 
 
-def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None) -> None:
+def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, start: int, end: int,
+                   total: int) -> None:  # fmt: skip
+    """Token history: input_ids of the step's tokens (from the staged spans or the history as it was),
+    then every staged span written into the history."""
+    cap = lay.token_capacity
+    ids = out64[lay.input_ids : lay.input_ids + cap]
+    n = int(staging[lay.rows + row_chunks(lay.num_groups)])
+    spans = staging[lay.chunks : lay.chunks + 4 * n].view(n, 4).long().tolist()
+    req = idx[row]
+    got = torch.zeros_like(pos)
+    real = (req < lay.num_table_rows - 1) & (pos < lay.history_len)
+    got[real] = history[req[real], pos[real]]
+    for r, first, count, src in spans:
+        hit = (req == r) & (pos >= first) & (pos < first + count)
+        got[hit] = staging[lay.prompt_tokens + src + pos[hit] - first].long()
+    ids[start:end] = got[: end - start]
+    ids[total:] = 0
+    for r, first, count, src in spans:
+        history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].long()
+
+
+def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None,
+                history=None) -> None:  # fmt: skip
     lay, dev = layout, tables.device
     staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
     if mirror is not None:
@@ -399,6 +511,8 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
     positions = out64[lay.positions : lay.positions + cap]
     positions[start:end] = pos[: end - start]
     positions[total:] = 0
+    if lay.has_history:
+        _history_torch(lay, staging, history, out64, idx, row, pos, start, end, total)
     for g in range(lay.num_groups):
         ps, w = lay.page_size[g], lay.width[g]
         table = tables[lay.table[g] : lay.table[g] + lay.num_table_rows * w].view(lay.num_table_rows, w)
@@ -434,6 +548,7 @@ def fill_step_metadata(
     mirror: torch.Tensor | None = None,
     max_cols: int | None = None,
     backend: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
 
@@ -448,19 +563,35 @@ def fill_step_metadata(
 
     after applying the staged writes ``tables[pairs[2i]] = pairs[2i + 1]`` for ``i < num_writes``
     (offsets outside ``tables`` dropped); and with ``mirror``, copies the ``num_rows`` rows of the
-    staged fields into it (``qo_indptr`` and ``kv_indptr`` with their last element). Buffers as
-    described by :class:`StepLayout` (checked). On CUDA ``staging`` may be pinned host memory: the
-    kernel reads it in place (zero-copy), so it must not change until the launch has run.
+    staged fields into it (``qo_indptr`` and ``kv_indptr`` with their last element). With a token
+    history (``layout.input_ids >= 0``, ``history`` given): ``input_ids[t]`` is the token at
+    position ``p`` of request ``r`` (its staged span's where one covers ``p``, else
+    ``history[r, p]``; 0 for padding rows and past the step's tokens), and every staged span is
+    written into ``history``. Buffers as described by :class:`StepLayout` (checked). On CUDA
+    ``staging`` may be pinned host memory: the kernel reads it in place (zero-copy), so it must not
+    change until the launch has run.
     ``max_cols`` bounds the columns any row writes (``kv_indices`` pages, per-step table width) in
     every group; the launch sizes its column programs by it. Default: the widest table.
     """
     layout.check(staging, tables, out32, out64, num_rows, mirror)
+    _check_history(layout, history, tables.device)
     if use_triton(backend, tables):
         chunks = _num_chunks(layout, max_cols)
-        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror):
+        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history):
             _step.launch((num_rows + 1, n, chunks), args, num_warps=_NUM_WARPS)
         return
-    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror)
+    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history)
+
+
+def _check_history(layout: StepLayout, history: torch.Tensor | None, device: torch.device) -> None:
+    if not layout.has_history:
+        if history is not None:
+            raise ValueError("history: given, but the layout has no input_ids (layout.input_ids < 0)")
+        return
+    check_tensor("history", history, dtypes=(torch.int64,), ndim=2, device=device, contiguous=True)
+    want = (layout.num_table_rows - 1, layout.history_len)
+    if tuple(history.shape) != want:  # type: ignore[union-attr]
+        raise ValueError(f"history: expected shape {want}, got {tuple(history.shape)}")  # type: ignore[union-attr]
 
 
 def bind_step_metadata(
@@ -473,6 +604,7 @@ def bind_step_metadata(
     max_rows: int,
     mirror: torch.Tensor | None = None,
     backend: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> Callable[..., None]:
     """``fill(num_rows, max_cols=None)``: :func:`fill_step_metadata` over these buffers, checked once here.
 
@@ -481,9 +613,10 @@ def bind_step_metadata(
     Otherwise it runs :func:`fill_step_metadata` with ``backend`` (the interpreter or torch).
     """
     layout.check(staging, tables, out32, out64, max_rows, mirror)
+    _check_history(layout, history, tables.device)
     use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
     if tables.is_cuda and backend != "torch":
-        launches = _launch_args(layout, staging, tables, out32, out64, mirror)
+        launches = _launch_args(layout, staging, tables, out32, out64, mirror, history)
         bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in launches]
         if len(bound) == 1:
             ((n0, launch0),) = bound
@@ -502,7 +635,7 @@ def bind_step_metadata(
 
     def fill_host(num_rows: int, max_cols: int | None = None) -> None:
         fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, max_cols=max_cols,
-                           backend=backend)  # fmt: skip
+                           backend=backend, history=history)  # fmt: skip
 
     return fill_host
 
