@@ -11,6 +11,7 @@ from batchmeta import BatchMetadata, KVGroup, MetadataConfig
 from batchmeta.host_path import COMPILED
 
 R, T, L = 6, 24, 40
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on a GPU, interpreted on the CPU
 
 
 @pytest.fixture(params=[("triton", "compiled"), ("triton", "numpy"), ("torch", "compiled"), ("torch", "numpy")],
@@ -22,7 +23,7 @@ def make(request):
 
     def make_meta(**kw):
         cfg = dict(max_num_reqs=R, max_num_tokens=T, max_model_len=L, kv_groups=(KVGroup(page_size=4),
-                   KVGroup(page_size=1)), num_qo_heads=4, num_kv_heads=2, head_dim=8, device="cpu",
+                   KVGroup(page_size=1)), num_qo_heads=4, num_kv_heads=2, head_dim=8, device=DEVICE,
                    token_history=True, max_draft_tokens=2, backend=backend)  # fmt: skip
         cfg.update(kw)
         m = BatchMetadata(MetadataConfig(**cfg))
@@ -80,7 +81,8 @@ class Model:
                 if c + q + j >= p:
                     self.hist[int(r)][int(c + q + j)] = int(new[at + j])
             at += a
-        return self.meta.accept_tokens(step, None, torch.tensor(new, dtype=torch.int64), num_accepted, prompt_lens)
+        ids = torch.tensor(new, dtype=torch.int64, device=DEVICE)
+        return self.meta.accept_tokens(step, None, ids, num_accepted, prompt_lens)
 
 
 def test_prompts_chunks_acceptance_and_input_ids(make):
@@ -197,4 +199,4 @@ def test_without_history(make):
     with pytest.raises(ValueError, match=r"input_ids: not built; make the BatchMetadata with MetadataConfig"):
         _ = step.input_ids
     with pytest.raises(ValueError, match="token_ids: None names"):
-        meta.accept_tokens(step, None, torch.zeros(1, dtype=torch.int64), [1], [1])
+        meta.accept_tokens(step, None, torch.zeros(1, dtype=torch.int64, device=DEVICE), [1], [1])
