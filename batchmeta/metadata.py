@@ -328,6 +328,7 @@ class BatchMetadata:
             num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
             wrappers = None
             if self._planned and padded:
+                ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
                 max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
                 wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens,
                                               max_query_len)  # fmt: skip

@@ -127,6 +127,18 @@ class PinnedRing:
         """Switches to the other host buffer (after :meth:`peek`)."""
         self.current ^= 1
 
+    def wait_previous(self) -> None:
+        """Waits (if needed) until everything enqueued before the previous :meth:`done` has run.
+
+        FlashInfer's planners write a plan into one pinned buffer per wrapper and copy it to the
+        device asynchronously: planning a wrapper again must wait until that copy has run. An
+        engine that prepares step N+1 while step N runs (the token history's overlapped loop) gets
+        here with step N's forward still queued, which this does not wait for.
+        """
+        ev = self.events[self.current ^ 1]
+        if ev is not None and not ev.query():
+            ev.synchronize()
+
     def upload(self, end: int, start: int = 0) -> torch.Tensor:
         """Copies elements ``[start, end)`` of the current host buffer to the device buffer."""
         key = (self.current, start, end)
