@@ -15,6 +15,19 @@ Implementations, A/B interleaved step by step:
 - ``batchmeta-noplan``: the same with ``plan_attention=False`` (engines whose attention reads block
   tables and lengths directly): the metadata alone.
 
+Scenarios whose steps also run attention (``S_graph``: S's batch under CUDA graphs) add, beside ``batchmeta``
+(eager prepare) and ``batchmeta-graph`` (prepare with ``cuda_graph=True``) on the same batch:
+
+- ``batchmeta+fwd``: the eager step with a small forward (:class:`ForwardPass`: the step's new keys and
+  values stored into a paged KV cache with ``ops.store_kv``, then ``step.attention``, one layer, on static
+  buffers);
+- ``batchmeta-graph+replay``: prepare with ``cuda_graph=True``, then ``replay_decode_graph`` of that forward,
+  captured beforehand for the step's padded batch size and draft tokens (``capture_decode_graph``).
+
+Their host µs are prepare + forward launches (or + the graph launch), their GPU µs the metadata work and the
+forward's kernels; the report adds a table of graph beside eager for such scenarios (and against S's own
+``batchmeta`` row when S ran).
+
 Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
 step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
 implementation that syncs waits for the GPU, so its gaps count); host syncs (torch's sync debug
@@ -29,7 +42,9 @@ wrappers have no such choice). The backend is recorded in the report's header an
 After the per-implementation table, the report has a summary: one row per scenario with batchmeta's host and
 GPU medians as ratios of stock-plan's from the same run, each checked against ``TARGETS`` (the project's speed
 issue) with ✓ / ✗, and an overall pass / miss (``n/a`` where a target cannot be checked in this run, e.g. D2
-without D1). The json carries the same under ``summary``.
+without D1). A graph scenario's row also gives its host µs as a ratio of the eager step it is checked against
+(D2: D1's batchmeta; S_graph: batchmeta+fwd of the same batch). The json carries the same under ``summary``
+(and the graph-beside-eager table under ``graph_vs_eager``).
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ import attrs
 import numpy as np
 import torch
 
-from batchmeta import BatchMetadata, KVGroup, MetadataConfig
+from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
 
 
 @dataclass
@@ -63,6 +78,7 @@ class Scenario:
     page_size: int = 16
     graph: bool = False
     draft: int = 0
+    forward: bool = False  # steps also run attention (ForwardPass): eager, and under a replayed CUDA graph
 
     @property
     def decode(self) -> bool:
@@ -90,6 +106,18 @@ def scenarios(rng) -> list[Scenario]:
         ),
         Scenario("S", "speculative decode, B=64, 1 + 4 tokens", _around(rng, 64, 4096), [5] * 64, draft=4),
     ]
+    spec = out[-1]  # S's very batch under CUDA graphs (draws nothing from rng: the scenarios above keep their data)
+    out.append(
+        Scenario(
+            "S_graph",
+            "S under CUDA graphs (the same batch), with a one-layer forward replayed",
+            list(spec.cache_lens),
+            list(spec.query_lens),
+            graph=True,
+            draft=spec.draft,
+            forward=True,
+        )
+    )
     for s in out:
         s.cache_lens = [min(c, 40000) for c in s.cache_lens]
     return out
@@ -101,8 +129,11 @@ PREFILL_BACKENDS = ("fa2", "fa3", "auto")  # FlashInfer's backend= of the paged 
 
 # Speed targets, from the project's speed issue; all are ratios of medians measured in the same run.
 # host: batchmeta host µs / stock-plan host µs at most this; noplan: batchmeta-noplan / stock-plan likewise;
-# host_vs: host µs no more than that scenario's batchmeta host µs (D2, under graphs, no slower than D1 eager);
-# gpu_ratio: batchmeta GPU µs at most this × stock-plan's; gpu_us: an absolute GPU µs bound instead.
+# host_vs: host µs no more than that scenario's batchmeta host µs (D2, under graphs, no slower than D1 eager),
+# or (scenario, implementation) for another implementation's (S_graph: no slower than the same step eager);
+# gpu_ratio: batchmeta GPU µs at most this × stock-plan's; gpu_us: an absolute GPU µs bound instead;
+# gpu_vs: (scenario, implementation, limit): GPU µs at most limit × that implementation's;
+# impl: the implementation the row checks (default batchmeta-graph where measured, else batchmeta).
 TARGETS: dict[str, dict] = {
     "D1": dict(host=0.17, noplan=0.08, gpu_ratio=1.5),
     "D2": dict(host_vs="D1", gpu_ratio=1.5),
@@ -112,6 +143,13 @@ TARGETS: dict[str, dict] = {
     "P1": dict(host=0.5, gpu_ratio=1.5),
     "M1": dict(host=0.5, gpu_ratio=1.5),
     "S": dict(host=0.5, gpu_ratio=1.5),
+    # Not from the speed issue: D2's rule (a graph step no slower on the host than the eager one) applied to S,
+    # the eager step running the same forward; its GPU µs against the same within the usual 1.5x.
+    "S_graph": dict(
+        impl="batchmeta-graph+replay",
+        host_vs=("S_graph", "batchmeta+fwd"),
+        gpu_vs=("S_graph", "batchmeta+fwd", 1.5),
+    ),
 }
 
 
@@ -124,6 +162,7 @@ class Setup:
     prefill_backend: str = "fa2"
     host: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
+    num_pages: int = 0  # page ids in the block tables are 1..num_pages (0: CUDA-graph padding)
 
 
 def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
@@ -159,7 +198,7 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
             m.block_tables.append(r, perm[start : start + n].tolist())
         start += n
     idx = np.arange(b)
-    s = Setup(scn, meta, idx, noplan=noplan, prefill_backend=prefill_backend)
+    s = Setup(scn, meta, idx, noplan=noplan, prefill_backend=prefill_backend, num_pages=num_pages)
     # Host arrays for the stock plan, and device kv_indices, prepared once (not timed).
     with meta.prepare_prefill(idx, scn.query_lens, scn.cache_lens) as step:
         s.host = dict(
@@ -234,12 +273,61 @@ def impl_stock_plan(s: Setup):
     return step, 0
 
 
-def impl_batchmeta(s: Setup, graph: bool, plan: bool = True):
+class ForwardPass:
+    """The forward of a scenario whose steps run attention: one layer storing the step's new keys and values
+    into a paged KV cache (``ops.store_kv`` at ``slot_mappings[0]``) and running ``step.attention`` over it, on
+    static buffers (a CUDA graph reads and writes fixed addresses only). ``capture(s)`` captures it for the
+    scenario's padded batch size and draft tokens."""
+
+    def __init__(self, s: Setup):
+        cfg = s.meta.config
+        hq, hkv, d = cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim
+        cap, ps = cfg.max_num_tokens, cfg.kv_groups[0].page_size
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def rand(*shape):
+            return (0.5 * torch.randn(*shape, generator=gen, device="cuda")).to(cfg.q_dtype)
+
+        self.q, self.k, self.v = rand(cap, hq, d), rand(cap, hkv, d), rand(cap, hkv, d)
+        self.out = torch.zeros(cap, hq, d, dtype=cfg.q_dtype, device="cuda")
+        # Page ids run 1..num_pages (build); page 0 is the padding page graph padding rows read.
+        self.k_cache, self.v_cache = (
+            torch.zeros(s.num_pages + 1, ps, hkv, d, dtype=cfg.kv_dtype, device="cuda") for _ in range(2)
+        )
+
+    def __call__(self, step) -> None:
+        n = step.padded_num_reqs * step.query_len if step.cuda_graph else step.num_tokens
+        ops.store_kv(self.k[:n], self.v[:n], step.slot_mappings[0], self.k_cache, self.v_cache)
+        step.attention(self.q[:n], self.k_cache, self.v_cache, out=self.out[:n])
+
+    def capture(self, s: Setup) -> None:
+        b = len(s.scn.cache_lens)
+        s.meta.capture_decode_graph(s.meta.graph_batch_size(b), self, num_draft_tokens=s.scn.draft)
+
+
+def impl_batchmeta(s: Setup, graph: bool, plan: bool = True, forward: ForwardPass | None = None):
+    """``prepare_*`` alone, or with ``forward`` (decode scenarios): run eagerly, or replayed from the CUDA
+    graph ``forward.capture`` made (``graph=True``)."""
     scn, meta = s.scn, (s.meta if plan else s.noplan)
     idx, q, c = s.idx, np.array(scn.query_lens), np.array(scn.cache_lens)
     nbytes = 4 * meta._layout.fixed_end
 
-    if scn.decode:
+    if forward is not None:
+        if not scn.decode:
+            raise ValueError(f"{scn.name}: a forward runs with decode scenarios only")
+        if graph:
+
+            def step():
+                with meta.prepare_decode(idx, c, num_draft_tokens=scn.draft, cuda_graph=True) as st:
+                    meta.replay_decode_graph(st)
+
+        else:
+
+            def step():
+                with meta.prepare_decode(idx, c, num_draft_tokens=scn.draft) as st:
+                    forward(st)
+
+    elif scn.decode:
 
         def step():
             with meta.prepare_decode(idx, c, num_draft_tokens=scn.draft, cuda_graph=graph):
@@ -361,14 +449,17 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
     out = {}
     for name, r in results.items():
         impls = r["impls"]
+        tgt = targets.get(name, {})
         stock = impls.get("stock-plan", {})
-        bm_name = "batchmeta-graph" if "batchmeta-graph" in impls else "batchmeta"
+        bm_name = tgt.get("impl") or ("batchmeta-graph" if "batchmeta-graph" in impls else "batchmeta")
         bm = impls.get(bm_name, {})
         noplan = impls.get("batchmeta-noplan", {})
         host_ratio = _ratio(bm.get("host_median"), stock.get("host_median"))
         noplan_ratio = _ratio(noplan.get("host_median"), stock.get("host_median"))
-        gpu_ratio = _ratio(bm.get("gpu_median"), stock.get("gpu_median"))
-        tgt = targets.get(name, {})
+        # A row checked against another implementation's GPU µs (gpu_vs: one running the same forward) has no
+        # meaningful ratio to the stock plan, which runs no attention.
+        gpu_ratio = None if "gpu_vs" in tgt else _ratio(bm.get("gpu_median"), stock.get("gpu_median"))
+        eager_ratio = None
         checks = []
         if "host" in tgt:
             shown = "n/a" if host_ratio is None else _shown(host_ratio, tgt["host"])
@@ -377,16 +468,17 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
             shown = "n/a" if noplan_ratio is None else _shown(noplan_ratio, tgt["noplan"])
             checks.append(_check("noplan", noplan_ratio, tgt["noplan"], shown, f"{tgt['noplan']:g}"))
         if "host_vs" in tgt:
-            other = tgt["host_vs"]
-            ref = results.get(other, {}).get("impls", {}).get("batchmeta", {}).get("host_median")
+            other, other_impl = (tgt["host_vs"], "batchmeta") if isinstance(tgt["host_vs"], str) else tgt["host_vs"]
+            ref = results.get(other, {}).get("impls", {}).get(other_impl, {}).get("host_median")
             value = bm.get("host_median")
+            eager_ratio = _ratio(value, ref)
             if value is None or ref is None:
                 checks.append(
                     dict(name="host", value=None, limit=None, ok=None, text=f"host vs {other} n/a ({other} not run)")
                 )
             else:
                 checks.append(
-                    _check("host", value, ref, _shown(value, ref, " µs"), f"{other} batchmeta {_shown(ref, ref)} µs")
+                    _check("host", value, ref, _shown(value, ref, " µs"), f"{other} {other_impl} {_shown(ref, ref)} µs")
                 )
         if "gpu_ratio" in tgt:
             lim = tgt["gpu_ratio"]
@@ -396,6 +488,12 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
             lim, value = tgt["gpu_us"], bm.get("gpu_median")
             shown = "n/a" if value is None else _shown(value, lim, " µs")
             checks.append(_check("GPU", value, lim, shown, f"{lim:g} µs"))
+        if "gpu_vs" in tgt:
+            other, other_impl, lim = tgt["gpu_vs"]
+            ref = results.get(other, {}).get("impls", {}).get(other_impl, {}).get("gpu_median")
+            value = _ratio(bm.get("gpu_median"), ref)
+            shown = "n/a" if value is None else _shown(value, lim, TIMES)
+            checks.append(_check(f"GPU vs {other_impl}", value, lim, shown, f"{lim:g}{TIMES}"))
         oks = [c["ok"] for c in checks]
         passed = False if False in oks else (None if None in oks or not oks else True)
         out[name] = dict(
@@ -404,6 +502,7 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
             stock_plan_host_us=stock.get("host_median"),
             batchmeta_host_us=bm.get("host_median"),
             host_ratio=host_ratio,
+            eager_ratio=eager_ratio,
             noplan_ratio=noplan_ratio,
             gpu_ratio=gpu_ratio,
             targets=tgt,
@@ -420,9 +519,9 @@ def summary_lines(summary: dict) -> list[str]:
         return "—" if v is None else format(v, fmt) + suffix
 
     lines = [
-        "| scenario | stock-plan host µs | batchmeta host µs | batchmeta / stock-plan | batchmeta-noplan / stock-plan "
-        "| GPU µs batchmeta / stock-plan | target | pass/miss |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| scenario | stock-plan host µs | batchmeta host µs | batchmeta / stock-plan | graph / eager host "
+        "| batchmeta-noplan / stock-plan | GPU µs batchmeta / stock-plan | target | pass/miss |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, s in summary.items():
         bm = "" if s["batchmeta_impl"] == "batchmeta" else f" ({s['batchmeta_impl']})"
@@ -430,8 +529,74 @@ def summary_lines(summary: dict) -> list[str]:
         verdict = {True: "**pass**", False: "**miss**", None: "n/a"}[s["passed"]]
         lines.append(
             f"| {name} | {num(s['stock_plan_host_us'], '.1f')} | {num(s['batchmeta_host_us'], '.1f')}{bm} | "
-            f"{num(s['host_ratio'], '.3f')} | {num(s['noplan_ratio'], '.3f')} | {num(s['gpu_ratio'], '.2f', TIMES)} | "
-            f"{checks} | {verdict} |"
+            f"{num(s['host_ratio'], '.3f')} | {num(s.get('eager_ratio'), '.3f')} | {num(s['noplan_ratio'], '.3f')} | "
+            f"{num(s['gpu_ratio'], '.2f', TIMES)} | {checks} | {verdict} |"
+        )
+    return lines
+
+
+# What a graph scenario with a forward compares: (label, graph implementation, eager implementation).
+GRAPH_PAIRS = (
+    ("prepare only", "batchmeta-graph", "batchmeta"),
+    ("prepare + forward", "batchmeta-graph+replay", "batchmeta+fwd"),
+)
+# The eager scenario whose batch a graph scenario repeats, for its prepare-only row.
+GRAPH_OF = {"S_graph": "S"}
+
+
+def graph_vs_eager(results: dict) -> list[dict]:
+    """Per graph scenario with a forward (those measuring ``batchmeta+fwd``): host and GPU medians of each graph
+    implementation beside its eager twin from the same run, interleaved (:data:`GRAPH_PAIRS`), and the
+    prepare-only graph step against the eager scenario it repeats (:data:`GRAPH_OF`) when that ran too."""
+    rows = []
+    for name, r in results.items():
+        impls = r["impls"]
+        if "batchmeta+fwd" not in impls:
+            continue
+        pairs = [(label, name, g, name, e) for label, g, e in GRAPH_PAIRS]
+        eager_scn = GRAPH_OF.get(name)
+        if eager_scn in results:
+            pairs.append((f"prepare only, against {eager_scn}", name, "batchmeta-graph", eager_scn, "batchmeta"))
+        for label, gs, g, es, e in pairs:
+            gm = results[gs]["impls"].get(g, {})
+            em = results[es]["impls"].get(e, {})
+            rows.append(
+                dict(
+                    scenario=name,
+                    what=label,
+                    graph=f"{gs} {g}",
+                    eager=f"{es} {e}",
+                    graph_host_us=gm.get("host_median"),
+                    eager_host_us=em.get("host_median"),
+                    host_ratio=_ratio(gm.get("host_median"), em.get("host_median")),
+                    graph_gpu_us=gm.get("gpu_median"),
+                    eager_gpu_us=em.get("gpu_median"),
+                    gpu_ratio=_ratio(gm.get("gpu_median"), em.get("gpu_median")),
+                    graph_syncs=gm.get("syncs"),
+                    eager_syncs=em.get("syncs"),
+                )
+            )
+    return rows
+
+
+def graph_vs_eager_lines(rows: list[dict]) -> list[str]:
+    """The graph-beside-eager table, in markdown (no lines without rows)."""
+    if not rows:
+        return []
+
+    def num(v, fmt, suffix=""):
+        return "—" if v is None else format(v, fmt) + suffix
+
+    lines = [
+        "| scenario | step | graph | eager | host µs graph / eager | ratio | GPU µs graph / eager | ratio | syncs |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['what']} | {r['graph']} | {r['eager']} | "
+            f"{num(r['graph_host_us'], '.1f')} / {num(r['eager_host_us'], '.1f')} | {num(r['host_ratio'], '.3f')} | "
+            f"{num(r['graph_gpu_us'], '.1f')} / {num(r['eager_gpu_us'], '.1f')} | {num(r['gpu_ratio'], '.2f', TIMES)} "
+            f"| {r['graph_syncs']} / {r['eager_syncs']} |"
         )
     return lines
 
@@ -468,17 +633,28 @@ def main() -> int:
     results, memory = {}, None
     for scn in chosen:
         s = build(scn, rng, prefill_backend=args.prefill_backend)
-        impls = {
-            "eager-glue": impl_eager_glue(s),
-            "stock-plan": impl_stock_plan(s),
-            "batchmeta": impl_batchmeta(s, graph=False),
-            "batchmeta-noplan": impl_batchmeta(s, graph=False, plan=False),
-        }
-        if scn.graph:
+        if scn.forward:  # graph beside eager on one batch; the glue's cost is S's row already
+            fwd = ForwardPass(s)
+            fwd.capture(s)
             impls = {
-                "eager-glue": impls["eager-glue"],
-                "stock-plan": impls["stock-plan"],
+                "stock-plan": impl_stock_plan(s),
+                "batchmeta": impl_batchmeta(s, graph=False),
                 "batchmeta-graph": impl_batchmeta(s, graph=True),
+                "batchmeta+fwd": impl_batchmeta(s, graph=False, forward=fwd),
+                "batchmeta-graph+replay": impl_batchmeta(s, graph=True, forward=fwd),
+            }
+        elif scn.graph:
+            impls = {
+                "eager-glue": impl_eager_glue(s),
+                "stock-plan": impl_stock_plan(s),
+                "batchmeta-graph": impl_batchmeta(s, graph=True),
+            }
+        else:
+            impls = {
+                "eager-glue": impl_eager_glue(s),
+                "stock-plan": impl_stock_plan(s),
+                "batchmeta": impl_batchmeta(s, graph=False),
+                "batchmeta-noplan": impl_batchmeta(s, graph=False, plan=False),
             }
         results[scn.name] = dict(what=scn.what, impls=measure(impls, args.steps, progress))
         if scn.name == "D4":
@@ -510,10 +686,21 @@ def main() -> int:
     summary = summarize(results)
     lines += [
         "",
-        "Summary against the speed targets (ratios of medians from this run; batchmeta is batchmeta-graph for D2):",
+        "Summary against the speed targets (ratios of medians from this run; batchmeta is batchmeta-graph for D2 "
+        "and batchmeta-graph+replay for S_graph; graph / eager host: D2 against D1's batchmeta, S_graph against "
+        "batchmeta+fwd):",
         "",
         *summary_lines(summary),
     ]
+    pairs = graph_vs_eager(results)
+    if pairs:
+        lines += [
+            "",
+            "CUDA graphs beside eager on the same batch (medians; graph and eager implementations interleaved in one "
+            "run, except the row against another scenario):",
+            "",
+            *graph_vs_eager_lines(pairs),
+        ]
     if memory:
         lines += [
             "",
@@ -527,7 +714,16 @@ def main() -> int:
         for k, v in results.items()
     }
     base.with_suffix(".json").write_text(
-        json.dumps(dict(results=raw, memory=memory, prefill_backend=args.prefill_backend, summary=summary), indent=1)
+        json.dumps(
+            dict(
+                results=raw,
+                memory=memory,
+                prefill_backend=args.prefill_backend,
+                summary=summary,
+                graph_vs_eager=pairs,
+            ),
+            indent=1,
+        )
     )
     try:
         import matplotlib
@@ -551,7 +747,7 @@ def main() -> int:
         fig.savefig(base.with_suffix(".png"), dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot written", file=sys.stderr)
-    if os.environ.get("OUT"):
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.resolve():  # --out $OUT: written there
         for suffix in (".md", ".json", ".png"):
             if base.with_suffix(suffix).exists():
                 shutil.copy(base.with_suffix(suffix), os.environ["OUT"])

@@ -1,0 +1,643 @@
+"""Decode-loop throughput: a synchronous engine loop against one overlapped through batchmeta's token history.
+
+Run on a machine with CUDA and FlashInfer:
+
+    python benchmarks/bench_decode_loop.py [--batch 64] [--steps 200] [--layers 4] [--hidden 512] [--heads 8]
+        [--kv-heads 2] [--graphs] [--out DIR]
+
+Writes ``<out>/<device>-<date>-decode-loop.{md,json}`` (``--out`` defaults to ``benchmarks/results/``; both
+files are copied to ``$OUT`` if set). Without CUDA (or with ``--device cpu``) the same loops run slowly through
+the torch fallbacks, as a smoke test: no GPU figures then.
+
+The model: an embedding, ``--layers`` attention layers (RMS norm, q/k/v projections, ``ops.store_kv`` into a
+paged KV cache at the step's slot mapping, ``step.attention``, output projection, residual), a final norm and
+projection, and the tied unembedding; the next token is the argmax, on the device. ``--batch`` requests with
+random prompts (``--prompt-len`` tokens on average) are prefilled in one step, then decoded for ``--warmup``
+untimed and ``--steps`` timed steps, pages appended to their block tables as they grow. Two loops:
+
+- ``sync``: every step the host reads the sampled tokens (``.tolist()``, which waits for the GPU) and passes
+  them to the next step's input ids (a pinned buffer, copied without blocking): the GPU idles while the host
+  reads, bookkeeps and prepares the next step (metadata, plans, kernel launches).
+- ``overlap``: ``MetadataConfig(token_history=True)``: prompts staged with ``meta.stage_prompt``; each step's
+  model input is ``step.input_ids`` (gathered from the history by the step's own launch); after sampling,
+  ``meta.accept_tokens`` writes the sampled tokens into the history on the device, and the host goes on to
+  prepare the next step while the GPU still runs this one. Sampled tokens come back one step late: a
+  non-blocking copy into pinned memory per step, collected when its event has completed (``Event.query``, never
+  a wait). Before ``prepare_decode`` of step N+1 the host waits for an event recorded right after step N's
+  ``prepare_*`` (the GPU has started step N): FlashInfer's ``plan()`` writes its plan into one pinned host buffer
+  per wrapper and enqueues an asynchronous copy from it, so planning N+1 before the GPU has made N's copy would
+  replace N's plan. The wait never leaves the GPU without work (step N's forward is queued behind it);
+  ``--no-plan-fence`` drops it, to probe that race (the token check below then fails if it bites).
+
+``--graphs`` runs both loops a second time with decode steps replayed from CUDA graphs (one captured per
+BatchMetadata for the batch, the forward and the argmax inside; the sync loop's graph reads a static input-ids
+buffer, the overlapped one ``step.input_ids``). Loops alternate, ``--repeats`` times; figures are medians over
+the repeats.
+
+Figures per loop (timed steps only):
+
+- tokens/s: ``batch * steps`` over the wall time from the first timed step to the last token on the host;
+- host µs per step: wall time of one loop iteration minus the time the host was blocked waiting for the GPU
+  (``sync``: the ``.tolist()``; ``overlap``: the plan fence), median and p90: the host's own work per step. A
+  wait inside batchmeta (its pinned staging ring, when the host runs two steps ahead) is not subtracted;
+- GPU idle µs per step: the GPU timeline's mean period per step minus the step's device time. The period comes
+  from CUDA events recorded at the start of every step (before its ``prepare_*``) and after its last GPU work:
+  events are stamped when the GPU reaches them, so the span from the first step's start to the last step's end,
+  over ``steps``, is the GPU's time per step in the loop. The device time is measured afterwards (calibration):
+  the last step's GPU work (prepare, inputs, forward, sampling, and for ``overlap`` ``accept_tokens`` and the
+  readback copy; all idempotent for that step) enqueued ``--calib`` times behind a sleeping kernel long enough
+  for the host to enqueue all of it (checked with an event before the sleep; doubled and retried if not),
+  timed with events: device work back to back, without the host's pace. ``idle = period - device time``
+  (clamped at 0) counts every gap, between steps and between the kernels of one step (an eager forward waiting
+  for its launches); the gap between a step's last work and the next step's first is given separately
+  (median). The events add about two ``record()`` calls (a few µs) of host time per step to both loops.
+
+Both loops must sample identical tokens (the same kernels on the same inputs): any difference fails the run
+(exit status 1, after the report is written, naming the first differing step and request). Tokens are
+compared between eager and CUDA-graph runs too, for information only (their attention kernels differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
+
+HAS_TOKEN_HISTORY = "token_history" in attrs.fields_dict(MetadataConfig)
+LOOPS = ("sync", "overlap")
+TIMES = "\N{MULTIPLICATION SIGN}"  # spelt out: ruff flags the literal sign as ambiguous
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+class TinyModel:
+    """Embedding, ``layers`` attention layers through batchmeta, final norm and projection, tied unembedding."""
+
+    def __init__(self, args, num_pages: int, device: torch.device, dtype: torch.dtype):
+        gen = torch.Generator().manual_seed(args.seed)
+        h, hq, hkv = args.hidden, args.heads, args.kv_heads
+        d = h // hq
+        self.hidden, self.shape = h, (hq, hkv, d)
+
+        def w(*shape, scale):
+            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+        s = h**-0.5
+        self.emb = w(args.vocab, h, scale=1.0)
+        self.layers = [
+            dict(
+                wq=w(h, hq * d, scale=s), wk=w(h, hkv * d, scale=s), wv=w(h, hkv * d, scale=s), wo=w(hq * d, h, scale=s)
+            )
+            for _ in range(args.layers)
+        ]
+        self.final = w(h, h, scale=s)  # without it the tied unembedding mostly predicts the input token again
+        self.caches = [
+            tuple(torch.zeros(num_pages, args.page_size, hkv, d, dtype=dtype, device=device) for _ in range(2))
+            for _ in range(args.layers)
+        ]
+
+    def forward(self, ids: torch.Tensor, step, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Next token ids (int64, argmax) of ``ids`` ``[T]``' last tokens: at ``rows``, else at every token."""
+        hq, hkv, d = self.shape
+        x = self.emb[ids]
+        t = x.shape[0]
+        for layer, (k_cache, v_cache) in zip(self.layers, self.caches, strict=True):
+            y = torch.nn.functional.rms_norm(x, (self.hidden,), eps=1e-6)
+            q = (y @ layer["wq"]).view(t, hq, d)
+            k = (y @ layer["wk"]).view(t, hkv, d)
+            v = (y @ layer["wv"]).view(t, hkv, d)
+            ops.store_kv(k, v, step.slot_mappings[0], k_cache, v_cache)
+            a = step.attention(q, k_cache, v_cache, k=k, v=v)
+            x = x + a.reshape(t, hq * d) @ layer["wo"]
+        if rows is not None:
+            x = x[rows]
+        y = torch.nn.functional.rms_norm(x, (self.hidden,), eps=1e-6) @ self.final
+        return (y @ self.emb.T).argmax(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# One engine: model, BatchMetadata objects (one per loop), requests, static buffers, CUDA graphs
+# --------------------------------------------------------------------------------------------------
+class Engine:
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.cuda = device.type == "cuda"
+        rng = np.random.default_rng(args.seed)
+        b, ps = args.batch, args.page_size
+        lo, hi = max(1, int(args.prompt_len * 0.75)), max(1, int(args.prompt_len * 1.25))
+        self.prompt_lens = rng.integers(lo, hi + 1, b).astype(np.int64)
+        self.prompts = [rng.integers(0, args.vocab, int(n)).astype(np.int64) for n in self.prompt_lens]
+        self.idx = np.arange(b, dtype=np.int64)
+        self.decode_steps = args.warmup + args.steps
+        # Positions up to prompt + decode steps are written (accept_tokens writes one past the last step's token).
+        max_len = int(self.prompt_lens.max()) + self.decode_steps + 2
+        self.max_len = -(-max_len // ps) * ps
+        self.num_pages = b * (self.max_len // ps) + 1  # page 0: CUDA-graph padding rows read it
+        dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.model = TinyModel(args, self.num_pages, device, dtype)
+        self.graph_sizes = (b,) if args.graphs else ()
+        base = dict(
+            max_num_reqs=b,
+            max_num_tokens=max(int(self.prompt_lens.sum()), b),
+            max_model_len=self.max_len,
+            kv_groups=(KVGroup(page_size=ps),),
+            num_qo_heads=args.heads,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.hidden // args.heads,
+            q_dtype=torch.bfloat16,
+            kv_dtype=torch.bfloat16,
+            device=device,
+            num_kv_pages=self.num_pages,
+            cuda_graph_batch_sizes=self.graph_sizes,
+        )
+        self.metas = {"sync": BatchMetadata(MetadataConfig(**base))}
+        if HAS_TOKEN_HISTORY:
+            self.metas["overlap"] = BatchMetadata(MetadataConfig(**base, token_history=True))
+        pin = self.cuda
+        self.inp_host = torch.zeros(b, dtype=torch.int64, pin_memory=pin)  # sync loop: tokens in
+        self.inp_np = self.inp_host.numpy()
+        self.inp_dev = torch.zeros(b, dtype=torch.int64, device=device)
+        self.next_buf = torch.zeros(b, dtype=torch.int64, device=device)  # the graphs' sampled tokens
+        self.scratch = torch.zeros(b, dtype=torch.int64, pin_memory=pin)  # calibration's readback
+        self.pages_held = np.zeros(b, dtype=np.int64)
+        self.free_pages: list[int] = []
+        if args.graphs:
+            self.capture()
+
+    def capture(self) -> None:
+        bp = self.metas["sync"].graph_batch_size(self.args.batch)
+        model, nxt = self.model, self.next_buf
+
+        def sync_forward(step):
+            n = step.padded_num_reqs
+            nxt[:n] = model.forward(self.inp_dev[:n], step)
+
+        def overlap_forward(step):
+            n = step.padded_num_reqs
+            nxt[:n] = model.forward(step.input_ids[:n], step)
+
+        for name, fwd in (("sync", sync_forward), ("overlap", overlap_forward)):
+            if name in self.metas:
+                self.metas[name].capture_decode_graph(bp, fwd)
+
+    # Pages: every run starts from the same free list, so both loops place their requests alike.
+    def reset(self, meta: BatchMetadata) -> None:
+        for r in range(self.args.batch):
+            meta.block_tables.reset(r)
+        self.pages_held[:] = 0
+        self.free_pages = list(range(self.num_pages - 1, 0, -1))
+
+    def ensure_pages(self, meta: BatchMetadata, lengths: np.ndarray) -> None:
+        """Pages for ``lengths`` tokens per request (appended to the block tables, staged on the host)."""
+        need = -(-lengths // self.args.page_size) - self.pages_held
+        for r in np.flatnonzero(need > 0).tolist():
+            n = int(need[r])
+            meta.block_tables.append(r, [self.free_pages.pop() for _ in range(n)])
+            self.pages_held[r] += n
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------------
+def _now() -> float:
+    return time.perf_counter()
+
+
+class StepEvents:
+    """CUDA events at the start and end of every timed step's GPU work (none on the CPU)."""
+
+    def __init__(self, n: int, cuda: bool):
+        make = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else (lambda: None)
+        self.begin = [make() for _ in range(n)]
+        self.end = [make() for _ in range(n)]
+        self.cuda = cuda
+
+    def record(self, which: list, j: int) -> None:
+        if self.cuda and 0 <= j < len(which):
+            which[j].record()
+
+    def figures(self) -> dict:
+        """Mean GPU period per step and the median gap between steps, µs (after a sync)."""
+        if not self.cuda or not self.begin:
+            return dict(gpu_period_us=None, gpu_gap_us=None)
+        n = len(self.begin)
+        span = self.begin[0].elapsed_time(self.end[-1]) * 1e3
+        gaps = [self.end[j].elapsed_time(self.begin[j + 1]) * 1e3 for j in range(n - 1)]
+        return dict(gpu_period_us=span / n, gpu_gap_us=statistics.median(gaps) if gaps else None)
+
+
+def device_time_us(enqueue, reps: int) -> float | None:
+    """Median device time of ``enqueue()``'s GPU work, enqueued behind a sleeping kernel (None on the CPU)."""
+    if not torch.cuda.is_available() or reps <= 0:
+        return None
+    cycles, times = 2_000_000, []
+    pre, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    for _ in range(8 * reps):
+        torch.cuda.synchronize()
+        t0 = _now()
+        pre.record()
+        torch.cuda._sleep(cycles)
+        start.record()
+        enqueue()
+        t1 = _now()
+        end.record()
+        torch.cuda.synchronize()
+        if (t1 - t0) * 1e6 > 0.8 * pre.elapsed_time(start) * 1e3:  # the sleep ended before the host was done
+            cycles *= 2
+            continue
+        times.append(start.elapsed_time(end) * 1e3)
+        if len(times) == reps:
+            break
+    return statistics.median(times) if times else None
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loops
+# --------------------------------------------------------------------------------------------------
+def run_sync(eng: Engine, graph: bool) -> dict:
+    """Each step reads its sampled tokens on the host and feeds them to the next step."""
+    args, meta, model, cuda = eng.args, eng.metas["sync"], eng.model, eng.cuda
+    b, idx, prompt_lens = args.batch, eng.idx, eng.prompt_lens
+    eng.reset(meta)
+    eng.ensure_pages(meta, prompt_lens)
+    ids = torch.from_numpy(np.concatenate(eng.prompts)).to(eng.device)
+    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+        tokens = model.forward(ids, step, rows=step.logits_indices.long()).tolist()
+    out = [tokens]
+    clens = prompt_lens.copy()
+
+    def enqueue(clens, tokens):
+        step = meta.prepare_decode(idx, clens, cuda_graph=graph)
+        eng.inp_np[:] = tokens
+        eng.inp_dev.copy_(eng.inp_host, non_blocking=True)
+        with step:
+            if graph:
+                meta.replay_decode_graph(step)
+                return eng.next_buf[:b]
+            return model.forward(eng.inp_dev, step)
+
+    ev = StepEvents(args.steps, cuda)
+    host, blocked = [], []
+    _sync(cuda)
+    t_start = _now()
+    for i in range(eng.decode_steps):
+        j = i - args.warmup
+        if j == 0:
+            _sync(cuda)
+            t_start = _now()
+        t0 = _now()
+        ev.record(ev.begin, j)
+        eng.ensure_pages(meta, clens + 1)
+        nxt = enqueue(clens, tokens)
+        ev.record(ev.end, j)
+        tw = _now()
+        inputs, tokens = tokens, nxt.tolist()  # waits for the GPU
+        tw = _now() - tw
+        clens = clens + 1
+        out.append(tokens)
+        if j >= 0:
+            host.append((_now() - t0 - tw) * 1e6)
+            blocked.append(tw * 1e6)
+    wall = _now() - t_start
+    res = dict(tokens=np.array(out, dtype=np.int64), wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res["gpu_busy_us"] = device_time_us(lambda: enqueue(clens - 1, inputs), args.calib)
+    return res
+
+
+class Readback:
+    """Sampled tokens back to the host one step late: a non-blocking copy into a pinned row per step and an
+    event, collected when the event has completed (``query()``, never a wait)."""
+
+    def __init__(self, rows: int, b: int, cuda: bool):
+        self.host = torch.zeros(rows, b, dtype=torch.int64, pin_memory=cuda)
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(rows)]
+        self.pushed = self.collected = 0
+        self.lag: list[int] = []  # per step: the later steps pushed before its tokens were seen on the host
+
+    def push(self, tokens: torch.Tensor) -> None:
+        self.host[self.pushed].copy_(tokens, non_blocking=True)
+        ev = self.events[self.pushed]
+        if ev is not None:
+            ev.record()
+        self.pushed += 1
+
+    def poll(self) -> None:
+        while self.collected < self.pushed:
+            ev = self.events[self.collected]
+            if ev is not None and not ev.query():
+                return
+            self.lag.append(self.pushed - 1 - self.collected)
+            self.collected += 1
+
+
+def run_overlap(eng: Engine, graph: bool) -> dict:
+    """Token history: the host prepares step N+1 before it has seen step N's tokens."""
+    args, meta, model, cuda = eng.args, eng.metas["overlap"], eng.model, eng.cuda
+    b, idx, prompt_lens = args.batch, eng.idx, eng.prompt_lens
+    ones = np.ones(b, np.int64)
+    eng.reset(meta)
+    eng.ensure_pages(meta, prompt_lens)
+    for r, prompt in enumerate(eng.prompts):
+        meta.stage_prompt(r, prompt)
+    rb = Readback(1 + eng.decode_steps, b, cuda)
+    prepared = torch.cuda.Event() if cuda else None
+    fence = cuda and not args.no_plan_fence
+    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+        if prepared is not None:
+            prepared.record()
+        nxt = model.forward(step.input_ids, step, rows=step.logits_indices.long())
+    clens, _ = meta.accept_tokens(step, meta.token_ids, nxt, ones, prompt_lens)
+    rb.push(nxt)
+
+    def enqueue(clens, readback):
+        step = meta.prepare_decode(idx, clens, cuda_graph=graph)
+        if prepared is not None:
+            prepared.record()  # the GPU has taken this step's plan once it gets here
+        with step:
+            if graph:
+                meta.replay_decode_graph(step)
+                nxt = eng.next_buf[:b]
+            else:
+                nxt = model.forward(step.input_ids, step)
+        new_clens, _ = meta.accept_tokens(step, meta.token_ids, nxt, ones, prompt_lens)
+        readback(nxt)
+        return new_clens
+
+    ev = StepEvents(args.steps, cuda)
+    host, blocked = [], []
+    _sync(cuda)
+    t_start = _now()
+    for i in range(eng.decode_steps):
+        j = i - args.warmup
+        if j == 0:
+            _sync(cuda)
+            t_start = _now()
+        t0 = _now()
+        ev.record(ev.begin, j)
+        eng.ensure_pages(meta, clens + 1)
+        tw = 0.0
+        if fence:
+            tw = _now()
+            prepared.synchronize()  # type: ignore[union-attr]
+            tw = _now() - tw
+        last = clens
+        clens = enqueue(clens, rb.push)
+        ev.record(ev.end, j)
+        rb.poll()
+        if j >= 0:
+            host.append((_now() - t0 - tw) * 1e6)
+            blocked.append(tw * 1e6)
+    _sync(cuda)
+    rb.poll()
+    wall = _now() - t_start
+    if rb.collected != rb.pushed:
+        raise RuntimeError("overlap loop: tokens not read back after a sync")
+    lag = rb.lag[1 + args.warmup :]
+    res = dict(tokens=rb.host.numpy().copy(), wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res["readback_lag_steps"] = statistics.median(lag) if lag else None
+    res["gpu_busy_us"] = device_time_us(
+        lambda: enqueue(last, lambda t: eng.scratch.copy_(t, non_blocking=True)), args.calib
+    )
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures, checks, report
+# --------------------------------------------------------------------------------------------------
+def figures(res: dict, batch: int, steps: int) -> dict:
+    """One run's figures (see the module docstring)."""
+    period, busy = res.get("gpu_period_us"), res.get("gpu_busy_us")
+    idle = None if period is None or busy is None else max(0.0, period - busy)
+    return dict(
+        tokens_per_s=batch * steps / res["wall_s"],
+        step_us=res["wall_s"] / steps * 1e6,
+        host_us=statistics.median(res["host_us"]),
+        host_p90_us=float(np.percentile(res["host_us"], 90)),
+        blocked_us=statistics.median(res["blocked_us"]),
+        gpu_period_us=period,
+        gpu_busy_us=busy,
+        gpu_idle_us=idle,
+        gpu_idle_frac=None if idle is None or not period else idle / period,
+        gpu_gap_us=res.get("gpu_gap_us"),
+        readback_lag_steps=res.get("readback_lag_steps"),
+    )
+
+
+def _median_of(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> str | None:
+    """Where two token arrays ``[steps, batch]`` first differ (step 0: the prefill's token), or None."""
+    if a.shape != b.shape:
+        return f"shapes {a.shape} and {b.shape}"
+    diff = np.argwhere(a != b)
+    if not len(diff):
+        return None
+    s, r = diff[0]
+    what = "the prefill's token" if s == 0 else f"decode step {s}"
+    return f"{what}, request {r}: {a[s, r]} vs {b[s, r]} ({len(diff)} of {a.size} tokens differ)"
+
+
+def _num(v, fmt: str, suffix: str = "") -> str:
+    return "—" if v is None else format(v, fmt) + suffix
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def report(args, device_name: str, summary: dict, checks: list[str], failed: bool) -> str:
+    lines = [
+        f"# batchmeta decode loop on {device_name} ({datetime.date.today().isoformat()})",
+        "",
+        f"torch {torch.__version__}; batch {args.batch}, {args.steps} timed decode steps after {args.warmup}, "
+        f"prompts ~{args.prompt_len} tokens; {args.layers} layers, hidden {args.hidden}, heads "
+        f"{args.heads}/{args.kv_heads} (head dim {args.hidden // args.heads}), vocab {args.vocab}, page size "
+        f"{args.page_size}; plan fence {'off' if args.no_plan_fence else 'on'}; medians of {args.repeats} "
+        f"alternated runs. Method: see the docstring of benchmarks/bench_decode_loop.py.",
+        "",
+        "| mode | loop | tokens/s | µs/step (wall) | host µs/step (p90) | host blocked µs/step | GPU period µs/step "
+        "| GPU busy µs/step | GPU idle µs/step | GPU idle % | gap between steps µs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, loops in summary.items():
+        for loop, f in loops.items():
+            if loop == "ratios":
+                continue
+            idle_pct = None if f["gpu_idle_frac"] is None else 100 * f["gpu_idle_frac"]
+            cells = [
+                _num(f["tokens_per_s"], ".0f"),
+                _num(f["step_us"], ".1f"),
+                f"{_num(f['host_us'], '.1f')} ({_num(f['host_p90_us'], '.1f')})",
+                _num(f["blocked_us"], ".1f"),
+                _num(f["gpu_period_us"], ".1f"),
+                _num(f["gpu_busy_us"], ".1f"),
+                _num(f["gpu_idle_us"], ".1f"),
+                _num(idle_pct, ".0f", "%"),
+                _num(f["gpu_gap_us"], ".1f"),
+            ]
+            lines.append(f"| {mode} | {loop} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Overlapped / sync (same mode):",
+        "",
+        "| mode | tokens/s | host µs/step | GPU idle µs/step |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, loops in summary.items():
+        r = loops.get("ratios")
+        if r:
+            lines.append(
+                f"| {mode} | {_num(r['tokens_per_s'], '.2f', TIMES)} | {_num(r['host_us'], '.2f', TIMES)} | "
+                f"{_num(r['gpu_idle_us'], '.2f', TIMES)} |"
+            )
+    lines += ["", "Token checks:", "", *[f"- {c}" for c in checks]]
+    if failed:
+        lines += ["", "**FAILED: the overlapped loop sampled other tokens than the synchronous one.**"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64, help="requests decoded together")
+    parser.add_argument("--steps", type=int, default=200, help="timed decode steps per run")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed decode steps before them")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8, help="query heads (head dim = hidden / heads)")
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompt-len", type=int, default=256, help="mean prompt length (±25%%)")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--graphs", action="store_true", help="also run both loops with CUDA-graph decode")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated runs of each loop (medians reported)")
+    parser.add_argument("--calib", type=int, default=10, help="back-to-back replays timing a step's device work")
+    parser.add_argument(
+        "--no-plan-fence",
+        action="store_true",
+        help="overlap: prepare step N+1 without waiting for the GPU to start step N (FlashInfer plan-buffer race)",
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    if args.steps < 2 or args.batch < 1 or args.repeats < 1:
+        parser.error("--steps >= 2, --batch >= 1 and --repeats >= 1")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.graphs and device.type != "cuda":
+        parser.error("--graphs needs CUDA (and FlashInfer)")
+    if not HAS_TOKEN_HISTORY:
+        print("bench_decode_loop: this batchmeta has no MetadataConfig(token_history=...): sync loop only",
+              file=sys.stderr)  # fmt: skip
+
+    t0 = _now()
+    eng = Engine(args, device)
+    modes = ["eager", *(["graphs"] if args.graphs else [])]
+    loops = [name for name in LOOPS if name in eng.metas]
+    runners = {"sync": run_sync, "overlap": run_overlap}
+    runs: dict[str, dict[str, list[dict]]] = {m: {name: [] for name in loops} for m in modes}
+    tokens: dict[tuple[str, str], list[np.ndarray]] = {}
+    for rep in range(args.repeats):
+        for mode in modes:
+            for name in loops if rep % 2 == 0 else loops[::-1]:  # alternate which loop goes first
+                res = runners[name](eng, graph=mode == "graphs")
+                tokens.setdefault((mode, name), []).append(res.pop("tokens"))
+                fig = figures(res, args.batch, args.steps)
+                runs[mode][name].append(dict(fig, raw=res))
+                print(f"{mode} {name} run {rep + 1}/{args.repeats}: {fig['tokens_per_s']:.0f} tokens/s, host "
+                      f"{fig['host_us']:.1f} µs/step ({_now() - t0:.0f} s)", file=sys.stderr)  # fmt: skip
+
+    # Token checks: every run of a mode against its first synchronous run.
+    checks, failed = [], False
+    for mode in modes:
+        ref = tokens[(mode, "sync")][0]
+        for name in loops:
+            for k, got in enumerate(tokens[(mode, name)]):
+                if name == "sync" and k == 0:
+                    continue
+                where = first_difference(ref, got)
+                if where is not None:
+                    failed = True
+                    checks.append(f"{mode}: {name} run {k + 1} differs from sync run 1: {where}")
+        if not any(c.startswith(f"{mode}:") for c in checks):
+            n = sum(len(v) for (m, _), v in tokens.items() if m == mode)
+            distinct = min(len(np.unique(ref[:, r])) for r in range(ref.shape[1]))
+            checks.append(f"{mode}: all {n} runs sampled identical tokens ({ref.size} each; every request's "
+                          f"{ref.shape[0]} tokens hold at least {distinct} distinct ids)")  # fmt: skip
+    if len(modes) == 2:
+        where = first_difference(tokens[("eager", "sync")][0], tokens[("graphs", "sync")][0])
+        checks.append(
+            "eager vs graphs (information only): "
+            + ("identical tokens" if where is None else f"first difference at {where}")
+        )
+
+    summary: dict[str, dict] = {}
+    keys = ("tokens_per_s", "step_us", "host_us", "host_p90_us", "blocked_us", "gpu_period_us", "gpu_busy_us",
+            "gpu_idle_us", "gpu_idle_frac", "gpu_gap_us", "readback_lag_steps")  # fmt: skip
+    for mode in modes:
+        summary[mode] = {name: {k: _median_of(runs[mode][name], k) for k in keys} for name in loops}
+        if "overlap" in summary[mode]:
+            o, s = summary[mode]["overlap"], summary[mode]["sync"]
+            summary[mode]["ratios"] = {k: _ratio(o[k], s[k]) for k in ("tokens_per_s", "host_us", "gpu_idle_us")}
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    text = report(args, device_name, summary, checks, failed)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}-decode-loop"
+    base.with_suffix(".md").write_text(text)
+    base.with_suffix(".json").write_text(
+        json.dumps(
+            dict(
+                args=vars(args),
+                device=device_name,
+                torch=torch.__version__,
+                summary=summary,
+                checks=checks,
+                failed=failed,
+                runs=runs,
+            ),
+            indent=1,
+        )
+    )
+    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.resolve():
+        for suffix in (".md", ".json"):
+            shutil.copy(base.with_suffix(suffix), os.environ["OUT"])
+    if failed:
+        print("bench_decode_loop: FAILED: the overlapped loop sampled other tokens than the synchronous one:",
+              file=sys.stderr)  # fmt: skip
+        for c in checks:
+            print(f"  {c}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
