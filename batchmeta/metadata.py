@@ -41,6 +41,7 @@ from batchmeta.step import Step, StepViews
 __all__ = ["BatchMetadata"]
 
 _I32_MAX = 2**31 - 1
+_FLASHINFER_HEAD_DIMS = (64, 128, 256)  # what FlashInfer's paged prefill and decode kernels compile for
 
 
 class BatchMetadata:
@@ -126,6 +127,10 @@ class BatchMetadata:
             for g, grp in enumerate(cfg.kv_groups):
                 if grp.mla is not None:
                     check_mla_shape(g, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe)
+                elif cfg.head_dim not in _FLASHINFER_HEAD_DIMS:
+                    # Otherwise the first plan fails deep inside FlashInfer's JIT build.
+                    raise ValueError(f"head_dim: FlashInfer's kernels take head_dim {_FLASHINFER_HEAD_DIMS}, got "
+                                     f"{cfg.head_dim}; plan_attention=False plans no attention")  # fmt: skip
         self._planner = StepPlanner(cfg, buf.kv_indices)
         self._graphs = DecodeGraphs()
         self._views: dict[tuple, StepViews] = {}

@@ -104,16 +104,17 @@ VOCAB, HQ, HKV, D = 97, 8, 2, 64
 
 
 class TinyLM:
-    """Embedding, one attention layer through batchmeta (``store_kv`` + ``step.attention``), tied
-    unembedding: enough for greedy tokens that depend on every earlier token."""
+    """Embedding, one attention layer through batchmeta (``store_kv`` + ``step.attention``), an
+    untied unembedding (a tied one makes greedy decoding echo its input): greedy tokens that
+    depend on the earlier tokens and change from step to step."""
 
-    def __init__(self, num_pages):
+    def __init__(self, num_pages, device="cuda"):
         gen = torch.Generator().manual_seed(5)
         hidden = HQ * D
-        self.emb = (torch.randn(VOCAB, hidden, generator=gen)).half().cuda()
-        self.w = [(torch.randn(hidden, n, generator=gen) / hidden**0.5).half().cuda()
-                  for n in (HQ * D, HKV * D, HKV * D, hidden)]  # fmt: skip
-        self.k_cache = torch.zeros(num_pages, 16, HKV, D, dtype=torch.float16, device="cuda")
+        self.emb = (torch.randn(VOCAB, hidden, generator=gen)).half().to(device)
+        self.w = [(torch.randn(hidden, n, generator=gen) / hidden**0.5).half().to(device)
+                  for n in (HQ * D, HKV * D, HKV * D, hidden, VOCAB)]  # fmt: skip
+        self.k_cache = torch.zeros(num_pages, 16, HKV, D, dtype=torch.float16, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
 
     def logits(self, step, ids):
@@ -122,7 +123,7 @@ class TinyLM:
         q, k, v = q.view(-1, HQ, D), k.view(-1, HKV, D), v.view(-1, HKV, D)
         ops.store_kv(k, v, step.slot_mappings[0], self.k_cache, self.v_cache)
         o = step.attention(q, self.k_cache, self.v_cache, k=k, v=v)
-        return (x + o.reshape(x.shape[0], -1) @ self.w[3]) @ self.emb.T
+        return (x + o.reshape(x.shape[0], -1) @ self.w[3]) @ self.w[4]
 
 
 def loop_meta(history, graphs):
@@ -144,18 +145,34 @@ def give_pages(meta, n):
         meta.block_tables.append(r, [list(range(1 + 8 * r, 9 + 8 * r))])  # 128 tokens each
 
 
-def synchronous_loop(model):
-    """The reference: the host reads every step's tokens and passes them as the next input."""
-    meta = loop_meta(False, False)
-    give_pages(meta, len(PROMPTS))
+def synchronous_loop(model, graphs):
+    """The reference: the host reads every step's tokens and passes them as the next input (through
+    the same kind of decode step, eager or graph, so both loops compute bit for bit alike)."""
+    meta = loop_meta(False, graphs)
+    b = len(PROMPTS)
+    give_pages(meta, b)
+    ids_buf = torch.zeros(4, dtype=torch.int64, device="cuda")
+    logits_buf = torch.zeros(4, VOCAB, dtype=torch.float16, device="cuda")
+    if graphs:
+
+        def forward(step):
+            logits_buf[: step.padded_num_reqs] = model.logits(step, ids_buf[: step.padded_num_reqs])
+
+        meta.capture_decode_graph(4, forward)
     lens = [len(p) for p in PROMPTS]
-    with meta.prepare_prefill(list(range(len(PROMPTS))), lens, [0] * len(PROMPTS)) as step:
+    with meta.prepare_prefill(list(range(b)), lens, [0] * b) as step:
         ids = torch.tensor([t for p in PROMPTS for t in p], device="cuda")
-        tokens = model.logits(step, ids)[step.logits_indices.long()].argmax(-1).tolist()
+        tokens = model.logits(step, ids)[step.logits_indices].argmax(-1).tolist()
     out = [tokens]
     for _ in range(STEPS):
-        with meta.prepare_decode(list(range(len(PROMPTS))), lens) as step:
-            tokens = model.logits(step, torch.tensor(tokens, device="cuda")).argmax(-1).tolist()
+        with meta.prepare_decode(list(range(b)), lens, cuda_graph=graphs) as step:
+            ids_buf[:b] = torch.tensor(tokens, device="cuda")
+            if graphs:
+                meta.replay_decode_graph(step)
+                logits = logits_buf[:b]
+            else:
+                logits = model.logits(step, ids_buf[:b])
+            tokens = logits.argmax(-1).tolist()
         out.append(tokens)
         lens = [n + 1 for n in lens]
     return out
@@ -208,7 +225,7 @@ def overlapped_loop(model, meta, graphs, check_syncs):
 @pytest.mark.parametrize("graphs", [False, True])
 def test_overlapped_decode_loop_without_host_syncs(graphs):
     model = TinyLM(64)
-    want = synchronous_loop(model)
+    want = synchronous_loop(model, graphs)
     assert len({tuple(t) for t in want}) > 5  # the tokens change from step to step: a real check
     warm = loop_meta(True, graphs)
     overlapped_loop(model, warm, graphs, check_syncs=False)  # compile kernels, JIT FlashInfer

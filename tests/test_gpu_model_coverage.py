@@ -326,3 +326,13 @@ def test_no_host_sync_with_scales_fp8_and_mla():
         steps()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_planned_shapes_flashinfer_cannot_run_are_rejected_when_made():
+    base = dict(max_num_reqs=4, max_num_tokens=16, max_model_len=64, num_qo_heads=8, num_kv_heads=2, device="cuda")
+    with pytest.raises(ValueError, match=r"head_dim: FlashInfer's kernels take head_dim \(64, 128, 256\), got 32"):
+        BatchMetadata(MetadataConfig(kv_groups=KVGroup(page_size=16), head_dim=32, **base))
+    BatchMetadata(MetadataConfig(kv_groups=KVGroup(page_size=16), head_dim=32, plan_attention=False, **base))
+    mla = KVGroup(page_size=16, sm_scale=0.1, mla=MLA(num_heads=16, head_dim_ckv=96, head_dim_kpe=64))
+    with pytest.raises(ValueError, match=r"kv_groups\[0\]\.mla: FlashInfer's MLA kernels need head_dim_ckv"):
+        BatchMetadata(MetadataConfig(kv_groups=mla, head_dim=64, **base))

@@ -22,9 +22,11 @@ def make(request):
         pytest.skip("numba not installed (or BATCHMETA_HOST_PATH=numpy)")
 
     def make_meta(**kw):
+        # Metadata only (plan_attention=False): FlashInfer has no kernels for head_dim 8.
         cfg = dict(max_num_reqs=R, max_num_tokens=T, max_model_len=L, kv_groups=(KVGroup(page_size=4),
                    KVGroup(page_size=1)), num_qo_heads=4, num_kv_heads=2, head_dim=8, device=DEVICE,
-                   token_history=True, max_draft_tokens=2, backend=backend)  # fmt: skip
+                   token_history=True, max_draft_tokens=2, backend=backend,
+                   plan_attention=False)  # fmt: skip
         cfg.update(kw)
         m = BatchMetadata(MetadataConfig(**cfg))
         if host == "numpy":

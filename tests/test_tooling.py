@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_SH = ROOT / "scripts" / "dev.sh"
-COMMANDS = ("demo", "test", "lint", "bench", "bench-steps", "profile-step")
+COMMANDS = ("demo", "test", "lint", "bench", "bench-steps", "bench-loop", "profile-step")
 
 
 def _dev_sh(*args: str) -> subprocess.CompletedProcess:
