@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:
-#   bash scripts/dev.sh demo | test [pytest args] | lint | bench | bench-steps | profile-step | help
+#   bash scripts/dev.sh demo | test [pytest args] | lint | bench | bench-steps | bench-loop | profile-step | help
 # Creates .venv/ on first use and installs what is missing (idempotent: a second run installs
 # nothing). PyTorch is taken as torch==2.13.0 when none is installed; set BATCHMETA_PYTHON to use
 # another interpreter (for example one that already has a CUDA build of torch).
@@ -19,6 +19,7 @@ commands:
   lint          ruff check . and ruff format --check .
   bench         benchmarks/bench_launch.py [args]
   bench-steps   benchmarks/bench_steps.py [args]
+  bench-loop    benchmarks/bench_decode_loop.py [args]
   profile-step  benchmarks/profile_step.py [args]
   help          print this message (also -h, --help)
 
@@ -29,7 +30,7 @@ USAGE
 # Usage and unknown commands are handled before anything is created or installed.
 case "$cmd" in
   -h | --help | help) usage; exit 0 ;;
-  demo | test | lint | bench | bench-steps | profile-step) ;;
+  demo | test | lint | bench | bench-steps | bench-loop | profile-step) ;;
   *) echo "dev.sh: unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac
 
@@ -45,7 +46,7 @@ stamp=.venv/.batchmeta-installed
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -f $stamp || $(cat "$stamp" 2>/dev/null) != "$want" ]] || ! "$py" -c "import batchmeta, pytest, ruff" 2>/dev/null; then
   "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q torch==2.13.0
-  "$py" -m pip install -q -e ".[dev]"
+  "$py" -m pip install -q -e ".[dev,examples]"
   mkdir -p "$(dirname "$stamp")" && echo "$want" > "$stamp"
 fi
 
@@ -59,5 +60,6 @@ case "$cmd" in
     exit "$rc" ;;
   bench) exec "$py" benchmarks/bench_launch.py "$@" ;;
   bench-steps) exec "$py" benchmarks/bench_steps.py "$@" ;;
+  bench-loop) exec "$py" benchmarks/bench_decode_loop.py "$@" ;;
   profile-step) exec "$py" benchmarks/profile_step.py "$@" ;;
 esac

@@ -1,0 +1,488 @@
+"""A Hugging Face ``transformers`` decoder served through batchmeta: ``python examples/transformers_serving.py``.
+
+A tiny Llama or Gemma 2 is built from a config with random weights (no download) and registered
+batchmeta as its attention implementation (``transformers.AttentionInterface``): every attention
+layer finds the active step with ``batchmeta.current_step()``, writes its keys and values into a
+paged KV cache (``ops.store_kv``) and attends through ``step.attention``. A scheduler serves a batch
+of prompts with greedy sampling: pages from a free list per KV-cache group, chunked prefill under a
+token budget, prefill chunks beside decodes (mixed steps), pages freed when a request finishes. On a
+GPU with FlashInfer, decode-only steps replay CUDA graphs (one per batch size); on a CPU everything
+runs eagerly through batchmeta's torch fallbacks.
+
+Nothing in a step's path reads the GPU: batchmeta owns a token history
+(``MetadataConfig(token_history=True)``); each prefill chunk's prompt tokens are staged with
+``stage_prompt``, ``accept_tokens`` writes the sampled tokens, and every step's launch gathers its
+``step.input_ids`` from it, so the host never waits for a token (requests stop at a fixed length;
+the tokens are read once, at the end).
+
+Afterwards, :func:`teacher_forced_check` runs the same model with transformers' own attention
+(``"eager"``) over every prompt plus its generated tokens and checks each generated token against
+that forward pass's argmax, allowing only near-ties.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import time
+
+import numpy as np
+import torch
+import transformers
+
+import batchmeta
+from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
+from batchmeta.attention import flashinfer_available
+
+ATTN_IMPLEMENTATION = "batchmeta"
+MODELS = ("llama", "gemma2")
+
+# A served token may differ from the reference's argmax only where the reference's top-2 logit gap is
+# below this (a near-tie). float32 (CPU): batchmeta's torch fallback and transformers' eager
+# attention do the same float32 math in another order; their logits differ by <= 2.1e-5, so 1e-3 is
+# a margin of about 50. bfloat16 (GPU): 8 significant bits, so logits of magnitude 2-4 are stored
+# 2^-6 = 0.0156 apart; FlashInfer and the eager path round q·k, the softmax and every layer's
+# activations differently. Served and reference logits differ by up to 0.22 at a position (the bf16
+# reference differs from its own float32 pass by up to 0.29), and over 4992 teacher-forced positions
+# (both models, H100) the 191 mismatches all had gaps <= 0.109 (7 bf16 steps). 0.1875 is 1.7 times
+# that and leaves about a third of the positions as near-ties; 0.25 would leave 41-45%, too close to
+# the majority that fails the check. float16 (3 more bits): logits differed by up to 0.029, 6 times
+# less than bf16's, hence 0.03.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.03, torch.bfloat16: 0.1875}
+
+
+# -------------------------------------------------------------------------------------------------
+# The model
+# -------------------------------------------------------------------------------------------------
+def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A tiny random-weight ``LlamaForCausalLM`` or ``Gemma2ForCausalLM`` (GQA, head_dim 64), in eval mode.
+
+    Built on the CPU from ``seed`` (the same weights on every device), then moved. The weights are
+    drawn wider than the models' default (``initializer_range`` 0.02) so that attention is peaked
+    and the next-token logits well separated: with the default, attention is nearly uniform and a
+    wrong mask or window would barely move a logit.
+    """
+    common = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  initializer_range=0.12, attn_implementation="eager")  # fmt: skip
+    if name == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif name == "gemma2":
+        # Small sliding window and soft cap, and query_pre_attn_scalar != head_dim, so that the
+        # window, the cap and the softmax scale all change the logits (a wrong one fails the check).
+        config = transformers.Gemma2Config(**common, sliding_window=12, query_pre_attn_scalar=20,
+                                           attn_logit_softcapping=8.0, final_logit_softcapping=30.0,
+                                           tie_word_embeddings=False)  # fmt: skip
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        raise ValueError(f"name: expected one of {MODELS}, got {name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What a transformers attention module passes its attention function, as batchmeta needs it."""
+
+    module: torch.nn.Module
+    sliding_window: int | None  # transformers' window: key j is visible from query i iff i - window < j <= i
+    scaling: float
+    softcap: float | None
+
+    @property
+    def kv_group(self) -> KVGroup:
+        """The KV-cache group of this layer's attention (its ``page_size`` is set by the caller)."""
+        # transformers masks keys j > i - sliding_window (masking_utils.sliding_window_overlay, 4.53
+        # through 5.x), a window of sliding_window keys including the query itself; batchmeta's
+        # window_left counts the keys before it.
+        window = -1 if self.sliding_window is None else self.sliding_window - 1
+        return KVGroup(page_size=1, window_left=window, sm_scale=float(self.scaling),
+                       logits_soft_cap=float(self.softcap or 0.0))  # fmt: skip
+
+
+def attention_layers(model) -> list[LayerSpec]:
+    """The model's attention modules in layer order, with the window, scale and soft cap each uses."""
+    specs = {}
+    for m in model.modules():
+        if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "scaling"):
+            specs[m.layer_idx] = LayerSpec(m, getattr(m, "sliding_window", None), m.scaling,
+                                           getattr(m, "attn_logit_softcapping", None))  # fmt: skip
+    n = model.config.num_hidden_layers
+    if sorted(specs) != list(range(n)):
+        raise ValueError(f"model: expected attention modules for layers 0..{n - 1}, found {sorted(specs)}")
+    return [specs[i] for i in range(n)]
+
+
+def batchmeta_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function: paged KV and planned attention through the active batchmeta step.
+
+    ``query`` is ``[1, Hq, T, D]`` and ``key``/``value`` ``[1, Hkv, T, D]`` (the runner flattens every
+    row of a step into one sequence of ``T`` tokens); returns ``([1, T, Hq, D], None)`` as
+    transformers' own attention functions do. ``attention_mask`` is None: transformers builds no mask
+    for an implementation its mask interface does not know, and the step carries causality, windows
+    and request boundaries. The layer's KV-cache group and caches are ``module.batchmeta_kv`` (set
+    by :class:`Runner`); the group's window, scale and soft cap come from the module's attributes,
+    the values its forward passes here as ``sliding_window``, ``scaling`` and ``softcap``.
+    """
+    group, k_cache, v_cache = module.batchmeta_kv
+    step = batchmeta.current_step()
+    # [1, H, T, D] -> [T, H, D]; rotary embeddings left q and k head-major, so these are copies.
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    ops.store_kv(k, v, step.slot_mappings[group], k_cache, v_cache)  # PAD slots (graph padding) write nothing
+    out = step.attention(q, k_cache, v_cache, group=group, k=k, v=v)  # k, v: a ragged prefill's whole KV
+    return out.unsqueeze(0), None
+
+
+transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, batchmeta_attention)
+
+
+def set_attention(model, name: str) -> None:
+    """Switches the model's attention implementation (``"batchmeta"``, ``"eager"``, ...)."""
+    if hasattr(model, "set_attn_implementation"):  # not in transformers 4.53
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+# -------------------------------------------------------------------------------------------------
+# Serving
+# -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    slot: int = -1  # request slot (row of the block tables and of the token history) while running
+    cached: int = 0  # tokens in the KV cache
+    generated: int = 0
+    pages: list[list[int]] = dataclasses.field(default_factory=list)  # per KV-cache group
+    output: torch.Tensor | None = None  # device copy of the generated tokens once finished
+    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)  # served logits per token, if recorded
+
+
+@dataclasses.dataclass
+class ServeResult:
+    tokens: list[list[int]]  # generated tokens per prompt
+    logits: list[torch.Tensor] | None  # [new_tokens, vocab] float32 per prompt, when recorded
+    step_kinds: collections.Counter  # ragged_prefill, chunked_prefill, mixed, decode, graph_decode
+    steps: int
+    tokens_in: int  # tokens run through the model (prompts + decode inputs)
+    seconds: float
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+
+class Runner:
+    """Serves greedy requests on a transformers model through one :class:`~batchmeta.BatchMetadata`.
+
+    Parameters
+    ----------
+    model:
+        A transformers causal LM (eval mode); its attention is switched to batchmeta here.
+    max_num_reqs, token_budget, max_model_len:
+        Request slots, new tokens per step, and the longest prompt + output.
+    page_sizes:
+        Page size of the full-attention group and of the sliding-window group (if the model has one).
+    cuda_graphs:
+        Replay decode-only steps as CUDA graphs (needs CUDA and FlashInfer).
+    """
+
+    def __init__(self, model, *, max_num_reqs: int = 4, token_budget: int = 64, max_model_len: int = 256,
+                 page_sizes: tuple[int, int] = (16, 8), cuda_graphs: bool = False):  # fmt: skip
+        if token_budget < max_num_reqs:
+            raise ValueError(f"token_budget: expected >= max_num_reqs ({max_num_reqs}), one decode per request")
+        self.model = model
+        dev = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        layers = attention_layers(model)
+        # One KV-cache group per distinct (window, scale, soft cap), in order of first use.
+        groups: list[KVGroup] = []
+        self.layer_groups = []
+        for spec in layers:
+            want = spec.kv_group
+            match = [g for g, grp in enumerate(groups) if _same_attention(grp, want)]
+            if not match:
+                page = page_sizes[0] if want.window_left < 0 else page_sizes[-1]
+                groups.append(KVGroup(page_size=page, window_left=want.window_left, sm_scale=want.sm_scale,
+                                      logits_soft_cap=want.logits_soft_cap))  # fmt: skip
+                match = [len(groups) - 1]
+            self.layer_groups.append(match[0])
+        cfg = model.config
+        self.use_graphs = cuda_graphs
+        if cuda_graphs and not (dev.type == "cuda" and flashinfer_available()):
+            raise ValueError("cuda_graphs: CUDA-graph decode needs a CUDA model and FlashInfer")
+        graph_sizes = (*(s for s in (1, 2, 4, 8, 16, 32) if s < max_num_reqs), max_num_reqs)
+        # Enough pages for every slot at max_model_len in each group, plus page 0 (graph padding).
+        self.num_pages = max_num_reqs * max(-(-max_model_len // g.page_size) for g in groups) + 1
+        attn_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # plan-time only
+        self.meta_config = MetadataConfig(
+            max_num_reqs=max_num_reqs, max_num_tokens=token_budget, max_model_len=max_model_len,
+            kv_groups=tuple(groups), num_qo_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=layers[0].module.head_dim, q_dtype=attn_dtype, kv_dtype=attn_dtype, device=dev,
+            num_kv_pages=self.num_pages, cuda_graph_batch_sizes=graph_sizes if cuda_graphs else (),
+            token_history=True,
+        )  # fmt: skip
+        self.meta = BatchMetadata(self.meta_config)
+        hkv, d = cfg.num_key_value_heads, layers[0].module.head_dim
+        for spec, g in zip(layers, self.layer_groups, strict=True):
+            shape = (self.num_pages, groups[g].page_size, hkv, d)
+            spec.module.batchmeta_kv = (g, torch.zeros(shape, dtype=dtype, device=dev),
+                                        torch.zeros(shape, dtype=dtype, device=dev))  # fmt: skip
+        set_attention(model, ATTN_IMPLEMENTATION)
+        # The token history (prompt + sampled tokens) of each request slot is batchmeta's own
+        # (token_history=True): every step's launch gathers its input ids from it (step.input_ids).
+        self.token_ids = self.meta.token_ids
+        self.vocab = cfg.vocab_size
+        self.graph_logits = None
+        if cuda_graphs:
+            self.graph_logits = torch.zeros(max_num_reqs, self.vocab, dtype=dtype, device=dev)
+            with torch.no_grad():
+                for s in graph_sizes:
+                    self.meta.capture_decode_graph(s, self._graph_forward)
+
+    # The forward passes --------------------------------------------------------------------------
+    def _logits(self, input_ids: torch.Tensor, step, logits_to_keep) -> torch.Tensor:
+        out = self.model(input_ids=input_ids[None], position_ids=step.positions[None], use_cache=False,
+                         logits_to_keep=logits_to_keep)  # fmt: skip
+        return out.logits[0]
+
+    def _eager_forward(self, step) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of each row's last token; input ids gathered on the device by the step."""
+        return self._logits(step.input_ids, step, step.logits_indices)
+
+    def _graph_forward(self, step) -> None:
+        """Decode over fixed buffers only (captured): one token per row, padding rows included."""
+        n = step.padded_num_reqs
+        self.graph_logits[:n] = self._logits(step.input_ids, step, 0)
+
+    # The serving loop ----------------------------------------------------------------------------
+    def serve(self, prompts: list[list[int]], max_new_tokens: int, *, record_logits: bool = False) -> ServeResult:
+        """Greedy generation of ``max_new_tokens`` tokens for every prompt; requests wait for a free slot."""
+        meta, cfg = self.meta, self.meta_config
+        groups = cfg.kv_groups
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        for p in prompts:
+            if not 1 <= len(p) <= cfg.max_model_len - max_new_tokens:
+                raise ValueError(f"prompts: a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds "
+                                 f"max_model_len ({cfg.max_model_len})")  # fmt: skip
+        dev = cfg.device
+        waiting = collections.deque(Request(list(p), max_new_tokens) for p in prompts)
+        requests = list(waiting)
+        running: list[Request] = []
+        free_slots = list(range(cfg.max_num_reqs - 1, -1, -1))
+        free_pages = [list(range(self.num_pages - 1, 0, -1)) for _ in groups]  # page 0: graph padding
+        kinds: collections.Counter = collections.Counter()
+        steps = tokens_in = 0
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            while waiting or running:
+                while waiting and free_slots:  # admit: a slot
+                    r = waiting.popleft()
+                    r.slot = free_slots.pop()
+                    r.pages = [[] for _ in groups]
+                    running.append(r)
+                # Schedule: every decode (one token), then prefill chunks in admission order within the budget.
+                decodes = [r for r in running if r.cached >= len(r.prompt)]
+                batch, budget = [(r, 1) for r in decodes], cfg.max_num_tokens - len(decodes)
+                for r in running:
+                    if r.cached < len(r.prompt) and budget > 0:
+                        n = min(len(r.prompt) - r.cached, budget)
+                        batch.append((r, n))
+                        budget -= n
+                for r, n in batch:  # pages for the cached and new tokens of each group, staged on the host
+                    if r.cached < len(r.prompt):  # the chunk's prompt tokens, written by the step's launch
+                        meta.stage_prompt(r.slot, r.prompt[r.cached : r.cached + n], r.cached)
+                    new = []
+                    for g, grp in enumerate(groups):
+                        need = -(-(r.cached + n) // grp.page_size) - len(r.pages[g])
+                        new.append([free_pages[g].pop() for _ in range(need)])
+                        r.pages[g] += new[-1]
+                    meta.block_tables.append(r.slot, new)
+                idx = [r.slot for r, _ in batch]
+                clens = [r.cached for r, _ in batch]
+                qlens = [n for _, n in batch]
+                b = len(batch)
+                if len(decodes) == b:
+                    step = meta.prepare_decode(idx, clens, cuda_graph=self.use_graphs)
+                else:
+                    step = meta.prepare_prefill(idx, qlens, clens)
+                with step:
+                    if step.cuda_graph:
+                        meta.replay_decode_graph(step)
+                        logits = self.graph_logits[:b]
+                    else:
+                        logits = self._eager_forward(step)
+                kinds[_kind(step, len(decodes))] += 1
+                next_ids = logits.argmax(-1)
+                # Each row's sampled token goes into the history at cache + query length, unless that is
+                # still inside the prompt (a chunk that does not end its prompt samples nothing).
+                meta.accept_tokens(step, None, next_ids, [1] * b, [len(r.prompt) for r, _ in batch])
+                if record_logits:
+                    rec = logits.to(torch.float32, copy=True)  # graph_logits is overwritten next step
+                for row, (r, n) in enumerate(batch):
+                    r.cached += n
+                    if r.cached < len(r.prompt):
+                        continue
+                    r.generated += 1
+                    if record_logits:
+                        r.logits.append(rec[row])
+                    if r.generated == r.max_new_tokens:  # finished: keep its tokens, free its slot and pages
+                        p = len(r.prompt)
+                        r.output = self.token_ids[r.slot, p : p + r.max_new_tokens].clone()
+                        for g in range(len(groups)):
+                            free_pages[g] += r.pages[g]
+                        meta.block_tables.reset(r.slot)
+                        free_slots.append(r.slot)
+                        running.remove(r)
+                steps += 1
+                tokens_in += sum(qlens)
+            out = torch.cat([r.output for r in requests]).tolist() if requests else []  # the one read
+        seconds = time.perf_counter() - t0
+        tokens = [out[i * max_new_tokens : (i + 1) * max_new_tokens] for i in range(len(requests))]
+        logits = [torch.stack(r.logits) for r in requests] if record_logits else None
+        return ServeResult(tokens, logits, kinds, steps, tokens_in, seconds)
+
+
+def _same_attention(a: KVGroup, b: KVGroup) -> bool:
+    return (a.window_left, a.sm_scale, a.logits_soft_cap) == (b.window_left, b.sm_scale, b.logits_soft_cap)
+
+
+def _kind(step, num_decodes: int) -> str:
+    """What a step was, for the summary: the step kinds a serving loop goes through."""
+    if step.kind == "decode":
+        return "graph_decode" if step.cuda_graph else "decode"
+    if step.kind == "ragged_prefill":  # nothing cached: every row starts its prompt
+        return "ragged_prefill"
+    return "mixed" if num_decodes else "chunked_prefill"  # chunked: some row resumes a prompt over its cache
+
+
+# -------------------------------------------------------------------------------------------------
+# The teacher-forced check
+# -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CheckResult:
+    checked: int  # generated tokens compared
+    exact: int  # equal to the reference's argmax
+    near_ties: int  # positions whose reference top-2 gap is below the tolerance (matched or not)
+    tie_mismatches: int  # mismatches at near-ties (allowed)
+    max_tie_mismatch_gap: float  # the largest reference top-2 gap at an allowed mismatch (0 if none)
+    failures: list[tuple[int, int, int, int, float]]  # (prompt, position, served, reference, gap) mismatches
+    max_logit_diff: float | None  # max |served - reference| logit, when the served logits were recorded
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """Every mismatch is a near-tie, and near-ties are a minority (so the check cannot pass vacuously)."""
+        return not self.failures and 2 * self.near_ties < self.checked
+
+    def __str__(self) -> str:
+        diff = "" if self.max_logit_diff is None else f", max |logit diff| {self.max_logit_diff:.2e}"
+        verdict = "passed" if self.ok else "FAILED"
+        ties = f"top-2 gap < {self.tolerance:g}"
+        return (f"teacher-forced check {verdict}: {self.exact}/{self.checked} tokens equal the reference argmax, "
+                f"{self.tie_mismatches} near-tie mismatches allowed (largest gap {self.max_tie_mismatch_gap:.3g}), "
+                f"{self.near_ties} near-ties ({ties}), {len(self.failures)} failures{diff}")  # fmt: skip
+
+
+def teacher_forced_check(model, prompts: list[list[int]], result: ServeResult, *,
+                         tolerance: float | None = None) -> CheckResult:  # fmt: skip
+    """Checks served tokens against the model's own forward pass (``"eager"`` attention, no batchmeta).
+
+    Each prompt plus its generated tokens runs as one sequence; the token generated at position
+    ``p`` must be the argmax of the reference logits at ``p - 1``, unless the reference's top-2 gap
+    there is below ``tolerance`` (default :data:`TOLERANCE` for the model's dtype).
+    """
+    dtype = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    tol = TOLERANCE[dtype] if tolerance is None else tolerance
+    previous = model.config._attn_implementation
+    set_attention(model, "eager")
+    checked = exact = near = tie_mismatches = 0
+    max_tie_gap = 0.0
+    failures = []
+    max_diff = None if result.logits is None else 0.0
+    try:
+        with torch.no_grad():
+            for i, (prompt, new) in enumerate(zip(prompts, result.tokens, strict=True)):
+                seq = torch.tensor([*prompt, *new], dtype=torch.int64, device=dev)
+                logits = model(input_ids=seq[None], use_cache=False).logits[0].float()
+                ref = logits[len(prompt) - 1 : len(seq) - 1]  # predicts each generated token
+                top = ref.topk(2, dim=-1)
+                gap = (top.values[:, 0] - top.values[:, 1]).tolist()
+                want = top.indices[:, 0].tolist()
+                if result.logits is not None:
+                    max_diff = max(max_diff, (result.logits[i] - ref).abs().max().item())
+                for j, (got, ref_tok, g) in enumerate(zip(new, want, gap, strict=True)):
+                    checked += 1
+                    tie = g < tol
+                    near += tie
+                    if got == ref_tok:
+                        exact += 1
+                    elif tie:
+                        tie_mismatches += 1
+                        max_tie_gap = max(max_tie_gap, g)
+                    else:
+                        failures.append((i, len(prompt) + j, got, ref_tok, g))
+    finally:
+        set_attention(model, previous)
+    return CheckResult(checked, exact, near, tie_mismatches, max_tie_gap, failures, max_diff, tol)
+
+
+def random_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(rng.integers(lengths[0], lengths[1] + 1))).tolist() for _ in range(num)]
+
+
+# -------------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=MODELS, default="llama")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--max-num-reqs", type=int, default=4)
+    parser.add_argument("--token-budget", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(8, 96), metavar=("MIN", "MAX"))
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--tolerance", type=float, default=None, help="near-tie top-2 logit gap (default by dtype)")
+    args = parser.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    graphs = args.device == "cuda" and not args.no_cuda_graphs and flashinfer_available()
+    model = build_model(args.model, seed=args.seed, dtype=dtype, device=args.device)
+    prompts = random_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
+    max_len = 16 * -(-(args.prompt_len[1] + args.max_new_tokens) // 16)
+    runner = Runner(model, max_num_reqs=args.max_num_reqs, token_budget=args.token_budget, max_model_len=max_len,
+                    cuda_graphs=graphs)  # fmt: skip
+    runner.serve(prompts[:1], 2)  # warm-up: lazy initialisation, FlashInfer modules, autotuning
+    result = runner.serve(prompts, args.max_new_tokens, record_logits=True)
+    check = teacher_forced_check(model, prompts, result, tolerance=args.tolerance)
+
+    groups = runner.meta_config.kv_groups
+    print(f"{args.model} ({transformers.__version__}), {args.device}, {str(dtype).removeprefix('torch.')}, "
+          f"{'CUDA-graph decode' if graphs else 'eager'}: {len(groups)} KV-cache group(s) "
+          f"{[(g.page_size, g.window_left) for g in groups]} (page size, window_left)")  # fmt: skip
+    print(f"{args.requests} requests, {result.steps} steps {dict(sorted(result.step_kinds.items()))}")
+    print(f"{result.generated} tokens generated in {result.seconds:.2f} s: {result.generated / result.seconds:.1f} "
+          f"tokens/s generated, {result.tokens_in / result.seconds:.1f} tokens/s through the model")  # fmt: skip
+    print(check)
+    for i, pos, got, want, gap in check.failures[:10]:
+        print(f"  prompt {i}, position {pos}: served {got}, reference {want} (top-2 gap {gap:.3g})")
+    return 0 if check.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

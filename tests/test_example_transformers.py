@@ -1,0 +1,141 @@
+"""examples/transformers_serving.py: a transformers model served through batchmeta gives the tokens of
+the model's own forward pass (teacher-forced, near-ties excepted), through every kind of step."""
+
+import dataclasses
+import functools
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the example needs the optional extra: pip install -e '.[examples]'")
+
+from batchmeta.attention import flashinfer_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("transformers_serving", ROOT / "examples" / "transformers_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+ts = _load_example()
+
+# Lengths chosen so that, with 3 request slots and a budget of 32 tokens, the steps go: a ragged
+# prefill (nothing cached: the first 32 tokens of prompt 0), a chunked prefill (prompt 0 resumes over
+# its cache beside prompt 1, no decodes yet), mixed steps (decodes beside prefill chunks, also of
+# prompts admitted when a slot frees), then decode-only steps. Every prompt is longer than Gemma 2's
+# sliding window (12) except one, and prompt 0 spans pages of both groups.
+PROMPT_LENS = (40, 30, 5, 20, 13)
+NEW_TOKENS = 12
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+def _serve(name: str, device: str, dtype: torch.dtype, cuda_graphs: bool):
+    model = ts.build_model(name, seed=0, dtype=dtype, device=device)
+    prompts = _prompts(model.config.vocab_size)
+    runner = ts.Runner(model, max_num_reqs=3, token_budget=32, max_model_len=64, cuda_graphs=cuda_graphs)
+    result = runner.serve(prompts, NEW_TOKENS, record_logits=True)
+    return model, runner, prompts, result
+
+
+@functools.cache
+def _served_on_cpu(name: str):
+    """One float32 CPU serve per model, shared by the tests that only read it (the interpreter is slow)."""
+    return _serve(name, "cpu", torch.float32, cuda_graphs=False)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_cpu_greedy_tokens_match_the_models_own_forward(name):
+    model, runner, prompts, result = _served_on_cpu(name)
+    assert all(result.step_kinds[k] > 0 for k in ("ragged_prefill", "chunked_prefill", "mixed", "decode")), (
+        result.step_kinds
+    )
+    assert [len(t) for t in result.tokens] == [NEW_TOKENS] * len(PROMPT_LENS)
+    groups = runner.meta_config.kv_groups
+    if name == "gemma2":  # full attention and a sliding window, both with Gemma 2's scale and soft cap
+        assert sorted(g.window_left for g in groups) == [-1, model.config.sliding_window - 1]
+        assert {g.sm_scale for g in groups} == {model.config.query_pre_attn_scalar**-0.5}
+        assert {g.logits_soft_cap for g in groups} == {model.config.attn_logit_softcapping}
+    else:
+        assert [g.window_left for g in groups] == [-1]
+    check = ts.teacher_forced_check(model, prompts, result)
+    print(check)
+    assert check.checked == NEW_TOKENS * len(PROMPT_LENS)
+    assert check.ok, (str(check), check.failures)
+    # float32 on both sides: the logits themselves agree far inside the near-tie tolerance.
+    assert check.max_logit_diff < check.tolerance / 10, str(check)
+    assert model.config._attn_implementation == ts.ATTN_IMPLEMENTATION  # restored after the reference pass
+
+
+def test_cpu_check_catches_an_off_by_one_window(monkeypatch):
+    """A window one key too wide (window_left = sliding_window) must fail the check: the check is
+    sensitive to transformers' exact window, not only to gross errors."""
+    exact = ts.LayerSpec.kv_group.fget
+
+    def off_by_one(spec):
+        group = exact(spec)
+        if group.window_left < 0:
+            return group
+        return ts.KVGroup(page_size=group.page_size, window_left=group.window_left + 1, sm_scale=group.sm_scale,
+                          logits_soft_cap=group.logits_soft_cap)  # fmt: skip
+
+    monkeypatch.setattr(ts.LayerSpec, "kv_group", property(off_by_one))
+    model, _, prompts, result = _serve("gemma2", "cpu", torch.float32, cuda_graphs=False)
+    check = ts.teacher_forced_check(model, prompts, result)
+    assert not check.ok and check.failures, str(check)
+
+
+def test_check_counts_near_ties_and_rejects_a_majority_of_them():
+    model, _, prompts, served = _served_on_cpu("llama")
+    result = dataclasses.replace(served, tokens=[list(t) for t in served.tokens])  # corrupted below
+    # A tolerance above every top-2 gap makes every position a near-tie: allowed mismatches, but no pass.
+    check = ts.teacher_forced_check(model, prompts, result, tolerance=1e9)
+    assert check.near_ties == check.checked and not check.ok
+    # A corrupted served token (not at a near-tie) is a failure naming its prompt and position; later
+    # tokens of that prompt may fail too (their reference now sees the corrupted context).
+    result.tokens[1][3] = (result.tokens[1][3] + 1) % model.config.vocab_size
+    check = ts.teacher_forced_check(model, prompts, result)
+    assert not check.ok and check.failures[0][:2] == (1, PROMPT_LENS[1] + 3), check.failures
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flashinfer_available(), reason="CUDA-graph decode needs CUDA and FlashInfer")
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_gpu_bf16_cuda_graphs_match_the_models_own_forward(name):
+    model = ts.build_model(name, seed=0, dtype=torch.bfloat16, device="cuda")
+    prompts = _prompts(model.config.vocab_size)
+    runner = ts.Runner(model, max_num_reqs=3, token_budget=32, max_model_len=64, cuda_graphs=True)
+    runner.serve(prompts[:1], 2)  # warm-up: first plans and FlashInfer modules
+    # No step waits for the GPU: the one synchronizing operation torch reports is serve()'s final
+    # read of the tokens (sync debug mode is a prototype that misses some, so this is a lower bound).
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runner.serve(prompts, NEW_TOKENS, record_logits=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1 and syncs[0].startswith(ts.__file__), syncs
+    assert all(result.step_kinds[k] > 0 for k in ("ragged_prefill", "chunked_prefill", "mixed", "graph_decode")), (
+        result.step_kinds
+    )
+    assert result.step_kinds["decode"] == 0  # every decode-only step replayed a graph
+    check = ts.teacher_forced_check(model, prompts, result)
+    print(check)
+    assert check.ok, (str(check), check.failures)
+    # bf16 noise: served logits within 0.22 of the reference's on an H100 (a wrong window, scale or
+    # soft cap moves them by 1-6); the bf16 reference itself is up to 0.29 from its float32 pass.
+    assert check.max_logit_diff < 0.5, str(check)
