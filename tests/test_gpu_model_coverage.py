@@ -13,6 +13,7 @@ import torch
 
 from batchmeta import MLA, BatchMetadata, KVGroup, MetadataConfig, ops
 from batchmeta.attention import fast_plan_supported
+from batchmeta.attention.mla import MLAPlanner, mla_run, new_mla_wrapper
 from tests.test_gpu_attention import NUM_PAGES, Engine, check_outputs, tol
 
 pytestmark = pytest.mark.gpu
@@ -237,6 +238,7 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
     eng = MLAEngine(page_size, dtype, graph_sizes=(1, 2, 4), max_draft_tokens=2)
     meta = eng.meta
     torch.manual_seed(14)
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     kinds = []
     for mode, idx, qlens, clens in STEPS:
         for r, c, n in zip(idx, clens, qlens, strict=True):
@@ -250,8 +252,19 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
             kinds.append(step.kind)
             ops.store_mla_kv(ckv, kpe, step.slot_mappings[0], eng.ckv_cache, eng.kpe_cache)
             out = step.mla_attention(q_nope, q_pe, eng.ckv_cache, eng.kpe_cache)
+            # A wrapper planned by FlashInfer's stock plan() on the same batch gives the same bits.
+            stock = MLAPlanner(new_mla_wrapper(ws), num_heads=MLA_HEADS, head_dim_ckv=CKV, head_dim_kpe=KPE,
+                               page_size=page_size, sm_scale=MLA_SCALE, q_data_type=dtype,
+                               kv_data_type=dtype)  # a new planner: its first plan is the stock plan()  # fmt: skip
+            host = (torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
+                    torch.from_numpy(step.seq_lens_host.astype("int32")))  # fmt: skip
+            ref = mla_run(stock.plan(*host, step.kv_indices[0].clone(), step.num_tokens), q_nope, q_pe, eng.ckv_cache,
+                          eng.kpe_cache, None)  # fmt: skip
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref), step.kind
         torch.testing.assert_close(out.float(), eng.reference(q_nope, q_pe, idx, qlens), **tol(dtype))
     assert kinds == ["ragged_prefill", "prefill", "decode", "spec_decode"]
+    assert meta._planner.mla_planners()[("mla", 0)].fast == fast_plan_supported()
     with pytest.raises(ValueError, match="MLA group"):
         step.attention(q_nope, eng.ckv_cache, eng.kpe_cache)
 
@@ -285,6 +298,8 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
             lens[r] += 1
     assert addresses == [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices,
                                                 meta._staging.dev)]  # fmt: skip
+    graph_planners = [p for key, p in meta._planner.mla_planners().items() if key[0] == "mla_graph"]
+    assert len(graph_planners) == 3 and all(p.fast == fast_plan_supported() for p in graph_planners)
     # Padding rows wrote nothing: the padding page is still zero.
     assert (eng.ckv_cache[0] == 0).all() and (eng.kpe_cache[0] == 0).all()
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from batchmeta.attention.decode_planner import fast_plan_supported
+
 __all__ = ["MLAPlanner", "check_mla_shape", "mla_run", "new_mla_wrapper"]
 
 
@@ -52,6 +54,12 @@ class MLAPlanner:
     step kernel wrote (used in place). A CUDA-graph wrapper's fixed buffers are the step's own
     device views: its plan copies the same values the kernel writes into them.
 
+    FlashInfer 0.7's ``plan()`` costs about a millisecond of host time (argument audits, buffer
+    snapshots, copies). The first plan of a planner is that stock ``plan()``; if it chose the FA2
+    backend on a verified FlashInfer version, later plans run FlashInfer's own workload checks and
+    the backend's cached planning call directly, with the caller's ``kv_indices`` (the kernels read
+    nothing else the stock plan copies: the plan info in the workspace holds the rest).
+
     Parameters
     ----------
     wrapper:
@@ -67,15 +75,37 @@ class MLAPlanner:
                           page_size=page_size, causal=True, sm_scale=sm_scale, q_data_type=q_data_type,
                           kv_data_type=kv_data_type)  # fmt: skip
         self._canonical = _canonical_api()
+        self._allowed = fast_plan_supported()
+        self.fast = False  # True once the stock plan has shown the FA2 backend this reproduces
+        self._validate: Any = None
 
     def plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
-             kv_indices: torch.Tensor) -> Any:  # fmt: skip
+             kv_indices: torch.Tensor, num_tokens: int) -> Any:  # fmt: skip
         """Plans a batch of ``B`` rows; returns the wrapper.
 
         ``qo_indptr_host`` ``[B+1]``, ``kv_indptr_host`` ``[B+1]``, ``kv_len_host`` ``[B]``: int32
-        pinned CPU tensors; ``kv_indices``: the device pages ``[kv_indptr[B]]``.
+        pinned CPU tensors; ``kv_indices``: the device pages ``[kv_indptr[B]]`` (a view of the
+        buffer the step kernel writes); ``num_tokens``: ``qo_indptr[B]``.
         """
         w = self.wrapper
+        if self.fast:
+            backend, a = w._planned_backend, self._args
+            b = kv_len_host.shape[0]
+            # FlashInfer's checks of what its kernels can run (work items, causal tile bounds) are a
+            # Python loop over query tiles; skipped where they provably pass (see _always_valid).
+            if not self._always_valid(num_tokens, b):
+                self._validate(qo_indptr_host, kv_len_host, a["num_heads"], True, backend.device, "fa2",
+                               a["kv_data_type"])  # fmt: skip
+            if not w._use_cuda_graph:
+                backend._kv_indices_buf = kv_indices
+            b = backend
+            info, staged = b._cached_module.plan_with_staged_workspace_bytes(
+                b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr_host,
+                kv_indptr_host, kv_len_host, a["num_heads"], a["head_dim_ckv"], True,
+            )  # fmt: skip
+            backend._plan_info = w._plan_info = info
+            backend._staged_int_workspace_bytes = staged
+            return w
         if self._canonical:
             from flashinfer.mla import MLAPlanMetadata
 
@@ -84,7 +114,42 @@ class MLAPlanner:
         else:
             w.plan(qo_indptr=qo_indptr_host, kv_indptr=kv_indptr_host, kv_indices=kv_indices,
                    kv_len_arr=kv_len_host, **self._args)  # fmt: skip
+        self.fast = self._allowed and self._verified_state(kv_indices)
         return w
+
+    def _always_valid(self, num_tokens: int, num_rows: int) -> bool:
+        """Whether FlashInfer 0.7.2's FA2 MLA checks must pass for a batch of this size.
+
+        Its causal tile check returns at once when the query tile (64 or 128 rows of heads) is a
+        multiple of the head count. Its work-item count is at most the query tiles plus one split
+        per cluster (each request's splits sum to at most its KV length over the split limit, and
+        that limit is at least the average KV length per cluster), and the query tiles are at most
+        ``ceil(q * heads / 64)`` per request: below FlashInfer's 16384 work items it passes.
+        """
+        heads = self._args["num_heads"]
+        return 64 % heads == 0 and -(-num_tokens * heads // 64) + num_rows + self._num_sm <= 16384
+
+    def _verified_state(self, kv_indices: torch.Tensor) -> bool:
+        """Whether the stock plan left the wrapper on the FA2 backend path :meth:`plan` reproduces."""
+        w = self.wrapper
+        try:
+            from flashinfer.mla._batch_mla._backends._fa_common import _validate_fa_plan_workload
+            from flashinfer.mla._batch_mla._backends.fa2_backend import _BatchMLAPagedAttentionFa2Backend
+
+            backend = w._planned_backend
+            ok = (
+                type(backend) is _BatchMLAPagedAttentionFa2Backend
+                and hasattr(backend._cached_module, "plan_with_staged_workspace_bytes")
+                and not backend._use_profiler
+                and backend._causal
+            )
+            if ok and w._use_cuda_graph:  # the graph reads the wrapper's buffer: it must be the caller's
+                ok = backend._kv_indices_buf.data_ptr() == kv_indices.data_ptr()
+        except (ImportError, AttributeError):
+            return False
+        self._validate = _validate_fa_plan_workload
+        self._num_sm = torch.cuda.get_device_properties(backend.device).multi_processor_count
+        return bool(ok)
 
 
 def mla_run(wrapper: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,

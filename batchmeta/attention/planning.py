@@ -69,8 +69,9 @@ class StepPlanner:
         for g, grp in enumerate(cfg.kv_groups):
             if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
                 planner = self._mla_planner(g, padded, graph, views, max_query_len)
+                rows_tokens = padded * max_query_len if graph else num_tokens  # a graph's padding rows' too
                 out.append(planner.plan(views.qo_indptr_pinned, views.kv_indptr_pinned[g], views.seq_lens_pinned,
-                                        self._kv_indices[g][: num_kv_pages[g]]))  # fmt: skip
+                                        self._kv_indices[g][: num_kv_pages[g]], rows_tokens))  # fmt: skip
                 continue
             if kind == "decode":
                 planner = self._decode_planner(g, padded, graph, views)
