@@ -229,7 +229,8 @@ class MetadataConfig:
         (``BatchMetadata.token_ids``): prompts staged with ``stage_prompt`` are written into it by
         the next step's launch, ``accept_tokens`` writes sampled tokens into it, and every step
         gathers its ``input_ids`` from it in the same launch, so an engine can prepare step N+1
-        before it has seen step N's tokens. Off by default.
+        before it has seen step N's tokens. Off by default; it takes ``8 * max_num_reqs *
+        max_model_len`` bytes of device memory (1 GiB for 1024 requests of 128K tokens).
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row

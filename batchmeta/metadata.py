@@ -152,8 +152,10 @@ class BatchMetadata:
         token history; the next ``prepare_*`` launch writes them (``config.token_history``).
 
         A request's staged tokens form one span until the next step: staging again continues it
-        (``start`` = the span's end). Between two steps at most ``max_num_tokens + max_model_len``
-        tokens may be staged in all. Nothing is staged when a check fails.
+        (``start`` = the span's end) or replaces it (``start`` = the span's start; or drop it with
+        :meth:`discard_prompt`). Between two steps at most ``max_num_tokens + max_model_len``
+        tokens may be staged in all. Nothing is staged when a check fails. A span stays staged
+        until a step is prepared (a rejected step keeps it), also across ``block_tables.reset``.
 
         Parameters
         ----------
@@ -180,14 +182,19 @@ class BatchMetadata:
         if not 0 <= start <= cfg.max_model_len - n:
             raise ValueError(f"start: {n} tokens from position {start} do not fit max_model_len ({cfg.max_model_len})")
         pending = self._prompts.get(req_idx)
-        if pending is not None and start != pending[0] + sum(len(a) for a in pending[1]):
-            end = pending[0] + sum(len(a) for a in pending[1])
+        held = 0 if pending is None else sum(len(a) for a in pending[1])
+        replace = pending is not None and start == pending[0]
+        if pending is not None and not replace and start != pending[0] + held:
+            end = pending[0] + held
             raise ValueError(f"start: request slot {req_idx} has positions [{pending[0]}, {end}) staged; continue "
-                             f"them from {end}, or stage other positions after the next step")  # fmt: skip
-        room = self._layout.max_prompt_tokens - self._num_prompt_tokens
+                             f"from {end}, restage from {pending[0]}, or discard_prompt({req_idx})")  # fmt: skip
+        room = self._layout.max_prompt_tokens - self._num_prompt_tokens + (held if replace else 0)
         if n > room:
             raise ValueError(f"token_ids: {n} tokens exceed the {room} that may still be staged before the next step "
                              f"(max_num_tokens + max_model_len in all)")  # fmt: skip
+        if replace:
+            self.discard_prompt(req_idx)
+            pending = None
         if not n:
             return
         if pending is None:
@@ -195,6 +202,13 @@ class BatchMetadata:
         else:
             pending[1].append(tokens.astype(np.int32))
         self._num_prompt_tokens += n
+
+    def discard_prompt(self, req_idx: int) -> None:
+        """Drops the prompt tokens staged for request slot ``req_idx`` since the last step (if any):
+        for a request aborted, or rescheduled with other chunks, before they were applied."""
+        pending = self._prompts.pop(req_idx, None)
+        if pending is not None:
+            self._num_prompt_tokens -= sum(len(a) for a in pending[1])
 
     def _take_prompts(self) -> list[tuple[int, int, np.ndarray]]:
         """The staged prompt spans, as ``(request slot, first position, tokens)``; none remain staged."""

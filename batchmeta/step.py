@@ -336,12 +336,16 @@ class Step:
 
     def _check_group(self, group: object, mla: bool) -> int:
         groups = self._views.mla
-        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(groups):
+        if (
+            isinstance(group, (bool, np.bool_))
+            or not isinstance(group, (int, np.integer))
+            or not 0 <= group < len(groups)
+        ):
             raise ValueError(f"group: expected a KV-cache group in [0, {len(groups)}), got {group!r}")
         if mla != (groups[group] is not None):
             what = "an MLA group: call step.mla_attention" if groups[group] is not None else "not an MLA group"
             raise ValueError(f"group: KV-cache group {group} is {what}")
-        return group
+        return int(group)
 
     def attention(
         self,

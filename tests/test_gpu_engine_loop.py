@@ -95,6 +95,53 @@ def test_speculative_verify_under_cuda_graphs(heads):
         meta.replay_decode_graph(step)
     with pytest.raises(ValueError, match="at most 8"):
         meta.prepare_decode(list(range(9)), [1] * 9, num_draft_tokens=1, cuda_graph=True)
+    # That (2, k=2) graph captured after a step was planned for it (its planner's first, stock plan
+    # was a real batch's): the capture's eager warm-up runs through the fast plan, then it replays.
+    meta.capture_decode_graph(2, forward, num_draft_tokens=2)
+    k, v = eng.new_kv([0, 1], [3, 3])
+    q = torch.randn(6, hq, eng.d, device="cuda").to(eng.dtype)
+    with meta.prepare_decode([0, 1], [lens[0], lens[1]], num_draft_tokens=2, cuda_graph=True) as step:
+        q_buf[:6], k_buf[:6], v_buf[:6] = q, k, v
+        meta.replay_decode_graph(step)
+    torch.cuda.synchronize()
+    check_outputs(eng, q, [o[:6] for o in out_bufs], [0, 1], [3, 3])
+
+
+def test_fast_verify_graph_plan_equals_stock_plan():
+    """A verify step planned by the fast planner on a CUDA-graph wrapper (padding rows included) gives
+    bit-identical attention to a CUDA-graph wrapper planned by FlashInfer's stock plan() with
+    uniform_q_len over its own buffers; run eagerly on the graph step's rows."""
+    import flashinfer
+
+    heads = (8, 2)
+    eng = Engine(page_sizes=(16,), heads=heads, dtype=torch.bfloat16, graph_sizes=(4,), max_draft_tokens=2)
+    meta, ((kc, vc),) = eng.meta, eng.caches
+    torch.manual_seed(23)
+    lens = {r: 20 + 7 * r for r in range(4)}
+    for r, n in lens.items():
+        eng.grow(r, n + 9)
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    bufs = (torch.zeros(5, dtype=torch.int32, device="cuda"), torch.zeros(5, dtype=torch.int32, device="cuda"),
+            torch.zeros(4096, dtype=torch.int32, device="cuda"), torch.zeros(4, dtype=torch.int32, device="cuda"))
+    stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        ws, "NHD", use_cuda_graph=True, qo_indptr_buf=bufs[0], paged_kv_indptr_buf=bufs[1],
+        paged_kv_indices_buf=bufs[2], paged_kv_last_page_len_buf=bufs[3], backend="fa2",
+    )  # fmt: skip
+    for batch in ([0, 1, 2, 3], [1, 3], [2], [0, 1, 3]):  # 4 rows, then 2 and 3 padding rows
+        q = torch.randn(12, heads[0], eng.d, device="cuda").to(eng.dtype)
+        with meta.prepare_decode(batch, [lens[r] for r in batch], num_draft_tokens=2, cuda_graph=True) as step:
+            fast = step.attention(q, kc, vc)
+            host = [torch.from_numpy(a.copy()) for a in (step.qo_indptr_host, step.kv_indptr_host[0],
+                                                         step.kv_last_page_len_host[0])]  # fmt: skip
+            stock.plan(host[0], host[1], step.kv_indices[0].clone(), host[2], *heads, eng.d, 16, causal=True,
+                       q_data_type=eng.dtype, kv_data_type=eng.dtype, uniform_q_len=3)  # fmt: skip
+            ref = stock.run(q, (kc, vc))
+        torch.cuda.synchronize()
+        assert torch.equal(fast, ref), batch
+        for r in batch:
+            lens[r] += 1
+    planner = meta._planner.prefill_planners()[("graph", 0, 4, 3)]
+    assert planner.fast == fast_plan_supported()
 
 
 # --------------------------------------------------------------------------------------------------

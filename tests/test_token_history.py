@@ -40,7 +40,7 @@ class Model:
     """What the history must hold: request slot -> {position: token}."""
 
     def __init__(self, meta):
-        self.meta, self.hist = meta, {r: {} for r in range(R)}
+        self.meta, self.hist = meta, {r: {} for r in range(meta.config.max_num_reqs)}
         self.pages = {}
         self.rng = np.random.default_rng(0)
 
@@ -178,9 +178,16 @@ def test_stage_prompt_rejects(make, args, error, match):
 def test_stage_prompt_spans_and_capacity(make):
     meta = make()
     meta.stage_prompt(0, [1, 2, 3], 4)
-    with pytest.raises(ValueError, match=r"request slot 0 has positions \[4, 7\) staged; continue them from 7"):
+    with pytest.raises(ValueError, match=r"request slot 0 has positions \[4, 7\) staged; continue from 7"):
         meta.stage_prompt(0, [9], 0)
     meta.stage_prompt(0, [4], 7)
+    # Restaging from the span's start replaces it; discard_prompt drops it (and frees its room).
+    meta.stage_prompt(0, [5, 6], 4)
+    assert meta._num_prompt_tokens == 2 and meta._prompts[0][0] == 4
+    meta.discard_prompt(0)
+    meta.discard_prompt(0)  # nothing staged: nothing to do
+    assert meta._prompts == {} and meta._num_prompt_tokens == 0
+    meta.stage_prompt(0, [1, 2, 3, 4], 4)
     with pytest.raises(ValueError, match="start: 0 tokens from position 99 do not fit"):
         meta.stage_prompt(0, [], 99)  # checked even when there is nothing to stage
     room = T + L - 4
@@ -202,3 +209,34 @@ def test_without_history(make):
         _ = step.input_ids
     with pytest.raises(ValueError, match="token_ids: None names"):
         meta.accept_tokens(step, None, torch.zeros(1, dtype=torch.int64, device=DEVICE), [1], [1])
+
+
+def test_restaged_and_discarded_spans_reach_the_history(make):
+    meta = make()
+    m = Model(meta)
+    meta.stage_prompt(2, [9, 9, 9], 0)
+    meta.discard_prompt(2)  # an aborted request: its span never lands
+    meta.stage_prompt(0, [5, 5, 5, 5], 0)
+    m.stage(0, [1, 2], 0)  # a shorter chunk rescheduled: replaces the span
+    m.step([0], [2], [0])
+    assert meta.token_ids[2, :3].tolist() == [0, 0, 0] and meta.token_ids[0, 2:4].tolist() == [0, 0]
+
+
+def test_padding_rows_of_a_verify_graph_step(make):
+    """Padding rows (as a CUDA-graph verify step stages them; the graph size bypassed on the CPU):
+    input ids 0, PAD slots, positions after their one cached token, the padding page."""
+    meta = make(max_num_reqs=4)
+    m = Model(meta)
+    m.stage(1, list(range(100, 108)), 0)
+    m.step([1], [5], [0])
+    meta.token_ids[1, 5:8] = torch.tensor([7, 8, 9])
+    m.grow(1, 8)
+    step = meta._prepare(np.array([1]), 3, np.array([5]), "spec_decode", padded=4, graph=True)
+    assert step.padded_num_reqs == 4 and step.num_tokens == 3
+    assert meta._buffers.input_ids[:12].tolist() == [7, 8, 9] + [0] * 9
+    assert meta.positions[:12].tolist() == [5, 6, 7] + [1, 2, 3] * 3
+    for g in range(2):
+        assert meta.slot_mappings[g][3:12].tolist() == [-1] * 9
+    # Padding rows read the padding page (page 0) only: one page of 4 tokens, or 4 of one token.
+    assert step.kv_last_page_len_host[0].tolist()[1:] == [4, 4, 4]
+    assert step.kv_indices[0].tolist()[-3:] == [0, 0, 0] and step.kv_indices[1].tolist()[-12:] == [0] * 12

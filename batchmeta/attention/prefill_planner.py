@@ -129,7 +129,9 @@ class PrefillPlanner:
                 self._extra = (-1, False, 0, self._uniform if self._graph else 0) if w._backend == "fa2" else ()
             return w
         b = qo_indptr_host.shape[0] - 1
-        w._qo_indptr_last = num_tokens
+        # run() checks the queries' rows against this: a graph's rows include its padding rows'
+        # (uniform rows: every plan has the capture's row count).
+        w._qo_indptr_last = w._max_total_num_rows if self._graph else num_tokens
         w._qo_indptr_buf = qo_indptr
         if self.ragged:
             # Keys and values are the step's tokens: their indptr is the queries' (as plan() sets it).
