@@ -121,8 +121,12 @@ def test_fast_verify_graph_plan_equals_stock_plan():
     for r, n in lens.items():
         eng.grow(r, n + 9)
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    bufs = (torch.zeros(5, dtype=torch.int32, device="cuda"), torch.zeros(5, dtype=torch.int32, device="cuda"),
-            torch.zeros(4096, dtype=torch.int32, device="cuda"), torch.zeros(4, dtype=torch.int32, device="cuda"))
+    bufs = (
+        torch.zeros(5, dtype=torch.int32, device="cuda"),
+        torch.zeros(5, dtype=torch.int32, device="cuda"),
+        torch.zeros(4096, dtype=torch.int32, device="cuda"),
+        torch.zeros(4, dtype=torch.int32, device="cuda"),
+    )
     stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
         ws, "NHD", use_cuda_graph=True, qo_indptr_buf=bufs[0], paged_kv_indptr_buf=bufs[1],
         paged_kv_indices_buf=bufs[2], paged_kv_last_page_len_buf=bufs[3], backend="fa2",
