@@ -7,7 +7,7 @@ applies every staged write inside its one kernel launch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ class BlockTables:
             for g in range(len(widths))
         )
         self.num_resets = 0
+        self._reset_listeners: list[Callable[[int], None]] = []
         self._host_tables = [np.zeros((rows, w), np.int32) for w in widths]
         self._host_num_blocks = np.zeros((len(widths), rows), np.int64)
         self._staged: dict[int, int] = {}
@@ -133,6 +134,12 @@ class BlockTables:
         for g in range(self.num_groups):
             self._set_count(g, req, 0)
         self.num_resets += 1
+        for listener in self._reset_listeners:
+            listener(req)
+
+    def on_reset(self, listener: Callable[[int], None]) -> None:
+        """Calls ``listener(req_idx)`` after each :meth:`reset` (state kept per request slot elsewhere)."""
+        self._reset_listeners.append(listener)
 
     def num_staged(self) -> int:
         """Writes staged since the last step (what :meth:`take_staged` would return)."""

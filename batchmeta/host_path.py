@@ -61,7 +61,7 @@ COMPILED: bool = numba is not None and os.environ.get("BATCHMETA_HOST_PATH", "")
 # The kernel's int64 workspace (`ws`), one array so that a call unboxes one argument, not three
 # (~80 ns each): parameters fixed at init, then outputs, then per-call scratch. Parameters first:
 (_R, _MNT, _MML, _IDX, _QO, _SEQ, _CACHE, _LOGITS, _FIXED_END, _TABLES, _NUM_GROUPS, _OUT, _SEEN, _ROWS,
- _PACKED, _STRIDE, _GROUPS) = range(17)  # fmt: skip
+ _PACKED, _STRIDE, _ROW_DEVICE, _GROUPS) = range(18)  # fmt: skip
 # then per group g, _PER_GROUP entries from _GROUPS + g * _PER_GROUP (_SHIFT: log2 of a power-of-two
 # page size, else -1: a shift is cheaper than a division, and page sizes are powers of two in practice):
 _KV_INDPTR, _LAST, _STEP_WIDTH, _PAGE, _SHIFT, _MAX_PAGES = range(6)
@@ -75,14 +75,15 @@ _INVALID = -1  # the batch fails a check: the caller's BatchChecker.check raises
 _MISUSE = -2  # padded outside [b, max_num_reqs], a short staging buffer or mismatched arrays
 
 
-def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes):
+def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes, on_device):
     """Checks the batch, then (only if valid) writes its staging fields into ``h``.
 
     Returns the step's ``num_tokens`` (``>= 0``), or ``_INVALID`` / ``_MISUSE`` with ``h``
     untouched. ``ws`` is the workspace (module constants above); its scratch entries are written
     before they are read in each call. ``qlens`` is read only when ``decode`` is false; else every
     row has ``q`` new tokens. ``num_writes`` goes into the packed rows (the caller writes the count
-    and the pairs themselves).
+    and the pairs themselves); so does ``on_device`` (``[B]``: 1 for rows whose cache length is on
+    the device), unless it is empty (no such row).
     """
     r = ws[_R]
     mnt = ws[_MNT]
@@ -225,6 +226,10 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
         rows[o + _ROW_SEQ] = h_seq[i]
         rows[o + _ROW_LOGITS] = h_logits_all[i]
         rows[o + _ROW_COUNT] = num_writes
+    if on_device.shape[0] == b:
+        dev_field = ws[_ROW_DEVICE]
+        for i in range(b):
+            rows[i * stride + dev_field] = on_device[i]
     o = padded * stride
     rows[o + _ROW_START] = qo[padded]
     rows[o + _ROW_END] = qo[padded]
@@ -284,7 +289,7 @@ class HostPath:
                   layout.cache, layout.logits, layout.fixed_end, tables, groups]  # fmt: skip
         n = _GROUPS + groups * _PER_GROUP
         params += [n, n + 1 + groups, n + 1 + groups + r]  # _OUT, _SEEN, _ROWS
-        params += [layout.rows, layout.row_stride]  # _PACKED, _STRIDE
+        params += [layout.rows, layout.row_stride, layout.row_device_len]  # _PACKED, _STRIDE, _ROW_DEVICE
         assert len(params) == _GROUPS
         for g, grp in enumerate(config.kv_groups):
             ps = grp.page_size
@@ -300,11 +305,12 @@ class HostPath:
             # batch on a scratch buffer of the staging layout.
             scratch = np.zeros(layout.fixed_end, np.int32)
             empty = self._no_qlens
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0)
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0, empty)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0, empty)
 
     def stage(self, h: np.ndarray, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, padded: int,
-              graph: bool, num_writes: int = 0) -> tuple[int, tuple[int, ...], int] | None:  # fmt: skip
+              graph: bool, num_writes: int = 0,
+              on_device: np.ndarray | None = None) -> tuple[int, tuple[int, ...], int] | None:  # fmt: skip
         """Checks a batch and, if valid, writes its staging fields into ``h``.
 
         Parameters
@@ -324,6 +330,9 @@ class HostPath:
         num_writes:
             The staged block-table writes the caller will write into ``h`` (their count goes into
             the packed rows).
+        on_device:
+            ``[B]`` int64, 1 for rows whose cache length is on the device (``clens`` holds their
+            bounds), or None.
 
         Returns
         -------
@@ -347,11 +356,12 @@ class HostPath:
         if not COMPILED:
             raise RuntimeError("HostPath.stage: the compiled host path is off (numba missing or "
                                "BATCHMETA_HOST_PATH=numpy); use BatchChecker.check and stage_step")  # fmt: skip
+        flags = self._no_qlens if on_device is None else on_device
         if type(qlens) is int:
             n = _stage_kernel(h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph,
-                              num_writes)  # fmt: skip
+                              num_writes, flags)  # fmt: skip
         else:
-            n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes)
+            n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes, flags)
         if n < 0:
             if n == _INVALID:
                 return None

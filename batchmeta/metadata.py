@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchmeta import ops
 from batchmeta.attention import StepPlanner, flashinfer_available
 from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
@@ -33,8 +32,9 @@ from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
 from batchmeta.host_path import COMPILED, HostPath
-from batchmeta.ops._common import check_tensor, check_unit_column_stride
+from batchmeta.ops.speculative import bind_resolve_rows
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
+from batchmeta.speculative import Acceptance, Speculation
 from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_prompts, stage_step, stage_writes
 from batchmeta.step import Step, StepViews
 
@@ -100,8 +100,6 @@ class BatchMetadata:
             self._layout = StagingLayout(r, groups, max_writes, max_chunks=r if hist else 0,
                                          max_prompt_tokens=t + cfg.max_model_len if hist else 0)  # fmt: skip
             self._staging = PinnedRing(self._layout.total, dev)
-            # accept_tokens: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
-            self._accept_staging = PinnedRing(5 * r + 1, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
             # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
@@ -112,6 +110,14 @@ class BatchMetadata:
             self._scatter = bind_scatter_pairs(self._staging.dev, self.block_tables.flat, count=self._layout.num_writes,
                                                pairs=self._layout.pairs, max_writes=max_writes,
                                                backend=cfg.backend)  # fmt: skip
+            # Speculative decoding: acceptance, drafts, and the request slots whose lengths are on the
+            # device; a step with such rows first rewrites its packed rows into the mirror from them.
+            self._spec = Speculation(cfg, dev, self.block_tables, buf.token_ids)
+            page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
+            self._resolves = [bind_resolve_rows(host, self._staging.dev, self._spec.lens, page_sizes,
+                                                rows_at=self._layout.rows, stride=self._layout.row_stride,
+                                                backend=cfg.backend)
+                              for host in self._staging.host]  # fmt: skip
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
@@ -299,10 +305,11 @@ class BatchMetadata:
         numpy checker then raises the message); without numba, the numpy checks run first.
         """
         lay, ring = self._layout, self._staging
+        on_device = self._spec.rows_on_device(idx, clens)  # rows whose cache length is on the device (rare)
         if self._host_path is not None:
             h = ring.peek()
             num_writes = min(self.block_tables.num_staged(), lay.max_writes)
-            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes)
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
             if staged is None:
                 self._checker.check(idx, qlens, clens)  # raises the message
                 raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
@@ -310,7 +317,7 @@ class BatchMetadata:
             if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
                 offsets, values = self._apply_excess_writes(offsets, values)
                 h = ring.peek()  # the excess went through the ring: stage again
-                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, len(offsets))
+                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, len(offsets), on_device)
             self._clock[0] += 1  # from here the buffers change: earlier steps are stale
             ring.advance()
             ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds
@@ -326,14 +333,19 @@ class BatchMetadata:
             self._clock[0] += 1  # from here the buffers change: earlier steps are stale
             h = ring.next()
             num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
-                                                     seq, pages, max_seq, padded, graph, offsets, values)  # fmt: skip
+                                                     seq, pages, max_seq, padded, graph, offsets, values,
+                                                     on_device)  # fmt: skip
             if self.token_ids is not None:
                 stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         try:
             # One launch: staged writes and every metadata field; its column programs cover the
             # longest row's pages in the group of smallest pages (and the per-step tables' width).
             max_cols = max(-(-max_seq // self._min_page_size), *widths)
-            self._fills[ring.current](padded, max_cols)
+            if on_device is None:  # common case
+                self._fills[ring.current](padded, max_cols)
+            else:  # exact lengths from the device first; the bounds above size the grid and the plan
+                self._resolves[ring.current](padded)
+                self._fills[ring.current](padded, max_cols, resolved=True)
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
             tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
@@ -352,7 +364,7 @@ class BatchMetadata:
                 wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens,
                                               max_query_len)  # fmt: skip
             return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
-                        num_kv_pages, views, wrappers, self._clock, self.block_tables)  # fmt: skip
+                        num_kv_pages, views, wrappers, self._clock, self.block_tables, on_device)  # fmt: skip
         finally:
             ring.done()  # the host buffer stays busy until what was enqueued from it has run
 
@@ -417,84 +429,85 @@ class BatchMetadata:
         next_input_ids: torch.Tensor,
         num_accepted: Any,
         prompt_lens: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """After sampling: writes each row's accepted tokens into the token history, and advances lengths.
+    ) -> Acceptance:
+        """After sampling (and verification): writes each row's accepted tokens into the token history
+        and computes each request's next cache length.
 
-        For batch row ``b`` (request slot ``r``), ``j < num_accepted[b]``:
-        ``token_ids[r, cache_len + query_len + j] = next_input_ids[sum(num_accepted[:b]) + j]``
-        except inside the prompt (``copy_next_input_ids_inplace`` semantics: call it before the
-        lengths advance). One host→device copy and one kernel; no sync. ``step`` may be older than
-        the latest step: it uses only the arrays the step owns.
+        The rule: batch row ``b`` ran ``q`` query tokens at positions ``c .. c+q-1``, the last
+        ``k = step.num_draft_tokens`` of them drafts, and accepted ``a = num_accepted[b]`` tokens (a
+        decode or verify row: ``1 <= a <= 1 + k``, the matched drafts plus the bonus token; a prefill
+        row: 1 at the end of its prompt, else 0 or 1, a token inside the prompt being dropped). They
+        go at positions ``c+q-k .. c+q-k+a-1`` (never inside the prompt); the rejected drafts leave
+        the sequence, and the next cache length is ``c+q-k+a-1`` (the last accepted token is the
+        next step's first input) or ``c+q`` when ``a = 0``. Example: ``c = 5``, ``k = 2``, both drafts
+        rejected (``a = 1``): the bonus token goes to position 6 and the next cache length is 6.
+
+        One small host→device copy and one launch; no sync. A step is accepted once (a second call
+        raises). ``step`` may be older than the latest step (it uses the arrays the step owns); steps
+        must be accepted in the order they ran.
 
         Parameters
         ----------
         step:
-            The step just run (decode, speculative decode or prefill).
+            The step that ran (any kind).
         token_ids:
-            ``[max_num_reqs, L]`` the engine's persistent token history on the device; None for
-            :attr:`token_ids` (``config.token_history``), which the next steps gather
-            ``input_ids`` from.
+            ``[max_num_reqs, L]`` int32/int64 token history on the device, or None for
+            :attr:`token_ids` (``config.token_history``), which the next steps gather ``input_ids``
+            from.
         next_input_ids:
-            ``[sum(num_accepted)]`` accepted tokens of each row, back to back (same dtype as
-            ``token_ids``).
-        num_accepted, prompt_lens:
-            ``[B]`` host ints.
+            The accepted tokens, ``token_ids``' dtype, on the device: ``[B, W]`` (row ``b``'s first
+            ``num_accepted[b]``; a verifier's ``[B, 1 + k]`` target tokens) or ``[sum(num_accepted)]``
+            back to back.
+        num_accepted:
+            ``[B]`` counts: host ints (list, numpy), checked against the rule; or a tensor on
+            ``config.device`` (a verifier's output, never read on the host: counts outside the rule's
+            range are clamped into it). Device counts leave the verify rows' next lengths on the
+            device (see Returns).
+        prompt_lens:
+            ``[B]`` host ints: each request's prompt length.
 
         Returns
         -------
-        ``(cache_lens, query_lens)`` for the next step, as LoRAX advances them:
-        ``cache_lens + query_lens`` and ``num_accepted``.
+        Acceptance
+            ``(cache_lens, exact)``: ``[B]`` int64 next cache lengths and ``[B]`` bool. Where
+            ``exact`` is False (device counts on a verify row, or a row whose own cache length was
+            on the device) ``cache_lens`` is the upper bound ``c + q``; pass it to the next
+            ``prepare_*`` as it is (the engine must hold pages for it): that step computes the exact
+            positions, slots and lengths on the device and plans FlashInfer from the bound.
         """
         if not isinstance(step, Step):
             raise TypeError(f"step: expected the Step of a prepare_* call, got {type(step).__name__}")
         if step._clock is not self._clock:
             raise ValueError("step: prepared by another BatchMetadata")
-        if token_ids is None:
-            if self.token_ids is None:
-                raise ValueError("token_ids: None names this BatchMetadata's token history, and it has none "
-                                 "(MetadataConfig(token_history=True))")  # fmt: skip
-            token_ids = self.token_ids
-        b = step.num_reqs
-        accepted = host_ints("num_accepted", num_accepted, length=b)
-        prompts = host_ints("prompt_lens", prompt_lens, length=b)
-        max_len = self.config.max_model_len
-        # Bounded here: they go through the int32 staging buffer.
-        if b and not 0 <= accepted.min() <= accepted.max() <= max_len:
-            raise ValueError(f"num_accepted: expected counts in [0, {max_len}] (max_model_len), "
-                             f"got {accepted.min()}..{accepted.max()}")  # fmt: skip
-        if b and not 0 <= prompts.min() <= prompts.max() <= max_len:
-            raise ValueError(f"prompt_lens: expected lengths in [0, {max_len}] (max_model_len), "
-                             f"got {prompts.min()}..{prompts.max()}")  # fmt: skip
-        r = self.config.max_num_reqs
-        check_tensor("token_ids", token_ids, dtypes=(torch.int32, torch.int64), ndim=2,
-                     device=self.block_tables.flat.device)  # fmt: skip
-        if token_ids.shape[0] < r:
-            raise ValueError(f"token_ids: expected {r} rows (max_num_reqs), got shape {tuple(token_ids.shape)}")
-        check_unit_column_stride("token_ids", token_ids)
-        check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), ndim=1, device=token_ids.device,
-                     contiguous=True)  # fmt: skip
-        if int(accepted.sum()) > min(next_input_ids.numel(), _I32_MAX):
-            raise ValueError(f"next_input_ids: expected at least {int(accepted.sum())} tokens (sum of num_accepted), "
-                             f"got {next_input_ids.numel()}")  # fmt: skip
-        ends = step.cache_lens_host + step.query_lens_host + accepted
-        if b and ends.max() > token_ids.shape[1]:
-            raise ValueError(f"token_ids: a row needs {ends.max()} columns, got {token_ids.shape[1]}")
-        # Staging fields: cu_accepted [r + 1], then prompt, cache, query lengths and idx_mapping [r] each.
-        cu, prompt, cache, query, rows = (slice(0, b + 1), *(slice(k * r + 1, k * r + 1 + b) for k in range(1, 5)))
-        h = self._accept_staging.next()
         with self._on_device():
-            try:
-                ops.fill_qo_indptr(accepted, h[cu])
-                h[prompt] = prompts
-                h[cache] = step.cache_lens_host
-                h[query] = step.query_lens_host
-                h[rows] = step.idx_mapping_host
-                d = self._accept_staging.upload(5 * r + 1)
-                ops.copy_next_input_ids_inplace(token_ids, d[cache], d[query], d[prompt], next_input_ids, d[cu],
-                                                idx_mapping=d[rows], backend=self.config.backend)  # fmt: skip
-            finally:
-                self._accept_staging.done()
-        return step.cache_lens_host + step.query_lens_host, accepted
+            return self._spec.accept(step, token_ids, next_input_ids, num_accepted, prompt_lens)
+
+    def write_drafts(self, step: Step, draft_token_ids: torch.Tensor, num_drafts: Any = None) -> None:
+        """Writes a drafter's tokens into the token history, where the next verify step reads them.
+
+        After ``accept_tokens(step, ...)``: row ``b``'s drafts go at positions ``n+1, n+2, ...`` of its
+        request's history, ``n`` its next cache length (on the device: exact also where the host
+        has only a bound), so ``prepare_decode(idx, cache_lens, num_draft_tokens=k)`` gathers
+        ``input_ids`` = the last accepted token, then the drafts. One launch, no sync, no host copy
+        of a token (``config.token_history``).
+
+        Parameters
+        ----------
+        step:
+            The step just accepted.
+        draft_token_ids:
+            On the device, the token history's dtype: ``[B, k]`` (``k <= config.max_draft_tokens``
+            drafts per row), or ragged ``[N]``, row ``b``'s ``num_drafts[b]`` back to back.
+        num_drafts:
+            With ragged drafts, ``[B]`` counts: host ints, or a tensor on ``config.device`` (clamped
+            to ``0..max_draft_tokens``, never read on the host).
+        """
+        if not isinstance(step, Step):
+            raise TypeError(f"step: expected the Step of a prepare_* call, got {type(step).__name__}")
+        if step._clock is not self._clock:
+            raise ValueError("step: prepared by another BatchMetadata")
+        with self._on_device():
+            self._spec.write_drafts(step, draft_token_ids, num_drafts)
 
     # ---------------------------------------------------------------------------------------------
     # Internals

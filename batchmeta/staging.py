@@ -34,6 +34,7 @@ from batchmeta.ops.step import (
     ROW_SWIDTH,
     StepLayout,
     row_chunks,
+    row_device_len,
     row_stride,
 )
 
@@ -74,6 +75,7 @@ class StagingLayout:
         self.last_page_len = [take(r) for _ in range(num_groups)]
         self.step_width = [take(1) for _ in range(num_groups)]
         self.row_stride = row_stride(num_groups)
+        self.row_device_len = row_device_len(num_groups)  # the packed rows' on-device flag field
         self.rows = take((r + 1) * self.row_stride)
         self.num_writes = take(1)
         self.fixed_end = pos
@@ -237,8 +239,8 @@ class StepBuffers:
 
 def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: MetadataConfig, rows: np.ndarray,
                idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, seq: np.ndarray, pages: list[np.ndarray],
-               max_seq: int, padded: int, graph: bool, offsets: np.ndarray,
-               values: np.ndarray) -> tuple[int, tuple[int, ...], int]:  # fmt: skip
+               max_seq: int, padded: int, graph: bool, offsets: np.ndarray, values: np.ndarray,
+               on_device: np.ndarray | None = None) -> tuple[int, tuple[int, ...], int]:  # fmt: skip
     """Writes a step's host arrays into host staging buffer ``h``; returns ``(num_tokens, widths, max_seq)``.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
@@ -247,7 +249,8 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
     token, in a speculative one (``qlens > 1``) as many as a real row, whose slots the step kernel
     makes PAD (a graph of uniform rows: FlashInfer's prefill wrapper plans it with a fixed row
     count). ``widths`` are the per-batch table columns written per group: the longest row's pages
-    (eager) or the full width; ``max_seq`` covers the padding rows' lengths too.
+    (eager) or the full width; ``max_seq`` covers the padding rows' lengths too. ``on_device``
+    (``[B]``, or None): 1 for rows whose cache length is on the device (``clens`` holds bounds).
     """
     b = idx.shape[0]
     pad_q = qlens if type(qlens) is int and qlens > 1 else 0  # new tokens of each padding row
@@ -302,13 +305,14 @@ def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: Meta
             widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
         h[lay.step_width[g]] = widths[g]
     stage_writes(h, lay, offsets, values)
-    pack_rows(h, lay, padded)
+    pack_rows(h, lay, padded, on_device)
     return num_tokens, tuple(widths), max_seq
 
 
-def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int) -> None:
+def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int, on_device: np.ndarray | None = None) -> None:
     """Writes the step kernel's packed rows ``[0, padded]`` from the fields already in ``h``
-    (after the step's arrays and ``num_writes``): the numpy reference of the compiled path."""
+    (after the step's arrays and ``num_writes``) and the rows' on-device flags (``[B]`` or None):
+    the numpy reference of the compiled path."""
     stride, n = lay.row_stride, padded
     rows = h[lay.rows : lay.rows + (n + 1) * stride].reshape(n + 1, stride)
     rows[:] = 0
@@ -329,6 +333,8 @@ def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int) -> None:
         rows[n, at + ROW_KV_HI] = kv[n]
         rows[:n, at + ROW_LAST] = h[lay.last_page_len[g] : lay.last_page_len[g] + n]
         rows[:, at + ROW_SWIDTH] = h[lay.step_width[g]]
+    if on_device is not None:
+        rows[: on_device.shape[0], lay.row_device_len] = on_device
 
 
 def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values: np.ndarray) -> None:

@@ -145,8 +145,12 @@ class Step:
         New tokens per row of a decode step (``1 + num_draft_tokens``); None for prefill.
     cuda_graph:
         Planned for CUDA-graph replay (``BatchMetadata.replay_decode_graph``).
+    num_draft_tokens:
+        ``k``: the last ``k`` query tokens of every row are drafts (``"spec_decode"``), else 0.
     idx_mapping_host, cache_lens_host:
-        ``[B]`` int64 numpy, owned by the step and read-only (valid after later steps too).
+        ``[B]`` int64 numpy, owned by the step and read-only (valid after later steps too). For a row
+        whose cache length is on the device (:attr:`rows_on_device`), ``cache_lens_host`` holds the
+        upper bound the engine passed; the device views hold the exact values.
 
     Device views (FlashInfer's names): ``idx_mapping`` ``[Bp]`` int32 request slot of each row
     (padding rows map to the reserved row); ``qo_indptr`` ``[Bp + 1]`` int32 (padding rows add no
@@ -163,9 +167,9 @@ class Step:
     """
 
     __slots__ = (
-        "_block_tables", "_clock", "_generation", "_num_kv_pages", "_query_lens", "_resets", "_tokens", "_views",
-        "_wrappers", "cache_lens_host", "cuda_graph", "idx_mapping_host", "kind", "num_reqs", "num_tokens",
-        "padded_num_reqs", "query_len",
+        "_accepted", "_accepted_by_device", "_block_tables", "_clock", "_generation", "_num_kv_pages", "_query_lens",
+        "_resets", "_rows_on_device", "_tokens", "_views", "_wrappers", "cache_lens_host", "cuda_graph",
+        "idx_mapping_host", "kind", "num_draft_tokens", "num_reqs", "num_tokens", "padded_num_reqs", "query_len",
     )  # fmt: skip
 
     def __init__(
@@ -184,6 +188,7 @@ class Step:
         wrappers: tuple[Any, ...] | None,
         clock: list[int],
         block_tables: Any,
+        rows_on_device: np.ndarray | None = None,
     ):
         self.kind = kind
         self.num_reqs = num_reqs
@@ -207,6 +212,12 @@ class Step:
         self._block_tables = block_tables
         self._resets = block_tables.num_resets
         self._tokens: list[contextvars.Token] = []
+        self.num_draft_tokens = query_len - 1 if kind == "spec_decode" else 0  # type: ignore[operator]
+        if rows_on_device is not None:
+            rows_on_device.flags.writeable = False
+        self._rows_on_device = rows_on_device
+        self._accepted = False  # accept_tokens ran on it (once per step)
+        self._accepted_by_device = False
 
     # Context manager: the active step --------------------------------------------------------------
     def __enter__(self) -> Step:
@@ -233,6 +244,15 @@ class Step:
         )
 
     # Owned host arrays ------------------------------------------------------------------------------
+    @property
+    def rows_on_device(self) -> np.ndarray:
+        """``[B]`` bool: rows whose cache length the step read on the device (after ``accept_tokens``
+        with device counts). Their host twins (``cache_lens_host``, ``seq_lens_host``, ``*_host``
+        arrays, the planned wrappers' lengths) are upper bounds; the device views are exact."""
+        if self._rows_on_device is None:
+            return np.zeros(self.num_reqs, bool)
+        return self._rows_on_device != 0
+
     @property
     def query_lens_host(self) -> np.ndarray:
         """``[B]`` int64 new tokens per row (owned by the step)."""
@@ -398,6 +418,11 @@ class Step:
             k_cache, v_cache = k.unsqueeze(1), v.unsqueeze(1)  # type: ignore[union-attr]
             kv_indptr, indices = views.qo_indptr_host, torch.arange(k_cache.shape[0], device=q.device)
             last, k_scale, v_scale = np.ones(self.padded_num_reqs, np.int32), None, None
+        elif self._rows_on_device is not None:
+            # Lengths on the device: the host arrays are bounds; read the exact ones (this torch
+            # reference path reads the device, a sync on CUDA).
+            kv_indptr, last = (t.cpu().numpy() for t in (views.kv_indptr[group], views.kv_last_page_len[group]))
+            indices = views.kv_indices_full[group][: int(kv_indptr[-1])]
         else:
             kv_indptr, indices = views.kv_indptr_host[group], self.kv_indices[group]
             last = views.kv_last_page_len_host[group]
@@ -444,10 +469,15 @@ class Step:
         views = self._views
         if self._wrappers is not None:
             return mla_run(self._wrappers[group], q_nope, q_pe, ckv_cache, kpe_cache, out)
+        kv_indptr, last = views.kv_indptr_host[group], views.kv_last_page_len_host[group]
+        indices = self.kv_indices[group]
+        if self._rows_on_device is not None:  # exact lengths on the device (see attention)
+            kv_indptr, last = (t.cpu().numpy() for t in (views.kv_indptr[group], views.kv_last_page_len[group]))
+            indices = views.kv_indices_full[group][: int(kv_indptr[-1])]
         res = mla_attention_torch(
-            q_nope, q_pe, ckv_cache, kpe_cache, views.qo_indptr_host, views.kv_indptr_host[group],
-            self.kv_indices[group], views.kv_last_page_len_host[group], sm_scale=views.sm_scales[group],
-        )  # fmt: skip
+            q_nope, q_pe, ckv_cache, kpe_cache, views.qo_indptr_host, kv_indptr, indices, last,
+            sm_scale=views.sm_scales[group],
+        )
         if out is not None:
             out.copy_(res)
             return out

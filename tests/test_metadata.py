@@ -366,14 +366,18 @@ def test_accept_tokens_writes_history_through_idx_mapping_and_advances(device):
     history = torch.full((6, 16), -1, dtype=torch.int64, device=device)
     with meta.prepare_decode(idx, clens, num_draft_tokens=2) as step:
         sampled = torch.tensor([11, 12, 21], dtype=torch.int64, device=device)  # row 0 accepts 2, row 1 accepts 1
-        new_cache, new_query = meta.accept_tokens(step, history, sampled, [2, 1], [0, 7])
+        with pytest.raises(ValueError, match="num_accepted"):
+            meta.accept_tokens(step, history, sampled, [2], [0, 7])
+        new_cache, exact = meta.accept_tokens(step, history, sampled, [2, 1], [0, 7])
     expected = torch.full((6, 16), -1, dtype=torch.int64)
-    expected[4, 9:11] = torch.tensor([11, 12])  # 6 cached + 3 fed = column 9 onwards
-    # slot 1: 2 cached + 3 fed = column 5, inside its 7-token prompt: kept
+    # Slot 4 ran positions 6..8 (its last 2 drafts): the matched draft and the bonus token take 7 and 8,
+    # and position 8's token is the next step's input (next cache length 6 + 3 - 2 + 2 - 1 = 8).
+    expected[4, 7:9] = torch.tensor([11, 12])
+    # Slot 1 ran positions 2..4, still inside its 7-token prompt: kept, next cache length 5.
     assert torch.equal(history.cpu(), expected)
-    assert new_cache.tolist() == [9, 5] and new_query.tolist() == [2, 1]
-    with pytest.raises(ValueError, match="num_accepted"):
-        meta.accept_tokens(step, history, sampled, [2], [0, 7])
+    assert new_cache.tolist() == [8, 5] and exact.tolist() == [True, True]
+    with pytest.raises(ValueError, match="already accepted"):
+        meta.accept_tokens(step, history, sampled, [2, 1], [0, 7])
 
 
 def test_accept_tokens_for_a_step_prepared_before_the_last(device):
@@ -387,7 +391,7 @@ def test_accept_tokens_for_a_step_prepared_before_the_last(device):
     with meta.prepare_decode([2], [4], num_draft_tokens=1):
         pass
     meta.accept_tokens(first, history, torch.tensor([77], device=device), [1], [0])
-    assert history[1, 5].item() == 77 and int((history != 0).sum()) == 1
+    assert history[1, 4].item() == 77 and int((history != 0).sum()) == 1  # 3 + 2 - 1: after the cached tokens
 
 
 def test_staged_writes_beyond_one_transfer_are_all_applied(device):

@@ -152,7 +152,10 @@ class StepPlanner:
         if planner is None:
             cfg = self.config
             ws = get_workspace(cfg.device, cfg.workspace_bytes)
-            tensor_cores = cfg.gqa_ratio > 4
+            # With speculative decoding a decode step's lengths may be on the device, shorter than
+            # the bounds it is planned from: FA2's prefill kernel (tensor-core decode) clamps each
+            # KV chunk to the device length, the CUDA-core decode kernel does not.
+            tensor_cores = cfg.gqa_ratio > 4 or cfg.max_draft_tokens > 0
             if graph:
                 # The graph reads the staging buffer's indptr and last-page-length views and the
                 # kv_indices buffer directly: the kernel writes them, nothing is copied.

@@ -32,7 +32,14 @@ from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import check_tensor, group_launches, use_triton
 from batchmeta.ops.positions import _pad_tail
 
-__all__ = ["StepLayout", "bind_scatter_pairs", "bind_step_metadata", "fill_step_metadata", "row_chunks"]
+__all__ = [
+    "StepLayout",
+    "bind_scatter_pairs",
+    "bind_step_metadata",
+    "fill_step_metadata",
+    "row_chunks",
+    "row_device_len",
+]
 
 _BLOCK = 1024
 _NUM_WARPS = 4
@@ -44,8 +51,12 @@ _COLS = 4096  # columns of a row per program: a row of 32K pages takes 8 program
 # eleven scattered 4-byte reads per program cost 5x the kernel). Per row: request slot, qo_indptr[b],
 # qo_indptr[b + 1], cache_len, seq_len, logits index, num_writes, then per group g at
 # ROW_GROUP + ROW_PER_GROUP * g: kv_indptr[b], kv_indptr[b + 1], last page length, step width.
-# Row Bp (the tail program's): qo_indptr[Bp] as start and end, kv_indptr[Bp] as both kv fields,
-# num_writes and the step widths; its other fields and every row's padding are 0.
+# After the groups: the number of staged prompt spans (:func:`row_chunks`), then 1 where the row's
+# cache length is on the device (:func:`row_device_len`: speculative acceptance left it there; the
+# other fields then hold host upper bounds, and ``batchmeta.ops.speculative.resolve_rows`` rewrites
+# them before the launch). Row Bp (the tail program's): qo_indptr[Bp] as start and end,
+# kv_indptr[Bp] as both kv fields, num_writes and the step widths; its other fields and every
+# row's padding are 0.
 ROW_IDX, ROW_START, ROW_END, ROW_CACHE, ROW_SEQ, ROW_LOGITS, ROW_COUNT, ROW_GROUP = range(8)
 ROW_KV_LO, ROW_KV_HI, ROW_LAST, ROW_SWIDTH = range(4)
 ROW_PER_GROUP = 4
@@ -58,13 +69,19 @@ _F_KV_LO, _F_KV_HI, _F_LAST, _F_SWIDTH = (tl.constexpr(f) for f in range(4))
 
 def row_stride(num_groups: int) -> int:
     """int32 elements of a packed row for ``num_groups`` groups: a multiple of 16 (64 bytes)."""
-    return -(-(row_chunks(num_groups) + 1) // 16) * 16
+    return -(-(row_device_len(num_groups) + 1) // 16) * 16
 
 
 def row_chunks(num_groups: int) -> int:
     """Field of a packed row holding the number of staged prompt spans (token history), after the
-    groups' fields; ``ROW_GROUP + 4 * G`` is odd, so it never needs a longer row."""
+    groups' fields."""
     return ROW_GROUP + ROW_PER_GROUP * num_groups
+
+
+def row_device_len(num_groups: int) -> int:
+    """Field of a packed row that is 1 where the row's cache length is on the device (its request
+    slot's speculative acceptance ran there), else 0."""
+    return row_chunks(num_groups) + 1
 
 
 def _ints(value: object) -> tuple[int, ...]:
@@ -317,6 +334,7 @@ def _step_kernel(
     out64_ptr,  # int64 [*]: positions, slot mappings
     mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
     hist_ptr,  # int64 [R, HLEN]: the token history, when HIST
+    rows_ptr,  # int32 [*]: the packed rows at ROWS: staging's, or the mirror's where resolve_rows rewrote them
     IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
     POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
@@ -347,7 +365,7 @@ def _step_kernel(
     num_rows = tl.num_programs(0) - 1
     # Everything this program reads from staging, in one contiguous load (its packed row).
     ar = tl.arange(0, STRIDE)
-    v = tl.load(staging_ptr + ROWS + b.to(tl.int64) * STRIDE + ar)
+    v = tl.load(rows_ptr + ROWS + b.to(tl.int64) * STRIDE + ar)
     if b == num_rows and ch == 0:
         # The last program of each group fills every slot past the step's tokens with PAD (and
         # positions with 0), so a graph captured for more tokens writes nothing for its padding;
@@ -437,14 +455,15 @@ def _num_chunks(layout: StepLayout, max_cols: int | None) -> int:
     return max(1, -(-cols // _COLS))
 
 
-def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None,
-                 history=None) -> list[tuple[int, tuple]]:  # fmt: skip
-    """``(groups in launch, kernel arguments)`` per launch: up to four groups each."""
+def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None, history=None,
+                 rows=None) -> list[tuple[int, tuple]]:  # fmt: skip
+    """``(groups in launch, kernel arguments)`` per launch: up to four groups each. ``rows``: where the
+    packed rows are read (default ``staging``)."""
     launches = []
     lay = layout
     for n, arg_groups in group_launches(layout.num_groups):
         args: list = [staging, tables, out32, out64, staging if mirror is None else mirror,
-                      out64 if history is None else history, layout.idx,
+                      out64 if history is None else history, staging if rows is None else rows, layout.idx,
                       layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
                       layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
                       _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride,
@@ -468,14 +487,13 @@ def _apply_writes_torch(staging: torch.Tensor, dst: torch.Tensor, pairs_at: int,
     dst[pairs[keep, 0]] = pairs[keep, 1].to(dst.dtype)
 
 
-def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, start: int, end: int,
-                   total: int) -> None:  # fmt: skip
+def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, start: int, end: int, total: int,
+                   num_spans: int) -> None:  # fmt: skip
     """Token history: input_ids of the step's tokens (from the staged spans or the history as it was),
     then every staged span written into the history."""
     cap = lay.token_capacity
     ids = out64[lay.input_ids : lay.input_ids + cap]
-    n = int(staging[lay.rows + row_chunks(lay.num_groups)])
-    spans = staging[lay.chunks : lay.chunks + 4 * n].view(n, 4).long().tolist()
+    spans = staging[lay.chunks : lay.chunks + 4 * num_spans].view(num_spans, 4).long().tolist()
     req = idx[row]
     got = torch.zeros_like(pos)
     real = (req < lay.num_table_rows - 1) & (pos < lay.history_len)
@@ -489,21 +507,26 @@ def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, star
         history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].long()
 
 
-def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None,
-                history=None) -> None:  # fmt: skip
+def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None, history=None,
+                rows=None) -> None:  # fmt: skip
+    """The kernel's work in torch, reading the same packed rows (from ``rows``, default ``staging``)."""
     lay, dev = layout, tables.device
     staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
+    src = staging if rows is None else rows.to(dev)
+    packed = src[lay.rows : lay.rows + (num_rows + 1) * lay.row_stride].view(num_rows + 1, lay.row_stride).long()
+    idx = packed[:num_rows, ROW_IDX]
+    qo = packed[:, ROW_START]
+    cache = packed[:num_rows, ROW_CACHE]
+    per_group = [ROW_GROUP + ROW_PER_GROUP * g for g in range(lay.num_groups)]
     if mirror is not None:
-        copied = [(lay.idx, num_rows), (lay.qo_indptr, num_rows + 1), (lay.cache_lens, num_rows),
-                  (lay.seq_lens, num_rows), (lay.logits, num_rows)]  # fmt: skip
-        copied += [(at, num_rows + 1) for at in lay.kv_indptr] + [(at, num_rows) for at in lay.last_page_len]
-        for at, n in copied:
-            mirror[at : at + n] = staging[at : at + n]
-    _apply_writes_torch(staging, tables, lay.pairs, int(staging[lay.num_writes]))
+        copied = [(lay.idx, idx), (lay.qo_indptr, qo), (lay.cache_lens, cache),
+                  (lay.seq_lens, packed[:num_rows, ROW_SEQ]), (lay.logits, packed[:num_rows, ROW_LOGITS])]  # fmt: skip
+        copied += [(lay.kv_indptr[g], packed[:, at + ROW_KV_LO]) for g, at in enumerate(per_group)]
+        copied += [(lay.last_page_len[g], packed[:num_rows, at + ROW_LAST]) for g, at in enumerate(per_group)]
+        for at, values in copied:
+            mirror[at : at + values.numel()] = values.to(mirror.dtype)
+    _apply_writes_torch(staging, tables, lay.pairs, int(packed[num_rows, ROW_COUNT]))
     cap = lay.token_capacity
-    idx = staging[lay.idx : lay.idx + num_rows].long()
-    qo = staging[lay.qo_indptr : lay.qo_indptr + num_rows + 1].long()
-    cache = staging[lay.cache_lens : lay.cache_lens + num_rows].long()
     start, total = int(qo[0]), int(qo[-1])
     row = torch.repeat_interleave(torch.arange(num_rows, device=dev), qo[1:] - qo[:-1])
     pos = cache[row] + torch.arange(start, total, device=dev) - qo[:-1][row]
@@ -512,8 +535,9 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
     positions[start:end] = pos[: end - start]
     positions[total:] = 0
     if lay.has_history:
-        _history_torch(lay, staging, history, out64, idx, row, pos, start, end, total)
-    for g in range(lay.num_groups):
+        num_spans = int(packed[num_rows, row_chunks(lay.num_groups)])
+        _history_torch(lay, staging, history, out64, idx, row, pos, start, end, total, num_spans)
+    for g, at in enumerate(per_group):
         ps, w = lay.page_size[g], lay.width[g]
         table = tables[lay.table[g] : lay.table[g] + lay.num_table_rows * w].view(lay.num_table_rows, w)
         held = tables[lay.held[g] : lay.held[g] + lay.num_table_rows].long()[idx]
@@ -522,13 +546,13 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
         slot = torch.where(idx[row] < lay.num_table_rows - 1, page * ps + pos % ps, -1)  # padding rows: PAD
         slots[start:end] = slot[: end - start]
         slots[total:] = -1
-        width = int(staging[lay.step_width[g]])
+        width = int(packed[num_rows, at + ROW_SWIDTH])
         cols = torch.arange(w, device=dev)
-        rows = torch.where(cols[None, :] < held[:, None], table[idx], 0)
+        table_rows = torch.where(cols[None, :] < held[:, None], table[idx], 0)
         step = out32[lay.step_table[g] : lay.step_table[g] + num_rows * w].view(num_rows, w)
-        step[:, :width] = rows[:, :width]
-        indptr = staging[lay.kv_indptr[g] : lay.kv_indptr[g] + num_rows + 1].long()
-        ragged = rows[cols[None, :] < (indptr[1:] - indptr[:-1])[:, None]]
+        step[:, :width] = table_rows[:, :width]
+        indptr = packed[:, at + ROW_KV_LO]
+        ragged = table_rows[cols[None, :] < (indptr[1:] - indptr[:-1])[:, None]]
         lo = lay.kv_indices[g] + int(indptr[0])
         n = max(0, min(ragged.numel(), lay.kv_capacity[g] - int(indptr[0])))
         out32[lo : lo + n] = ragged[:n]
@@ -549,6 +573,7 @@ def fill_step_metadata(
     max_cols: int | None = None,
     backend: str | None = None,
     history: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
 
@@ -572,15 +597,23 @@ def fill_step_metadata(
     change until the launch has run.
     ``max_cols`` bounds the columns any row writes (``kv_indices`` pages, per-step table width) in
     every group; the launch sizes its column programs by it. Default: the widest table.
+    The kernel reads every per-row value from the packed rows (``layout.rows``), in ``staging``
+    or, when given, in ``rows`` (a device buffer of staging's layout, for rows
+    :func:`batchmeta.ops.speculative.resolve_rows` rewrote from device lengths).
     """
     layout.check(staging, tables, out32, out64, num_rows, mirror)
     _check_history(layout, history, tables.device)
+    if rows is not None:
+        check_tensor("rows", rows, dtypes=(torch.int32,), ndim=1, device=tables.device, contiguous=True)
+        if rows.numel() < layout.rows + (num_rows + 1) * layout.row_stride:
+            raise ValueError(f"rows: expected at least {layout.rows + (num_rows + 1) * layout.row_stride} elements, "
+                             f"got {rows.numel()}")  # fmt: skip
     if use_triton(backend, tables):
         chunks = _num_chunks(layout, max_cols)
-        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history):
+        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history, rows):
             _step.launch((num_rows + 1, n, chunks), args, num_warps=_NUM_WARPS)
         return
-    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history)
+    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history, rows)
 
 
 def _check_history(layout: StepLayout, history: torch.Tensor | None, device: torch.device) -> None:
@@ -606,7 +639,9 @@ def bind_step_metadata(
     backend: str | None = None,
     history: torch.Tensor | None = None,
 ) -> Callable[..., None]:
-    """``fill(num_rows, max_cols=None)``: :func:`fill_step_metadata` over these buffers, checked once here.
+    """``fill(num_rows, max_cols=None, resolved=False)``: :func:`fill_step_metadata` over these
+    buffers, checked once here. ``resolved``: read the packed rows from ``mirror`` (where
+    :func:`batchmeta.ops.speculative.resolve_rows` wrote them) instead of ``staging``.
 
     On CUDA (``backend`` None or ``"triton"``) the launches are bound
     (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the driver launch and little else.
@@ -616,26 +651,35 @@ def bind_step_metadata(
     _check_history(layout, history, tables.device)
     use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
     if tables.is_cuda and backend != "torch":
-        launches = _launch_args(layout, staging, tables, out32, out64, mirror, history)
-        bound = [(n, _step.bind(args, num_warps=_NUM_WARPS)) for n, args in launches]
-        if len(bound) == 1:
-            ((n0, launch0),) = bound
+        bound = {
+            resolved: [(n, _step.bind(args, num_warps=_NUM_WARPS))
+                       for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history,
+                                                   mirror if resolved else None)]
+            for resolved in ((False, True) if mirror is not None else (False,))
+        }  # fmt: skip
+        if len(bound[False]) == 1:
+            ((n0, launch0),) = bound[False]
+            launch_resolved = bound[True][0][1] if mirror is not None else None
 
-            def fill(num_rows: int, max_cols: int | None = None) -> None:
-                launch0((num_rows + 1, n0, _num_chunks(layout, max_cols)))
+            def fill(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
+                grid = (num_rows + 1, n0, _num_chunks(layout, max_cols))
+                if resolved:  # rare: speculative acceptance on the device
+                    launch_resolved(grid)  # type: ignore[misc]
+                else:  # common case
+                    launch0(grid)
 
             return fill
 
-        def fill_many(num_rows: int, max_cols: int | None = None) -> None:
+        def fill_many(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
             chunks = _num_chunks(layout, max_cols)
-            for n, launch in bound:
+            for n, launch in bound[resolved]:
                 launch((num_rows + 1, n, chunks))
 
         return fill_many
 
-    def fill_host(num_rows: int, max_cols: int | None = None) -> None:
+    def fill_host(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
         fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, max_cols=max_cols,
-                           backend=backend, history=history)  # fmt: skip
+                           backend=backend, history=history, rows=mirror if resolved else None)  # fmt: skip
 
     return fill_host
 
