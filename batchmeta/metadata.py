@@ -455,7 +455,7 @@ class BatchMetadata:
             :attr:`token_ids` (``config.token_history``), which the next steps gather ``input_ids``
             from.
         next_input_ids:
-            The accepted tokens, ``token_ids``' dtype, on the device: ``[B, W]`` (row ``b``'s first
+            The accepted tokens (same dtype as ``token_ids``), on the device: ``[B, W]`` (row ``b``'s first
             ``num_accepted[b]``; a verifier's ``[B, 1 + k]`` target tokens) or ``[sum(num_accepted)]``
             back to back.
         num_accepted:

@@ -197,8 +197,13 @@ class Speculation:
             if accepted is None
             else np.where((accepted >= 1) & ends, cache + query - k + accepted - 1, cache + query)
         )
-        if b and bound.max() > token_ids.shape[1]:
-            raise ValueError(f"token_ids: a row needs {int(bound.max()) + 1} columns, got {token_ids.shape[1]}")
+        # Rows that write reach position ``bound`` (the last accepted token's); with device counts a
+        # position past the history is dropped on the device (the bound may not be reached).
+        writes = (accepted >= 1) & ends if accepted is not None else np.zeros(b, bool)
+        if writes.any() and bound[writes].max() >= token_ids.shape[1]:
+            raise ValueError(
+                f"token_ids: a row needs {int(bound[writes].max()) + 1} columns, got {token_ids.shape[1]}"
+            )
         exact = np.ones(b, bool) if on_device_rows is None else on_device_rows == 0
         if accepted is None:
             exact &= ~(ends & (k > 0))  # a verify row's count decides its length

@@ -398,7 +398,8 @@ def memory_report(s: Setup) -> dict:
     tensors = [
         meta.block_tables.flat,
         meta._staging.dev,
-        meta._accept_staging.dev,
+        meta._spec._staging.dev,
+        meta._spec.lens,
         meta._buffers.out32,
         meta._buffers.out64,
     ]

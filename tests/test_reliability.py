@@ -35,10 +35,11 @@ def meta(**kw):
 
 def state(m: BatchMetadata) -> list:
     """Everything a rejected call must leave as it was: device buffers, both pinned host buffers,
-    the block tables' host mirror and staged writes, the ring's memo, the step counter."""
-    bt, ring = m.block_tables, m._staging
-    tensors = [m._staging.dev, m._accept_staging.dev, m._buffers.out32, m._buffers.out64, bt.flat, *ring.host,
-               *m._accept_staging.host]  # fmt: skip
+    the block tables' host mirror and staged writes, the ring's memo, the step counter, the
+    speculative state (device lengths, which request slots have them, their bounds)."""
+    bt, ring, spec = m.block_tables, m._staging, m._spec
+    tensors = [m._staging.dev, spec._staging.dev, m._buffers.out32, m._buffers.out64, bt.flat, *ring.host,
+               *spec._staging.host, spec.lens]  # fmt: skip
     return [
         *(t.clone().cpu() for t in tensors),
         *(t.copy() for t in bt._host_tables),
@@ -47,7 +48,9 @@ def state(m: BatchMetadata) -> list:
         bt.num_resets,
         list(ring.memo),
         ring.current,
-        m._accept_staging.current,
+        spec._staging.current,
+        spec._on_device.copy(),
+        spec._bound.copy(),
         m._clock[0],
     ]
 
@@ -157,7 +160,8 @@ def test_accept_tokens_errors_name_public_arguments_only():
         lambda: m.accept_tokens(step, history[:, :4], torch.tensor([9]), [1], [0]),
         lambda: m.accept_tokens(step, history.float(), torch.tensor([9.0]), [1], [0]),
         lambda: m.accept_tokens(step, history[:1], torch.tensor([9]), [1], [0]),
-        lambda: m.accept_tokens(step, history, torch.tensor([[9]]), [1], [0]),
+        lambda: m.accept_tokens(step, history, torch.tensor([[[9]]]), [1], [0]),
+        lambda: m.accept_tokens(step, history, torch.tensor([[9], [9]]), [1], [0]),  # a row per batch row
         lambda: m.accept_tokens(meta().prepare_prefill([], [], []), history, torch.tensor([9]), [], []),
     ]
     for call in bad:

@@ -15,7 +15,6 @@ import os
 import hypothesis.strategies as st
 import numpy as np
 import torch
-from _helpers import naive_copy_next
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_metadata import check_step
@@ -157,29 +156,36 @@ class MetadataMachine(RuleBasedStateMachine):
     def accept_tokens(self, data):
         step, idx, qlens, clens = self.last
         n = len(idx)
-        num_accepted = data.draw(st.lists(st.integers(-1, 4), min_size=n, max_size=n))
+        k = step.num_draft_tokens
+        num_accepted = data.draw(st.lists(st.integers(-1, K + 2), min_size=n, max_size=n))
         prompts = data.draw(st.lists(st.integers(-1, L + 1), min_size=n, max_size=n))
         short = data.draw(st.integers(0, 5)) == 0  # one token fewer than accepted
         total = max(0, sum(num_accepted) - short)
         tokens = data.draw(st.lists(st.integers(1, 1000), min_size=total, max_size=total))
         next_ids = torch.tensor(tokens, dtype=torch.int64, device=DEVICE)
+        # The engine's rule: a row reaching its prompt's end accepts 1..1+k tokens, one inside it 0..1.
+        ends = [c + q >= p for c, q, p in zip(clens, qlens, prompts, strict=True)]
+        nxt = [c + q - k + a - 1 if a >= 1 and e else c + q for c, q, a, e in zip(clens, qlens, num_accepted, ends)]
         ok = (
-            all(a >= 0 for a in num_accepted)
+            not step._accepted
             and all(0 <= p <= L for p in prompts)
+            and all((1 if e else 0) <= a <= (1 + k if e else 1) for a, e in zip(num_accepted, ends, strict=True))
             and sum(num_accepted) <= total
-            and all(c + q + a <= L for c, q, a in zip(clens, qlens, num_accepted, strict=True))
+            and all(x < L for x, a, e in zip(nxt, num_accepted, ends, strict=True) if a >= 1 and e)
         )
         call = lambda: self.meta.accept_tokens(step, self.history, next_ids, num_accepted, prompts)
         if not ok:
             self.rejected(call)
             assert self.history.cpu().tolist() == self.model_history
             return
-        new_cache, new_query = call()
-        assert new_cache.tolist() == [c + q for c, q in zip(clens, qlens, strict=True)]
-        assert new_query.tolist() == num_accepted
-        rows = naive_copy_next([self.model_history[r] for r in idx], clens, qlens, prompts, tokens, num_accepted)
-        for r, row in zip(idx, rows, strict=True):
-            self.model_history[r] = row
+        new_cache, exact = call()
+        assert new_cache.tolist() == nxt and exact.all()
+        at = 0
+        for r, c, q, a, p in zip(idx, clens, qlens, num_accepted, prompts, strict=True):
+            for j in range(a):
+                if c + q - k + j >= p:
+                    self.model_history[r][c + q - k + j] = tokens[at + j]
+            at += a
         assert self.history.cpu().tolist() == self.model_history
 
     @invariant()

@@ -76,12 +76,12 @@ class Model:
     def accept(self, step, num_accepted, prompt_lens):
         n = int(sum(num_accepted))
         new = self.rng.integers(0, 2**31 - 1, n)
-        at = 0
+        at, k = 0, step.num_draft_tokens
         for r, c, q, a, p in zip(step.idx_mapping_host, step.cache_lens_host, step.query_lens_host, num_accepted,
                                  prompt_lens, strict=True):  # fmt: skip
-            for j in range(a):
-                if c + q + j >= p:
-                    self.hist[int(r)][int(c + q + j)] = int(new[at + j])
+            for j in range(a):  # the engine's rule: after the row's last non-draft token
+                if c + q - k + j >= p:
+                    self.hist[int(r)][int(c + q - k + j)] = int(new[at + j])
             at += a
         ids = torch.tensor(new, dtype=torch.int64, device=DEVICE)
         return self.meta.accept_tokens(step, None, ids, num_accepted, prompt_lens)
