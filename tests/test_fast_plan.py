@@ -392,3 +392,130 @@ def test_older_flashinfer_has_no_fast_plans(flashinfer_version, caplog):
         assert not fast_plan.fast_plan_supported()
     (message,) = _warnings(caplog)
     assert "0.6.3" in message
+
+
+class FakeMLAModule:
+    """The FA2 MLA backend's planning function: ``(plan info, staged int workspace bytes)``."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.owner = None
+
+    def plan_with_staged_workspace_bytes(self, *args):
+        self.calls.append("stock" if self.owner._in_stock else "fast")
+        data = repr(_digest(args[3:])).encode()
+        args[2][: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return [len(data), 7], len(data)
+
+
+class FakeMLAWrapper:
+    """``BatchMLAPagedAttentionWrapper``'s plan() on FA2: a new backend per plan, as FlashInfer makes;
+    with ``geometry`` (0.7.4) the backend records the planned query shape and page range."""
+
+    def __init__(self, module: FakeMLAModule, backend_type: type, geometry: bool):
+        module.owner = self
+        self._module, self._backend_type, self._geometry = module, backend_type, geometry
+        self._use_cuda_graph = False
+        self._in_stock = False
+
+    def plan(self, *, qo_indptr, kv_indptr, kv_indices, kv_len_arr, num_heads, head_dim_ckv, causal, **_):
+        b = self._backend_type()
+        b.device, b._cached_module, b._use_profiler, b._causal = torch.device("cpu"), self._module, False, causal
+        b._float_workspace_buffer = torch.zeros(64, dtype=torch.uint8)
+        b._int_workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+        b._pin_memory_int_workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+        self._in_stock = True
+        info, staged = self._module.plan_with_staged_workspace_bytes(
+            b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr,
+            kv_indptr, kv_len_arr, num_heads, head_dim_ckv, causal,
+        )  # fmt: skip
+        self._in_stock = False
+        b._kv_indices_buf = kv_indices.clone()
+        if self._geometry:
+            b._planned_query_shape = (int(qo_indptr[-1]), num_heads)
+            b._planned_kv_page_range = (int(kv_indices.min()), int(kv_indices.max()) + 1)
+        b._plan_info, b._staged_int_workspace_bytes = info, staged
+        self._planned_backend, self._plan_info = b, info
+
+
+@pytest.fixture
+def fake_mla(flashinfer_version, monkeypatch):
+    """Fake ``flashinfer.mla`` modules (the FA2 backend class, the workload check); returns the
+    backend class."""
+    from batchmeta.attention import mla
+
+    backend_type = type("_BatchMLAPagedAttentionFa2Backend", (), {})
+    backends = "flashinfer.mla._batch_mla._backends"
+    names = [
+        "flashinfer.mla",
+        "flashinfer.mla._batch_mla",
+        backends,
+        f"{backends}._fa_common",
+        f"{backends}.fa2_backend",
+    ]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[3]]._validate_fa_plan_workload = lambda *args: None
+    sys.modules[names[4]]._BatchMLAPagedAttentionFa2Backend = backend_type
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=132)
+    )
+    flashinfer_version("0.7.4")
+    sys.modules["flashinfer"].mla = sys.modules["flashinfer.mla"]  # no MLAPlanMetadata: the keyword plan()
+    mla._canonical_api.cache_clear()
+    yield backend_type
+    mla._canonical_api.cache_clear()
+
+
+def _mla_batch(qlens, kv_lens, page_size=4):
+    q, kv = torch.tensor(qlens, dtype=torch.int32), torch.tensor(kv_lens, dtype=torch.int32)
+    qo, kvp = torch.zeros(len(qlens) + 1, dtype=torch.int32), torch.zeros(len(qlens) + 1, dtype=torch.int32)
+    qo[1:], kvp[1:] = torch.cumsum(q, 0), torch.cumsum((kv + page_size - 1) // page_size, 0)
+    return qo, kvp, kv, torch.arange(3, 3 + int(kvp[-1]), dtype=torch.int32), int(qo[-1])
+
+
+def _mla_planner(wrapper):
+    from batchmeta.attention.mla import MLAPlanner
+
+    return MLAPlanner(wrapper, num_heads=16, head_dim_ckv=512, head_dim_kpe=64, page_size=4, sm_scale=0.1,
+                      q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)  # fmt: skip
+
+
+@pytest.mark.parametrize("geometry", [False, True])  # 0.7.2.post1's backend; 0.7.4's
+def test_mla_fast_plan_equal_to_stock_is_taken(fake_mla, caplog, geometry):
+    module = FakeMLAModule()
+    wrapper = FakeMLAWrapper(module, fake_mla, geometry)
+    planner = _mla_planner(wrapper)
+    with caplog.at_level(logging.INFO, logger="batchmeta"):
+        planner.plan(*_mla_batch([1, 1, 1], [30, 7, 19]))
+        assert planner.fast and module.calls == ["stock", "fast", "stock"]
+        page_range = getattr(wrapper._planned_backend, "_planned_kv_page_range", None)
+        for qlens, kv_lens in (([3, 1], [40, 9]), ([1], [2])):
+            batch = _mla_batch(qlens, kv_lens)
+            planner.plan(*batch)
+            ref = FakeMLAWrapper(FakeMLAModule(), fake_mla, geometry)
+            _mla_planner(ref).plan(*batch)
+            backend, stock = wrapper._planned_backend, ref._planned_backend
+            assert wrapper._plan_info == ref._plan_info and backend._kv_indices_buf is batch[3]
+            staged = stock._staged_int_workspace_bytes
+            assert backend._staged_int_workspace_bytes == staged
+            assert torch.equal(backend._pin_memory_int_workspace_buffer[:staged],
+                               stock._pin_memory_int_workspace_buffer[:staged])  # fmt: skip
+            if geometry:  # the query shape run() checks; the page range stays the stock plan's
+                assert backend._planned_query_shape == (sum(qlens), 16)
+                assert backend._planned_kv_page_range == page_range
+    assert module.calls[3:] == ["fast", "fast"]
+    assert _warnings(caplog) == []
+
+
+def test_mla_fast_plan_with_another_query_shape_keeps_stock(fake_mla, caplog):
+    """0.7.4's planned query shape is compared too: a fast plan given another token count differs."""
+    module = FakeMLAModule()
+    planner = _mla_planner(FakeMLAWrapper(module, fake_mla, geometry=True))
+    qo, kv, kv_len, indices, num_tokens = _mla_batch([1, 1, 1], [30, 7, 19])
+    with caplog.at_level(logging.INFO, logger="batchmeta"):
+        planner.plan(qo, kv, kv_len, indices, num_tokens + 1)
+        planner.plan(*_mla_batch([1], [2]))
+    assert not planner.fast and module.calls == ["stock", "fast", "stock", "stock"]
+    (message,) = _warnings(caplog)
+    assert "_planned_query_shape" in message and "FakeMLAWrapper" in message
