@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from batchmeta import ops
-from batchmeta.attention import fast_plan_supported
 from tests.test_gpu_attention import Engine, check_outputs, tol
 
 pytestmark = pytest.mark.gpu
@@ -86,7 +85,7 @@ def test_speculative_verify_under_cuda_graphs(heads):
     planners = meta._planner.prefill_planners().items()
     graph_planners = {k: p for k, p in planners if isinstance(k, tuple) and k[0] == "graph"}
     assert {key[2:] for key in graph_planners} == {(s, 1 + kd) for s in sizes for kd in drafts}
-    assert all(p.fast == fast_plan_supported() for p in graph_planners.values())
+    assert all(p.fast is True for p in graph_planners.values())
     # A draft count with no captured graph raises; so does a batch above the largest size.
     for r in (0, 1):
         eng.grow(r, lens[r] + 3)
@@ -145,7 +144,7 @@ def test_fast_verify_graph_plan_equals_stock_plan():
         for r in batch:
             lens[r] += 1
     planner = meta._planner.prefill_planners()[("graph", 0, 4, 3)]
-    assert planner.fast == fast_plan_supported()
+    assert planner.fast is True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 ``Step`` and deals in tensors and host arrays.
 
 - :mod:`~batchmeta.attention.wrappers`: is FlashInfer usable, the shared workspace, wrapper construction;
+- :mod:`~batchmeta.attention.fast_plan`: what the fast planners share: FlashInfer's planning-call
+  conventions per release and the one-time check that a wrapper's fast plan equals its stock plan;
 - :mod:`~batchmeta.attention.decode_planner`: :class:`DecodePlanner`, fast decode planning;
-- :mod:`~batchmeta.attention.prefill_planner`: :class:`PrefillPlanner`, fast paged-prefill planning;
+- :mod:`~batchmeta.attention.prefill_planner`: :class:`PrefillPlanner`, fast paged- and ragged-prefill planning;
+- :mod:`~batchmeta.attention.mla`: :class:`~batchmeta.attention.mla.MLAPlanner`, fast MLA planning;
 - :mod:`~batchmeta.attention.planning`: :class:`StepPlanner`, every wrapper of a model runner and
   how a step plans them;
 - :mod:`~batchmeta.attention.torch_ref`: paged attention in torch (CPU fallback, reference).

@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import torch
 
-from batchmeta.attention.wrappers import flashinfer_available
+from batchmeta.attention.fast_plan import (
+    fast_plan_conventions,
+    fast_plan_supported,
+    path_reproduced,
+    plan_state,
+    verify_fast_plan,
+)
 
 __all__ = ["DecodePlanner", "fast_plan_supported"]
-
-
-# FlashInfer releases whose decode ``plan()`` was read and whose cached-module planning call (its
-# argument order and the wrapper state ``run()`` reads) :class:`DecodePlanner` reproduces. Any other
-# version plans through the stock ``plan()``.
-_FAST_PLAN_VERIFIED = frozenset({"0.7.2.post1"})
-
-
-@functools.cache
-def fast_plan_supported() -> bool:
-    """Whether :class:`DecodePlanner` may bypass ``plan()`` here: a verified FlashInfer version, and
-    ``BATCHMETA_FAST_PLAN`` not set to ``0``."""
-    if os.environ.get("BATCHMETA_FAST_PLAN", "1") == "0" or not flashinfer_available():
-        return False
-    import flashinfer
-
-    return getattr(flashinfer, "__version__", None) in _FAST_PLAN_VERIFIED
 
 
 class DecodePlanner:
@@ -36,11 +23,14 @@ class DecodePlanner:
     FlashInfer's ``plan()`` spends most of its host time on Python: argument checks, dtype and
     backend resolution, copying the indptr arrays to the device, recomputing sequence lengths.
     Only the planning call of the wrapper's cached module depends on the batch. The first plan of
-    a planner goes through the stock ``plan()``; if the wrapper then resolved to the FA2 kernels
-    (CUDA-core decode, or tensor-core prefill-as-decode) on a verified FlashInfer version, later
-    plans set the batch-dependent wrapper state and call the cached module directly, with the
-    caller's device buffers (already on the device) instead of fresh copies. Otherwise every plan is the
-    stock ``plan()``. Everything else (heads, dtypes, page size, window) is fixed per planner.
+    a planner goes through the stock ``plan()``; if the wrapper then resolved to the kernels this
+    reproduces (CUDA-core decode, or tensor-core prefill-as-decode on FA2 or FA3), the planner
+    checks once that its fast plan of that batch equals the stock plan (plan info and int workspace
+    bytes: :func:`~batchmeta.attention.fast_plan.verify_fast_plan`). From then on, plans set the
+    batch-dependent wrapper state and call the cached module directly, with the caller's device
+    buffers (already on the device) instead of fresh copies. Otherwise (another path, a fast plan
+    that differed, ``BATCHMETA_FAST_PLAN=0``) every plan is the stock ``plan()``. Everything else
+    (heads, dtypes, page size, window) is fixed per planner.
 
     Parameters
     ----------
@@ -54,6 +44,12 @@ class DecodePlanner:
         soft cap selects FlashInfer's kernel variant, so a planner keeps one of each.
     max_batch_size:
         Largest batch this planner will see.
+
+    Attributes
+    ----------
+    fast:
+        Whether plans take the fast path: True once the wrapper's fast plan was found equal to its
+        stock plan.
     """
 
     def __init__(
@@ -77,8 +73,10 @@ class DecodePlanner:
         self._logits_soft_cap = float(logits_soft_cap)
         self._plan_kwargs = dict(q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale,
                             logits_soft_cap=self._logits_soft_cap)  # fmt: skip
-        self._allowed = fast_plan_supported()
-        self.fast = False  # True once the stock plan has shown the wrapper takes the verified path
+        self._conventions = fast_plan_conventions()
+        self._undecided = self._conventions is not None  # until the fast plan was compared with the stock plan
+        self.fast = False
+        self._tail: tuple = ()  # the tensor-core planner's arguments after window_left
         device = wrapper.device
         self._qo_host = torch.arange(max_batch_size + 1, dtype=torch.int32)
         self._qo_dev = torch.arange(max_batch_size + 1, dtype=torch.int32, device=device)
@@ -106,15 +104,43 @@ class DecodePlanner:
             The same on the device (``kv_indices`` may be longer than ``kv_indptr[B]``), already
             written or enqueued on the current stream.
         """
+        if self.fast:  # common case
+            self._fast_plan(kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, kv_indptr, kv_indices,
+                            kv_last_page_len)  # fmt: skip
+            return self.wrapper
+        self._stock_plan(kv_indptr_host, kv_last_page_len_host, kv_indices)
+        if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(kv_indptr, kv_last_page_len)):
+            self._undecided = False
+            args = (kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, kv_indptr, kv_indices,
+                    kv_last_page_len)  # fmt: skip
+            self.fast = verify_fast_plan(
+                self.wrapper,
+                lambda: self._fast_plan(*args),
+                lambda: self._stock_plan(kv_indptr_host, kv_last_page_len_host, kv_indices),
+                self._plan_state,
+            )
+        return self.wrapper
+
+    def _stock_plan(self, kv_indptr_host: torch.Tensor, kv_last_page_len_host: torch.Tensor,
+                    kv_indices: torch.Tensor) -> None:  # fmt: skip
+        w = self.wrapper
+        # A CUDA-graph wrapper copies kv_indices itself unless given none.
+        indices = kv_indices[:0] if w.is_cuda_graph_enabled else kv_indices
+        w.plan(kv_indptr_host, indices, kv_last_page_len_host, *self._static, window_left=self._window_left,
+               **self._plan_kwargs)  # fmt: skip
+
+    def _fast_plan(
+        self,
+        kv_indptr_host: torch.Tensor,
+        kv_last_page_len_host: torch.Tensor,
+        seq_lens_host: torch.Tensor,
+        max_seq_len: int,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+    ) -> None:
         w = self.wrapper
         b = kv_last_page_len_host.shape[0]
-        if not self.fast:
-            # Stock plan; a CUDA-graph wrapper copies kv_indices itself unless given none.
-            indices = kv_indices[:0] if w.is_cuda_graph_enabled else kv_indices
-            w.plan(kv_indptr_host, indices, kv_last_page_len_host, *self._static,
-                   window_left=self._window_left, **self._plan_kwargs)  # fmt: skip
-            self.fast = self._allowed and self._verified_state(kv_indptr, kv_last_page_len)
-            return w
         views = self._qo_views.get(b)
         if views is None:
             views = self._qo_views[b] = (self._qo_host[: b + 1], self._qo_dev[: b + 1])
@@ -130,7 +156,7 @@ class DecodePlanner:
             w._plan_info = w._cached_module.plan(
                 w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
                 views[0], kv_indptr_host, seq_lens_host, b, b, hq, hkv, ps, w.is_cuda_graph_enabled, d, d,
-                False, self._window_left, -1, False, 0, 0,
+                False, self._window_left, *self._tail,
             )  # fmt: skip
         else:
             w._plan_info = w._cached_module.plan(
@@ -138,26 +164,33 @@ class DecodePlanner:
                 kv_indptr_host, b, hq, hkv, ps, w.is_cuda_graph_enabled, self._window_left, self._logits_soft_cap, d, d,
                 *self._empty,
             )  # fmt: skip
-        return w
 
-    def _verified_state(self, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor) -> bool:
-        """Whether the stock plan left the wrapper on the path :meth:`plan` reproduces."""
+    def _plan_state(self):
+        scalars = ("_batch_size", "_max_kv_len") if self.wrapper.use_tensor_cores else ("_batch_size",)
+        return plan_state(self.wrapper, scalars)
+
+    def _reproducible(self, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor) -> bool:
+        """Whether the stock plan left the wrapper on a path :meth:`_fast_plan` reproduces (and sets
+        the tensor-core planner's trailing arguments for its backend)."""
         w = self.wrapper
-        try:
-            path_ok = (
-                getattr(w, "_jit_module", None) is None
-                and getattr(w, "_cached_module", None) is not None
-                and not w._uses_cudnn
-                and getattr(w, "_q_len_per_req", 1) == 1
-                and w._block_tables is None
-                and (w._backend == "fa2" if w.use_tensor_cores else w._backend == "auto")
-            )
-        except AttributeError:
-            return False
+        path_ok = (
+            getattr(w, "_jit_module", None) is None
+            and getattr(w, "_cached_module", None) is not None
+            and not w._uses_cudnn
+            and getattr(w, "_q_len_per_req", 1) == 1
+            and not getattr(w, "_use_xqa_mtp_decode", False)  # 0.7.4: multi-token rows only
+            and not getattr(w, "_use_token_head_sf", False)  # 0.7.4: not asked for
+            and w._block_tables is None
+            and (w._backend in ("fa2", "fa3") if w.use_tensor_cores else w._backend == "auto")
+        )
         if path_ok and w.is_cuda_graph_enabled:
             # The graph reads the wrapper's own buffers: they must be the caller's, so nothing is copied.
             path_ok = (
                 w._paged_kv_indptr_buf.data_ptr() == kv_indptr.data_ptr()
                 and w._paged_kv_last_page_len_buf.data_ptr() == kv_last_page_len.data_ptr()
             )
+        if path_ok and w.use_tensor_cores:
+            # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas,
+            # uniform_q_len (and from 0.7.4 fixed_uniform_q_len); FA3's none of them.
+            self._tail = self._conventions.decode_fa2_tail() if w._backend == "fa2" else ()
         return path_ok

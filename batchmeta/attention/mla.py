@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from batchmeta.attention.decode_planner import fast_plan_supported
+from batchmeta.attention.fast_plan import fast_plan_conventions, path_reproduced, plan_state, verify_fast_plan
 
 __all__ = ["MLAPlanner", "check_mla_shape", "mla_run", "new_mla_wrapper"]
 
@@ -56,9 +56,16 @@ class MLAPlanner:
 
     FlashInfer 0.7's ``plan()`` costs about a millisecond of host time (argument audits, buffer
     snapshots, copies). The first plan of a planner is that stock ``plan()``; if it chose the FA2
-    backend on a verified FlashInfer version, later plans run FlashInfer's own workload checks and
-    the backend's cached planning call directly, with the caller's ``kv_indices`` (the kernels read
-    nothing else the stock plan copies: the plan info in the workspace holds the rest).
+    backend, the planner checks once that its fast plan of that batch equals the stock plan (plan
+    info, staged int workspace bytes, planned query shape:
+    :func:`~batchmeta.attention.fast_plan.verify_fast_plan`). From then on, plans run FlashInfer's
+    own workload checks and the backend's cached planning call directly, with the caller's
+    ``kv_indices`` (the kernels read nothing else the stock plan copies: the plan info in the
+    workspace holds the rest). FlashInfer 0.7.4's backend also records the query shape and the
+    range of pages a plan's ``kv_indices`` span (a device read), which ``run()`` checks: the fast
+    path sets the shape and keeps the stock plan's page range (the cache it checks is the same).
+    Otherwise (another backend, a fast plan that differed, ``BATCHMETA_FAST_PLAN=0``) every plan
+    is the stock ``plan()``.
 
     Parameters
     ----------
@@ -66,6 +73,12 @@ class MLAPlanner:
         From :func:`new_mla_wrapper`.
     num_heads, head_dim_ckv, head_dim_kpe, page_size, sm_scale, q_data_type, kv_data_type:
         As for FlashInfer's ``plan()``.
+
+    Attributes
+    ----------
+    fast:
+        Whether plans take the fast path: True once the wrapper's fast plan was found equal to its
+        stock plan.
     """
 
     def __init__(self, wrapper: Any, *, num_heads: int, head_dim_ckv: int, head_dim_kpe: int, page_size: int,
@@ -75,9 +88,10 @@ class MLAPlanner:
                           page_size=page_size, causal=True, sm_scale=sm_scale, q_data_type=q_data_type,
                           kv_data_type=kv_data_type)  # fmt: skip
         self._canonical = _canonical_api()
-        self._allowed = fast_plan_supported()
-        self.fast = False  # True once the stock plan has shown the FA2 backend this reproduces
+        self._undecided = fast_plan_conventions() is not None  # until the fast plan was compared with the stock plan
+        self.fast = False
         self._validate: Any = None
+        self._geometry = False  # FlashInfer 0.7.4: the backend records the planned query shape run() checks
 
     def plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
              kv_indices: torch.Tensor, num_tokens: int) -> Any:  # fmt: skip
@@ -87,25 +101,21 @@ class MLAPlanner:
         pinned CPU tensors; ``kv_indices``: the device pages ``[kv_indptr[B]]`` (a view of the
         buffer the step kernel writes); ``num_tokens``: ``qo_indptr[B]``.
         """
+        args = (qo_indptr_host, kv_indptr_host, kv_len_host, kv_indices, num_tokens)
+        if self.fast:  # common case
+            self._fast_plan(*args)
+            return self.wrapper
+        self._stock_plan(*args)
+        if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(kv_indices)):
+            self._undecided = False
+            self.fast = verify_fast_plan(
+                self.wrapper, lambda: self._fast_plan(*args), lambda: self._stock_plan(*args), self._plan_state
+            )
+        return self.wrapper
+
+    def _stock_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
+                    kv_indices: torch.Tensor, num_tokens: int) -> None:  # fmt: skip
         w = self.wrapper
-        if self.fast:
-            backend, a = w._planned_backend, self._args
-            b = kv_len_host.shape[0]
-            # FlashInfer's checks of what its kernels can run (work items, causal tile bounds) are a
-            # Python loop over query tiles; skipped where they provably pass (see _always_valid).
-            if not self._always_valid(num_tokens, b):
-                self._validate(qo_indptr_host, kv_len_host, a["num_heads"], True, backend.device, "fa2",
-                               a["kv_data_type"])  # fmt: skip
-            if not w._use_cuda_graph:
-                backend._kv_indices_buf = kv_indices
-            b = backend
-            info, staged = b._cached_module.plan_with_staged_workspace_bytes(
-                b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr_host,
-                kv_indptr_host, kv_len_host, a["num_heads"], a["head_dim_ckv"], True,
-            )  # fmt: skip
-            backend._plan_info = w._plan_info = info
-            backend._staged_int_workspace_bytes = staged
-            return w
         if self._canonical:
             from flashinfer.mla import MLAPlanMetadata
 
@@ -114,11 +124,37 @@ class MLAPlanner:
         else:
             w.plan(qo_indptr=qo_indptr_host, kv_indptr=kv_indptr_host, kv_indices=kv_indices,
                    kv_len_arr=kv_len_host, **self._args)  # fmt: skip
-        self.fast = self._allowed and self._verified_state(kv_indices)
-        return w
+
+    def _fast_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
+                   kv_indices: torch.Tensor, num_tokens: int) -> None:  # fmt: skip
+        w = self.wrapper
+        backend, a = w._planned_backend, self._args
+        b = kv_len_host.shape[0]
+        # FlashInfer's checks of what its kernels can run (work items, causal tile bounds) are a
+        # Python loop over query tiles; skipped where they provably pass (see _always_valid).
+        if not self._always_valid(num_tokens, b):
+            self._validate(qo_indptr_host, kv_len_host, a["num_heads"], True, backend.device, "fa2",
+                           a["kv_data_type"])  # fmt: skip
+        if not w._use_cuda_graph:
+            backend._kv_indices_buf = kv_indices
+        if self._geometry:
+            backend._planned_query_shape = (num_tokens, a["num_heads"])
+        b = backend
+        info, staged = b._cached_module.plan_with_staged_workspace_bytes(
+            b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr_host,
+            kv_indptr_host, kv_len_host, a["num_heads"], a["head_dim_ckv"], True,
+        )  # fmt: skip
+        backend._plan_info = w._plan_info = info
+        backend._staged_int_workspace_bytes = staged
+
+    def _plan_state(self):
+        backend = self.wrapper._planned_backend
+        scalars = ("_staged_int_workspace_bytes", "_planned_query_shape") if self._geometry else ()
+        return plan_state(backend, scalars, workspace_bytes=backend._staged_int_workspace_bytes)
 
     def _always_valid(self, num_tokens: int, num_rows: int) -> bool:
-        """Whether FlashInfer 0.7.2's FA2 MLA checks must pass for a batch of this size.
+        """Whether FlashInfer's FA2 MLA checks (the same in 0.7.2.post1 and 0.7.4) must pass for a
+        batch of this size.
 
         Its causal tile check returns at once when the query tile (64 or 128 rows of heads) is a
         multiple of the head count. Its work-item count is at most the query tiles plus one split
@@ -129,26 +165,24 @@ class MLAPlanner:
         heads = self._args["num_heads"]
         return 64 % heads == 0 and -(-num_tokens * heads // 64) + num_rows + self._num_sm <= 16384
 
-    def _verified_state(self, kv_indices: torch.Tensor) -> bool:
-        """Whether the stock plan left the wrapper on the FA2 backend path :meth:`plan` reproduces."""
-        w = self.wrapper
-        try:
-            from flashinfer.mla._batch_mla._backends._fa_common import _validate_fa_plan_workload
-            from flashinfer.mla._batch_mla._backends.fa2_backend import _BatchMLAPagedAttentionFa2Backend
+    def _reproducible(self, kv_indices: torch.Tensor) -> bool:
+        """Whether the stock plan left the wrapper on the FA2 backend path :meth:`_fast_plan` reproduces."""
+        from flashinfer.mla._batch_mla._backends._fa_common import _validate_fa_plan_workload
+        from flashinfer.mla._batch_mla._backends.fa2_backend import _BatchMLAPagedAttentionFa2Backend
 
-            backend = w._planned_backend
-            ok = (
-                type(backend) is _BatchMLAPagedAttentionFa2Backend
-                and hasattr(backend._cached_module, "plan_with_staged_workspace_bytes")
-                and not backend._use_profiler
-                and backend._causal
-            )
-            if ok and w._use_cuda_graph:  # the graph reads the wrapper's buffer: it must be the caller's
-                ok = backend._kv_indices_buf.data_ptr() == kv_indices.data_ptr()
-        except (ImportError, AttributeError):
-            return False
+        w = self.wrapper
+        backend = w._planned_backend
+        ok = (
+            type(backend) is _BatchMLAPagedAttentionFa2Backend
+            and hasattr(backend._cached_module, "plan_with_staged_workspace_bytes")
+            and not backend._use_profiler
+            and backend._causal
+        )
+        if ok and w._use_cuda_graph:  # the graph reads the wrapper's buffer: it must be the caller's
+            ok = backend._kv_indices_buf.data_ptr() == kv_indices.data_ptr()
         self._validate = _validate_fa_plan_workload
         self._num_sm = torch.cuda.get_device_properties(backend.device).multi_processor_count
+        self._geometry = hasattr(backend, "_planned_query_shape")
         return bool(ok)
 
 

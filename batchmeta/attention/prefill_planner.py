@@ -6,13 +6,13 @@ from typing import Any
 
 import torch
 
-from batchmeta.attention.decode_planner import fast_plan_supported
+from batchmeta.attention.fast_plan import fast_plan_conventions, path_reproduced, plan_state, verify_fast_plan
 
 __all__ = ["PrefillPlanner"]
 
 # The backends whose planning call :meth:`PrefillPlanner.plan` reproduces (FlashInfer 0.7.2.post1's
-# ``BatchPrefillWithPagedKVCacheWrapper.plan`` and ``BatchPrefillWithRaggedKVCacheWrapper.plan``):
-# FA2 takes four more arguments than FA3.
+# and 0.7.4's ``BatchPrefillWithPagedKVCacheWrapper.plan`` and ``BatchPrefillWithRaggedKVCacheWrapper.plan``):
+# FA2 takes four more arguments than FA3 (five from 0.7.4).
 _FAST_BACKENDS = ("fa2", "fa3")
 
 
@@ -25,11 +25,15 @@ class PrefillPlanner:
     last-page-length) arrays to the device, rebuilds the KV lengths, resolves the backend and module,
     and only then calls the cached module's planning function. The first plan of a planner is the
     stock ``plan()``; if it left the wrapper on the FA2 or FA3 path (no custom mask, no JIT
-    variant, no block tables, no specialised verify kernel) on a verified FlashInfer version, later
-    plans set the batch-dependent
-    wrapper state and call the module's ``plan`` directly, with the caller's device buffers (already
-    written by the step kernel) and pinned host arrays: nothing is copied or allocated. Otherwise
-    every plan is the stock ``plan()``.
+    variant, no block tables, no specialised verify kernel), the planner checks once that its fast
+    plan of that batch equals the stock plan (plan info and int workspace bytes:
+    :func:`~batchmeta.attention.fast_plan.verify_fast_plan`). From then on, plans set the
+    batch-dependent wrapper state and call the module's ``plan`` directly, with the caller's device
+    buffers (already written by the step kernel) and pinned host arrays: nothing is copied or
+    allocated. Otherwise (another path, a fast plan that differed, ``BATCHMETA_FAST_PLAN=0``) every
+    plan is the stock ``plan()``. The backend is the one the first plan chose: with ``"auto"``,
+    FlashInfer 0.7.4 may choose again per plan (FA2 for short queries where FA3 otherwise), the
+    fast path keeps the first plan's.
 
     Parameters
     ----------
@@ -74,9 +78,10 @@ class PrefillPlanner:
         self._scales = dict(sm_scale=sm_scale, logits_soft_cap=float(logits_soft_cap))
         self._uniform = uniform_query_len
         self._graph = wrapper.is_cuda_graph_enabled
-        self._allowed = fast_plan_supported()
-        self.fast = False  # True once the stock plan has shown the wrapper takes a verified path
-        self._extra: tuple = ()
+        self._conventions = fast_plan_conventions()
+        self._undecided = self._conventions is not None  # until the fast plan was compared with the stock plan
+        self.fast = False
+        self._tail: tuple = ()  # the planner's arguments after window_left
 
     def plan(
         self,
@@ -109,25 +114,42 @@ class PrefillPlanner:
         A ragged planner reads only ``qo_indptr_host``, ``seq_lens_host`` (the query lengths),
         ``num_tokens`` and ``qo_indptr``; pass None for the paged-only arguments.
         """
+        args = (qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens, max_query_len,
+                max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_kv_pages)  # fmt: skip
+        if self.fast:  # common case
+            self._fast_plan(*args)
+            return self.wrapper
+        self._stock_plan(*args)
+        check = (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
+        if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(*check)):
+            self._undecided = False
+            self.fast = verify_fast_plan(
+                self.wrapper, lambda: self._fast_plan(*args), lambda: self._stock_plan(*args), self._plan_state
+            )
+        return self.wrapper
+
+    def _stock_plan(self, qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens,
+                    max_query_len, max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                    num_kv_pages) -> None:  # fmt: skip
         w = self.wrapper
         hq, hkv, d = self._heads
-        if not self.fast:
-            if self.ragged:
-                # The keys and values are the step's own (unquantized) tokens: the query dtype.
-                w.plan(qo_indptr_host, qo_indptr_host, hq, hkv, d, causal=True, window_left=self._window_left,
-                       q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"],
-                       **self._scales)  # fmt: skip
-            else:
-                # A graph wrapper copies into its fixed buffers: they are these, holding these values.
-                graph = dict(uniform_q_len=self._uniform) if self._graph else {}
-                w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
-                       self._page_size, causal=True, window_left=self._window_left, **self._dtypes,
-                       **self._scales, **graph)  # fmt: skip
-            self.fast = self._allowed and self._verified_state(qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
-            if self.fast:
-                # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len.
-                self._extra = (-1, False, 0, self._uniform if self._graph else 0) if w._backend == "fa2" else ()
-            return w
+        if self.ragged:
+            # The keys and values are the step's own (unquantized) tokens: the query dtype.
+            w.plan(qo_indptr_host, qo_indptr_host, hq, hkv, d, causal=True, window_left=self._window_left,
+                   q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"],
+                   **self._scales)  # fmt: skip
+        else:
+            # A graph wrapper copies into its fixed buffers: they are these, holding these values.
+            graph = dict(uniform_q_len=self._uniform) if self._graph else {}
+            w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
+                   self._page_size, causal=True, window_left=self._window_left, **self._dtypes, **self._scales,
+                   **graph)  # fmt: skip
+
+    def _fast_plan(self, qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens,
+                   max_query_len, max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                   num_kv_pages) -> None:  # fmt: skip
+        w = self.wrapper
+        hq, hkv, d = self._heads
         b = qo_indptr_host.shape[0] - 1
         # run() checks the queries' rows against this: a graph's rows include its padding rows'
         # (uniform rows: every plan has the capture's row count).
@@ -151,42 +173,52 @@ class PrefillPlanner:
         w._plan_info = w._cached_module.plan(
             w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer, qo_indptr_host,
             kv_indptr_host, seq_lens_host, total_rows, b, hq, hkv, page_size, self._graph, d, d, True,
-            self._window_left, *self._extra,
+            self._window_left, *self._tail,
         )  # fmt: skip
-        return w
 
-    def _verified_state(self, qo_indptr: torch.Tensor, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any) -> bool:
-        """Whether the stock plan left the wrapper on a path :meth:`plan` reproduces."""
+    def _plan_state(self):
+        if self.ragged:
+            return plan_state(self.wrapper, ("_qo_indptr_last",))
+        return plan_state(self.wrapper, ("_qo_indptr_last", "_batch_size", "_max_q_len", "_max_kv_len"))
+
+    def _reproducible(self, qo_indptr: torch.Tensor, kv_indptr: Any, kv_indices: Any, kv_last_page_len: Any) -> bool:
+        """Whether the stock plan left the wrapper on a path :meth:`_fast_plan` reproduces (and sets
+        the planner's trailing arguments for its backend)."""
         w = self.wrapper
-        try:
-            if self._graph:
-                # The graph reads the wrapper's own buffers: they must be the caller's, so nothing is copied;
-                # every plan must be uniform (padding rows included) for the tile size the capture used.
-                pairs = (
-                    (w._qo_indptr_buf, qo_indptr),
-                    (w._paged_kv_indptr_buf, kv_indptr),
-                    (w._paged_kv_indices_buf, kv_indices),
-                    (w._paged_kv_last_page_len_buf, kv_last_page_len),
-                )
-                same = all(a.data_ptr() == b.data_ptr() for a, b in pairs)
-                if self.ragged or not same or not self._uniform or w._max_total_num_rows is None:
-                    return False
-            common = (
-                getattr(w, "_jit_module", None) is None
-                and w._cached_module is not None
-                and w._backend in _FAST_BACKENDS
-                and w._custom_mask_buf is None
-                and w._prefix_len_ptr is None
-                and not getattr(w, "_variant_owns_mask", False)
-                and w._seq_lens_kv is None
+        if self._graph:
+            # The graph reads the wrapper's own buffers: they must be the caller's, so nothing is copied;
+            # every plan must be uniform (padding rows included) for the tile size the capture used.
+            pairs = (
+                (w._qo_indptr_buf, qo_indptr),
+                (w._paged_kv_indptr_buf, kv_indptr),
+                (w._paged_kv_indices_buf, kv_indices),
+                (w._paged_kv_last_page_len_buf, kv_last_page_len),
             )
-            if self.ragged:  # keys and values indexed by the queries' indptr, as plan() sets them
-                return (
-                    common
-                    and w._seq_lens_q is None
-                    and w._o_indptr_buf is w._qo_indptr_buf
-                    and w._v_indptr_buf is w._kv_indptr_buf
-                )
-            return common and w._block_tables is None and getattr(w, "_eagle_verify_fp8kv_sm90_state", None) is None
-        except AttributeError:
-            return False
+            same = all(a.data_ptr() == b.data_ptr() for a, b in pairs)
+            if self.ragged or not same or not self._uniform or w._max_total_num_rows is None:
+                return False
+        common = (
+            getattr(w, "_jit_module", None) is None
+            and w._cached_module is not None
+            and w._backend in _FAST_BACKENDS
+            and w._custom_mask_buf is None
+            and w._prefix_len_ptr is None
+            and not getattr(w, "_variant_owns_mask", False)
+            and not getattr(w, "_use_token_head_sf", False)  # 0.7.4: not asked for
+            and w._seq_lens_kv is None
+        )
+        if self.ragged:  # keys and values indexed by the queries' indptr, as plan() sets them
+            ok = (
+                common
+                and w._seq_lens_q is None
+                and w._o_indptr_buf is w._qo_indptr_buf
+                and w._v_indptr_buf is w._kv_indptr_buf
+            )
+        else:
+            ok = common and w._block_tables is None and getattr(w, "_eagle_verify_fp8kv_sm90_state", None) is None
+        if ok:
+            # FA2's planner takes fixed_split_size, disable_split_kv, num_colocated_ctas, uniform_q_len
+            # (a graph's uniform rows; 0 eager) and from 0.7.4 fixed_uniform_q_len; FA3's none of them.
+            uniform = self._uniform if self._graph else 0
+            self._tail = self._conventions.prefill_fa2_tail(uniform) if w._backend == "fa2" else ()
+        return ok
