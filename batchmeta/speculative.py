@@ -80,6 +80,22 @@ class Speculation:
         self._on_device = np.zeros(r + 1, np.int64)
         self._bound = np.zeros(r + 1, np.int64)
         self.num_on_device = 0
+        # What the host learns one or two steps late, without waiting: after an accept that leaves
+        # lengths on the device, ``lens`` is copied to pinned memory behind an event; an accept that
+        # finds a copy complete takes its values. Per slot: accepts so far (``_version``), the newest
+        # length known exactly and its version, and the increments of the later accepts (``(version,
+        # most it added, whether exactly)``), so a bound is the known length plus those increments and
+        # never drifts further than the accepts the GPU has not reached yet.
+        self._version = np.zeros(r + 1, np.int64)
+        self._known_version = np.zeros(r + 1, np.int64)
+        self._known_value = np.zeros(r + 1, np.int64)
+        self._increments: dict[int, list[tuple[int, int, bool]]] = {}
+        pin = device.type == "cuda"
+        self._copies = [
+            (torch.zeros(r + 1, dtype=torch.int32, pin_memory=pin), torch.cuda.Event() if pin else None)
+            for _ in range(3)
+        ]
+        self._copy_versions: list[np.ndarray | None] = [None] * len(self._copies)
         # Per accept: request slots, cache, query and prompt lengths, on-device flags [r] each, then
         # host counts [r] and their prefix sum [r + 1]; per write_drafts: slots [r], counts [r], prefix [r + 1].
         self._staging = PinnedRing(7 * r + 1, device)
@@ -87,10 +103,50 @@ class Speculation:
         block_tables.on_reset(self._forget)
 
     def _forget(self, req: int) -> None:
-        """A reset request slot starts over: its length is the host's again."""
+        """A reset request slot starts over (or the host knows its length): its length is the host's."""
         if self._on_device[req]:
             self._on_device[req] = 0
             self.num_on_device -= 1
+        self._increments.pop(req, None)
+
+    def _learn(self) -> None:
+        """Takes the device lengths of every completed copy (an event query: never waits)."""
+        for i, (host, event) in enumerate(self._copies):
+            versions = self._copy_versions[i]
+            if versions is None or (event is not None and not event.query()):
+                continue
+            newer = versions > self._known_version
+            self._known_version[newer] = versions[newer]
+            self._known_value[newer] = host.numpy()[newer]
+            self._copy_versions[i] = None
+
+    def _copy_lens(self) -> None:
+        """Copies ``lens`` to a free pinned buffer behind an event (skipped when none is free)."""
+        for i, (host, event) in enumerate(self._copies):
+            if self._copy_versions[i] is None:
+                host.copy_(self.lens, non_blocking=True)
+                if event is not None:
+                    event.record()
+                self._copy_versions[i] = self._version.copy()
+                return
+
+    def _advance(
+        self, req: int, cache: int, increment: int, exact_increment: bool, input_exact: bool
+    ) -> tuple[int, bool]:
+        """Records one accept of request slot ``req`` (input length ``cache``, exact or a bound; its
+        next length at most ``cache + increment``); returns the slot's next length or bound, and
+        whether it is exact."""
+        v = int(self._version[req])
+        self._version[req] = v + 1
+        if input_exact:  # the host knew the input length: start the record there
+            self._known_version[req], self._known_value[req] = v, cache
+            self._increments[req] = []
+        steps = self._increments.setdefault(req, [])
+        steps.append((v + 1, increment, exact_increment))
+        known = int(self._known_version[req])
+        steps[:] = [s for s in steps if s[0] > known]
+        value = int(self._known_value[req]) + sum(s[1] for s in steps)
+        return value, all(s[2] for s in steps)
 
     def rows_on_device(self, idx: np.ndarray, cache_lens: np.ndarray) -> np.ndarray | None:
         """``[B]`` int64, 1 for rows whose cache length is on the device (None when no row's is), after
@@ -191,22 +247,21 @@ class Speculation:
                 f"next_input_ids: expected 1 (back to back) or 2 ([B, 1 + k]) dimensions, got shape "
                 f"{tuple(next_input_ids.shape)}"
             )
-        # Upper bound of every row's next length (exact where the row's length and count are known).
-        bound = (
-            cache + query
-            if accepted is None
-            else np.where((accepted >= 1) & ends, cache + query - k + accepted - 1, cache + query)
-        )
-        # Rows that write reach position ``bound`` (the last accepted token's); with device counts a
-        # position past the history is dropped on the device (the bound may not be reached).
-        writes = (accepted >= 1) & ends if accepted is not None else np.zeros(b, bool)
-        if writes.any() and bound[writes].max() >= token_ids.shape[1]:
-            raise ValueError(
-                f"token_ids: a row needs {int(bound[writes].max()) + 1} columns, got {token_ids.shape[1]}"
-            )
-        exact = np.ones(b, bool) if on_device_rows is None else on_device_rows == 0
+        # What each row adds to its length: at most q (device counts: every draft accepted), or
+        # exactly q - k + a - 1 (host counts; q for a row inside its prompt).
         if accepted is None:
-            exact &= ~(ends & (k > 0))  # a verify row's count decides its length
+            increment = query.copy()
+            increment_exact = ~(ends & (k > 0))  # a verify row's count decides its length
+        else:
+            increment = np.where((accepted >= 1) & ends, query - k + accepted - 1, query)
+            increment_exact = np.ones(b, bool)
+        input_exact = np.ones(b, bool) if on_device_rows is None else on_device_rows == 0
+        # Rows that write reach position ``cache + increment`` (the last accepted token's); with device
+        # counts a position past the history is dropped on the device (the bound may not be reached).
+        writes = (accepted >= 1) & ends if accepted is not None else np.zeros(b, bool)
+        reach = cache + increment
+        if writes.any() and reach[writes].max() >= token_ids.shape[1]:
+            raise ValueError(f"token_ids: a row needs {int(reach[writes].max()) + 1} columns, got {token_ids.shape[1]}")
         # Staging: request slots, cache, query, prompt lengths, on-device flags, counts [b] each, prefix [b + 1].
         idx = step.idx_mapping_host
         h = self._staging.next()
@@ -238,9 +293,14 @@ class Speculation:
                 self._staging.done()
         step._accepted = True
         step._accepted_by_device = accepted is None
-        # Which request slots the host now knows, and the bound of the others.
+        # Each row's next length, or its bound: from what the host knows (lengths learned from the
+        # device copies included), which request slots stay on the device, and a copy if any does.
+        self._learn()
+        bound, exact = np.empty(b, np.int64), np.empty(b, bool)
         for i in range(b):
             r = int(idx[i])
+            bound[i], exact[i] = self._advance(r, int(cache[i]), int(increment[i]), bool(increment_exact[i]),
+                                               bool(input_exact[i]))  # fmt: skip
             if exact[i]:
                 self._forget(r)
             else:
@@ -248,7 +308,9 @@ class Speculation:
                     self._on_device[r] = 1
                     self.num_on_device += 1
                 self._bound[r] = bound[i]
-        return Acceptance(bound.astype(np.int64), exact)
+        if not exact.all():
+            self._copy_lens()
+        return Acceptance(bound, exact)
 
     def write_drafts(self, step: Any, draft_token_ids: torch.Tensor, num_drafts: Any = None) -> None:
         """``BatchMetadata.write_drafts`` (see there)."""
