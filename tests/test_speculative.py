@@ -267,8 +267,12 @@ def test_worked_case_both_drafts_rejected(path):
 
 @pytest.mark.parametrize(
     "num_accepted, match",
-    [([0], r"num_accepted: batch row 0 accepts 1\.\.3"), ([4], r"1\.\.3 \(1 \+ num_draft_tokens\)"), ([-1], "num_accepted")],
-)  # fmt: skip
+    [
+        ([0], r"num_accepted: batch row 0 accepts 1\.\.3"),
+        ([4], r"1\.\.3 \(1 \+ num_draft_tokens\)"),
+        ([-1], "num_accepted"),
+    ],
+)
 def test_host_counts_out_of_the_rule_are_rejected_before_anything_changes(num_accepted, match):
     engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
     meta = engine.meta
@@ -382,15 +386,13 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
         step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=3)
         targets = torch.full((b, 4), 5, dtype=torch.int64, device="cuda")
         num = torch.tensor(counts, device="cuda") if name == "device" else counts.tolist()
-        sync = torch.cuda.set_sync_debug_mode("error") if name == "device" else None
-        acc = meta.accept_tokens(step, None, targets, num, prompts)
-        meta.write_drafts(step, torch.ones(b, 3, dtype=torch.int64, device="cuda"))
-        step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=next_k, cuda_graph=graph)
-        torch.cuda.set_sync_debug_mode(0)
-        del sync
+        with _no_sync() if name == "device" else contextlib.nullcontext():
+            acc = meta.accept_tokens(step, None, targets, num, prompts)
+            meta.write_drafts(step, torch.ones(b, 3, dtype=torch.int64, device="cuda"))
+            step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=next_k, cuda_graph=graph)
         assert step.rows_on_device.all() == (name == "device")
-        static_q[: b * (1 + next_k)] = torch.randn(b * (1 + next_k), 8, 64, generator=torch.Generator().manual_seed(1)).to(
-            device="cuda", dtype=torch.bfloat16)  # fmt: skip
+        q = torch.randn(b * (1 + next_k), 8, 64, generator=torch.Generator().manual_seed(1))
+        static_q[: b * (1 + next_k)] = q.to(device="cuda", dtype=torch.bfloat16)
         if graph:
             meta.replay_decode_graph(step)
         else:
