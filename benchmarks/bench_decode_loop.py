@@ -3,9 +3,9 @@
 Run on a machine with CUDA and FlashInfer:
 
     python benchmarks/bench_decode_loop.py [--batch 64] [--steps 200] [--layers 4] [--hidden 512] [--heads 8]
-        [--kv-heads 2] [--graphs] [--out DIR]
+        [--kv-heads 2] [--graphs] [--spec K] [--out DIR]
 
-Writes ``<out>/<device>-<date>-decode-loop.{md,json}`` (``--out`` defaults to ``benchmarks/results/``; both
+Writes ``<out>/<device>-<date>-decode-loop[-specK].{md,json}`` (``--out`` defaults to ``benchmarks/results/``; both
 files are copied to ``$OUT`` if set). Without CUDA (or with ``--device cpu``) the same loops run slowly through
 the torch fallbacks, as a smoke test: no GPU figures then.
 
@@ -51,6 +51,33 @@ Figures per loop (timed steps only):
   (clamped at 0) counts every gap, between steps and between the kernels of one step (an eager forward waiting
   for its launches); the gap between a step's last work and the next step's first is given separately
   (median). The events add about two ``record()`` calls (a few µs) of host time per step to both loops.
+
+``--spec K``: speculative decoding instead, both loops on a ``MetadataConfig(token_history=True,
+max_draft_tokens=K)``. Each decode step verifies ``1 + K`` tokens per request (the last accepted token, then K
+drafts, gathered from the token history as ``step.input_ids``): the model's argmax at every token are the target
+tokens, and the accepted count is ``1 + `` the drafts that match the targets before them up to the first mismatch
+(greedy verification, on the device; the count includes the bonus token). ``meta.accept_tokens(step, None,
+targets, counts, prompt_lens)`` writes the accepted tokens into the history; a drafter on the device then proposes
+the next K drafts and ``meta.write_drafts`` puts them after each request's next length. The drafter (prompt
+lookup, torch ops, nothing read by the host): the K tokens that followed the latest earlier occurrence of the
+request's last accepted token in its own history, else that token repeated; it keeps its own copy of the lengths
+on the device (adding each step's counts). Drafts, counts and tokens depend only on the model's outputs, so both
+loops accept the same tokens. Loops:
+
+- ``sync``: the host reads each step's counts and target tokens (one ``.tolist()``, which waits for the GPU)
+  and passes host counts to ``accept_tokens``: exact next lengths; then drafts, and the next step.
+- ``overlap``: the counts stay on the device (``accept_tokens`` returns upper bounds, ``c + 1 + K``, of the next
+  lengths, passed to the next ``prepare_decode`` as they are; pages held for ``bound + 1 + K``); counts and targets
+  come back one step late as in the plain overlapped loop, with the same plan fence.
+
+With ``--graphs`` the forward and the verification are captured per BatchMetadata
+(``capture_decode_graph(bs, forward, num_draft_tokens=K)``, replayed after ``prepare_decode(...,
+num_draft_tokens=K, cuda_graph=True)``), and so is the drafter (``torch.cuda.CUDAGraph``). Tokens/s counts the
+accepted tokens; the report adds the mean accepted tokens per request a step. The calibration (GPU busy time)
+enqueues further steps behind the sleeping kernel (device counts in both loops: the host cannot wait there), so
+the buffers are sized for ``8 * --calib`` more steps. Token checks: each step's accepted tokens, and each
+request's token history read back at the end of the run (which must also hold the prompt then the accepted
+tokens: a run whose history does not fails).
 
 Both loops must sample identical tokens (the same kernels on the same inputs): any difference fails the run
 (exit status 1, after the report is written, naming the first differing step and request). Tokens are
