@@ -3,9 +3,9 @@
 Run on a machine with CUDA and FlashInfer:
 
     python benchmarks/bench_decode_loop.py [--batch 64] [--steps 200] [--layers 4] [--hidden 512] [--heads 8]
-        [--kv-heads 2] [--graphs] [--out DIR]
+        [--kv-heads 2] [--graphs] [--spec K] [--out DIR]
 
-Writes ``<out>/<device>-<date>-decode-loop.{md,json}`` (``--out`` defaults to ``benchmarks/results/``; both
+Writes ``<out>/<device>-<date>-decode-loop[-specK].{md,json}`` (``--out`` defaults to ``benchmarks/results/``; both
 files are copied to ``$OUT`` if set). Without CUDA (or with ``--device cpu``) the same loops run slowly through
 the torch fallbacks, as a smoke test: no GPU figures then.
 
@@ -52,6 +52,33 @@ Figures per loop (timed steps only):
   for its launches); the gap between a step's last work and the next step's first is given separately
   (median). The events add about two ``record()`` calls (a few µs) of host time per step to both loops.
 
+``--spec K``: speculative decoding instead, both loops on a ``MetadataConfig(token_history=True,
+max_draft_tokens=K)``. Each decode step verifies ``1 + K`` tokens per request (the last accepted token, then K
+drafts, gathered from the token history as ``step.input_ids``): the model's argmax at every token are the target
+tokens, and the accepted count is ``1 + `` the drafts that match the targets before them up to the first mismatch
+(greedy verification, on the device; the count includes the bonus token). ``meta.accept_tokens(step, None,
+targets, counts, prompt_lens)`` writes the accepted tokens into the history; a drafter on the device then proposes
+the next K drafts and ``meta.write_drafts`` puts them after each request's next length. The drafter (prompt
+lookup, torch ops, nothing read by the host): the K tokens that followed the latest earlier occurrence of the
+request's last accepted token in its own history, else that token repeated; it keeps its own copy of the lengths
+on the device (adding each step's counts). Drafts, counts and tokens depend only on the model's outputs, so both
+loops accept the same tokens. Loops:
+
+- ``sync``: the host reads each step's counts and target tokens (one ``.tolist()``, which waits for the GPU)
+  and passes host counts to ``accept_tokens``: exact next lengths; then drafts, and the next step.
+- ``overlap``: the counts stay on the device (``accept_tokens`` returns upper bounds, ``c + 1 + K``, of the next
+  lengths, passed to the next ``prepare_decode`` as they are; pages held for ``bound + 1 + K``); counts and targets
+  come back one step late as in the plain overlapped loop, with the same plan fence.
+
+With ``--graphs`` the forward and the verification are captured per BatchMetadata
+(``capture_decode_graph(bs, forward, num_draft_tokens=K)``, replayed after ``prepare_decode(...,
+num_draft_tokens=K, cuda_graph=True)``), and so is the drafter (``torch.cuda.CUDAGraph``). Tokens/s counts the
+accepted tokens; the report adds the mean accepted tokens per request a step. The calibration (GPU busy time)
+enqueues further steps behind the sleeping kernel (device counts in both loops: the host cannot wait there), so
+the buffers are sized for ``8 * --calib`` more steps. Token checks: each step's accepted tokens, and each
+request's token history read back at the end of the run (which must also hold the prompt then the accepted
+tokens: a run whose history does not fails).
+
 Both loops must sample identical tokens (the same kernels on the same inputs): any difference fails the run
 (exit status 1, after the report is written, naming the first differing step and request). Tokens are
 compared between eager and CUDA-graph runs too, for information only (their attention kernels differ).
@@ -76,6 +103,7 @@ import torch
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
 
 HAS_TOKEN_HISTORY = "token_history" in attrs.fields_dict(MetadataConfig)
+HAS_SPECULATION = hasattr(BatchMetadata, "write_drafts") and "max_draft_tokens" in attrs.fields_dict(MetadataConfig)
 LOOPS = ("sync", "overlap")
 TIMES = "\N{MULTIPLICATION SIGN}"  # spelt out: ruff flags the literal sign as ambiguous
 
@@ -142,8 +170,16 @@ class Engine:
         self.prompts = [rng.integers(0, args.vocab, int(n)).astype(np.int64) for n in self.prompt_lens]
         self.idx = np.arange(b, dtype=np.int64)
         self.decode_steps = args.warmup + args.steps
-        # Positions up to prompt + decode steps are written (accept_tokens writes one past the last step's token).
-        max_len = int(self.prompt_lens.max()) + self.decode_steps + 2
+        k = self.k = args.spec
+        if k:
+            # Speculative: the overlapped loop's bounds grow by 1 + k a step (every draft accepted), and the
+            # calibration goes on decoding (up to 8 tries per timed replay, see device_time_us); pages for the
+            # next step's 1 + k tokens after the bound, drafts written up to k past the device length.
+            self.calib_steps = 8 * args.calib + 1
+            max_len = int(self.prompt_lens.max()) + (1 + k) * (self.decode_steps + self.calib_steps + 1) + k + 2
+        else:
+            # Positions up to prompt + decode steps are written (accept_tokens writes one past the last step's token).
+            max_len = int(self.prompt_lens.max()) + self.decode_steps + 2
         self.max_len = -(-max_len // ps) * ps
         self.num_pages = b * (self.max_len // ps) + 1  # page 0: CUDA-graph padding rows read it
         dtype = torch.bfloat16 if self.cuda else torch.float32
@@ -151,7 +187,7 @@ class Engine:
         self.graph_sizes = (b,) if args.graphs else ()
         base = dict(
             max_num_reqs=b,
-            max_num_tokens=max(int(self.prompt_lens.sum()), b),
+            max_num_tokens=max(int(self.prompt_lens.sum()), b * (1 + k)),
             max_model_len=self.max_len,
             kv_groups=(KVGroup(page_size=ps),),
             num_qo_heads=args.heads,
@@ -163,9 +199,14 @@ class Engine:
             num_kv_pages=self.num_pages,
             cuda_graph_batch_sizes=self.graph_sizes,
         )
-        self.metas = {"sync": BatchMetadata(MetadataConfig(**base))}
-        if HAS_TOKEN_HISTORY:
-            self.metas["overlap"] = BatchMetadata(MetadataConfig(**base, token_history=True))
+        if k:
+            # Both speculative loops gather their inputs (last token, drafts) from the token history.
+            spec = dict(base, token_history=True, max_draft_tokens=k)
+            self.metas = {name: BatchMetadata(MetadataConfig(**spec)) for name in LOOPS}
+        else:
+            self.metas = {"sync": BatchMetadata(MetadataConfig(**base))}
+            if HAS_TOKEN_HISTORY:
+                self.metas["overlap"] = BatchMetadata(MetadataConfig(**base, token_history=True))
         pin = self.cuda
         self.inp_host = torch.zeros(b, dtype=torch.int64, pin_memory=pin)  # sync loop: tokens in
         self.inp_np = self.inp_host.numpy()
@@ -174,12 +215,29 @@ class Engine:
         self.scratch = torch.zeros(b, dtype=torch.int64, pin_memory=pin)  # calibration's readback
         self.pages_held = np.zeros(b, dtype=np.int64)
         self.free_pages: list[int] = []
+        if k:
+            bp = self.metas["sync"].graph_batch_size(b) if args.graphs else b
+            self.targets = torch.zeros(bp, 1 + k, dtype=torch.int64, device=device)  # verify: target tokens
+            self.counts = torch.zeros(bp, dtype=torch.int64, device=device)  # verify: accepted tokens per row
+            # The drafter's own copy of each request's next cache length (the position of its last accepted
+            # token), double-buffered: step i reads lens[i % 2] and writes lens[(i + 1) % 2], so that a step's
+            # drafter can be enqueued again (the calibration) and graphs read and write fixed buffers.
+            self.lens = torch.zeros(2, b, dtype=torch.int64, device=device)
+            self.drafts = torch.zeros(b, k, dtype=torch.int64, device=device)
+            self.positions = torch.arange(self.max_len, device=device)
+            self.draft_graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         if args.graphs:
             self.capture()
 
     def capture(self) -> None:
         bp = self.metas["sync"].graph_batch_size(self.args.batch)
         model, nxt = self.model, self.next_buf
+        if self.k:
+            for name, meta in self.metas.items():
+                meta.capture_decode_graph(bp, self.verify, num_draft_tokens=self.k)
+                for parity in (0, 1):
+                    self.draft_graphs[(name, parity)] = _capture(lambda m=meta, p=parity: self._draft(m, p))
+            return
 
         def sync_forward(step):
             n = step.padded_num_reqs
@@ -192,6 +250,40 @@ class Engine:
         for name, fwd in (("sync", sync_forward), ("overlap", overlap_forward)):
             if name in self.metas:
                 self.metas[name].capture_decode_graph(bp, fwd)
+
+    # Speculative decoding: verify and draft, on the device, nothing read by the host.
+    def verify(self, step) -> None:
+        """The model on the step's ``1 + k`` tokens per row (the last accepted one, then the drafts) and greedy
+        verification: ``targets`` ``[n, 1 + k]`` (argmax at every token), ``counts`` ``[n]`` (the drafts that match
+        the targets before them, up to the first mismatch, plus the bonus token)."""
+        n, k = step.padded_num_reqs, self.k
+        ids = step.input_ids[: n * (1 + k)]
+        t = self.model.forward(ids, step).view(n, 1 + k)
+        d = ids.view(n, 1 + k)[:, 1:]
+        self.targets[:n].copy_(t)
+        self.counts[:n].copy_(1 + torch.cumprod((t[:, :-1] == d).long(), 1).sum(1))
+
+    def _draft(self, meta: BatchMetadata, parity: int) -> None:
+        """Prompt lookup on the device: each request's next length (``lens[parity] + counts``, the position of
+        its last accepted token) into ``lens[1 - parity]``, then the ``k`` tokens after the latest earlier
+        occurrence of that token in its history (ending at or before it), else the token repeated."""
+        b, k = self.args.batch, self.k
+        hist, pos = meta.token_ids[:b, : self.max_len], self.positions
+        last_pos = self.lens[1 - parity]
+        torch.add(self.lens[parity], self.counts[:b], out=last_pos)
+        last = hist.gather(1, last_pos[:, None])
+        match = (hist == last) & (pos <= (last_pos - k)[:, None])  # the k tokens after a match are known
+        after = torch.where(match, pos + 1, 0).amax(1, keepdim=True)  # first position after the latest match
+        found = hist.gather(1, (after + self.positions[:k]).clamp(max=self.max_len - 1))
+        self.drafts.copy_(torch.where(after > 0, found, last))
+
+    def draft(self, name: str, parity: int, graph: bool) -> torch.Tensor:
+        """``_draft`` (eager, or replayed from its CUDA graph); returns the ``[batch, k]`` drafts."""
+        if graph:
+            self.draft_graphs[(name, parity)].replay()
+        else:
+            self._draft(self.metas[name], parity)
+        return self.drafts
 
     # Pages: every run starts from the same free list, so both loops place their requests alike.
     def reset(self, meta: BatchMetadata) -> None:
@@ -239,13 +331,14 @@ class StepEvents:
         return dict(gpu_period_us=span / n, gpu_gap_us=statistics.median(gaps) if gaps else None)
 
 
-def device_time_us(enqueue, reps: int) -> float | None:
-    """Median device time of ``enqueue()``'s GPU work, enqueued behind a sleeping kernel (None on the CPU)."""
+def device_time_us(enqueue, reps: int, max_calls: int | None = None) -> float | None:
+    """Median device time of ``enqueue()``'s GPU work, enqueued behind a sleeping kernel (None on the CPU).
+    ``enqueue`` is called at most ``max_calls`` times (default ``8 * reps``)."""
     if not torch.cuda.is_available() or reps <= 0:
         return None
     cycles, times = 2_000_000, []
     pre, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-    for _ in range(8 * reps):
+    for _ in range(min(8 * reps, max_calls or 8 * reps)):
         torch.cuda.synchronize()
         t0 = _now()
         pre.record()
@@ -262,6 +355,19 @@ def device_time_us(enqueue, reps: int) -> float | None:
         if len(times) == reps:
             break
     return statistics.median(times) if times else None
+
+
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` (device work on fixed buffers) as a CUDA graph, after a warm-up run on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def _sync(cuda: bool) -> None:
@@ -326,14 +432,18 @@ class Readback:
     """Sampled tokens back to the host one step late: a non-blocking copy into a pinned row per step and an
     event, collected when the event has completed (``query()``, never a wait)."""
 
-    def __init__(self, rows: int, b: int, cuda: bool):
+    def __init__(self, rows: int, b: int, cuda: bool, cols: int = 0):
         self.host = torch.zeros(rows, b, dtype=torch.int64, pin_memory=cuda)
+        # Speculative: per step also the [b, cols] target tokens (``host``: the accepted counts).
+        self.host_cols = torch.zeros(rows, b, cols, dtype=torch.int64, pin_memory=cuda) if cols else None
         self.events = [torch.cuda.Event() if cuda else None for _ in range(rows)]
         self.pushed = self.collected = 0
         self.lag: list[int] = []  # per step: the later steps pushed before its tokens were seen on the host
 
-    def push(self, tokens: torch.Tensor) -> None:
+    def push(self, tokens: torch.Tensor, cols: torch.Tensor | None = None) -> None:
         self.host[self.pushed].copy_(tokens, non_blocking=True)
+        if cols is not None:
+            self.host_cols[self.pushed].copy_(cols, non_blocking=True)  # type: ignore[index]
         ev = self.events[self.pushed]
         if ev is not None:
             ev.record()
@@ -419,6 +529,147 @@ def run_overlap(eng: Engine, graph: bool) -> dict:
     return res
 
 
+def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
+    """Speculative decoding, ``k`` drafts a step from the device drafter (``Engine._draft``), greedy verification
+    on the device (``Engine.verify``). ``sync``: the host reads each step's accepted counts (and target tokens;
+    one ``.tolist()``, which waits for the GPU) and passes host counts to ``accept_tokens`` (exact lengths);
+    ``overlap``: the counts stay on the device (``accept_tokens`` returns upper bounds of the lengths, passed to
+    the next step as they are), read back one step late like the plain overlapped loop's tokens."""
+    args, meta, cuda, k = eng.args, eng.metas[loop], eng.cuda, eng.k
+    b, idx, prompt_lens = args.batch, eng.idx, eng.prompt_lens
+    sync = loop == "sync"
+    eng.reset(meta)
+    eng.ensure_pages(meta, prompt_lens)
+    for r, prompt in enumerate(eng.prompts):
+        meta.stage_prompt(r, prompt)
+    rows = 1 + eng.decode_steps
+    rb = None if sync else Readback(rows, b, cuda, cols=1 + k)
+    out = np.zeros((rows, b, 2 + k), dtype=np.int64)  # sync: per step [count, targets...] of every request
+    prepared = torch.cuda.Event() if cuda and not sync else None
+    fence = prepared is not None and not args.no_plan_fence
+    counts, targets = eng.counts[:b], eng.targets[:b]
+
+    def read_now() -> np.ndarray:
+        return np.array(torch.cat((counts[:, None], targets), 1).tolist(), dtype=np.int64)  # waits for the GPU
+
+    def launch(clens):
+        step = meta.prepare_decode(idx, clens, num_draft_tokens=k, cuda_graph=graph)
+        if prepared is not None:
+            prepared.record()  # the GPU has taken this step's plan once it gets here
+        with step:
+            if graph:
+                meta.replay_decode_graph(step)
+            else:
+                eng.verify(step)
+        return step
+
+    def finish(step, num_accepted, parity: int) -> np.ndarray:
+        acc = meta.accept_tokens(step, None, targets, num_accepted, prompt_lens)
+        meta.write_drafts(step, eng.draft(loop, parity, graph))
+        return acc.cache_lens
+
+    # Prefill: one token per request, accepted with host counts (exact lengths), then the first drafts.
+    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+        if prepared is not None:
+            prepared.record()
+        nxt = eng.model.forward(step.input_ids, step, rows=step.logits_indices.long())
+    targets[:, 0].copy_(nxt)
+    counts.fill_(1)
+    eng.lens[0].copy_(torch.from_numpy(prompt_lens - 1))  # the drafter adds the count: the prompt's length
+    clens = finish(step, np.ones(b, np.int64), 0)
+    if sync:
+        out[0] = read_now()
+    else:
+        rb.push(counts, targets)  # type: ignore[union-attr]
+    parity = 1
+
+    ev = StepEvents(args.steps, cuda)
+    host, blocked = [], []
+    _sync(cuda)
+    t_start = _now()
+    for i in range(eng.decode_steps):
+        j = i - args.warmup
+        if j == 0:
+            _sync(cuda)
+            t_start = _now()
+        t0 = _now()
+        ev.record(ev.begin, j)
+        eng.ensure_pages(meta, clens + 1 + k)  # overlap: clens are bounds, whose pages the engine must hold
+        tw = 0.0
+        if fence:
+            tw = _now()
+            prepared.synchronize()  # type: ignore[union-attr]
+            tw = _now() - tw
+        step = launch(clens)
+        if sync:
+            tw = _now()
+            out[1 + i] = read_now()
+            tw = _now() - tw
+            clens = finish(step, out[1 + i, :, 0], parity)
+            ev.record(ev.end, j)
+        else:
+            clens = finish(step, counts, parity)
+            rb.push(counts, targets)  # type: ignore[union-attr]
+            ev.record(ev.end, j)
+            rb.poll()  # type: ignore[union-attr]
+        parity = 1 - parity
+        if j >= 0:
+            host.append((_now() - t0 - tw) * 1e6)
+            blocked.append(tw * 1e6)
+    _sync(cuda)
+    res: dict = {}
+    if not sync:
+        rb.poll()  # type: ignore[union-attr]
+        if rb.collected != rb.pushed:  # type: ignore[union-attr]
+            raise RuntimeError("overlap loop: tokens not read back after a sync")
+        out[:, :, 0] = rb.host.numpy()  # type: ignore[union-attr]
+        out[:, :, 1:] = rb.host_cols.numpy()  # type: ignore[union-attr]
+        lag = rb.lag[1 + args.warmup :]  # type: ignore[union-attr]
+        res["readback_lag_steps"] = statistics.median(lag) if lag else None
+    wall = _now() - t_start
+    # Each step's accepted tokens (-1 past the count), and the token history read back at the end.
+    n_acc = out[:, :, 0]
+    if n_acc.min() < 1 or n_acc.max() > 1 + k:
+        raise RuntimeError(f"{loop} loop: accepted counts outside 1..{1 + k}")
+    accepted = np.where(np.arange(1 + k) < n_acc[:, :, None], out[:, :, 1:], -1)
+    lens = eng.lens[parity].cpu().numpy()
+    hist = meta.token_ids[:b].cpu().numpy()
+    history = [hist[r, : lens[r] + 1].copy() for r in range(b)]
+    res["consistency"] = None
+    for r in range(b):
+        got = accepted[:, r][accepted[:, r] >= 0]
+        want = history[r][prompt_lens[r] :]
+        if lens[r] != prompt_lens[r] + n_acc[:, r].sum() - 1 or not np.array_equal(got, want):
+            res["consistency"] = (
+                f"request {r}: the token history (length {lens[r] + 1}) does not hold the prompt then the accepted "
+                f"tokens ({prompt_lens[r]} + {int(n_acc[:, r].sum())})"
+            )
+            break
+    res.update(tokens=accepted, history=history, wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res["accepted"] = int(n_acc[1 + args.warmup :].sum())
+    res["accepted_hist"] = np.bincount(n_acc[1 + args.warmup :].ravel(), minlength=2 + k)[1:].tolist()
+
+    # Calibration: further steps (device counts in both loops: the host cannot wait behind the sleeping kernel),
+    # each enqueued behind the sleep; the sync loop's readback becomes a non-blocking copy.
+    state = [clens, parity]
+    scratch = torch.zeros(b, 2 + k, dtype=torch.int64, pin_memory=cuda)
+
+    def calib_step():
+        c, p = state
+        eng.ensure_pages(meta, c + 1 + k)
+        step = launch(c)
+        if sync:
+            scratch.copy_(torch.cat((counts[:, None], targets), 1), non_blocking=True)
+        state[0] = finish(step, counts, p)
+        if not sync:
+            scratch[:, 0].copy_(counts, non_blocking=True)
+            scratch[:, 1:].copy_(targets, non_blocking=True)
+        state[1] = 1 - p
+
+    res["gpu_busy_us"] = device_time_us(calib_step, args.calib, max_calls=eng.calib_steps)
+    return res
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures, checks, report
 # --------------------------------------------------------------------------------------------------
@@ -426,8 +677,10 @@ def figures(res: dict, batch: int, steps: int) -> dict:
     """One run's figures (see the module docstring)."""
     period, busy = res.get("gpu_period_us"), res.get("gpu_busy_us")
     idle = None if period is None or busy is None else max(0.0, period - busy)
+    accepted = res.get("accepted", batch * steps)  # speculative: the accepted tokens, else one per request a step
     return dict(
-        tokens_per_s=batch * steps / res["wall_s"],
+        tokens_per_s=accepted / res["wall_s"],
+        accepted_per_step=accepted / (batch * steps),
         step_us=res["wall_s"] / steps * 1e6,
         host_us=statistics.median(res["host_us"]),
         host_p90_us=float(np.percentile(res["host_us"], 90)),
@@ -453,9 +706,21 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> str | None:
     diff = np.argwhere(a != b)
     if not len(diff):
         return None
-    s, r = diff[0]
+    s, r = diff[0][:2]
     what = "the prefill's token" if s == 0 else f"decode step {s}"
-    return f"{what}, request {r}: {a[s, r]} vs {b[s, r]} ({len(diff)} of {a.size} tokens differ)"
+    va, vb = (np.asarray(x[s, r]).tolist() for x in (a, b))  # speculative: the step's accepted tokens, -1 past them
+    return f"{what}, request {r}: {va} vs {vb} ({len(diff)} of {a.size} entries differ)"
+
+
+def history_difference(a: list[np.ndarray], b: list[np.ndarray]) -> str | None:
+    """Where two runs' final token histories (one array per request) first differ, or None."""
+    for r, (x, y) in enumerate(zip(a, b, strict=True)):
+        if len(x) != len(y):
+            return f"request {r}'s history: {len(x)} vs {len(y)} tokens"
+        diff = np.flatnonzero(x != y)
+        if len(diff):
+            return f"request {r}'s history, position {diff[0]}: {x[diff[0]]} vs {y[diff[0]]}"
+    return None
 
 
 def _num(v, fmt: str, suffix: str = "") -> str:
@@ -467,18 +732,31 @@ def _ratio(a, b):
 
 
 def report(args, device_name: str, summary: dict, checks: list[str], failed: bool) -> str:
+    spec = args.spec
+    title = f"speculative decode loop ({spec} drafts a step)" if spec else "decode loop"
+    acc_head, acc_rule = (" accepted tokens/step |", "---:|") if spec else ("", "")
     lines = [
-        f"# batchmeta decode loop on {device_name} ({datetime.date.today().isoformat()})",
+        f"# batchmeta {title} on {device_name} ({datetime.date.today().isoformat()})",
         "",
         f"torch {torch.__version__}; batch {args.batch}, {args.steps} timed decode steps after {args.warmup}, "
         f"prompts ~{args.prompt_len} tokens; {args.layers} layers, hidden {args.hidden}, heads "
         f"{args.heads}/{args.kv_heads} (head dim {args.hidden // args.heads}), vocab {args.vocab}, page size "
         f"{args.page_size}; plan fence {'off' if args.no_plan_fence else 'on'}; medians of {args.repeats} "
         f"alternated runs. Method: see the docstring of benchmarks/bench_decode_loop.py.",
+        *(
+            [
+                "",
+                f"Speculative: {spec} drafts per request a step (prompt lookup on the device), greedy verification "
+                "on the device; tokens/s counts accepted tokens; accepted tokens/step: per request, the bonus token "
+                "included.",
+            ]
+            if spec
+            else []
+        ),
         "",
-        "| mode | loop | tokens/s | µs/step (wall) | host µs/step (p90) | host blocked µs/step | GPU period µs/step "
-        "| GPU busy µs/step | GPU idle µs/step | GPU idle % | gap between steps µs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| mode | loop | tokens/s |{acc_head} µs/step (wall) | host µs/step (p90) | host blocked µs/step | "
+        "GPU period µs/step | GPU busy µs/step | GPU idle µs/step | GPU idle % | gap between steps µs |",
+        f"|---|---|---:|{acc_rule}---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, loops in summary.items():
         for loop, f in loops.items():
@@ -487,6 +765,7 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
             idle_pct = None if f["gpu_idle_frac"] is None else 100 * f["gpu_idle_frac"]
             cells = [
                 _num(f["tokens_per_s"], ".0f"),
+                *([_num(f["accepted_per_step"], ".2f")] if spec else []),
                 _num(f["step_us"], ".1f"),
                 f"{_num(f['host_us'], '.1f')} ({_num(f['host_p90_us'], '.1f')})",
                 _num(f["blocked_us"], ".1f"),
@@ -513,7 +792,7 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
             )
     lines += ["", "Token checks:", "", *[f"- {c}" for c in checks]]
     if failed:
-        lines += ["", "**FAILED: the overlapped loop sampled other tokens than the synchronous one.**"]
+        lines += ["", "**FAILED: the overlapped loop sampled other tokens than the synchronous one (see the checks).**"]
     return "\n".join(lines) + "\n"
 
 
@@ -537,6 +816,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="overlap: prepare step N+1 without waiting for the GPU to start step N (FlashInfer plan-buffer race)",
     )
+    parser.add_argument(
+        "--spec",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding: K drafts a step (device prompt lookup), both loops; 0: plain decode",
+    )
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -545,6 +831,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
     if args.steps < 2 or args.batch < 1 or args.repeats < 1:
         parser.error("--steps >= 2, --batch >= 1 and --repeats >= 1")
+    if args.spec < 0:
+        parser.error("--spec >= 0")
+    if args.spec and not HAS_SPECULATION:
+        parser.error("--spec: this batchmeta has no speculative API (accept_tokens counts, write_drafts)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -560,21 +850,32 @@ def main(argv: list[str] | None = None) -> int:
     eng = Engine(args, device)
     modes = ["eager", *(["graphs"] if args.graphs else [])]
     loops = [name for name in LOOPS if name in eng.metas]
-    runners = {"sync": run_sync, "overlap": run_overlap}
+    if args.spec:
+        runners = {name: (lambda eng, graph, name=name: run_spec(eng, graph, name)) for name in LOOPS}
+    else:
+        runners = {"sync": run_sync, "overlap": run_overlap}
     runs: dict[str, dict[str, list[dict]]] = {m: {name: [] for name in loops} for m in modes}
     tokens: dict[tuple[str, str], list[np.ndarray]] = {}
+    histories: dict[tuple[str, str], list[list[np.ndarray]]] = {}
+    checks, failed = [], False
     for rep in range(args.repeats):
         for mode in modes:
             for name in loops if rep % 2 == 0 else loops[::-1]:  # alternate which loop goes first
                 res = runners[name](eng, graph=mode == "graphs")
                 tokens.setdefault((mode, name), []).append(res.pop("tokens"))
+                if "history" in res:
+                    histories.setdefault((mode, name), []).append(res.pop("history"))
+                if res.get("consistency"):
+                    failed = True
+                    checks.append(f"{mode}: {name} run {rep + 1}: {res['consistency']}")
                 fig = figures(res, args.batch, args.steps)
                 runs[mode][name].append(dict(fig, raw=res))
-                print(f"{mode} {name} run {rep + 1}/{args.repeats}: {fig['tokens_per_s']:.0f} tokens/s, host "
-                      f"{fig['host_us']:.1f} µs/step ({_now() - t0:.0f} s)", file=sys.stderr)  # fmt: skip
+                print(f"{mode} {name} run {rep + 1}/{args.repeats}: {fig['tokens_per_s']:.0f} tokens/s, "
+                      f"{fig['accepted_per_step']:.2f} accepted/step, host {fig['host_us']:.1f} µs/step "
+                      f"({_now() - t0:.0f} s)", file=sys.stderr)  # fmt: skip
 
-    # Token checks: every run of a mode against its first synchronous run.
-    checks, failed = [], False
+    # Token checks: every run of a mode against its first synchronous run (speculative: each step's accepted
+    # tokens, and the token history read back at the end of the run).
     for mode in modes:
         ref = tokens[(mode, "sync")][0]
         for name in loops:
@@ -582,24 +883,38 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "sync" and k == 0:
                     continue
                 where = first_difference(ref, got)
+                if where is None and histories:
+                    where = history_difference(histories[(mode, "sync")][0], histories[(mode, name)][k])
                 if where is not None:
                     failed = True
                     checks.append(f"{mode}: {name} run {k + 1} differs from sync run 1: {where}")
         if not any(c.startswith(f"{mode}:") for c in checks):
             n = sum(len(v) for (m, _), v in tokens.items() if m == mode)
-            distinct = min(len(np.unique(ref[:, r])) for r in range(ref.shape[1]))
-            checks.append(f"{mode}: all {n} runs sampled identical tokens ({ref.size} each; every request's "
-                          f"{ref.shape[0]} tokens hold at least {distinct} distinct ids)")  # fmt: skip
+            if args.spec:
+                seqs = [ref[:, r][ref[:, r] >= 0] for r in range(ref.shape[1])]
+                counts = (ref >= 0).sum(2)[1:]  # decode steps' accepted counts
+                checks.append(
+                    f"{mode}: all {n} runs accepted identical tokens ({sum(map(len, seqs))} each, token histories "
+                    f"identical; every request's {min(map(len, seqs))}+ tokens hold at least "
+                    f"{min(len(np.unique(q)) for q in seqs)} distinct ids; decode steps accepting 1..{1 + args.spec} "
+                    f"tokens: {np.bincount(counts.ravel(), minlength=2 + args.spec)[1:].tolist()})"
+                )
+            else:
+                distinct = min(len(np.unique(ref[:, r])) for r in range(ref.shape[1]))
+                checks.append(f"{mode}: all {n} runs sampled identical tokens ({ref.size} each; every request's "
+                              f"{ref.shape[0]} tokens hold at least {distinct} distinct ids)")  # fmt: skip
     if len(modes) == 2:
         where = first_difference(tokens[("eager", "sync")][0], tokens[("graphs", "sync")][0])
+        if where is None and histories:
+            where = history_difference(histories[("eager", "sync")][0], histories[("graphs", "sync")][0])
         checks.append(
             "eager vs graphs (information only): "
             + ("identical tokens" if where is None else f"first difference at {where}")
         )
 
     summary: dict[str, dict] = {}
-    keys = ("tokens_per_s", "step_us", "host_us", "host_p90_us", "blocked_us", "gpu_period_us", "gpu_busy_us",
-            "gpu_idle_us", "gpu_idle_frac", "gpu_gap_us", "readback_lag_steps")  # fmt: skip
+    keys = ("tokens_per_s", "accepted_per_step", "step_us", "host_us", "host_p90_us", "blocked_us", "gpu_period_us",
+            "gpu_busy_us", "gpu_idle_us", "gpu_idle_frac", "gpu_gap_us", "readback_lag_steps")  # fmt: skip
     for mode in modes:
         summary[mode] = {name: {k: _median_of(runs[mode][name], k) for k in keys} for name in loops}
         if "overlap" in summary[mode]:
@@ -611,7 +926,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}-decode-loop"
+    spec = f"-spec{args.spec}" if args.spec else ""
+    base = out / f"{device_name.replace(' ', '-')}-{datetime.date.today().isoformat()}-decode-loop{spec}"
     base.with_suffix(".md").write_text(text)
     base.with_suffix(".json").write_text(
         json.dumps(
