@@ -97,7 +97,8 @@ class Speculation:
         ]
         self._copy_versions: list[np.ndarray | None] = [None] * len(self._copies)
         # Per accept: request slots, cache, query and prompt lengths, on-device flags [r] each, then
-        # host counts [r] and their prefix sum [r + 1]; per write_drafts: slots [r], counts [r], prefix [r + 1].
+        # host counts [r] and their prefix sum [r + 1]; per write_drafts: slots, prompt lengths,
+        # counts [r] each, prefix [r + 1].
         self._staging = PinnedRing(7 * r + 1, device)
         self._device = device
         block_tables.on_reset(self._forget)
@@ -262,6 +263,12 @@ class Speculation:
         reach = cache + increment
         if writes.any() and reach[writes].max() >= token_ids.shape[1]:
             raise ValueError(f"token_ids: a row needs {int(reach[writes].max()) + 1} columns, got {token_ids.shape[1]}")
+        if accepted is None and any(grp.mla is not None for grp in cfg.kv_groups):
+            # FlashInfer's MLA plan copies the KV lengths to the device: lengths resolved there would be ignored.
+            raise ValueError(
+                "num_accepted: device counts need every KV length on the device, and FlashInfer's "
+                "MLA plan takes them from the host; pass host counts with MLA groups"
+            )
         # Staging: request slots, cache, query, prompt lengths, on-device flags, counts [b] each, prefix [b + 1].
         idx = step.idx_mapping_host
         h = self._staging.next()
@@ -293,6 +300,7 @@ class Speculation:
                 self._staging.done()
         step._accepted = True
         step._accepted_by_device = accepted is None
+        step._prompt_lens = prompts  # write_drafts keeps drafts out of the prompt
         # Each row's next length, or its bound: from what the host knows (lengths learned from the
         # device copies included), which request slots stay on the device, and a copy if any does.
         self._learn()
@@ -378,16 +386,19 @@ class Speculation:
         h = self._staging.next()
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             try:
+                # Staging: request slots, prompt lengths, counts [b] each, their prefix sum [b + 1].
                 h[0:b] = step.idx_mapping_host
+                h[b : 2 * b] = step._prompt_lens
                 if host_counts is not None:
-                    h[b : 2 * b] = host_counts
-                    fill_qo_indptr(host_counts, h[2 * b : 3 * b + 1])
-                d = self._staging.upload(3 * b + 1)
+                    h[2 * b : 3 * b] = host_counts
+                    fill_qo_indptr(host_counts, h[3 * b : 4 * b + 1])
+                d = self._staging.upload(4 * b + 1)
                 if host_counts is not None:
-                    counts, cu = d[b : 2 * b], d[2 * b : 3 * b + 1]
+                    counts, cu = d[2 * b : 3 * b], d[3 * b : 4 * b + 1]
                 drafts_op(
                     self.history,
                     d[:b],
+                    d[b : 2 * b],
                     self.lens,
                     draft_token_ids,
                     num_drafts=counts,

@@ -460,3 +460,14 @@ def test_speculative_loop_on_the_gpu_without_host_syncs():
             meta.write_drafts(step, (targets[:, -k:] + 1) % 11)
     torch.cuda.synchronize()
     assert (acc.cache_lens <= 20 + 8 * (1 + k)).all()
+
+
+def test_drafts_never_land_inside_a_prompt():
+    """A request still prefilling (its whole prompt staged) gets no drafts over its prompt tokens."""
+    engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
+    meta = engine.meta
+    meta.stage_prompt(1, [1, 2, 3, 4, 5, 6])
+    step = meta.prepare_prefill([1], [3], [0])  # the first chunk; the history holds the whole prompt
+    meta.accept_tokens(step, None, torch.tensor([9], device=DEVICE), [0], [6])
+    meta.write_drafts(step, torch.tensor([[70, 71]], device=DEVICE))  # positions 4, 5: inside the prompt
+    assert meta.token_ids[1, :7].tolist() == [1, 2, 3, 4, 5, 6, 0]

@@ -402,6 +402,7 @@ def _drafts_kernel(
     hist_stride,
     width,
     slots_ptr,  # int32 [B] request slot of each row
+    prompts_ptr,  # int32 [B] prompt length of each row (no draft lands inside the prompt)
     lens_ptr,  # int32 [R + 1] next cache length per slot
     drafts_ptr,  # [B, K] (row stride drafts_stride) or [N] back to back (RAGGED)
     drafts_stride,
@@ -416,6 +417,7 @@ def _drafts_kernel(
     b = tl.program_id(0)
     req = tl.load(slots_ptr + b).to(tl.int64)
     first = tl.load(lens_ptr + req).to(tl.int64) + 1
+    prompt = tl.load(prompts_ptr + b)
     if RAGGED:
         count = tl.minimum(tl.maximum(tl.load(counts_ptr + b).to(tl.int32), 0), max_drafts)
         if HOST_CU:
@@ -429,7 +431,7 @@ def _drafts_kernel(
     for off in range(0, count, BLOCK):
         j = off + tl.arange(0, BLOCK)
         pos = first + j
-        m = (j < count) & (pos < width) & (src + j < drafts_numel)
+        m = (j < count) & (pos >= prompt) & (pos < width) & (src + j < drafts_numel)
         tl.store(row + pos, tl.load(drafts_ptr + src + j, mask=m), mask=m)
 
 
@@ -439,6 +441,7 @@ _drafts = cached_kernel(_drafts_kernel)
 def write_drafts(
     token_ids: torch.Tensor,
     slots: torch.Tensor,
+    prompt_lens: torch.Tensor,
     lens: torch.Tensor,
     draft_token_ids: torch.Tensor,
     *,
@@ -447,7 +450,8 @@ def write_drafts(
     max_drafts: int,
     backend: str | None = None,
 ) -> None:
-    """``token_ids[r, lens[r] + 1 + j] = drafts of row b`` (``r = slots[b]``), ``j`` below the row's count.
+    """``token_ids[r, lens[r] + 1 + j] = drafts of row b`` (``r = slots[b]``), ``j`` below the row's count,
+    except at positions inside the row's prompt (``< prompt_lens[b]``: a request still prefilling).
 
     ``draft_token_ids`` is ``[B, K]`` (every row ``K = max_drafts`` drafts) or ``[N]`` back to back
     with ``num_drafts`` ``[B]`` per row (clamped to ``0 .. max_drafts``; row ``b``'s start is
@@ -466,6 +470,7 @@ def write_drafts(
                     token_ids.stride(0),
                     token_ids.shape[1],
                     slots,
+                    prompt_lens,
                     lens,
                     drafts,
                     0 if ragged else drafts.stride(0),
@@ -482,6 +487,7 @@ def write_drafts(
     dev = token_ids.device
     req = slots.to(dev).long()
     first = lens.to(dev).long()[req] + 1
+    prompts = prompt_lens.to(dev).long()
     if ragged:
         counts = num_drafts.to(dev).long().clamp(0, max_drafts)  # type: ignore[union-attr]
         raw = num_drafts.to(dev).long().clamp(min=0)  # type: ignore[union-attr]
@@ -494,5 +500,5 @@ def write_drafts(
     for b in range(num_rows):  # a reference: one row at a time
         for j in range(int(counts[b])):
             pos, s = int(first[b]) + j, int(src[b]) + j
-            if pos < token_ids.shape[1] and s < flat.numel():
+            if int(prompts[b]) <= pos < token_ids.shape[1] and s < flat.numel():
                 token_ids[int(req[b]), pos] = flat[s]
