@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from batchmeta import ops
-from batchmeta.attention import StepPlanner, flashinfer_available
+from batchmeta.attention import StepPlanner, flashinfer_planning_available
 from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
@@ -122,7 +122,7 @@ class BatchMetadata:
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
-        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_available()
+        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
         if self._planned:
             for g, grp in enumerate(cfg.kv_groups):
                 if grp.mla is not None:
