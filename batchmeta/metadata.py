@@ -124,6 +124,10 @@ class BatchMetadata:
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
         self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
         if self._planned:
+            if torch.float32 in (cfg.q_dtype, cfg.kv_dtype):
+                raise TypeError(f"q_dtype, kv_dtype: FlashInfer plans float16 or bfloat16 (float8 KV), got "
+                                f"{cfg.q_dtype}, {cfg.kv_dtype}; float32 runs where nothing is planned (device='cpu' "
+                                f"or plan_attention=False)")  # fmt: skip
             for g, grp in enumerate(cfg.kv_groups):
                 if grp.mla is not None:
                     check_mla_shape(g, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe)
