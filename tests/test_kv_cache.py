@@ -198,8 +198,25 @@ def test_fp32_inputs_into_bf16_cache_round_to_nearest(device, backend):
 def test_slots_past_the_cache_are_skipped_not_wrapped(device, backend):
     k_cache, v_cache, _ = make_caches("separate", 2, 4, 1, 8, torch.float32, device)
     key = torch.ones(3, 1, 8, device=device)
-    store_kv(key, key, torch.tensor([8, 9, 2**31 + 3], device=device), k_cache, v_cache, backend=backend)
+    slots = torch.tensor([8, 9, 2**31 + 3], device=device)
+    if slots.device.type == "cpu":  # host data: checked, a ValueError before anything is written
+        with pytest.raises(ValueError, match=r"slot_mapping: slot 2147483651 is past the cache \(2 pages of 4"):
+            store_kv(key, key, slots, k_cache, v_cache, backend=backend)
+    else:
+        store_kv(key, key, slots, k_cache, v_cache, backend=backend)
     assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+
+
+@pytest.mark.parametrize("slots", [[0, 8], [8], [-1, 7, 8]])
+def test_host_slot_past_the_cache_is_a_value_error(slots, backend):
+    k_cache, v_cache, _ = make_caches("separate", 2, 4, 1, 8, torch.float32, "cpu")
+    key = torch.ones(len(slots), 1, 8)
+    with pytest.raises(ValueError, match="slot_mapping: slot 8 is past the cache"):
+        store_kv(key, key, torch.tensor(slots), k_cache, v_cache, backend=backend)
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+    # Entries past the T tokens are not read: a long slot mapping's tail may hold anything.
+    store_kv(key[:1], key[:1], torch.tensor([3, *slots]), k_cache, v_cache, backend=backend)
+    assert (k_cache[0, 3] == 1).all()
 
 
 def _strided_inputs(kind, num_tokens, num_heads, head_dim, device):
