@@ -183,7 +183,9 @@ class BatchMetadata:
         n = tokens.shape[0]
         if n and not 0 <= tokens.min() <= tokens.max() <= _I32_MAX:
             raise ValueError(f"token_ids: expected token ids in [0, 2^31), got {tokens.min()}..{tokens.max()}")
-        if not 0 <= start <= cfg.max_model_len - n:
+        if start < 0:
+            raise ValueError(f"start: expected a position >= 0, got {start}")
+        if not start <= cfg.max_model_len - n:
             raise ValueError(f"start: {n} tokens from position {start} do not fit max_model_len ({cfg.max_model_len})")
         pending = self._prompts.get(req_idx)
         held = 0 if pending is None else sum(len(a) for a in pending[1])
@@ -210,6 +212,13 @@ class BatchMetadata:
     def discard_prompt(self, req_idx: int) -> None:
         """Drops the prompt tokens staged for request slot ``req_idx`` since the last step (if any):
         for a request aborted, or rescheduled with other chunks, before they were applied."""
+        if self.token_ids is None:
+            raise ValueError("discard_prompt: this BatchMetadata has no token history; make it with "
+                             "MetadataConfig(token_history=True)")  # fmt: skip
+        if isinstance(req_idx, (bool, np.bool_)) or not isinstance(req_idx, (int, np.integer)):
+            raise TypeError(f"req_idx: expected an int, got {type(req_idx).__name__}")
+        if not 0 <= req_idx < self.config.max_num_reqs:
+            raise ValueError(f"req_idx: expected a request slot in [0, {self.config.max_num_reqs}), got {req_idx}")
         pending = self._prompts.pop(req_idx, None)
         if pending is not None:
             self._num_prompt_tokens -= sum(len(a) for a in pending[1])
