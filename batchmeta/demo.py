@@ -116,7 +116,7 @@ def _stderr_is_tty() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m batchmeta.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-num-reqs", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=128)

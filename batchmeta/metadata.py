@@ -395,6 +395,9 @@ class BatchMetadata:
             ``1 + num_draft_tokens`` tokens per row. 0: plain decode.
         """
         cfg = self.config
+        if cfg.device.type != "cuda":
+            raise ValueError(f"capture_decode_graph: CUDA graphs need a CUDA device; this BatchMetadata is on "
+                             f"{cfg.device} (config.device)")  # fmt: skip
         if batch_size not in cfg.cuda_graph_batch_sizes:
             raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
                              f"{cfg.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip

@@ -187,9 +187,10 @@ def _view(name: str, doc: str) -> property:
 class Step:
     """The metadata of one step: views of :class:`~batchmeta.BatchMetadata`'s preallocated buffers.
 
-    Made by ``prepare_prefill`` / ``prepare_decode``; valid until the next ``prepare_*`` of the same
-    ``BatchMetadata``, after which reading a view raises :class:`StaleStepError`. ``with step:``
-    makes it :func:`current_step` for the body.
+    Made by ``prepare_prefill`` / ``prepare_decode`` (not constructed directly: its constructor's
+    arguments are internal); valid until the next ``prepare_*`` of the same ``BatchMetadata``, after
+    which reading a view, or entering it with ``with step:``, raises :class:`StaleStepError`.
+    ``with step:`` makes it :func:`current_step` for the body.
 
     Sizes: ``B`` = ``num_reqs``; ``Bp`` = ``padded_num_reqs`` (``B`` unless a CUDA-graph decode
     padded the batch); ``T`` = ``num_tokens``; ``Tp`` = the tokens the model runs (``T``, or
@@ -229,23 +230,13 @@ class Step:
         "padded_num_reqs", "query_len",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        kind: str,
-        num_reqs: int,
-        padded_num_reqs: int,
-        num_tokens: int,
-        query_len: int | None,
-        cuda_graph: bool,
-        idx_mapping_host: np.ndarray,
-        cache_lens_host: np.ndarray,
-        query_lens: np.ndarray | None,
-        num_kv_pages: tuple[int, ...],
-        views: StepViews,
-        wrappers: tuple[Any, ...] | None,
-        clock: list[int],
-        block_tables: Any,
-    ):
+    def __init__(self, *internal: Any):
+        # Internal, in this order (BatchMetadata._prepare): kind, num_reqs, padded_num_reqs, num_tokens,
+        # query_len (int | None), cuda_graph, idx_mapping_host, cache_lens_host (numpy), query_lens (numpy |
+        # None), num_kv_pages (per group), views (StepViews), wrappers (tuple | None), clock (list[int]),
+        # block_tables (BlockTables).
+        (kind, num_reqs, padded_num_reqs, num_tokens, query_len, cuda_graph, idx_mapping_host, cache_lens_host,
+         query_lens, num_kv_pages, views, wrappers, clock, block_tables) = internal  # fmt: skip
         self.kind = kind
         self.num_reqs = num_reqs
         self.padded_num_reqs = padded_num_reqs
@@ -271,6 +262,8 @@ class Step:
 
     # Context manager: the active step --------------------------------------------------------------
     def __enter__(self) -> Step:
+        if self._generation != self._clock[0]:
+            self._raise_stale("__enter__")
         self._tokens.append(_current.set(self))
         return self
 
