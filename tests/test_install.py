@@ -163,3 +163,24 @@ def test_dev_sh_first_run_says_each_install_stage(tmp_path, gpu, cpu_index_fails
             assert installs[1].endswith("torch==2.13.0") and "download.pytorch.org" not in installs[1]
     assert installs[-1].endswith("-e .[dev,examples,flashinfer]" if gpu else "-e .[dev,examples]")
     assert all("-q" in c for c in installs)
+
+
+def test_readme_compatibility_table_matches_pyproject_bounds():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    readme = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip().split()[0]: line.split("|")[2].strip().strip("`")
+            for line in readme.splitlines() if line.startswith("| ") and line.count("|") == 5}  # fmt: skip
+    assert rows["Python"] == project["requires-python"]
+    deps = [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]
+    names = {"torch": "torch", "triton": "triton", "numba": "numba", "FlashInfer": "flashinfer-python",
+             "transformers": "transformers"}  # fmt: skip
+    for row, dist in names.items():
+        (spec,) = [d.removeprefix(dist) for d in deps if d.startswith(dist) and d[len(dist)] in "<>=!~"]
+        assert rows[row] == spec, (row, rows[row], spec)
+
+
+def test_changelog_has_unreleased_above_0_1_0():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    heads = [line for line in text.splitlines() if line.startswith("## ")]
+    assert heads[:2] == ["## Unreleased", "## 0.1.0"]
