@@ -8,6 +8,8 @@ configuration and the pages each request slot holds, without reading the GPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Set
+
 import numpy as np
 import torch
 
@@ -40,6 +42,8 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
             value = value.detach().numpy()
         elif isinstance(value, (str, bytes)) or value is None:
             raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
+        elif isinstance(value, (Iterator, Set, Mapping)):  # np.asarray makes a 0-d object array of these
+            raise TypeError(f"{name}: expected a list, numpy array or CPU tensor, got {type(value).__name__}")
         else:
             owned = isinstance(value, (list, tuple))  # np.asarray makes a new array of these
             try:

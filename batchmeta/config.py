@@ -13,8 +13,9 @@ import torch
 
 __all__ = ["MLA", "KVGroup", "MetadataConfig"]
 
-_ATTN_DTYPES = (torch.float16, torch.bfloat16)
-_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+# float32 only where FlashInfer plans nothing (the torch attention); BatchMetadata checks that when made.
+_ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e5m2)
 _MAX_INT32 = 2**31 - 1
 
 
@@ -187,11 +188,17 @@ class MetadataConfig:
     kv_groups:
         One :class:`KVGroup` per block table (hybrid models have several).
     num_qo_heads, num_kv_heads, head_dim:
-        Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``.
+        Attention shape; ``num_qo_heads`` must be a multiple of ``num_kv_heads``. Any ``head_dim``
+        works with the torch attention; where FlashInfer plans (a CUDA device, FlashInfer installed,
+        ``plan_attention=True``) it must be 64, 128 or 256, checked when the ``BatchMetadata`` is made.
     q_dtype, kv_dtype:
-        Query and KV-cache dtypes given to FlashInfer's plan. A float8 ``kv_dtype`` (e4m3fn or e5m2)
-        is a quantized cache: store with ``ops.store_kv(..., k_scale=, v_scale=)`` and attend with
-        ``step.attention(..., k_scale=, v_scale=)`` (the same per-layer scales); not for MLA groups.
+        Query and KV-cache dtypes given to FlashInfer's plan, and the dtypes ``step.attention``
+        checks its tensors against. ``q_dtype``: float16, bfloat16 (default) or float32;
+        ``kv_dtype``: those or float8. float32 only where FlashInfer plans nothing (the CPU, or
+        ``plan_attention=False``): a planned CUDA ``BatchMetadata`` rejects it when made. A float8
+        ``kv_dtype`` (e4m3fn or e5m2) is a quantized cache: store with ``ops.store_kv(...,
+        k_scale=, v_scale=)`` and attend with ``step.attention(..., k_scale=, v_scale=)`` (the same
+        per-layer scales); not for MLA groups.
     device:
         Where the buffers live (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Default: ``"cuda"`` when this
         machine has a CUDA device, else ``"cpu"``. A device this machine lacks raises ``ValueError``.
@@ -282,12 +289,12 @@ class MetadataConfig:
     @q_dtype.validator
     def _check_q_dtype(self, attribute, value) -> None:
         if value not in _ATTN_DTYPES:
-            raise TypeError(f"q_dtype: expected torch.float16 or torch.bfloat16, got {value}")
+            raise TypeError(f"q_dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {value}")
 
     @kv_dtype.validator
     def _check_kv_dtype(self, attribute, value) -> None:
         if value not in _KV_DTYPES:
-            raise TypeError(f"kv_dtype: expected float16, bfloat16 or a float8 dtype, got {value}")
+            raise TypeError(f"kv_dtype: expected float16, bfloat16, float32 or a float8 dtype, got {value}")
 
     @kv_groups.validator
     def _check_fp8(self, attribute, value) -> None:

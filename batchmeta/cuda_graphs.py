@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from batchmeta.attention.wrappers import FLASHINFER_INSTALL
 from batchmeta.config import MetadataConfig
 from batchmeta.step import Step
 
@@ -38,8 +39,8 @@ def graph_batch_size(config: MetadataConfig, num_reqs: int, *, planned: bool) ->
     if not sizes:
         raise ValueError("cuda_graph: no CUDA-graph batch sizes are configured (config.cuda_graph_batch_sizes)")
     if not planned:
-        raise ValueError("cuda_graph: CUDA-graph decode needs FlashInfer planning (FlashInfer installed and "
-                         "config.plan_attention=True)")  # fmt: skip
+        raise ValueError(f"cuda_graph: CUDA-graph decode needs FlashInfer planning (FlashInfer installed: "
+                         f"{FLASHINFER_INSTALL}; and config.plan_attention=True)")  # fmt: skip
     for s in sizes:
         if s >= num_reqs:
             return s

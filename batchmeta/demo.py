@@ -116,7 +116,7 @@ def _stderr_is_tty() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m batchmeta.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-num-reqs", type=int, default=8)
     parser.add_argument("--token-budget", type=int, default=128)
@@ -132,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     num_pages = 1024
     graph_sizes = tuple(s for s in (1, 2, 4, 8, 16, 32) if s <= args.max_num_reqs)
+    dtype = torch.float16 if on_gpu else torch.float32  # float32 on the CPU: nothing is planned there
     cfg = MetadataConfig(
         max_num_reqs=args.max_num_reqs, max_num_tokens=args.token_budget, max_model_len=512,
         kv_groups=(KVGroup(page_size=16), KVGroup(page_size=4, window_left=32)),
-        num_qo_heads=4, num_kv_heads=2, head_dim=64, q_dtype=torch.float16, kv_dtype=torch.float16,
+        num_qo_heads=4, num_kv_heads=2, head_dim=64, q_dtype=dtype, kv_dtype=dtype,
         device=dev, num_kv_pages=num_pages, cuda_graph_batch_sizes=graph_sizes if use_graphs else (),
     )  # fmt: skip
     meta = BatchMetadata(cfg)
-    dtype = torch.float16 if on_gpu else torch.float32
     model = TinyModel(cfg, num_pages, vocab=1000, dtype=dtype, seed=args.seed)
     groups = cfg.kv_groups
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchmeta.attention import StepPlanner, flashinfer_available
+from batchmeta.attention import StepPlanner, flashinfer_planning_available
 from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
@@ -128,8 +128,12 @@ class BatchMetadata:
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
-        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_available()
+        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
         if self._planned:
+            if torch.float32 in (cfg.q_dtype, cfg.kv_dtype):
+                raise TypeError(f"q_dtype, kv_dtype: FlashInfer plans float16 or bfloat16 (float8 KV), got "
+                                f"{cfg.q_dtype}, {cfg.kv_dtype}; float32 runs where nothing is planned (device='cpu' "
+                                f"or plan_attention=False)")  # fmt: skip
             for g, grp in enumerate(cfg.kv_groups):
                 if grp.mla is not None:
                     check_mla_shape(g, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe)
@@ -185,7 +189,9 @@ class BatchMetadata:
         n = tokens.shape[0]
         if n and not 0 <= tokens.min() <= tokens.max() <= _I32_MAX:
             raise ValueError(f"token_ids: expected token ids in [0, 2^31), got {tokens.min()}..{tokens.max()}")
-        if not 0 <= start <= cfg.max_model_len - n:
+        if start < 0:
+            raise ValueError(f"start: expected a position >= 0, got {start}")
+        if not start <= cfg.max_model_len - n:
             raise ValueError(f"start: {n} tokens from position {start} do not fit max_model_len ({cfg.max_model_len})")
         pending = self._prompts.get(req_idx)
         held = 0 if pending is None else sum(len(a) for a in pending[1])
@@ -212,6 +218,13 @@ class BatchMetadata:
     def discard_prompt(self, req_idx: int) -> None:
         """Drops the prompt tokens staged for request slot ``req_idx`` since the last step (if any):
         for a request aborted, or rescheduled with other chunks, before they were applied."""
+        if self.token_ids is None:
+            raise ValueError("discard_prompt: this BatchMetadata has no token history; make it with "
+                             "MetadataConfig(token_history=True)")  # fmt: skip
+        if isinstance(req_idx, (bool, np.bool_)) or not isinstance(req_idx, (int, np.integer)):
+            raise TypeError(f"req_idx: expected an int, got {type(req_idx).__name__}")
+        if not 0 <= req_idx < self.config.max_num_reqs:
+            raise ValueError(f"req_idx: expected a request slot in [0, {self.config.max_num_reqs}), got {req_idx}")
         pending = self._prompts.pop(req_idx, None)
         if pending is not None:
             self._num_prompt_tokens -= sum(len(a) for a in pending[1])
@@ -394,6 +407,9 @@ class BatchMetadata:
             ``1 + num_draft_tokens`` tokens per row. 0: plain decode.
         """
         cfg = self.config
+        if cfg.device.type != "cuda":
+            raise ValueError(f"capture_decode_graph: CUDA graphs need a CUDA device; this BatchMetadata is on "
+                             f"{cfg.device} (config.device)")  # fmt: skip
         if batch_size not in cfg.cuda_graph_batch_sizes:
             raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
                              f"{cfg.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip

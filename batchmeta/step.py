@@ -55,13 +55,20 @@ class StepViews:
     ``kv_indices_full`` (per group, whole buffers). Host numpy views of the staging buffer:
     ``idx_mapping_host`` (padded rows), ``qo_indptr_host``, ``kv_indptr_host``,
     ``kv_last_page_len_host``; the same as pinned CPU tensors (``*_pinned``) for FlashInfer's plan.
+
+    What ``Step.attention`` / ``Step.mla_attention`` check their tensors against (host facts, no
+    sync): ``q_shapes`` (per group, the queries' shapes: ``[Tp, Hq, D]``, or MLA's ``q_nope`` and
+    ``q_pe``), ``cache_shapes`` (per group, a cache's shape but its page count: ``[page_size, Hkv,
+    D]``, or MLA's ``ckv`` and ``kpe`` caches), ``min_pages`` (``config.num_kv_pages``), ``q_dtype``,
+    ``kv_dtype`` and ``device``.
     """
 
     __slots__ = (
-        "batch_block_tables", "idx_mapping", "idx_mapping_host", "input_ids", "kv_indices_full", "kv_indptr",
-        "kv_indptr_host", "kv_indptr_pinned", "kv_last_page_len", "kv_last_page_len_host", "kv_last_page_len_pinned",
-        "logits_indices", "logits_soft_caps", "mla", "page_sizes", "positions", "qo_indptr", "qo_indptr_host",
-        "qo_indptr_pinned", "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
+        "batch_block_tables", "cache_shapes", "device", "idx_mapping", "idx_mapping_host", "input_ids",
+        "kv_dtype", "kv_indices_full", "kv_indptr", "kv_indptr_host", "kv_indptr_pinned", "kv_last_page_len",
+        "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices", "logits_soft_caps", "min_pages", "mla",
+        "page_sizes", "positions", "q_dtype", "q_shapes", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned",
+        "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
     )  # fmt: skip
 
     def __init__(self, **views: Any):
@@ -80,6 +87,16 @@ class StepViews:
 
         def per_group(buf, at, size):
             return tuple(buf[at[g] : at[g] + size] for g in range(ng))
+
+        q_shapes, cache_shapes = [], []
+        for grp in config.kv_groups:
+            if grp.mla is None:
+                q_shapes.append((num_tokens_run, config.num_qo_heads, config.head_dim))
+                cache_shapes.append((grp.page_size, config.num_kv_heads, config.head_dim))
+            else:
+                heads, ckv, kpe = grp.mla.num_heads, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe
+                q_shapes.append(((num_tokens_run, heads, ckv), (num_tokens_run, heads, kpe)))
+                cache_shapes.append(((grp.page_size, ckv), (grp.page_size, kpe)))
 
         return cls(
             idx_mapping=d[lay.idx : lay.idx + n],
@@ -108,7 +125,51 @@ class StepViews:
             sm_scales=tuple(config.sm_scale(g) for g in range(ng)),
             logits_soft_caps=tuple(float(grp.logits_soft_cap) for grp in config.kv_groups),
             mla=tuple(grp.mla for grp in config.kv_groups),
+            q_shapes=tuple(q_shapes),
+            cache_shapes=tuple(cache_shapes),
+            min_pages=config.num_kv_pages,
+            q_dtype=config.q_dtype,
+            kv_dtype=config.kv_dtype,
+            device=buffers.positions.device,
         )
+
+
+def _check_arg(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+               what: str) -> None:  # fmt: skip
+    """``t`` is a tensor of ``shape`` (``what`` names its dimensions), ``dtype`` and ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.shape != shape:
+        hint = ""
+        if t.ndim == len(shape) - 1 and t.shape[-1] == shape[-2] * shape[-1]:
+            hint = f" (a flat [..., heads * head_dim] tensor: pass {name}.view(-1, {shape[-2]}, {shape[-1]}))"
+        raise ValueError(f"{name}: expected shape {what} = {shape} for this step, got {tuple(t.shape)}{hint}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (config.device), got one on {t.device}")
+
+
+def _check_cache(name: str, t: object, page_shape: tuple[int, ...], min_pages: int, dtype: torch.dtype,
+                 device: torch.device, what: str, group: int) -> None:  # fmt: skip
+    """``t`` is a paged cache ``[num_pages, *page_shape]`` with ``>= min_pages`` pages, ``dtype`` and ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.shape[1:] != page_shape or t.ndim != len(page_shape) + 1:
+        hint = ""
+        if t.ndim == 4 and len(page_shape) == 3 and (t.shape[1], t.shape[2]) == (page_shape[1], page_shape[0]):
+            hint = " (an HND cache? batchmeta's caches are NHD: [num_pages, page_size, num_kv_heads, head_dim])"
+        elif t.ndim == len(page_shape) + 1 and t.shape[1] != page_shape[0] and t.shape[2:] == page_shape[1:]:
+            hint = f" (KV-cache group {group} has page_size {page_shape[0]})"
+        shape = ("num_pages", *page_shape)
+        raise ValueError(f"{name}: expected shape {what} = ({', '.join(map(str, shape))}) for KV-cache group "
+                         f"{group}, got {tuple(t.shape)}{hint}")  # fmt: skip
+    if t.shape[0] < min_pages:
+        raise ValueError(f"{name}: expected at least config.num_kv_pages ({min_pages}) pages, got {t.shape[0]}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (config.kv_dtype), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (config.device), got one on {t.device}")
 
 
 def _view(name: str, doc: str) -> property:
@@ -126,9 +187,10 @@ def _view(name: str, doc: str) -> property:
 class Step:
     """The metadata of one step: views of :class:`~batchmeta.BatchMetadata`'s preallocated buffers.
 
-    Made by ``prepare_prefill`` / ``prepare_decode``; valid until the next ``prepare_*`` of the same
-    ``BatchMetadata``, after which reading a view raises :class:`StaleStepError`. ``with step:``
-    makes it :func:`current_step` for the body.
+    Made by ``prepare_prefill`` / ``prepare_decode`` (not constructed directly: its constructor's
+    arguments are internal); valid until the next ``prepare_*`` of the same ``BatchMetadata``, after
+    which reading a view, or entering it with ``with step:``, raises :class:`StaleStepError`.
+    ``with step:`` makes it :func:`current_step` for the body.
 
     Sizes: ``B`` = ``num_reqs``; ``Bp`` = ``padded_num_reqs`` (``B`` unless a CUDA-graph decode
     padded the batch); ``T`` = ``num_tokens``; ``Tp`` = the tokens the model runs (``T``, or
@@ -168,28 +230,18 @@ class Step:
 
     __slots__ = (
         "_accepted", "_accepted_by_device", "_block_tables", "_clock", "_generation", "_num_kv_pages",
-        "_prompt_lens", "_query_lens", "_resets", "_rows_on_device", "_tokens", "_views", "_wrappers", "cache_lens_host", "cuda_graph",
-        "idx_mapping_host", "kind", "num_draft_tokens", "num_reqs", "num_tokens", "padded_num_reqs", "query_len",
+        "_prompt_lens", "_query_lens", "_resets", "_rows_on_device", "_tokens", "_views", "_wrappers",
+        "cache_lens_host", "cuda_graph", "idx_mapping_host", "kind", "num_draft_tokens", "num_reqs", "num_tokens",
+        "padded_num_reqs", "query_len",
     )  # fmt: skip
 
-    def __init__(
-        self,
-        kind: str,
-        num_reqs: int,
-        padded_num_reqs: int,
-        num_tokens: int,
-        query_len: int | None,
-        cuda_graph: bool,
-        idx_mapping_host: np.ndarray,
-        cache_lens_host: np.ndarray,
-        query_lens: np.ndarray | None,
-        num_kv_pages: tuple[int, ...],
-        views: StepViews,
-        wrappers: tuple[Any, ...] | None,
-        clock: list[int],
-        block_tables: Any,
-        rows_on_device: np.ndarray | None = None,
-    ):
+    def __init__(self, *internal: Any):
+        # Internal, in this order (BatchMetadata._prepare): kind, num_reqs, padded_num_reqs, num_tokens,
+        # query_len (int | None), cuda_graph, idx_mapping_host, cache_lens_host (numpy), query_lens (numpy |
+        # None), num_kv_pages (per group), views (StepViews), wrappers (tuple | None), clock (list[int]),
+        # block_tables (BlockTables), rows_on_device (numpy | None: rows whose cache length is on the device).
+        (kind, num_reqs, padded_num_reqs, num_tokens, query_len, cuda_graph, idx_mapping_host, cache_lens_host,
+         query_lens, num_kv_pages, views, wrappers, clock, block_tables, rows_on_device) = internal  # fmt: skip
         self.kind = kind
         self.num_reqs = num_reqs
         self.padded_num_reqs = padded_num_reqs
@@ -222,6 +274,8 @@ class Step:
 
     # Context manager: the active step --------------------------------------------------------------
     def __enter__(self) -> Step:
+        if self._generation != self._clock[0]:
+            self._raise_stale("__enter__")
         self._tokens.append(_current.set(self))
         return self
 
@@ -403,13 +457,35 @@ class Step:
             Optional ``[Tp, Hq, D]`` output.
 
         Returns ``[Tp, Hq, D]`` in ``q``'s dtype.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Before any work, naming the argument, when a tensor's shape, dtype or device differs
+            from what the config and the step say (``q``: ``config.q_dtype``; caches:
+            ``config.kv_dtype``, the group's ``page_size``, at least ``config.num_kv_pages`` pages).
         """
         if self._generation != self._clock[0]:
             self._raise_stale("attention")
         group = self._check_group(group, mla=False)
-        if self.kind == "ragged_prefill" and (k is None or v is None):
-            raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
         views = self._views
+        q_shape, dev = views.q_shapes[group], views.device
+        _check_arg("q", q, q_shape, views.q_dtype, dev, "[tokens, num_qo_heads, head_dim]")
+        page_shape, min_pages = views.cache_shapes[group], views.min_pages
+        what = "[num_pages, page_size, num_kv_heads, head_dim]"
+        _check_cache("k_cache", k_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
+        _check_cache("v_cache", v_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
+        if out is not None:
+            _check_arg("out", out, q_shape, q.dtype, dev, "[tokens, num_qo_heads, head_dim]")
+        if self.kind == "ragged_prefill":
+            if k is None or v is None:
+                raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
+            kv_shape = (q_shape[0], *page_shape[1:])
+            what = "[tokens, num_kv_heads, head_dim]"
+            # The new keys and values, unquantized (q's dtype) or in the cache's.
+            k_dtype = k.dtype if getattr(k, "dtype", None) in (views.q_dtype, views.kv_dtype) else views.q_dtype
+            _check_arg("k", k, kv_shape, k_dtype, dev, what)
+            _check_arg("v", v, kv_shape, k_dtype, dev, what)
         if self._wrappers is not None:
             w = self._wrappers[group]
             if self.kind == "ragged_prefill":
@@ -463,11 +539,27 @@ class Step:
             Optional ``[Tp, num_heads, head_dim_ckv]`` output.
 
         Returns ``[Tp, num_heads, head_dim_ckv]`` in ``q_nope``'s dtype.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Before any work, naming the argument, when a tensor's shape, dtype or device differs
+            from what the config and the step say (as for :meth:`attention`).
         """
         if self._generation != self._clock[0]:
             self._raise_stale("mla_attention")
         group = self._check_group(group, mla=True)
         views = self._views
+        (nope_shape, pe_shape), (ckv_shape, kpe_shape) = views.q_shapes[group], views.cache_shapes[group]
+        dev, min_pages = views.device, views.min_pages
+        _check_arg("q_nope", q_nope, nope_shape, views.q_dtype, dev, "[tokens, num_heads, head_dim_ckv]")
+        _check_arg("q_pe", q_pe, pe_shape, views.q_dtype, dev, "[tokens, num_heads, head_dim_kpe]")
+        _check_cache("ckv_cache", ckv_cache, ckv_shape, min_pages, views.kv_dtype, dev,
+                     "[num_pages, page_size, head_dim_ckv]", group)  # fmt: skip
+        _check_cache("kpe_cache", kpe_cache, kpe_shape, min_pages, views.kv_dtype, dev,
+                     "[num_pages, page_size, head_dim_kpe]", group)  # fmt: skip
+        if out is not None:
+            _check_arg("out", out, nope_shape, q_nope.dtype, dev, "[tokens, num_heads, head_dim_ckv]")
         if self._wrappers is not None:
             return mla_run(self._wrappers[group], q_nope, q_pe, ckv_cache, kpe_cache, out)
         kv_indptr, last = views.kv_indptr_host[group], views.kv_last_page_len_host[group]
@@ -478,7 +570,7 @@ class Step:
         res = mla_attention_torch(
             q_nope, q_pe, ckv_cache, kpe_cache, views.qo_indptr_host, kv_indptr, indices, last,
             sm_scale=views.sm_scales[group],
-        )
+        )  # fmt: skip
         if out is not None:
             out.copy_(res)
             return out

@@ -46,6 +46,10 @@ def main() -> int:
     parser.add_argument("--interleave", action="store_true",
                         help="run stock-plan and eager-glue steps in between, as bench_steps does")  # fmt: skip
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step.py: needs a CUDA GPU (and FlashInfer: pip install 'batchmeta[flashinfer]'); "
+              "this machine has none", file=sys.stderr)  # fmt: skip
+        return 2
     bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
     rng = np.random.default_rng(0)
     scn = next(s for s in bench_steps.scenarios(rng) if s.name == args.scenario)

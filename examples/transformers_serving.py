@@ -219,13 +219,13 @@ class Runner:
         graph_sizes = (*(s for s in (1, 2, 4, 8, 16, 32) if s < max_num_reqs), max_num_reqs)
         # Enough pages for every slot at max_model_len in each group, plus page 0 (graph padding).
         self.num_pages = max_num_reqs * max(-(-max_model_len // g.page_size) for g in groups) + 1
-        attn_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # plan-time only
+        plan = dtype != torch.float32  # FlashInfer plans float16 and bfloat16; float32 attends with torch
         self.meta_config = MetadataConfig(
             max_num_reqs=max_num_reqs, max_num_tokens=token_budget, max_model_len=max_model_len,
             kv_groups=tuple(groups), num_qo_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=layers[0].module.head_dim, q_dtype=attn_dtype, kv_dtype=attn_dtype, device=dev,
+            head_dim=layers[0].module.head_dim, q_dtype=dtype, kv_dtype=dtype, device=dev,
             num_kv_pages=self.num_pages, cuda_graph_batch_sizes=graph_sizes if cuda_graphs else (),
-            token_history=True,
+            token_history=True, plan_attention=plan,
         )  # fmt: skip
         self.meta = BatchMetadata(self.meta_config)
         hkv, d = cfg.num_key_value_heads, layers[0].module.head_dim
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    graphs = args.device == "cuda" and not args.no_cuda_graphs and flashinfer_available()
+    graphs = args.device == "cuda" and not args.no_cuda_graphs and flashinfer_available() and dtype != torch.float32
     model = build_model(args.model, seed=args.seed, dtype=dtype, device=args.device)
     prompts = random_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
     max_len = 16 * -(-(args.prompt_len[1] + args.max_new_tokens) // 16)

@@ -170,7 +170,8 @@ def test_wrappers_none_without_flashinfer_and_attention_still_works():
     meta.block_tables.append(0, [1])
     with meta.prepare_decode([0], [2]) as step:
         assert step.wrappers is None
-        out = step.attention(torch.randn(1, 8, 64), torch.randn(4, 4, 2, 64), torch.randn(4, 4, 2, 64))
+        q, k_cache, v_cache = torch.randn(1, 8, 64), torch.randn(4, 4, 2, 64), torch.randn(4, 4, 2, 64)
+        out = step.attention(q.half(), k_cache.half(), v_cache.half())
         assert out.shape == (1, 8, 64) and torch.isfinite(out).all()
 
 

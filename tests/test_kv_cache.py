@@ -198,8 +198,25 @@ def test_fp32_inputs_into_bf16_cache_round_to_nearest(device, backend):
 def test_slots_past_the_cache_are_skipped_not_wrapped(device, backend):
     k_cache, v_cache, _ = make_caches("separate", 2, 4, 1, 8, torch.float32, device)
     key = torch.ones(3, 1, 8, device=device)
-    store_kv(key, key, torch.tensor([8, 9, 2**31 + 3], device=device), k_cache, v_cache, backend=backend)
+    slots = torch.tensor([8, 9, 2**31 + 3], device=device)
+    if slots.device.type == "cpu":  # host data: checked, a ValueError before anything is written
+        with pytest.raises(ValueError, match=r"slot_mapping: slot 2147483651 is past the cache \(2 pages of 4"):
+            store_kv(key, key, slots, k_cache, v_cache, backend=backend)
+    else:
+        store_kv(key, key, slots, k_cache, v_cache, backend=backend)
     assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+
+
+@pytest.mark.parametrize("slots", [[0, 8], [8], [-1, 7, 8]])
+def test_host_slot_past_the_cache_is_a_value_error(slots, backend):
+    k_cache, v_cache, _ = make_caches("separate", 2, 4, 1, 8, torch.float32, "cpu")
+    key = torch.ones(len(slots), 1, 8)
+    with pytest.raises(ValueError, match="slot_mapping: slot 8 is past the cache"):
+        store_kv(key, key, torch.tensor(slots), k_cache, v_cache, backend=backend)
+    assert (k_cache == SENTINEL).all() and (v_cache == SENTINEL).all()
+    # Entries past the T tokens are not read: a long slot mapping's tail may hold anything.
+    store_kv(key[:1], key[:1], torch.tensor([3, *slots]), k_cache, v_cache, backend=backend)
+    assert (k_cache[0, 3] == 1).all()
 
 
 def _strided_inputs(kind, num_tokens, num_heads, head_dim, device):
@@ -676,3 +693,21 @@ def test_store_mla_kv_with_no_tokens_checks_and_writes_nothing(device, backend):
     with pytest.raises(ValueError, match="backend"):
         store_mla_kv(ckv, kpe, no_slots, ckv_cache, kpe_cache, backend="cuda")
     assert (ckv_cache == SENTINEL).all() and (kpe_cache == SENTINEL).all()
+
+
+def test_default_backend_rounds_bf16_to_nearest_even(device):
+    # backend=None: compiled Triton on CUDA; under the interpreter (whose casts to bf16 truncate) the torch
+    # twin. Either way a bf16 cache holds torch's round-to-nearest-even cast, for store_kv and store_mla_kv.
+    base = torch.tensor([1.0, -1.5, 3.0, 0.109375, 100.0, -7.0], dtype=torch.float32)
+    ulp = 2.0 ** (torch.floor(torch.log2(base.abs())) - 7)
+    x = (base + torch.sign(base) * 0.75 * ulp).to(device)  # 3/4 ulp above: truncation gives the value below
+    expected = x.cpu().to(torch.bfloat16)
+    k_cache, v_cache, _ = make_caches("separate", 1, 8, 1, 1, torch.bfloat16, device)
+    store_kv(x.reshape(6, 1, 1), x.reshape(6, 1, 1), torch.arange(6, device=device), k_cache, v_cache)
+    assert_same_bits(k_cache[0, :6, 0, 0], expected)
+    assert_same_bits(v_cache[0, :6, 0, 0], expected)
+    ckv_cache, kpe_cache, _ = make_mla_caches("separate", 1, 8, 6, 6, (torch.bfloat16,) * 2, device)
+    rows = x.repeat(6, 1)  # [6 tokens, 6]
+    store_mla_kv(rows, rows, torch.arange(6, device=device), ckv_cache, kpe_cache)
+    assert_same_bits(ckv_cache[0, :6], expected.repeat(6, 1))
+    assert_same_bits(kpe_cache[0, :6], expected.repeat(6, 1))

@@ -27,8 +27,8 @@ def make_meta(device, page_sizes=(4, 2), windows=None, max_num_reqs=6, max_model
         num_qo_heads=8,
         num_kv_heads=2,
         head_dim=64,
-        q_dtype=torch.float16,
-        kv_dtype=torch.float16,
+        q_dtype=kw.pop("q_dtype", torch.float16),
+        kv_dtype=kw.pop("kv_dtype", torch.float16),
         device=device,
         **kw,
     )
@@ -228,7 +228,7 @@ def test_current_step_reset_on_exit_and_error(device):
 
 def test_attention_torch_path_matches_dense_reference():
     """On the CPU the step's attention is the torch implementation: check it against a dense one."""
-    meta = make_meta("cpu", page_sizes=(4,), windows=(6,))
+    meta = make_meta("cpu", page_sizes=(4,), windows=(6,), q_dtype=torch.float32, kv_dtype=torch.float32)
     pages = Pages(meta)
     idx, qlens, clens = [2, 4], [5, 1], [7, 3]
     for r, c, q in zip(idx, clens, qlens, strict=True):
@@ -319,7 +319,7 @@ def test_device_tensors_are_rejected_as_batch_descriptions():
         (dict(num_qo_heads=6, num_kv_heads=4), ValueError, "num_kv_heads"),
         (dict(kv_groups=()), ValueError, "kv_groups"),
         (dict(kv_groups=(KVGroup(page_size=16, window_left=64),)), ValueError, "window_left"),
-        (dict(q_dtype=torch.float32), TypeError, "q_dtype"),
+        (dict(q_dtype=torch.float64), TypeError, "q_dtype"),
         (dict(cuda_graph_batch_sizes=(4, 2)), ValueError, "cuda_graph_batch_sizes"),
         (dict(cuda_graph_batch_sizes=(1, 16)), ValueError, "max_num_reqs"),
         (dict(num_kv_pages=4, padding_page=4), ValueError, "padding_page"),
@@ -416,9 +416,9 @@ def test_pages_as_tensors_and_arrays():
 def test_ragged_step_attention_needs_new_keys_on_every_path():
     meta = make_meta("cpu", page_sizes=(4,))
     meta.block_tables.append(0, [1])
-    kc = torch.zeros(4, 4, 2, 64)
+    kc = torch.zeros(4, 4, 2, 64, dtype=torch.float16)
     with meta.prepare_prefill([0], [2], [0]) as step, pytest.raises(ValueError, match="k, v"):
-        step.attention(torch.zeros(2, 8, 64), kc, kc)
+        step.attention(torch.zeros(2, 8, 64, dtype=torch.float16), kc, kc)
 
 
 def test_batch_block_tables_only_when_asked(device):

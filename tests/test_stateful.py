@@ -165,7 +165,8 @@ class MetadataMachine(RuleBasedStateMachine):
         next_ids = torch.tensor(tokens, dtype=torch.int64, device=DEVICE)
         # The engine's rule: a row reaching its prompt's end accepts 1..1+k tokens, one inside it 0..1.
         ends = [c + q >= p for c, q, p in zip(clens, qlens, prompts, strict=True)]
-        nxt = [c + q - k + a - 1 if a >= 1 and e else c + q for c, q, a, e in zip(clens, qlens, num_accepted, ends)]
+        rows = zip(clens, qlens, num_accepted, ends, strict=True)
+        nxt = [c + q - k + a - 1 if a >= 1 and e else c + q for c, q, a, e in rows]
         ok = (
             not step._accepted
             and all(0 <= p <= L for p in prompts)

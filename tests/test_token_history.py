@@ -165,7 +165,7 @@ def test_a_decode_reads_a_token_written_on_the_device(make):
         ((0, [2**31]), ValueError, r"token_ids: expected token ids in \[0, 2\^31\)"),
         ((0, [1.5]), TypeError, "token_ids"),
         ((0, [1] * 5, L - 4), ValueError, "start: 5 tokens from position 36 do not fit"),
-        ((0, [1], -1), ValueError, "start: 1 tokens from position -1"),
+        ((0, [1], -1), ValueError, "start: expected a position >= 0, got -1"),
     ],
 )  # fmt: skip
 def test_stage_prompt_rejects(make, args, error, match):
@@ -240,3 +240,31 @@ def test_padding_rows_of_a_verify_graph_step(make):
     # Padding rows read the padding page (page 0) only: one page of 4 tokens, or 4 of one token.
     assert step.kv_last_page_len_host[0].tolist()[1:] == [4, 4, 4]
     assert step.kv_indices[0].tolist()[-3:] == [0, 0, 0] and step.kv_indices[1].tolist()[-12:] == [0] * 12
+
+
+@pytest.mark.parametrize(
+    "req_idx, error, match",
+    [
+        (True, TypeError, "req_idx: expected an int, got bool"),
+        (1.0, TypeError, "req_idx: expected an int, got float"),
+        ("1", TypeError, "req_idx: expected an int, got str"),
+        (None, TypeError, "req_idx: expected an int, got NoneType"),
+        (-1, ValueError, "req_idx: expected a request slot"),
+        (R, ValueError, "req_idx: expected a request slot"),
+        (99, ValueError, "req_idx: expected a request slot"),
+    ],
+)  # fmt: skip
+def test_discard_prompt_rejects(make, req_idx, error, match):
+    meta = make()
+    meta.stage_prompt(1, [7, 8])
+    with pytest.raises(error, match=match):
+        meta.discard_prompt(req_idx)
+    assert list(meta._prompts) == [1] and meta._num_prompt_tokens == 2  # slot 1's span kept
+    meta.discard_prompt(np.int64(1))
+    assert meta._prompts == {} and meta._num_prompt_tokens == 0
+
+
+def test_discard_prompt_without_a_token_history(make):
+    meta = make(token_history=False)
+    with pytest.raises(ValueError, match="discard_prompt: this BatchMetadata has no token history"):
+        meta.discard_prompt(0)

@@ -17,7 +17,9 @@ from batchmeta.attention.planning import StepPlanner
 from batchmeta.attention.prefill_planner import PrefillPlanner
 from batchmeta.attention.torch_ref import paged_attention_torch
 from batchmeta.attention.wrappers import (
+    FLASHINFER_INSTALL,
     flashinfer_available,
+    flashinfer_planning_available,
     get_workspace,
     new_decode_wrapper,
     new_paged_prefill_wrapper,
@@ -25,11 +27,13 @@ from batchmeta.attention.wrappers import (
 )
 
 __all__ = [
+    "FLASHINFER_INSTALL",
     "DecodePlanner",
     "PrefillPlanner",
     "StepPlanner",
     "fast_plan_supported",
     "flashinfer_available",
+    "flashinfer_planning_available",
     "get_workspace",
     "new_decode_wrapper",
     "new_paged_prefill_wrapper",

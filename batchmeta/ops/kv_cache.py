@@ -185,8 +185,9 @@ def store_kv(
 ) -> None:
     """Writes ``key[t]``/``value[t]`` to slot ``slot_mapping[t]`` of the caches, skipping PAD slots.
 
-    Slot ``s`` is ``k_cache[s // page_size, s % page_size]``. Slots that are negative or past the
-    cache are skipped (never wrapped to another slot).
+    Slot ``s`` is ``k_cache[s // page_size, s % page_size]``. Negative slots (PAD) are skipped. A
+    slot past the cache is a ``ValueError`` when ``slot_mapping`` is host data (a CPU tensor); on the
+    device (where checking would sync) it is skipped, never wrapped to another slot.
 
     With a scale the cache stores ``key / k_scale`` (``value / v_scale``), computed as
     ``key.float() * inv`` with ``inv = 1 / k_scale`` rounded once to float32; a float8 cache then
@@ -194,7 +195,8 @@ def store_kv(
     result is rounded to nearest even in the cache dtype. FlashInfer's ``run(..., k_scale=, v_scale=)``
     multiplies back. A float8 cache without a scale stores with scale 1 (saturating); other caches
     without a scale take a plain cast, as before. NaN stays NaN. Under the Triton interpreter, whose
-    fp32 -> float8 casts round wrongly, ``backend=None`` stores float8 caches with torch.
+    casts to float8 round wrongly and to bfloat16 truncate, ``backend=None`` stores float8 and
+    bfloat16 caches with torch.
 
     Parameters
     ----------
@@ -232,7 +234,15 @@ def store_kv(
     k_conv = _cache_conversion(_inverse_scale("k_scale", k_scale), k_cache.dtype)
     v_conv = _cache_conversion(_inverse_scale("v_scale", v_scale), v_cache.dtype)
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+    if slot_mapping.device.type == "cpu" and num_tokens:
+        # Host data can be read without a sync: a slot past the cache is the caller's mistake, not PAD.
+        top = int(slot_mapping[:num_tokens].max())
+        if top >= num_pages * page_size:
+            raise ValueError(f"slot_mapping: slot {top} is past the cache ({num_pages} pages of {page_size} slots: "
+                             f"{num_pages * page_size} slots)")  # fmt: skip
     on_triton = use_triton(backend, key)
+    if on_triton and backend is None and INTERPRET and torch.bfloat16 in (k_cache.dtype, v_cache.dtype):
+        on_triton = False  # the interpreter's casts to bfloat16 truncate: the torch twin rounds to nearest even
     if on_triton and backend is None and INTERPRET and (k_conv[2] or v_conv[2]):
         # The interpreter's fp32 -> float8 cast (Triton 3.6-3.9) rounds wrongly (7.87 -> 4.0 in e4m3fn):
         # by default float8 stores take the torch twin there; backend="triton" still runs the kernel.
@@ -264,7 +274,8 @@ def store_mla_kv(
 
     Slot ``s`` is ``ckv_cache[s // page_size, s % page_size]``; negative and past-the-cache slots are
     skipped. The caches are what FlashInfer's ``BatchMLAPagedAttentionWrapper.run`` reads. float8
-    caches are not supported.
+    caches are not supported. Under the Triton interpreter, whose casts to bfloat16 truncate,
+    ``backend=None`` stores bfloat16 caches with torch.
 
     Parameters
     ----------
@@ -307,6 +318,8 @@ def store_mla_kv(
             raise TypeError(f"{name}: MLA fp8 KV is not supported by batchmeta, got {t.dtype}")
         check_tensor(name, t, dtypes=_MLA_CACHE_DTYPES)
     on_triton = use_triton(backend, ckv)
+    if on_triton and backend is None and INTERPRET and torch.bfloat16 in (ckv_cache.dtype, kpe_cache.dtype):
+        on_triton = False  # the interpreter's casts to bfloat16 truncate: the torch twin rounds to nearest even
     if num_tokens == 0:
         return
     if on_triton:
