@@ -722,6 +722,19 @@ def random_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) ->
     return [rng.integers(0, vocab, int(rng.integers(lengths[0], lengths[1] + 1))).tolist() for _ in range(num)]
 
 
+def periodic_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """Prompts that repeat a random pattern of 2 to 6 tokens: repetitive text, where prompt lookup
+    drafts (:func:`ngram_drafts`) are partly accepted even by a random-weight model (whose
+    continuation of random prompts almost never repeats itself)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num):
+        pattern = rng.integers(0, vocab, int(rng.integers(2, 7))).tolist()
+        n = int(rng.integers(lengths[0], lengths[1] + 1))
+        prompts.append((pattern * -(-n // len(pattern)))[:n])
+    return prompts
+
+
 # -------------------------------------------------------------------------------------------------
 # CLI
 # -------------------------------------------------------------------------------------------------
@@ -745,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept", choices=("host", "device"), default="device",
                         help="with --spec: acceptance counts read on the host after each verify step, or kept on "
                              "the device (default)")  # fmt: skip
+    parser.add_argument("--prompts", choices=("random", "periodic"), default="random",
+                        help="random tokens, or a short random pattern repeated (text that n-gram drafts "
+                             "predict)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.spec < 0:
         parser.error(f"--spec: expected K >= 0, got {args.spec}")
@@ -752,7 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     graphs = args.device == "cuda" and not args.no_cuda_graphs and flashinfer_available()
     model = build_model(args.model, seed=args.seed, dtype=dtype, device=args.device)
-    prompts = random_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
+    make_prompts = periodic_prompts if args.prompts == "periodic" else random_prompts
+    prompts = make_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
     spec = args.spec
     need = max_len_needed(args.prompt_len[1], args.max_new_tokens, spec, args.accept)
     runner = Runner(model, max_num_reqs=args.max_num_reqs, token_budget=args.token_budget,
