@@ -15,6 +15,13 @@ Nothing in a step's path reads the GPU: batchmeta owns a token history
 ``step.input_ids`` from it, so the host never waits for a token (requests stop at a fixed length;
 the tokens are read once, at the end).
 
+With ``--spec K`` (speculative decoding), every decode step verifies ``K`` drafts of a prompt-lookup
+drafter (:func:`ngram_drafts`, torch ops over the token history on the device): the target's argmax
+at each token accepts drafts up to the first mismatch, ``accept_tokens`` writes the accepted tokens
+(with host counts, ``--accept host``, or device counts, ``--accept device``: nothing read in a
+step's path) and ``write_drafts`` the next drafts (:meth:`Runner._serve_spec`). In float32,
+:func:`greedy_check` then compares the tokens with plain greedy decoding, token for token.
+
 Afterwards, :func:`teacher_forced_check` runs the same model with transformers' own attention
 (``"eager"``) over every prompt plus its generated tokens and checks each generated token against
 that forward pass's argmax, allowing only near-ties.
