@@ -15,6 +15,13 @@ Nothing in a step's path reads the GPU: batchmeta owns a token history
 ``step.input_ids`` from it, so the host never waits for a token (requests stop at a fixed length;
 the tokens are read once, at the end).
 
+With ``--spec K`` (speculative decoding), every decode step verifies ``K`` drafts of a prompt-lookup
+drafter (:func:`ngram_drafts`, torch ops over the token history on the device): the target's argmax
+at each token accepts drafts up to the first mismatch, ``accept_tokens`` writes the accepted tokens
+(with host counts, ``--accept host``, or device counts, ``--accept device``: nothing read in a
+step's path) and ``write_drafts`` the next drafts (:meth:`Runner._serve_spec`). In float32,
+:func:`greedy_check` then compares the tokens with plain greedy decoding, token for token.
+
 Afterwards, :func:`teacher_forced_check` runs the same model with transformers' own attention
 (``"eager"``) over every prompt plus its generated tokens and checks each generated token against
 that forward pass's argmax, allowing only near-ties.
@@ -171,6 +178,8 @@ class ServeResult:
     steps: int
     tokens_in: int  # tokens run through the model (prompts + decode inputs)
     seconds: float
+    drafts_proposed: int = 0  # speculative decoding: drafts verified (k per verify row)
+    drafts_accepted: int = 0  # ... and accepted (the matched drafts, bonus tokens not counted)
 
     @property
     def generated(self) -> int:
@@ -190,12 +199,19 @@ class Runner:
         Page size of the full-attention group and of the sliding-window group (if the model has one).
     cuda_graphs:
         Replay decode-only steps as CUDA graphs (needs CUDA and FlashInfer).
+    spec:
+        Draft tokens per verify step (speculative decoding with an n-gram drafter, :func:`ngram_drafts`);
+        0: plain decoding.
     """
 
     def __init__(self, model, *, max_num_reqs: int = 4, token_budget: int = 64, max_model_len: int = 256,
-                 page_sizes: tuple[int, int] = (16, 8), cuda_graphs: bool = False):  # fmt: skip
-        if token_budget < max_num_reqs:
-            raise ValueError(f"token_budget: expected >= max_num_reqs ({max_num_reqs}), one decode per request")
+                 page_sizes: tuple[int, int] = (16, 8), cuda_graphs: bool = False, spec: int = 0):  # fmt: skip
+        if spec < 0:
+            raise ValueError(f"spec: expected >= 0 draft tokens, got {spec}")
+        if token_budget < max_num_reqs * (1 + spec):
+            raise ValueError(f"token_budget: expected >= max_num_reqs * (1 + spec) ({max_num_reqs * (1 + spec)}), "
+                             f"one decode or verify row per request")  # fmt: skip
+        self.spec = spec
         self.model = model
         dev = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -225,7 +241,7 @@ class Runner:
             kv_groups=tuple(groups), num_qo_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
             head_dim=layers[0].module.head_dim, q_dtype=dtype, kv_dtype=dtype, device=dev,
             num_kv_pages=self.num_pages, cuda_graph_batch_sizes=graph_sizes if cuda_graphs else (),
-            token_history=True, plan_attention=plan,
+            token_history=True, plan_attention=plan, max_draft_tokens=self.spec,
         )  # fmt: skip
         self.meta = BatchMetadata(self.meta_config)
         hkv, d = cfg.num_key_value_heads, layers[0].module.head_dim
@@ -239,11 +255,11 @@ class Runner:
         self.token_ids = self.meta.token_ids
         self.vocab = cfg.vocab_size
         self.graph_logits = None
-        if cuda_graphs:
-            self.graph_logits = torch.zeros(max_num_reqs, self.vocab, dtype=dtype, device=dev)
+        if cuda_graphs:  # decode graphs, or with spec only verify graphs (every decode step verifies drafts)
+            self.graph_logits = torch.zeros(max_num_reqs * (1 + self.spec), self.vocab, dtype=dtype, device=dev)
             with torch.no_grad():
                 for s in graph_sizes:
-                    self.meta.capture_decode_graph(s, self._graph_forward)
+                    self.meta.capture_decode_graph(s, self._graph_forward, num_draft_tokens=self.spec)
 
     # The forward passes --------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor, step, logits_to_keep) -> torch.Tensor:
@@ -256,13 +272,22 @@ class Runner:
         return self._logits(step.input_ids, step, step.logits_indices)
 
     def _graph_forward(self, step) -> None:
-        """Decode over fixed buffers only (captured): one token per row, padding rows included."""
-        n = step.padded_num_reqs
+        """Decode or verify over fixed buffers only (captured): ``1 + k`` tokens per row, padding rows included."""
+        n = step.padded_num_reqs * step.query_len
         self.graph_logits[:n] = self._logits(step.input_ids, step, 0)
 
     # The serving loop ----------------------------------------------------------------------------
-    def serve(self, prompts: list[list[int]], max_new_tokens: int, *, record_logits: bool = False) -> ServeResult:
-        """Greedy generation of ``max_new_tokens`` tokens for every prompt; requests wait for a free slot."""
+    def serve(self, prompts: list[list[int]], max_new_tokens: int, *, record_logits: bool = False,
+              accept: str = "device") -> ServeResult:  # fmt: skip
+        """Greedy generation of ``max_new_tokens`` tokens for every prompt; requests wait for a free slot.
+
+        With ``spec`` (see :class:`Runner`), ``accept`` says where acceptance counts live: ``"host"``
+        (read after every verify step) or ``"device"`` (never read in a step's path).
+        """
+        if self.spec:
+            if record_logits:
+                raise ValueError("record_logits: not recorded with speculative decoding")
+            return self._serve_spec(prompts, max_new_tokens, accept)
         meta, cfg = self.meta, self.meta_config
         groups = cfg.kv_groups
         if max_new_tokens < 1:
@@ -350,6 +375,210 @@ class Runner:
         logits = [torch.stack(r.logits) for r in requests] if record_logits else None
         return ServeResult(tokens, logits, kinds, steps, tokens_in, seconds)
 
+    def _serve_spec(self, prompts: list[list[int]], max_new_tokens: int, accept: str) -> ServeResult:
+        """Greedy speculative decoding: chunked prefill steps, then verify steps of ``k`` n-gram drafts.
+
+        A step is either a prefill step (prompt chunks under the token budget; a chunk that ends its
+        prompt samples the request's first token) or a verify step of every request past its prompt
+        (``prepare_decode(..., num_draft_tokens=k)``: its ``input_ids`` are the last accepted token and
+        the ``k`` drafts, gathered from the history). The target's argmax at each of the ``1 + k``
+        tokens verifies the drafts; ``accept_tokens`` writes the accepted tokens (the matched drafts
+        and the bonus token), and :func:`ngram_drafts` proposes the next drafts from the history on
+        the device, which ``write_drafts`` puts after each row's last accepted token.
+
+        ``accept="host"`` reads the counts after every verify step (a sync) and knows every length;
+        ``accept="device"`` passes the verifier's counts as a device tensor, so nothing in a step's
+        path waits for the device: the host holds pages for the bounds ``accept_tokens`` returns, and
+        learns each step's counts one step later (a copy it does not wait for, read after the next
+        step is launched) to stop requests that have their tokens.
+        """
+        meta, cfg = self.meta, self.meta_config
+        groups, k, dev = cfg.kv_groups, self.spec, cfg.device
+        if accept not in ("host", "device"):
+            raise ValueError(f"accept: expected 'host' or 'device', got {accept!r}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
+        for p in prompts:
+            need = max_len_needed(len(p), max_new_tokens, k, accept)
+            if not p or need > cfg.max_model_len:
+                raise ValueError(f"prompts: a prompt of {len(p)} tokens needs max_model_len {need} with "
+                                 f"{max_new_tokens} new tokens, {k} drafts and {accept} acceptance, got "
+                                 f"{cfg.max_model_len}")  # fmt: skip
+        waiting = collections.deque(Request(list(p), max_new_tokens) for p in prompts)
+        requests = list(waiting)
+        running: list[Request] = []
+        free_slots = list(range(cfg.max_num_reqs - 1, -1, -1))
+        free_pages = [list(range(self.num_pages - 1, 0, -1)) for _ in groups]  # page 0: graph padding
+        kinds: collections.Counter = collections.Counter()
+        steps = tokens_in = proposed = 0
+        accepted_drafts = torch.zeros((), dtype=torch.int64, device=dev)  # read once, at the end
+        pending = fresh = None  # device acceptance: (rows, host copy of their counts, event) of a verify step
+
+        def hold(r: Request, tokens: int) -> None:  # pages for the first `tokens` positions of every group
+            new = []
+            for g, grp in enumerate(groups):
+                need = -(-tokens // grp.page_size) - len(r.pages[g])
+                new.append([free_pages[g].pop() for _ in range(need)])
+                r.pages[g] += new[-1]
+            meta.block_tables.append(r.slot, new)
+
+        def generated(r: Request, n: int) -> None:  # r has n more tokens: finished ones free their slot
+            r.generated += n
+            if r.generated >= r.max_new_tokens and r in running:
+                p = len(r.prompt)
+                r.output = self.token_ids[r.slot, p : p + r.max_new_tokens].clone()
+                for g in range(len(groups)):
+                    free_pages[g] += r.pages[g]
+                meta.block_tables.reset(r.slot)
+                free_slots.append(r.slot)
+                running.remove(r)
+
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            while waiting or running:
+                while waiting and free_slots:  # admit: a slot
+                    r = waiting.popleft()
+                    r.slot = free_slots.pop()
+                    r.pages = [[] for _ in groups]
+                    running.append(r)
+                prefill, budget = [], cfg.max_num_tokens
+                for r in running:  # prompt chunks first, in admission order within the budget
+                    if r.cached < len(r.prompt) and budget > 0:
+                        n = min(len(r.prompt) - r.cached, budget)
+                        prefill.append((r, n))
+                        budget -= n
+                if prefill:
+                    batch = prefill
+                    for r, n in batch:
+                        meta.stage_prompt(r.slot, r.prompt[r.cached : r.cached + n], r.cached)
+                        hold(r, r.cached + n)
+                    step = meta.prepare_prefill([r.slot for r, _ in batch], [n for _, n in batch],
+                                                [r.cached for r, _ in batch])  # fmt: skip
+                else:  # every request past its prompt verifies k drafts: pages for its bound + 1 + k
+                    batch = [(r, 1 + k) for r in running]
+                    for r, n in batch:
+                        hold(r, r.cached + n)
+                    step = meta.prepare_decode([r.slot for r, _ in batch], [r.cached for r, _ in batch],
+                                               num_draft_tokens=k, cuda_graph=self.use_graphs)  # fmt: skip
+                b = len(batch)
+                with step:
+                    if step.cuda_graph:
+                        meta.replay_decode_graph(step)
+                        logits = self.graph_logits[: b * (1 + k)]
+                    else:
+                        logits = self._eager_forward(step) if prefill else self._logits(step.input_ids, step, 0)
+                kinds[_kind(step, 0)] += 1
+                prompt_lens = [len(r.prompt) for r, _ in batch]
+                if prefill:  # one sampled token per row (dropped inside a prompt); drafts after the last ones
+                    acc = meta.accept_tokens(step, None, logits.argmax(-1), [1] * b, prompt_lens)
+                    ends = [row for row, (r, n) in enumerate(batch) if r.cached + n == len(r.prompt)]
+                    if ends:
+                        last = torch.tensor([len(batch[row][0].prompt) for row in ends], device=dev)
+                        slots = torch.tensor([batch[row][0].slot for row in ends], device=dev)
+                        drafts = ngram_drafts(self.token_ids, slots, last, k)
+                        meta.write_drafts(step, drafts.reshape(-1), [k if r.cached + n == len(r.prompt) else 0
+                                                                    for r, n in batch])  # fmt: skip
+                    for row, (r, _) in enumerate(batch):
+                        r.cached = int(acc.cache_lens[row])
+                    for row in ends:
+                        generated(batch[row][0], 1)
+                else:  # verify: greedy targets at the 1 + k tokens, drafts accepted up to the first mismatch
+                    target = logits.argmax(-1).view(b, 1 + k)
+                    rows = step.input_ids[: b * (1 + k)].view(b, 1 + k)
+                    num = 1 + torch.cumprod(target[:, :-1] == rows[:, 1:], dim=1).sum(1)
+                    counts = num if accept == "device" else num.tolist()  # host: waits for the step
+                    acc = meta.accept_tokens(step, None, target, counts, prompt_lens)
+                    accepted_drafts += (num - 1).sum()
+                    proposed += b * k
+                    # Next drafts after each row's last accepted token, at its exact position: the
+                    # row's first position (exact on the device, where the host has a bound) + count.
+                    last = step.positions[: b * (1 + k)].view(b, 1 + k)[:, 0] + num
+                    drafts = ngram_drafts(self.token_ids, step.idx_mapping[:b].long(), last, k)
+                    meta.write_drafts(step, drafts)
+                    verified = [r for r, _ in batch]
+                    for row, r in enumerate(verified):
+                        r.cached = int(acc.cache_lens[row])  # the bound, with device counts
+                    if accept == "host":
+                        for r, n in zip(verified, counts, strict=True):
+                            generated(r, n)
+                    else:  # a copy of the counts, read once the next step is launched
+                        fresh = (verified, *_copy_to_host(num))
+                # Device acceptance: the counts of the verify step before this one (already queued, so
+                # the device keeps working); requests that have their tokens stop, one step late.
+                if pending is not None:
+                    _learn(pending, generated)
+                pending, fresh = fresh, None
+                steps += 1
+                tokens_in += sum(n for _, n in batch)
+            out = torch.cat([r.output for r in requests]).tolist() if requests else []  # the one read
+            accepted = int(accepted_drafts)
+        seconds = time.perf_counter() - t0
+        tokens = [out[i * max_new_tokens : (i + 1) * max_new_tokens] for i in range(len(requests))]
+        return ServeResult(tokens, None, kinds, steps, tokens_in, seconds, proposed, accepted)
+
+
+def max_len_needed(prompt_len: int, max_new_tokens: int, spec: int = 0, accept: str = "device") -> int:
+    """The ``max_model_len`` a request needs: its prompt and new tokens, plus with speculative decoding
+    (``spec`` drafts) the drafts of its last verify step, and with device acceptance the host's bound."""
+    if not spec:
+        return prompt_len + max_new_tokens
+    if accept == "host":  # the last verify step starts at most max_new_tokens - 1 tokens in
+        return prompt_len + max_new_tokens + spec - 1
+    # Device counts: the host's bound (accept_tokens' cache_lens) grows by 1 + spec per verify step,
+    # as if every draft were accepted, and a request runs at most max_new_tokens verify steps (the
+    # host learns that it finished one step late).
+    return prompt_len + max_new_tokens * (1 + spec)
+
+
+def _copy_to_host(counts: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of device counts the host reads later (pinned, not waited for on CUDA)."""
+    if counts.device.type != "cuda":
+        return counts.clone(), None
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _learn(pending, generated) -> None:
+    """The host learns a verify step's counts (device acceptance): requests that have their tokens stop."""
+    rows, host, event = pending
+    if event is not None:
+        event.synchronize()  # normally long done: the step after it is already queued
+    for r, n in zip(rows, host.tolist(), strict=True):
+        generated(r, n)
+
+
+def ngram_drafts(history: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, k: int,
+                 max_ngram: int = 3) -> torch.Tensor:  # fmt: skip
+    """``[B, k]`` drafts by prompt lookup, on the device (torch ops, nothing read on the host).
+
+    Row ``b``'s sequence is ``history[slots[b], : last[b] + 1]``. Its last ``n`` tokens (``n`` from
+    ``max_ngram`` down to 1, the longest that matches) are looked up earlier in the sequence; at the
+    latest match, the tokens that followed it are proposed, repeated with the match's period when
+    they run into the sequence's end (a loop ``x y z x y`` proposes ``z x y ...``). Without any
+    match, the last token repeated.
+    """
+    rows = history[slots]  # [B, L]
+    width = rows.shape[1]
+    last = last.long()
+    cont = torch.full_like(last, -1)  # position of the first proposed token, -1: no match yet
+    for n in range(max_ngram, 0, -1):
+        if n >= width:
+            continue
+        suffix = rows.gather(1, (last[:, None] - n + 1 + torch.arange(n, device=rows.device)).clamp(min=0))
+        starts = torch.arange(width - n + 1, device=rows.device)
+        match = (rows.unfold(1, n, 1) == suffix[:, None, :]).all(-1) & (starts + n <= last[:, None])
+        found = torch.where(match, starts + n, -1).amax(1)  # the latest match's continuation
+        cont = torch.where(cont < 0, found, cont)
+    period = (last + 1 - cont).clamp(min=1)
+    offsets = torch.arange(k, device=rows.device)
+    pos = torch.where(cont[:, None] >= 0, cont[:, None] + offsets % period[:, None], last[:, None])
+    return rows.gather(1, pos)
+
 
 def _same_attention(a: KVGroup, b: KVGroup) -> bool:
     return (a.window_left, a.sm_scale, a.logits_soft_cap) == (b.window_left, b.sm_scale, b.logits_soft_cap)
@@ -357,8 +586,9 @@ def _same_attention(a: KVGroup, b: KVGroup) -> bool:
 
 def _kind(step, num_decodes: int) -> str:
     """What a step was, for the summary: the step kinds a serving loop goes through."""
-    if step.kind == "decode":
-        return "graph_decode" if step.cuda_graph else "decode"
+    if step.kind in ("decode", "spec_decode"):
+        name = "decode" if step.kind == "decode" else "verify"
+        return f"graph_{name}" if step.cuda_graph else name
     if step.kind == "ragged_prefill":  # nothing cached: every row starts its prompt
         return "ragged_prefill"
     return "mixed" if num_decodes else "chunked_prefill"  # chunked: some row resumes a prompt over its cache
@@ -436,9 +666,80 @@ def teacher_forced_check(model, prompts: list[list[int]], result: ServeResult, *
     return CheckResult(checked, exact, near, tie_mismatches, max_tie_gap, failures, max_diff, tol)
 
 
+@dataclasses.dataclass
+class GreedyCheck:
+    checked: int  # generated tokens compared
+    equal: int  # equal to plain greedy decoding, token for token
+    # The first divergence of each prompt that diverges: (prompt, position, served, reference, top-2 gap).
+    divergences: list[tuple[int, int, int, int, float]]
+
+    @property
+    def ok(self) -> bool:
+        return self.checked > 0 and self.equal == self.checked
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.ok else "FAILED"
+        return (f"greedy check {verdict}: {self.equal}/{self.checked} tokens equal plain greedy decoding "
+                f"(transformers eager attention), {len(self.divergences)} prompts diverge")  # fmt: skip
+
+
+def greedy_reference(model, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Plain greedy decoding with the model's own attention (``"eager"``, no batchmeta): per prompt,
+    one full forward per new token. Returns the tokens and the top-2 logit gap behind each."""
+    dev = next(model.parameters()).device
+    previous = model.config._attn_implementation
+    set_attention(model, "eager")
+    tokens, gaps = [], []
+    try:
+        with torch.no_grad():
+            for prompt in prompts:
+                seq, gap = list(prompt), []
+                for _ in range(max_new_tokens):
+                    ids = torch.tensor(seq, dtype=torch.int64, device=dev)[None]
+                    top = model(input_ids=ids, use_cache=False).logits[0, -1].float().topk(2)
+                    seq.append(int(top.indices[0]))
+                    gap.append(float(top.values[0] - top.values[1]))
+                tokens.append(seq[len(prompt) :])
+                gaps.append(gap)
+    finally:
+        set_attention(model, previous)
+    return tokens, gaps
+
+
+def greedy_check(model, prompts: list[list[int]], result: ServeResult) -> GreedyCheck:
+    """Checks served tokens against plain greedy decoding of the same model (:func:`greedy_reference`),
+    token for token: speculative decoding must not change a single greedy token (float32)."""
+    max_new = max((len(t) for t in result.tokens), default=0)
+    want, gaps = greedy_reference(model, prompts, max_new)
+    checked = equal = 0
+    divergences = []
+    for i, (got, ref, gap) in enumerate(zip(result.tokens, want, gaps, strict=True)):
+        checked += len(got)
+        same = 0
+        while same < len(got) and got[same] == ref[same]:
+            same += 1
+        equal += same  # tokens after a divergence follow another context: not compared
+        if same < len(got):
+            divergences.append((i, len(prompts[i]) + same, got[same], ref[same], gap[same]))
+    return GreedyCheck(checked, equal, divergences)
+
+
 def random_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, int(rng.integers(lengths[0], lengths[1] + 1))).tolist() for _ in range(num)]
+
+
+def periodic_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """Prompts that repeat a random pattern of 2 to 6 tokens: repetitive text, where prompt lookup
+    drafts (:func:`ngram_drafts`) are partly accepted even by a random-weight model (whose
+    continuation of random prompts almost never repeats itself)."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(num):
+        pattern = rng.integers(0, vocab, int(rng.integers(2, 7))).tolist()
+        n = int(rng.integers(lengths[0], lengths[1] + 1))
+        prompts.append((pattern * -(-n // len(pattern)))[:n])
+    return prompts
 
 
 # -------------------------------------------------------------------------------------------------
@@ -458,18 +759,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--tolerance", type=float, default=None, help="near-tie top-2 logit gap (default by dtype)")
+    parser.add_argument("--spec", type=int, default=0, metavar="K",
+                        help="speculative decoding: K n-gram draft tokens per verify step (default 0: plain "
+                             "decoding)")  # fmt: skip
+    parser.add_argument("--accept", choices=("host", "device"), default="device",
+                        help="with --spec: acceptance counts read on the host after each verify step, or kept on "
+                             "the device (default)")  # fmt: skip
+    parser.add_argument("--prompts", choices=("random", "periodic"), default="random",
+                        help="random tokens, or a short random pattern repeated (text that n-gram drafts "
+                             "predict)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.spec < 0:
+        parser.error(f"--spec: expected K >= 0, got {args.spec}")
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     graphs = args.device == "cuda" and not args.no_cuda_graphs and flashinfer_available() and dtype != torch.float32
     model = build_model(args.model, seed=args.seed, dtype=dtype, device=args.device)
-    prompts = random_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
-    max_len = 16 * -(-(args.prompt_len[1] + args.max_new_tokens) // 16)
-    runner = Runner(model, max_num_reqs=args.max_num_reqs, token_budget=args.token_budget, max_model_len=max_len,
-                    cuda_graphs=graphs)  # fmt: skip
-    runner.serve(prompts[:1], 2)  # warm-up: lazy initialisation, FlashInfer modules, autotuning
-    result = runner.serve(prompts, args.max_new_tokens, record_logits=True)
-    check = teacher_forced_check(model, prompts, result, tolerance=args.tolerance)
+    make_prompts = periodic_prompts if args.prompts == "periodic" else random_prompts
+    prompts = make_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
+    spec = args.spec
+    need = max_len_needed(args.prompt_len[1], args.max_new_tokens, spec, args.accept)
+    runner = Runner(model, max_num_reqs=args.max_num_reqs, token_budget=args.token_budget,
+                    max_model_len=16 * -(-need // 16), cuda_graphs=graphs, spec=spec)  # fmt: skip
+    runner.serve(prompts[:1], 2, accept=args.accept)  # warm-up: lazy initialisation, FlashInfer modules, autotuning
+    result = runner.serve(prompts, args.max_new_tokens, record_logits=not spec, accept=args.accept)
+    if spec and dtype == torch.float32:  # speculative decoding changes no greedy token
+        check = greedy_check(model, prompts, result)
+    else:  # low precision: teacher-forced, near-ties allowed
+        check = teacher_forced_check(model, prompts, result, tolerance=args.tolerance)
 
     groups = runner.meta_config.kv_groups
     print(f"{args.model} ({transformers.__version__}), {args.device}, {str(dtype).removeprefix('torch.')}, "
@@ -478,8 +795,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.requests} requests, {result.steps} steps {dict(sorted(result.step_kinds.items()))}")
     print(f"{result.generated} tokens generated in {result.seconds:.2f} s: {result.generated / result.seconds:.1f} "
           f"tokens/s generated, {result.tokens_in / result.seconds:.1f} tokens/s through the model")  # fmt: skip
+    if spec:
+        rate = result.drafts_accepted / max(result.drafts_proposed, 1)
+        print(f"speculative decoding, {spec} n-gram drafts per verify step, {args.accept} acceptance: "
+              f"{result.drafts_accepted}/{result.drafts_proposed} drafts accepted ({100 * rate:.1f}%)")  # fmt: skip
     print(check)
-    for i, pos, got, want, gap in check.failures[:10]:
+    for i, pos, got, want, gap in (check.divergences if isinstance(check, GreedyCheck) else check.failures)[:10]:
         print(f"  prompt {i}, position {pos}: served {got}, reference {want} (top-2 gap {gap:.3g})")
     return 0 if check.ok else 1
 

@@ -1,9 +1,11 @@
 """examples/transformers_serving.py: a transformers model served through batchmeta gives the tokens of
 the model's own forward pass (teacher-forced, near-ties excepted), through every kind of step."""
 
+import collections
 import dataclasses
 import functools
 import importlib.util
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -139,3 +141,63 @@ def test_gpu_bf16_cuda_graphs_match_the_models_own_forward(name):
     # bf16 noise: served logits within 0.22 of the reference's on an H100 (a wrong window, scale or
     # soft cap moves them by 1-6); the bf16 reference itself is up to 0.29 from its float32 pass.
     assert check.max_logit_diff < 0.5, str(check)
+
+
+# Speculative decoding (--spec K): n-gram drafts on repetitive prompts, verified greedily. Small sizes:
+# every step runs its kernels under the Triton interpreter.
+SPEC_ARGS = [
+    *("--device", "cpu", "--dtype", "float32", "--prompts", "periodic", "--requests", "3", "--max-num-reqs", "3"),
+    *("--token-budget", "16", "--prompt-len", "6", "20", "--max-new-tokens", "10"),
+]
+
+
+@pytest.mark.parametrize("accept", ["host", "device"])
+@pytest.mark.parametrize("spec", [1, 3])
+def test_cpu_speculative_tokens_equal_plain_greedy_decoding(spec, accept, capsys):
+    assert ts.main([*SPEC_ARGS, "--spec", str(spec), "--accept", accept]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "greedy check passed: 30/30 tokens equal plain greedy decoding" in out, out
+    rate = re.search(rf"{spec} n-gram drafts per verify step, {accept} acceptance: (\d+)/(\d+) drafts accepted", out)
+    accepted, proposed = int(rate[1]), int(rate[2])
+    print(f"drafts accepted {accepted}, rejected {proposed - accepted}")
+    assert 0 < accepted < proposed, out  # some drafts accepted, some rejected
+    assert proposed % spec == 0
+    steps = re.search(r"3 requests, \d+ steps (\{.*\})", out)[1]
+    assert "'verify'" in steps and "'decode'" not in steps and "'mixed'" not in steps, steps
+
+
+def test_cpu_speculative_check_catches_a_wrong_token():
+    """The greedy check compares token for token: one wrong token fails it, naming its position."""
+    model = ts.build_model("llama", seed=0)
+    prompts = ts.periodic_prompts(2, model.config.vocab_size, (6, 12), 0)
+    want, _ = ts.greedy_reference(model, prompts, 4)
+    result = ts.ServeResult([list(t) for t in want], None, collections.Counter(), 0, 0, 1.0)
+    assert ts.greedy_check(model, prompts, result).ok
+    result.tokens[1][2] = (result.tokens[1][2] + 1) % model.config.vocab_size
+    check = ts.greedy_check(model, prompts, result)
+    assert not check.ok and check.equal == 6 and check.divergences[0][:2] == (1, len(prompts[1]) + 2), check
+
+
+def test_ngram_drafts_propose_the_continuation_of_the_latest_match():
+    hist = torch.zeros(3, 16, dtype=torch.int64)
+    hist[0, :7] = torch.tensor([5, 6, 7, 8, 5, 6, 7])  # "5 6 7" seen before: then 8, 5, 6 (period 4)
+    hist[1, :5] = torch.tensor([1, 2, 3, 4, 9])  # no match: the last token repeated
+    hist[2, :6] = torch.tensor([4, 2, 4, 3, 3, 4])  # 1-gram "4": latest earlier match at 2, then 3, 3, 4
+    drafts = ts.ngram_drafts(hist, torch.tensor([0, 1, 2]), torch.tensor([6, 4, 5]), 3)
+    assert drafts.tolist() == [[8, 5, 6], [9, 9, 9], [3, 3, 4]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flashinfer_available(), reason="CUDA-graph verify needs CUDA and FlashInfer")
+@pytest.mark.parametrize("accept", ["host", "device"])
+def test_gpu_bf16_speculative_cuda_graphs_match_the_models_own_forward(accept):
+    model = ts.build_model("llama", seed=0, dtype=torch.bfloat16, device="cuda")
+    prompts = ts.periodic_prompts(5, model.config.vocab_size, (6, 40), 0)
+    max_len = 16 * -(-ts.max_len_needed(40, NEW_TOKENS, 3, accept) // 16)
+    runner = ts.Runner(model, max_num_reqs=3, token_budget=32, max_model_len=max_len, cuda_graphs=True, spec=3)
+    result = runner.serve(prompts, NEW_TOKENS, accept=accept)
+    assert result.step_kinds["graph_verify"] > 0 and result.step_kinds["verify"] == 0, result.step_kinds
+    check = ts.teacher_forced_check(model, prompts, result)  # bf16: near-ties allowed
+    print(check, result.drafts_accepted, result.drafts_proposed)
+    assert check.ok, (str(check), check.failures)
