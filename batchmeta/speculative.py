@@ -299,7 +299,6 @@ class Speculation:
             finally:
                 self._staging.done()
         step._accepted = True
-        step._accepted_by_device = accepted is None
         step._prompt_lens = prompts  # write_drafts keeps drafts out of the prompt
         # Each row's next length, or its bound: from what the host knows (lengths learned from the
         # device copies included), which request slots stay on the device, and a copy if any does.

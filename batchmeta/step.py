@@ -229,7 +229,7 @@ class Step:
     """
 
     __slots__ = (
-        "_accepted", "_accepted_by_device", "_block_tables", "_clock", "_generation", "_num_kv_pages",
+        "_accepted", "_block_tables", "_clock", "_generation", "_num_kv_pages",
         "_prompt_lens", "_query_lens", "_resets", "_rows_on_device", "_tokens", "_views", "_wrappers",
         "cache_lens_host", "cuda_graph", "idx_mapping_host", "kind", "num_draft_tokens", "num_reqs", "num_tokens",
         "padded_num_reqs", "query_len",
@@ -269,7 +269,6 @@ class Step:
             rows_on_device.flags.writeable = False
         self._rows_on_device = rows_on_device
         self._accepted = False  # accept_tokens ran on it (once per step)
-        self._accepted_by_device = False
         self._prompt_lens: np.ndarray | None = None  # given to accept_tokens (write_drafts reads them)
 
     # Context manager: the active step --------------------------------------------------------------

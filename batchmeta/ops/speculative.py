@@ -168,23 +168,17 @@ def resolve_rows(
     """
     check_tensor("lens", lens, dtypes=(torch.int32,), ndim=1, device=dst.device, contiguous=True)
     check_tensor("page_sizes", page_sizes, dtypes=(torch.int32,), ndim=1, device=dst.device, contiguous=True)
-    num_groups = page_sizes.numel()
     if use_triton(backend, dst):
-        args = (
-            src,
-            dst,
-            lens,
-            page_sizes,
-            rows_at,
-            stride,
-            num_groups,
-            triton.next_power_of_2(num_groups),
-            row_device_len(num_groups),
-            _ROW_BLOCK,
-        )
-        _resolve_rows.launch((num_rows + 1,), args)
+        _resolve_rows.launch((num_rows + 1,), _resolve_args(src, dst, lens, page_sizes, rows_at, stride))
         return
     _resolve_rows_torch(src, dst, lens, [int(p) for p in page_sizes.tolist()], num_rows, rows_at, stride)
+
+
+def _resolve_args(src, dst, lens, page_sizes: torch.Tensor, rows_at: int, stride: int) -> tuple:
+    """The resolve kernel's arguments (``page_sizes``: ``[num_groups]`` int32 on ``dst``'s device)."""
+    num_groups = page_sizes.numel()
+    return (src, dst, lens, page_sizes, rows_at, stride, num_groups, triton.next_power_of_2(num_groups),
+            row_device_len(num_groups), _ROW_BLOCK)  # fmt: skip
 
 
 def bind_resolve_rows(
@@ -200,20 +194,7 @@ def bind_resolve_rows(
     """``resolve(num_rows)``: :func:`resolve_rows` over these buffers (bound once on CUDA)."""
     sizes = torch.tensor(page_sizes, dtype=torch.int32, device=dst.device)
     if dst.is_cuda and use_triton(backend, dst):
-        num_groups = len(page_sizes)
-        args = (
-            src,
-            dst,
-            lens,
-            sizes,
-            rows_at,
-            stride,
-            num_groups,
-            triton.next_power_of_2(num_groups),
-            row_device_len(num_groups),
-            _ROW_BLOCK,
-        )
-        bound = _resolve_rows.bind(args)
+        bound = _resolve_rows.bind(_resolve_args(src, dst, lens, sizes, rows_at, stride))
 
         def resolve(num_rows: int) -> None:
             bound((num_rows + 1,))
