@@ -394,18 +394,28 @@ def test_older_flashinfer_has_no_fast_plans(flashinfer_version, caplog):
     assert "0.6.3" in message
 
 
-class FakeMLAModule:
-    """The FA2 MLA backend's planning function: ``(plan info, staged int workspace bytes)``."""
+MLA_TAIL = 16  # staged bytes a plan leaves unwritten (FlashInfer sizes each array for the most work items)
 
-    def __init__(self):
+
+class FakeMLAModule:
+    """The FA2 MLA backend's planning function: ``(plan info, staged int workspace bytes)``. It
+    writes a digest of its arguments and leaves the last ``MLA_TAIL`` staged bytes as they were;
+    ``fast`` = ``"drift"`` changes a byte the fast plan writes, ``"silent"`` writes none."""
+
+    def __init__(self, fast: str = "same"):
         self.calls: list[str] = []
         self.owner = None
+        self.fast = fast
 
     def plan_with_staged_workspace_bytes(self, *args):
-        self.calls.append("stock" if self.owner._in_stock else "fast")
-        data = repr(_digest(args[3:])).encode()
-        args[2][: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return [len(data), 7], len(data)
+        stock = self.owner._in_stock
+        self.calls.append("stock" if stock else "fast")
+        data = bytearray(repr(_digest(args[3:])).encode())
+        if not stock and self.fast == "drift":
+            data[3] ^= 1
+        if stock or self.fast != "silent":
+            args[2][: len(data)] = torch.frombuffer(data, dtype=torch.uint8)
+        return [len(data), 7], len(data) + MLA_TAIL
 
 
 class FakeMLAWrapper:
@@ -423,7 +433,7 @@ class FakeMLAWrapper:
         b.device, b._cached_module, b._use_profiler, b._causal = torch.device("cpu"), self._module, False, causal
         b._float_workspace_buffer = torch.zeros(64, dtype=torch.uint8)
         b._int_workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
-        b._pin_memory_int_workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+        b._pin_memory_int_workspace_buffer = torch.randint(0, 256, (1024,), dtype=torch.uint8)  # uninitialised
         self._in_stock = True
         info, staged = self._module.plan_with_staged_workspace_bytes(
             b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr,
@@ -488,7 +498,7 @@ def test_mla_fast_plan_equal_to_stock_is_taken(fake_mla, caplog, geometry):
     planner = _mla_planner(wrapper)
     with caplog.at_level(logging.INFO, logger="batchmeta"):
         planner.plan(*_mla_batch([1, 1, 1], [30, 7, 19]))
-        assert planner.fast and module.calls == ["stock", "fast", "stock"]
+        assert planner.fast and module.calls == ["stock", "fast", "fast", "stock"]
         page_range = getattr(wrapper._planned_backend, "_planned_kv_page_range", None)
         for qlens, kv_lens in (([3, 1], [40, 9]), ([1], [2])):
             batch = _mla_batch(qlens, kv_lens)
@@ -499,23 +509,49 @@ def test_mla_fast_plan_equal_to_stock_is_taken(fake_mla, caplog, geometry):
             assert wrapper._plan_info == ref._plan_info and backend._kv_indices_buf is batch[3]
             staged = stock._staged_int_workspace_bytes
             assert backend._staged_int_workspace_bytes == staged
-            assert torch.equal(backend._pin_memory_int_workspace_buffer[:staged],
-                               stock._pin_memory_int_workspace_buffer[:staged])  # fmt: skip
+            written = staged - MLA_TAIL
+            assert torch.equal(backend._pin_memory_int_workspace_buffer[:written],
+                               stock._pin_memory_int_workspace_buffer[:written])  # fmt: skip
             if geometry:  # the query shape run() checks; the page range stays the stock plan's
                 assert backend._planned_query_shape == (sum(qlens), 16)
                 assert backend._planned_kv_page_range == page_range
-    assert module.calls[3:] == ["fast", "fast"]
+    assert module.calls[4:] == ["fast", "fast"]
     assert _warnings(caplog) == []
 
 
-def test_mla_fast_plan_with_another_query_shape_keeps_stock(fake_mla, caplog):
-    """0.7.4's planned query shape is compared too: a fast plan given another token count differs."""
+def test_mla_planned_query_shape_spans_graph_padding_rows(fake_mla, caplog, monkeypatch):
+    """0.7.4's run() demands the planned query rows: a CUDA graph's queries span its padding rows
+    (which carry no query tokens in qo_indptr), so stock and fast plans both record the caller's
+    row count."""
     module = FakeMLAModule()
-    planner = _mla_planner(FakeMLAWrapper(module, fake_mla, geometry=True))
+    wrapper = FakeMLAWrapper(module, fake_mla, geometry=True)
+    planner = _mla_planner(wrapper)
     qo, kv, kv_len, indices, num_tokens = _mla_batch([1, 1, 1], [30, 7, 19])
     with caplog.at_level(logging.INFO, logger="batchmeta"):
-        planner.plan(qo, kv, kv_len, indices, num_tokens + 1)
+        planner.plan(qo, kv, kv_len, indices, num_tokens + 5)  # 3 rows padded to 8
+        assert planner.fast and wrapper._planned_backend._planned_query_shape == (8, 16)
+        planner.plan(*_mla_batch([1], [2])[:4], 4)
+    assert module.calls == ["stock", "fast", "fast", "stock", "fast"]
+    assert wrapper._planned_backend._planned_query_shape == (4, 16)
+    assert _warnings(caplog) == []
+    monkeypatch.setenv("BATCHMETA_FAST_PLAN", "0")  # every plan the stock plan: the same shape
+    fast_plan.fast_plan_conventions.cache_clear()
+    stock_only = _mla_planner(FakeMLAWrapper(FakeMLAModule(), fake_mla, geometry=True))
+    assert stock_only.plan(qo, kv, kv_len, indices, 8)._planned_backend._planned_query_shape == (8, 16)
+    assert not stock_only.fast
+
+
+@pytest.mark.parametrize("fast", ["drift", "silent"])
+def test_mla_fast_plan_that_writes_other_bytes_keeps_stock(fake_mla, caplog, fast):
+    """Only the staged bytes a plan writes are compared (the stock plan's buffer is new and its
+    arrays' tails uninitialised): a changed byte differs, and so does a plan that wrote none."""
+    module = FakeMLAModule(fast)
+    wrapper = FakeMLAWrapper(module, fake_mla, geometry=True)
+    planner = _mla_planner(wrapper)
+    with caplog.at_level(logging.INFO, logger="batchmeta"):
+        planner.plan(*_mla_batch([1, 1, 1], [30, 7, 19]))
         planner.plan(*_mla_batch([1], [2]))
-    assert not planner.fast and module.calls == ["stock", "fast", "stock", "stock"]
+    assert not planner.fast and module.calls == ["stock", "fast", "fast", "stock", "stock"]
     (message,) = _warnings(caplog)
-    assert "_planned_query_shape" in message and "FakeMLAWrapper" in message
+    reason = "int workspace bytes" if fast == "drift" else "wrote no int workspace byte"
+    assert reason in message and "FakeMLAWrapper" in message

@@ -336,8 +336,8 @@ def test_write_drafts_checks():
 # --------------------------------------------------------------------------------------------------
 # GPU: FlashInfer attention over device lengths equals the step prepared with the exact lengths
 # --------------------------------------------------------------------------------------------------
-def _gpu_meta(page_size: int, graph_sizes=(4, 8)) -> BatchMetadata:
-    cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=64, max_model_len=512,
+def _gpu_meta(page_size: int, graph_sizes=(4, 8), max_num_tokens: int = 64) -> BatchMetadata:
+    cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=max_num_tokens, max_model_len=512,
                          kv_groups=(KVGroup(page_size=page_size), KVGroup(page_size=page_size, window_left=31)),
                          num_qo_heads=8, num_kv_heads=2, head_dim=64, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
                          num_kv_pages=4096, max_draft_tokens=3, token_history=True,
@@ -358,7 +358,8 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
     prompts = rng.integers(20, 300, b)
     counts = rng.integers(1, 5, b)  # accepted of 1 + 3 (a row with every draft rejected, one with all accepted)
     counts[0], counts[1] = 1, 4
-    metas = {"device": _gpu_meta(page_size), "exact": _gpu_meta(page_size)}
+    # The first step prefills every prompt at once: up to 5 * 300 tokens.
+    metas = {name: _gpu_meta(page_size, max_num_tokens=1536) for name in ("device", "exact")}
     pages_per_req = 512 // page_size
     num_pages = 4096
     caches = [[torch.randn(num_pages, page_size, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2)]

@@ -57,8 +57,9 @@ class MLAPlanner:
     FlashInfer 0.7's ``plan()`` costs about a millisecond of host time (argument audits, buffer
     snapshots, copies). The first plan of a planner is that stock ``plan()``; if it chose the FA2
     backend, the planner checks once that its fast plan of that batch equals the stock plan (plan
-    info, staged int workspace bytes, planned query shape:
-    :func:`~batchmeta.attention.fast_plan.verify_fast_plan`). From then on, plans run FlashInfer's
+    info, the staged int workspace bytes it writes, planned query shape:
+    :func:`~batchmeta.attention.fast_plan.verify_fast_plan` with ``written_only``: the stock plan
+    stages into a new pinned buffer each time and leaves each array's unused tail as it found it). From then on, plans run FlashInfer's
     own workload checks and the backend's cached planning call directly, with the caller's
     ``kv_indices`` (the kernels read nothing else the stock plan copies: the plan info in the
     workspace holds the rest). FlashInfer 0.7.4's backend also records the query shape and the
@@ -99,7 +100,8 @@ class MLAPlanner:
 
         ``qo_indptr_host`` ``[B+1]``, ``kv_indptr_host`` ``[B+1]``, ``kv_len_host`` ``[B]``: int32
         pinned CPU tensors; ``kv_indices``: the device pages ``[kv_indptr[B]]`` (a view of the
-        buffer the step kernel writes); ``num_tokens``: ``qo_indptr[B]``.
+        buffer the step kernel writes); ``num_tokens``: the query rows run() is given: ``qo_indptr[B]``,
+        or for a CUDA-graph wrapper its rows times their query length (padding rows included).
         """
         args = (qo_indptr_host, kv_indptr_host, kv_len_host, kv_indices, num_tokens)
         if self.fast:  # common case
@@ -109,8 +111,9 @@ class MLAPlanner:
         if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(kv_indices)):
             self._undecided = False
             self.fast = verify_fast_plan(
-                self.wrapper, lambda: self._fast_plan(*args), lambda: self._stock_plan(*args), self._plan_state
-            )
+                self.wrapper, lambda: self._fast_plan(*args), lambda: self._stock_plan(*args), self._plan_state,
+                written_only=True,
+            )  # fmt: skip
         return self.wrapper
 
     def _stock_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
@@ -124,6 +127,12 @@ class MLAPlanner:
         else:
             w.plan(qo_indptr=qo_indptr_host, kv_indptr=kv_indptr_host, kv_indices=kv_indices,
                    kv_len_arr=kv_len_host, **self._args)  # fmt: skip
+        backend = getattr(w, "_planned_backend", None)
+        if hasattr(backend, "_planned_query_shape"):
+            # FlashInfer 0.7.4 records qo_indptr[B] query rows, and run() demands exactly that many.
+            # A CUDA graph's padding rows carry no query tokens, yet the queries it is captured
+            # with span them (num_tokens = rows * query length): its plan must accept those.
+            backend._planned_query_shape = (num_tokens, self._args["num_heads"])
 
     def _fast_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
                    kv_indices: torch.Tensor, num_tokens: int) -> None:  # fmt: skip
