@@ -271,5 +271,6 @@ def _verify_written(
                 difference = "int workspace bytes"
     if difference is None:
         return True
-    _warn_once(wrapper, difference if difference.startswith("raised") else f"differs from the stock plan ({difference})")
+    reason = difference if difference.startswith("raised") else f"differs from the stock plan ({difference})"
+    _warn_once(wrapper, reason)
     return False

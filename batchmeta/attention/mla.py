@@ -59,12 +59,13 @@ class MLAPlanner:
     backend, the planner checks once that its fast plan of that batch equals the stock plan (plan
     info, the staged int workspace bytes it writes, planned query shape:
     :func:`~batchmeta.attention.fast_plan.verify_fast_plan` with ``written_only``: the stock plan
-    stages into a new pinned buffer each time and leaves each array's unused tail as it found it). From then on, plans run FlashInfer's
-    own workload checks and the backend's cached planning call directly, with the caller's
-    ``kv_indices`` (the kernels read nothing else the stock plan copies: the plan info in the
-    workspace holds the rest). FlashInfer 0.7.4's backend also records the query shape and the
-    range of pages a plan's ``kv_indices`` span (a device read), which ``run()`` checks: the fast
-    path sets the shape and keeps the stock plan's page range (the cache it checks is the same).
+    stages into a new pinned buffer each time and leaves each array's unused tail as it found it).
+    From then on, plans run FlashInfer's own workload checks and the backend's cached planning
+    call directly, with the caller's ``kv_indices`` (the kernels read nothing else the stock plan
+    copies: the plan info in the workspace holds the rest). FlashInfer 0.7.4's backend also
+    records the query shape and the range of pages a plan's ``kv_indices`` span (a device read),
+    which ``run()`` checks: both paths set the shape to ``num_tokens`` and the fast path keeps the
+    stock plan's page range (the cache it checks is the same).
     Otherwise (another backend, a fast plan that differed, ``BATCHMETA_FAST_PLAN=0``) every plan
     is the stock ``plan()``.
 
