@@ -376,6 +376,10 @@ class BatchMetadata:
                 max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
                 wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens,
                                               max_query_len)  # fmt: skip
+                if on_device is not None and self._planner.graph_stock_planned:
+                    # A graph wrapper's stock plan (its first, or every one without fast plans)
+                    # copied the host arrays, upper bounds for these rows, over the exact ones.
+                    self._fills[ring.current](padded, max_cols, resolved=True)
             return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
                         num_kv_pages, views, wrappers, self._clock, self.block_tables, on_device)  # fmt: skip
         finally:

@@ -555,3 +555,31 @@ def test_mla_fast_plan_that_writes_other_bytes_keeps_stock(fake_mla, caplog, fas
     (message,) = _warnings(caplog)
     reason = "int workspace bytes" if fast == "drift" else "wrote no int workspace byte"
     assert reason in message and "FakeMLAWrapper" in message
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_stock_plans_leave_eager_wrappers_on_the_callers_device_arrays(flashinfer_version, monkeypatch, fast):
+    """The stock plan copies the host arrays (upper bounds for rows whose lengths are on the
+    device); after it an eager paged wrapper reads the caller's device arrays, as after a fast
+    plan, and ``stock_planned`` says which plan ran."""
+    monkeypatch.setenv("BATCHMETA_FAST_PLAN", fast)
+    flashinfer_version("0.7.4")
+    decode = _decode_planner(FakeDecodeWrapper(FakeModule(16 + len(TAIL_074)), True))
+    prefill = PrefillPlanner(FakePrefillWrapper(FakeModule(21)), num_qo_heads=8, num_kv_heads=2, head_dim=64,
+                             page_size=4, window_left=-1, q_data_type=torch.float16,
+                             kv_data_type=torch.float16)  # fmt: skip
+    for step, lens in enumerate(([5, 9, 1], [7, 20])):
+        batch = _decode_batch(lens)
+        indptr, last, seq, max_len, dev_indptr, indices, dev_last = batch
+        dev_indptr[1:] -= 1  # the device arrays differ from the host ones: only they may be read
+        w = decode.plan(*batch)
+        assert decode.stock_planned == (step == 0 or fast == "0")
+        assert w._paged_kv_indptr_buf is dev_indptr and w._paged_kv_last_page_len_buf is dev_last
+        assert w._paged_kv_indices_buf is indices
+        qo = torch.arange(len(lens) + 1, dtype=torch.int32)
+        w = prefill.plan(qo, indptr, last, seq, len(lens), 1, max_len, qo.clone(), dev_indptr, indices, dev_last,
+                         int(indptr[-1]))  # fmt: skip
+        assert prefill.stock_planned == (step == 0 or fast == "0")
+        assert w._paged_kv_indptr_buf is dev_indptr and w._paged_kv_last_page_len_buf is dev_last
+        assert w._paged_kv_indices_buf is indices
+    assert decode.fast == prefill.fast == (fast == "1")

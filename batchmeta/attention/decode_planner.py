@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from batchmeta.attention.fast_plan import (
+    bind_device_arrays,
     fast_plan_conventions,
     fast_plan_supported,
     path_reproduced,
@@ -50,6 +51,10 @@ class DecodePlanner:
     fast:
         Whether plans take the fast path: True once the wrapper's fast plan was found equal to its
         stock plan.
+    stock_planned:
+        Whether the last :meth:`plan` ran the stock ``plan()``. An eager wrapper is then pointed
+        at the caller's device arrays; a CUDA-graph wrapper's stock plan copied the host arrays
+        into them (see :func:`~batchmeta.attention.fast_plan.bind_device_arrays`).
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class DecodePlanner:
         self._conventions = fast_plan_conventions()
         self._undecided = self._conventions is not None  # until the fast plan was compared with the stock plan
         self.fast = False
+        self.stock_planned = False
         self._tail: tuple = ()  # the tensor-core planner's arguments after window_left
         device = wrapper.device
         self._qo_host = torch.arange(max_batch_size + 1, dtype=torch.int32)
@@ -105,29 +111,34 @@ class DecodePlanner:
             written or enqueued on the current stream.
         """
         if self.fast:  # common case
+            self.stock_planned = False
             self._fast_plan(kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, kv_indptr, kv_indices,
                             kv_last_page_len)  # fmt: skip
             return self.wrapper
-        self._stock_plan(kv_indptr_host, kv_last_page_len_host, kv_indices)
+        self.stock_planned = True
+        device = (kv_indptr, kv_indices, kv_last_page_len)
+        self._stock_plan(kv_indptr_host, kv_last_page_len_host, *device)
         if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(kv_indptr, kv_last_page_len)):
             self._undecided = False
-            args = (kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, kv_indptr, kv_indices,
-                    kv_last_page_len)  # fmt: skip
+            args = (kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, *device)
             self.fast = verify_fast_plan(
                 self.wrapper,
                 lambda: self._fast_plan(*args),
-                lambda: self._stock_plan(kv_indptr_host, kv_last_page_len_host, kv_indices),
+                lambda: self._stock_plan(kv_indptr_host, kv_last_page_len_host, *device),
                 self._plan_state,
             )
         return self.wrapper
 
-    def _stock_plan(self, kv_indptr_host: torch.Tensor, kv_last_page_len_host: torch.Tensor,
-                    kv_indices: torch.Tensor) -> None:  # fmt: skip
+    def _stock_plan(self, kv_indptr_host: torch.Tensor, kv_last_page_len_host: torch.Tensor, kv_indptr: torch.Tensor,
+                    kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> None:  # fmt: skip
         w = self.wrapper
+        graph = w.is_cuda_graph_enabled
         # A CUDA-graph wrapper copies kv_indices itself unless given none.
-        indices = kv_indices[:0] if w.is_cuda_graph_enabled else kv_indices
+        indices = kv_indices[:0] if graph else kv_indices
         w.plan(kv_indptr_host, indices, kv_last_page_len_host, *self._static, window_left=self._window_left,
                **self._plan_kwargs)  # fmt: skip
+        if not graph:
+            bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
 
     def _fast_plan(
         self,

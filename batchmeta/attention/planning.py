@@ -51,6 +51,9 @@ class StepPlanner:
         self._prefill_planners: dict[int | tuple[str, int], PrefillPlanner] = {}
         self._mla_planners: dict[tuple, MLAPlanner] = {}
         self._heads = (config.num_qo_heads, config.num_kv_heads, config.head_dim)
+        # Whether the last plan() ran a CUDA-graph wrapper's stock plan, which copies the pinned
+        # host arrays into the step's device views (the graph's fixed buffers).
+        self.graph_stock_planned = False
 
     def decode_planners(self) -> dict[tuple, DecodePlanner]:
         """Every decode planner made so far, keyed ``("decode", group)`` or ``("graph", group, batch_size)``."""
@@ -66,6 +69,7 @@ class StepPlanner:
         """
         cfg = self.config
         out = []
+        self.graph_stock_planned = False
         for g, grp in enumerate(cfg.kv_groups):
             if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
                 planner = self._mla_planner(g, padded, graph, views, max_query_len)
@@ -78,6 +82,7 @@ class StepPlanner:
                 planner.plan(views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
                              max_seq_len, views.kv_indptr[g], self._kv_indices[g],
                              views.kv_last_page_len[g])  # fmt: skip
+                self.graph_stock_planned |= graph and planner.stock_planned
                 out.append(planner.wrapper)
                 continue
             qo = views.qo_indptr_pinned
@@ -92,6 +97,7 @@ class StepPlanner:
                 w = planner.plan(qo, views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
                                  num_tokens, max_query_len, max_seq_len, views.qo_indptr, views.kv_indptr[g],
                                  self._kv_indices[g], views.kv_last_page_len[g], num_kv_pages[g])  # fmt: skip
+                self.graph_stock_planned |= graph and planner.stock_planned
             out.append(w)
         return tuple(out)
 

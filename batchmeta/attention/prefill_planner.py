@@ -6,7 +6,13 @@ from typing import Any
 
 import torch
 
-from batchmeta.attention.fast_plan import fast_plan_conventions, path_reproduced, plan_state, verify_fast_plan
+from batchmeta.attention.fast_plan import (
+    bind_device_arrays,
+    fast_plan_conventions,
+    path_reproduced,
+    plan_state,
+    verify_fast_plan,
+)
 
 __all__ = ["PrefillPlanner"]
 
@@ -51,6 +57,16 @@ class PrefillPlanner:
         For a CUDA-graph paged wrapper (speculative verify: its fixed buffers are the caller's
         device arrays, which :meth:`plan` must be given), the query rows of every request; FA2
         then sizes its query tiles for them (FlashInfer's ``uniform_q_len``). 0 otherwise.
+
+    Attributes
+    ----------
+    fast:
+        Whether plans take the fast path: True once the wrapper's fast plan was found equal to its
+        stock plan.
+    stock_planned:
+        Whether the last :meth:`plan` ran the stock ``plan()``. An eager paged wrapper is then
+        pointed at the caller's device arrays; a CUDA-graph wrapper's stock plan copied the host
+        arrays into them (see :func:`~batchmeta.attention.fast_plan.bind_device_arrays`).
     """
 
     def __init__(
@@ -81,6 +97,7 @@ class PrefillPlanner:
         self._conventions = fast_plan_conventions()
         self._undecided = self._conventions is not None  # until the fast plan was compared with the stock plan
         self.fast = False
+        self.stock_planned = False
         self._tail: tuple = ()  # the planner's arguments after window_left
 
     def plan(
@@ -117,8 +134,10 @@ class PrefillPlanner:
         args = (qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens, max_query_len,
                 max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_kv_pages)  # fmt: skip
         if self.fast:  # common case
+            self.stock_planned = False
             self._fast_plan(*args)
             return self.wrapper
+        self.stock_planned = True
         self._stock_plan(*args)
         check = (qo_indptr, kv_indptr, kv_indices, kv_last_page_len)
         if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(*check)):
@@ -144,6 +163,8 @@ class PrefillPlanner:
             w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
                    self._page_size, causal=True, window_left=self._window_left, **self._dtypes, **self._scales,
                    **graph)  # fmt: skip
+            if not self._graph:
+                bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
 
     def _fast_plan(self, qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens,
                    max_query_len, max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
