@@ -33,8 +33,9 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
     if type(value) is not np.ndarray:
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu":
-                raise ValueError(f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on "
-                                 f"{value.device}")  # fmt: skip
+                raise ValueError(
+                    f"{name}: expected host data (list, numpy array or CPU tensor), got a tensor on {value.device}"
+                )
             if value.layout != torch.strided:
                 raise TypeError(f"{name}: expected a dense tensor, got layout {value.layout}")
             if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
@@ -87,8 +88,9 @@ class BatchChecker:
         self.rows = np.arange(config.max_num_reqs + 1, dtype=np.int64)  # 0..max_num_reqs, shared scratch
         self._seen = np.zeros(config.max_num_reqs, dtype=np.int64)
 
-    def check(self, idx: np.ndarray, qlens: np.ndarray | int,
-              clens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int]:  # fmt: skip
+    def check(
+        self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], int]:
         """Validates a batch on host data only; returns ``(seq_lens, pages per group, max seq_len)``.
 
         ``qlens`` is an int for decode (every row has that many new tokens).
@@ -109,8 +111,10 @@ class BatchChecker:
             raise ValueError("idx_mapping: a request slot appears twice in one batch")
         # Read as unsigned, a negative length is huge: one reduction bounds cache_lens on both sides.
         if int(clens.view(np.uint64).max()) > cfg.max_model_len:
-            raise ValueError(f"cache_lens: expected lengths in [0, {cfg.max_model_len}] (max_model_len), "
-                             f"got {clens.min()}..{clens.max()}")  # fmt: skip
+            raise ValueError(
+                f"cache_lens: expected lengths in [0, {cfg.max_model_len}] (max_model_len), "
+                f"got {clens.min()}..{clens.max()}"
+            )
         num_tokens = qlens * b if type(qlens) is int else int(qlens.sum())
         if num_tokens > cfg.max_num_tokens:
             raise ValueError(f"query_lens: {num_tokens} tokens exceed max_num_tokens ({cfg.max_num_tokens})")
@@ -120,8 +124,9 @@ class BatchChecker:
         # only have wrapped if some row is longer than max_model_len).
         max_seq = int(seq.max()) if type(qlens) is int else int(seq.view(np.uint64).max())
         if max_seq > cfg.max_model_len:
-            raise ValueError(f"cache_lens: a row reaches {self._reach(seq)} tokens, more than max_model_len "
-                             f"({cfg.max_model_len})")  # fmt: skip
+            raise ValueError(
+                f"cache_lens: a row reaches {self._reach(seq)} tokens, more than max_model_len ({cfg.max_model_len})"
+            )
         pages = []
         for g, grp in enumerate(cfg.kv_groups):
             ps = grp.page_size
@@ -141,7 +146,11 @@ class BatchChecker:
     def _raise_short(self, g: int, idx, seq, need, held, k: int) -> None:
         req = int(idx[k])
         if not self._held[:, req].any():
-            raise ValueError(f"idx_mapping: request slot {req} holds no pages yet (never given any, or reset); "
-                             f"meta.block_tables.append({req}, pages) before its first step")  # fmt: skip
-        raise ValueError(f"cache_lens: request slot {req} needs {need[k]} pages in group {g} for {seq[k]} tokens "
-                         f"but holds {held[k]}; append its pages first")  # fmt: skip
+            raise ValueError(
+                f"idx_mapping: request slot {req} holds no pages yet (never given any, or reset); "
+                f"meta.block_tables.append({req}, pages) before its first step"
+            )
+        raise ValueError(
+            f"cache_lens: request slot {req} needs {need[k]} pages in group {g} for {seq[k]} tokens "
+            f"but holds {held[k]}; append its pages first"
+        )

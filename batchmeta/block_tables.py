@@ -73,9 +73,11 @@ class BlockTables:
 
     def __repr__(self) -> str:
         used = int((self._host_num_blocks[:, : self.config.max_num_reqs] > 0).any(axis=0).sum())
-        return (f"BlockTables(num_groups={self.num_groups}, max_num_reqs={self.config.max_num_reqs}, "
-                f"widths={[t.shape[1] for t in self._host_tables]}, request_slots_holding_pages={used}, "
-                f"staged_writes={len(self._staged)})")  # fmt: skip
+        return (
+            f"BlockTables(num_groups={self.num_groups}, max_num_reqs={self.config.max_num_reqs}, "
+            f"widths={[t.shape[1] for t in self._host_tables]}, request_slots_holding_pages={used}, "
+            f"staged_writes={len(self._staged)})"
+        )
 
     @property
     def num_groups(self) -> int:
@@ -178,8 +180,10 @@ class BlockTables:
         if isinstance(new_pages, np.ndarray) and new_pages.ndim == 1:
             new_pages = [new_pages] if groups == 1 else list(new_pages)
         if isinstance(new_pages, (str, bytes)) or not hasattr(new_pages, "__iter__"):
-            raise TypeError(f"new_pages: expected a sequence of page ids (one per group with several groups), "
-                            f"got {type(new_pages).__name__}")  # fmt: skip
+            raise TypeError(
+                f"new_pages: expected a sequence of page ids (one per group with several groups), "
+                f"got {type(new_pages).__name__}"
+            )
         seq = list(new_pages)  # type: ignore[call-overload]
         if groups == 1 and all(np.ndim(p) == 0 for p in seq):
             seq = [seq]  # one group: a flat sequence of page ids (empty: no pages)

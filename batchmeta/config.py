@@ -124,8 +124,10 @@ class KVGroup:
         if self.logits_soft_cap:
             raise ValueError(f"logits_soft_cap: an MLA group has no soft cap (0), got {self.logits_soft_cap}")
         if self.sm_scale is None:
-            raise ValueError("sm_scale: an MLA group needs its softmax scale (DeepSeek: "
-                             "(qk_nope_head_dim + qk_rope_head_dim) ** -0.5 times its mscale squared)")  # fmt: skip
+            raise ValueError(
+                "sm_scale: an MLA group needs its softmax scale (DeepSeek: "
+                "(qk_nope_head_dim + qk_rope_head_dim) ** -0.5 times its mscale squared)"
+            )
 
 
 def _default_device() -> torch.device:
@@ -137,8 +139,10 @@ def _to_device(value: object) -> torch.device:
     if isinstance(value, torch.device):
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"device: expected a torch.device, a str such as 'cuda:0' or 'cpu', or a CUDA index, "
-                        f"got {type(value).__name__}")  # fmt: skip
+        raise TypeError(
+            f"device: expected a torch.device, a str such as 'cuda:0' or 'cpu', or a CUDA index, "
+            f"got {type(value).__name__}"
+        )
     try:
         return torch.device(value)
     except RuntimeError as e:
@@ -150,11 +154,14 @@ def _check_device(inst, attribute, value: torch.device) -> None:
         raise ValueError(f"device: expected a 'cpu' or 'cuda' device, got {value}")
     if value.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {value} requested, but this machine has no usable CUDA device; use "
-                             f"device='cpu' (the torch fallbacks) or leave the default")  # fmt: skip
+            raise ValueError(
+                f"device: {value} requested, but this machine has no usable CUDA device; use "
+                f"device='cpu' (the torch fallbacks) or leave the default"
+            )
         if value.index is not None and value.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {value} requested, but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s)")  # fmt: skip
+            raise ValueError(
+                f"device: {value} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
 
 
 def _to_groups(value: object) -> tuple[KVGroup, ...]:
@@ -302,14 +309,17 @@ class MetadataConfig:
             return
         for i, g in enumerate(value):
             if g.mla is not None:
-                raise ValueError(f"kv_groups[{i}].mla: batchmeta has no float8 MLA cache; kv_dtype must be "
-                                 f"float16 or bfloat16 with MLA groups, got {self.kv_dtype}")  # fmt: skip
+                raise ValueError(
+                    f"kv_groups[{i}].mla: batchmeta has no float8 MLA cache; kv_dtype must be "
+                    f"float16 or bfloat16 with MLA groups, got {self.kv_dtype}"
+                )
 
     @max_draft_tokens.validator
     def _check_draft(self, attribute, value) -> None:
         if value >= self.max_num_tokens:
-            raise ValueError(f"max_draft_tokens: 1 + {value} tokens per request exceed max_num_tokens "
-                             f"({self.max_num_tokens})")  # fmt: skip
+            raise ValueError(
+                f"max_draft_tokens: 1 + {value} tokens per request exceed max_num_tokens ({self.max_num_tokens})"
+            )
 
     @backend.validator
     def _check_backend(self, attribute, value) -> None:
@@ -326,8 +336,9 @@ class MetadataConfig:
         fp8 = self.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
         if fp8 and value != "fa2":
             # FA3 attends over float8 keys only with float8 queries.
-            raise ValueError(f"prefill_backend: a float8 KV cache with {self.q_dtype} queries needs 'fa2', "
-                             f"got {value!r}")  # fmt: skip
+            raise ValueError(
+                f"prefill_backend: a float8 KV cache with {self.q_dtype} queries needs 'fa2', got {value!r}"
+            )
 
     @cuda_graph_batch_sizes.validator
     def _check_graph_sizes(self, attribute, value) -> None:

@@ -34,13 +34,16 @@ def graph_batch_size(config: MetadataConfig, num_reqs: int, *, planned: bool) ->
     """
     sizes = config.cuda_graph_batch_sizes
     if config.device.type != "cuda":
-        raise ValueError(f"cuda_graph: CUDA graphs need a CUDA device; this BatchMetadata is on {config.device} "
-                         f"(config.device)")  # fmt: skip
+        raise ValueError(
+            f"cuda_graph: CUDA graphs need a CUDA device; this BatchMetadata is on {config.device} (config.device)"
+        )
     if not sizes:
         raise ValueError("cuda_graph: no CUDA-graph batch sizes are configured (config.cuda_graph_batch_sizes)")
     if not planned:
-        raise ValueError(f"cuda_graph: CUDA-graph decode needs FlashInfer planning (FlashInfer installed: "
-                         f"{FLASHINFER_INSTALL}; and config.plan_attention=True)")  # fmt: skip
+        raise ValueError(
+            f"cuda_graph: CUDA-graph decode needs FlashInfer planning (FlashInfer installed: "
+            f"{FLASHINFER_INSTALL}; and config.plan_attention=True)"
+        )
     for s in sizes:
         if s >= num_reqs:
             return s
@@ -81,6 +84,8 @@ class DecodeGraphs:
         graph = self._graphs.get((step.padded_num_reqs, step.query_len))  # type: ignore[arg-type]
         if graph is None:
             k = step.query_len - 1  # type: ignore[operator]
-            raise ValueError(f"step: no CUDA graph captured for batch size {step.padded_num_reqs} with "
-                             f"{k} draft tokens (capture_decode_graph(..., num_draft_tokens={k}))")  # fmt: skip
+            raise ValueError(
+                f"step: no CUDA graph captured for batch size {step.padded_num_reqs} with "
+                f"{k} draft tokens (capture_decode_graph(..., num_draft_tokens={k}))"
+            )
         graph.replay()

@@ -41,15 +41,21 @@ class TinyModel:
         self.layer_groups = list(range(len(cfg.kv_groups)))
         s = 1 / math.sqrt(self.hidden)
         self.layers = [
-            dict(wq=w(self.hidden, hq * d, scale=s), wk=w(self.hidden, hkv * d, scale=s),
-                 wv=w(self.hidden, hkv * d, scale=s), wo=w(hq * d, self.hidden, scale=s))
+            dict(
+                wq=w(self.hidden, hq * d, scale=s),
+                wk=w(self.hidden, hkv * d, scale=s),
+                wv=w(self.hidden, hkv * d, scale=s),
+                wo=w(hq * d, self.hidden, scale=s),
+            )
             for _ in self.layer_groups
-        ]  # fmt: skip
+        ]
         self.caches = [
-            (torch.zeros(num_pages, grp.page_size, hkv, d, dtype=dtype, device=dev),
-             torch.zeros(num_pages, grp.page_size, hkv, d, dtype=dtype, device=dev))
+            (
+                torch.zeros(num_pages, grp.page_size, hkv, d, dtype=dtype, device=dev),
+                torch.zeros(num_pages, grp.page_size, hkv, d, dtype=dtype, device=dev),
+            )
             for grp in cfg.kv_groups
-        ]  # fmt: skip
+        ]
         self.shape = (hq, hkv, d)
 
     def forward(self, tokens: torch.Tensor, record: list | None = None) -> torch.Tensor:
@@ -101,8 +107,9 @@ class _Progress:
         self.last = now
         filled = int(30 * done / self.total)
         rate = steps / max(time.perf_counter() - self.start, 1e-9)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} requests, "
-                         f"{steps} steps, {rate:.0f} steps/s")  # fmt: skip
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} requests, {steps} steps, {rate:.0f} steps/s"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -134,11 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     graph_sizes = tuple(s for s in (1, 2, 4, 8, 16, 32) if s <= args.max_num_reqs)
     dtype = torch.float16 if on_gpu else torch.float32  # float32 on the CPU: nothing is planned there
     cfg = MetadataConfig(
-        max_num_reqs=args.max_num_reqs, max_num_tokens=args.token_budget, max_model_len=512,
+        max_num_reqs=args.max_num_reqs,
+        max_num_tokens=args.token_budget,
+        max_model_len=512,
         kv_groups=(KVGroup(page_size=16), KVGroup(page_size=4, window_left=32)),
-        num_qo_heads=4, num_kv_heads=2, head_dim=64, q_dtype=dtype, kv_dtype=dtype,
-        device=dev, num_kv_pages=num_pages, cuda_graph_batch_sizes=graph_sizes if use_graphs else (),
-    )  # fmt: skip
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        q_dtype=dtype,
+        kv_dtype=dtype,
+        device=dev,
+        num_kv_pages=num_pages,
+        cuda_graph_batch_sizes=graph_sizes if use_graphs else (),
+    )
     meta = BatchMetadata(cfg)
     model = TinyModel(cfg, num_pages, vocab=1000, dtype=dtype, seed=args.seed)
     groups = cfg.kv_groups
@@ -163,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in graph_sizes:
             meta.capture_decode_graph(s, graph_forward)
 
-    waiting = [dict(prompt=rng.integers(0, 1000, int(rng.integers(8, 200))).tolist(), output=int(rng.integers(4, 40)))
-               for _ in range(args.requests)]  # fmt: skip
+    waiting = [
+        dict(prompt=rng.integers(0, 1000, int(rng.integers(8, 200))).tolist(), output=int(rng.integers(4, 40)))
+        for _ in range(args.requests)
+    ]
     running: dict[int, dict] = {}  # request slot (req_idx) -> request state
     free_req_idxs = list(range(args.max_num_reqs))
     free_pages = [list(range(num_pages - 1, 0, -1)) for _ in groups]  # page 0: CUDA-graph padding
@@ -199,8 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         idx = [s for s, _ in batch]
         qlens = [n for _, n in batch]
         clens = [running[s]["cached"] for s in idx]
-        tokens = torch.tensor([t for s, n in batch for t in running[s]["tokens"][running[s]["cached"] :][:n]],
-                              dtype=torch.long, device=dev)  # fmt: skip
+        tokens = torch.tensor(
+            [t for s, n in batch for t in running[s]["tokens"][running[s]["cached"] :][:n]],
+            dtype=torch.long,
+            device=dev,
+        )
         decode_only = all(q == 1 for q in qlens) and all(running[s]["cached"] >= len(running[s]["prompt"]) for s in idx)
         check = steps % args.check_every == 0 or len(running) == 1
         t0 = time.perf_counter()
@@ -230,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                 dk.append(k[off : off + n].float())
                 dv.append(v[off : off + n].float())
                 if check:
-                    ref = _dense_attention(q[off : off + n], torch.cat(dk), torch.cat(dv),
-                                           groups[model.layer_groups[li]].window_left)  # fmt: skip
+                    ref = _dense_attention(
+                        q[off : off + n], torch.cat(dk), torch.cat(dv), groups[model.layer_groups[li]].window_left
+                    )
                     ok &= torch.allclose(a[off : off + n].float(), ref, rtol=2e-2, atol=2e-2)
                 off += n
         checks += check
@@ -257,13 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     p90 = float(np.percentile(prepare_us, 90))
     mode = "CUDA graphs for decode" if use_graphs else "eager"
     sizes = [g.page_size for g in groups]
-    print(f"batchmeta demo on {dev} ({mode}): {args.requests} requests, page sizes {sizes}, "
-          f"window {groups[1].window_left}")  # fmt: skip
+    print(
+        f"batchmeta demo on {dev} ({mode}): {args.requests} requests, page sizes {sizes}, "
+        f"window {groups[1].window_left}"
+    )
     print()
     print("| steps | graph steps | tokens | host µs per prepare (median) | (p90) | checked steps | all checks passed |")
     print("|---:|---:|---:|---:|---:|---:|---|")
-    print(f"| {steps} | {graph_steps} | {tokens_total} | {statistics.median(prepare_us):.0f} | {p90:.0f} | "
-          f"{checks} | {failures == 0} |")  # fmt: skip
+    print(
+        f"| {steps} | {graph_steps} | {tokens_total} | {statistics.median(prepare_us):.0f} | {p90:.0f} | "
+        f"{checks} | {failures == 0} |"
+    )
     return 0 if failures == 0 else 1
 
 

@@ -60,8 +60,26 @@ COMPILED: bool = numba is not None and os.environ.get("BATCHMETA_HOST_PATH", "")
 
 # The kernel's int64 workspace (`ws`), one array so that a call unboxes one argument, not three
 # (~80 ns each): parameters fixed at init, then outputs, then per-call scratch. Parameters first:
-(_R, _MNT, _MML, _IDX, _QO, _SEQ, _CACHE, _LOGITS, _FIXED_END, _TABLES, _NUM_GROUPS, _OUT, _SEEN, _ROWS,
- _PACKED, _STRIDE, _ROW_DEVICE, _GROUPS) = range(18)  # fmt: skip
+(
+    _R,
+    _MNT,
+    _MML,
+    _IDX,
+    _QO,
+    _SEQ,
+    _CACHE,
+    _LOGITS,
+    _FIXED_END,
+    _TABLES,
+    _NUM_GROUPS,
+    _OUT,
+    _SEEN,
+    _ROWS,
+    _PACKED,
+    _STRIDE,
+    _ROW_DEVICE,
+    _GROUPS,
+) = range(18)
 # then per group g, _PER_GROUP entries from _GROUPS + g * _PER_GROUP (_SHIFT: log2 of a power-of-two
 # page size, else -1: a shift is cheaper than a division, and page sizes are powers of two in practice):
 _KV_INDPTR, _LAST, _STEP_WIDTH, _PAGE, _SHIFT, _MAX_PAGES = range(6)
@@ -279,14 +297,26 @@ class HostPath:
     def __init__(self, config: MetadataConfig, layout: StagingLayout, held: np.ndarray):
         groups, r = len(config.kv_groups), config.max_num_reqs
         if held.dtype != np.int64 or held.shape != (groups, r + 1) or not held.flags.c_contiguous:
-            raise ValueError(f"held: expected a C-contiguous int64 array of shape {(groups, r + 1)}, "
-                             f"got {held.dtype} {held.shape}")  # fmt: skip
+            raise ValueError(
+                f"held: expected a C-contiguous int64 array of shape {(groups, r + 1)}, got {held.dtype} {held.shape}"
+            )
         self.config = config
         self.layout = layout
         self._held = held
         tables = config.batch_block_tables  # without them every step stages table widths of 0
-        params = [r, config.max_num_tokens, config.max_model_len, layout.idx, layout.qo_indptr, layout.seq,
-                  layout.cache, layout.logits, layout.fixed_end, tables, groups]  # fmt: skip
+        params = [
+            r,
+            config.max_num_tokens,
+            config.max_model_len,
+            layout.idx,
+            layout.qo_indptr,
+            layout.seq,
+            layout.cache,
+            layout.logits,
+            layout.fixed_end,
+            tables,
+            groups,
+        ]
         n = _GROUPS + groups * _PER_GROUP
         params += [n, n + 1 + groups, n + 1 + groups + r]  # _OUT, _SEEN, _ROWS
         params += [layout.rows, layout.row_stride, layout.row_device_len]  # _PACKED, _STRIDE, _ROW_DEVICE
@@ -294,8 +324,14 @@ class HostPath:
         for g, grp in enumerate(config.kv_groups):
             ps = grp.page_size
             shift = ps.bit_length() - 1 if ps & (ps - 1) == 0 else -1
-            params += [layout.kv_indptr[g], layout.last_page_len[g], layout.step_width[g], ps, shift,
-                       config.max_pages_per_req(g)]  # fmt: skip
+            params += [
+                layout.kv_indptr[g],
+                layout.last_page_len[g],
+                layout.step_width[g],
+                ps,
+                shift,
+                config.max_pages_per_req(g),
+            ]
         self._ws = np.zeros(n + 1 + groups + r + (1 + groups) * r, np.int64)
         self._ws[:n] = params
         self._out = self._ws[n : n + 1 + groups]  # a view: max_seq, then each group's width
@@ -308,9 +344,17 @@ class HostPath:
             _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0, empty)
             _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0, empty)
 
-    def stage(self, h: np.ndarray, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, padded: int,
-              graph: bool, num_writes: int = 0,
-              on_device: np.ndarray | None = None) -> tuple[int, tuple[int, ...], int] | None:  # fmt: skip
+    def stage(
+        self,
+        h: np.ndarray,
+        idx: np.ndarray,
+        qlens: np.ndarray | int,
+        clens: np.ndarray,
+        padded: int,
+        graph: bool,
+        num_writes: int = 0,
+        on_device: np.ndarray | None = None,
+    ) -> tuple[int, tuple[int, ...], int] | None:
         """Checks a batch and, if valid, writes its staging fields into ``h``.
 
         Parameters
@@ -354,19 +398,24 @@ class HostPath:
             ``qlens`` not ``B`` long (caller bugs; nothing written).
         """
         if not COMPILED:
-            raise RuntimeError("HostPath.stage: the compiled host path is off (numba missing or "
-                               "BATCHMETA_HOST_PATH=numpy); use BatchChecker.check and stage_step")  # fmt: skip
+            raise RuntimeError(
+                "HostPath.stage: the compiled host path is off (numba missing or "
+                "BATCHMETA_HOST_PATH=numpy); use BatchChecker.check and stage_step"
+            )
         flags = self._no_qlens if on_device is None else on_device
         if type(qlens) is int:
-            n = _stage_kernel(h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph,
-                              num_writes, flags)  # fmt: skip
+            n = _stage_kernel(
+                h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph, num_writes, flags
+            )
         else:
             n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes, flags)
         if n < 0:
             if n == _INVALID:
                 return None
-            raise ValueError(f"HostPath.stage: padded={padded} outside [{idx.shape[0]}, {self.config.max_num_reqs}], "
-                             f"a staging buffer of {h.shape[0]} < {self.layout.fixed_end} elements, or input arrays "
-                             f"of mismatched lengths")  # fmt: skip
+            raise ValueError(
+                f"HostPath.stage: padded={padded} outside [{idx.shape[0]}, {self.config.max_num_reqs}], "
+                f"a staging buffer of {h.shape[0]} < {self.layout.fixed_end} elements, or input arrays "
+                f"of mismatched lengths"
+            )
         out = self._out.tolist()
         return n, tuple(out[1:]), out[0]

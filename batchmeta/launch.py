@@ -179,8 +179,24 @@ class _Entry:
             annotations, signature = launcher.arg_annotations, launcher.kernel_signature
 
             def call(g0, g1, g2, stream, args):
-                c_launch(g0, g1, g2, stream, function, coop, pdl, meta, None, None, None, None, None,
-                         annotations, signature, args)  # fmt: skip
+                c_launch(
+                    g0,
+                    g1,
+                    g2,
+                    stream,
+                    function,
+                    coop,
+                    pdl,
+                    meta,
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    annotations,
+                    signature,
+                    args,
+                )
 
         else:
 

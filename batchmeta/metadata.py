@@ -97,27 +97,55 @@ class BatchMetadata:
             # Token history: one staged prompt span per request slot, a step's tokens plus a whole
             # prompt of them between two steps.
             hist = cfg.token_history
-            self._layout = StagingLayout(r, groups, max_writes, max_chunks=r if hist else 0,
-                                         max_prompt_tokens=t + cfg.max_model_len if hist else 0)  # fmt: skip
+            self._layout = StagingLayout(
+                r,
+                groups,
+                max_writes,
+                max_chunks=r if hist else 0,
+                max_prompt_tokens=t + cfg.max_model_len if hist else 0,
+            )
             self._staging = PinnedRing(self._layout.total, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
             # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
-            self._fills = [bind_step_metadata(kernel_layout, host, self.block_tables.flat, buf.out32, buf.out64,
-                                              max_rows=r, mirror=self._staging.dev, backend=cfg.backend,
-                                              history=buf.token_ids)
-                           for host in self._staging.host]  # fmt: skip
-            self._scatter = bind_scatter_pairs(self._staging.dev, self.block_tables.flat, count=self._layout.num_writes,
-                                               pairs=self._layout.pairs, max_writes=max_writes,
-                                               backend=cfg.backend)  # fmt: skip
+            self._fills = [
+                bind_step_metadata(
+                    kernel_layout,
+                    host,
+                    self.block_tables.flat,
+                    buf.out32,
+                    buf.out64,
+                    max_rows=r,
+                    mirror=self._staging.dev,
+                    backend=cfg.backend,
+                    history=buf.token_ids,
+                )
+                for host in self._staging.host
+            ]
+            self._scatter = bind_scatter_pairs(
+                self._staging.dev,
+                self.block_tables.flat,
+                count=self._layout.num_writes,
+                pairs=self._layout.pairs,
+                max_writes=max_writes,
+                backend=cfg.backend,
+            )
             # Speculative decoding: acceptance, drafts, and the request slots whose lengths are on the
             # device; a step with such rows first rewrites its packed rows into the mirror from them.
             self._spec = Speculation(cfg, dev, self.block_tables, buf.token_ids)
             page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
-            self._resolves = [bind_resolve_rows(host, self._staging.dev, self._spec.lens, page_sizes,
-                                                rows_at=self._layout.rows, stride=self._layout.row_stride,
-                                                backend=cfg.backend)
-                              for host in self._staging.host]  # fmt: skip
+            self._resolves = [
+                bind_resolve_rows(
+                    host,
+                    self._staging.dev,
+                    self._spec.lens,
+                    page_sizes,
+                    rows_at=self._layout.rows,
+                    stride=self._layout.row_stride,
+                    backend=cfg.backend,
+                )
+                for host in self._staging.host
+            ]
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
@@ -131,16 +159,20 @@ class BatchMetadata:
         self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
         if self._planned:
             if torch.float32 in (cfg.q_dtype, cfg.kv_dtype):
-                raise TypeError(f"q_dtype, kv_dtype: FlashInfer plans float16 or bfloat16 (float8 KV), got "
-                                f"{cfg.q_dtype}, {cfg.kv_dtype}; float32 runs where nothing is planned (device='cpu' "
-                                f"or plan_attention=False)")  # fmt: skip
+                raise TypeError(
+                    f"q_dtype, kv_dtype: FlashInfer plans float16 or bfloat16 (float8 KV), got "
+                    f"{cfg.q_dtype}, {cfg.kv_dtype}; float32 runs where nothing is planned (device='cpu' "
+                    f"or plan_attention=False)"
+                )
             for g, grp in enumerate(cfg.kv_groups):
                 if grp.mla is not None:
                     check_mla_shape(g, grp.mla.head_dim_ckv, grp.mla.head_dim_kpe)
                 elif cfg.head_dim not in _FLASHINFER_HEAD_DIMS:
                     # Otherwise the first plan fails deep inside FlashInfer's JIT build.
-                    raise ValueError(f"head_dim: FlashInfer's kernels take head_dim {_FLASHINFER_HEAD_DIMS}, got "
-                                     f"{cfg.head_dim}; plan_attention=False plans no attention")  # fmt: skip
+                    raise ValueError(
+                        f"head_dim: FlashInfer's kernels take head_dim {_FLASHINFER_HEAD_DIMS}, got "
+                        f"{cfg.head_dim}; plan_attention=False plans no attention"
+                    )
         self._planner = StepPlanner(cfg, buf.kv_indices)
         self._graphs = DecodeGraphs()
         self._views: dict[tuple, StepViews] = {}
@@ -149,10 +181,12 @@ class BatchMetadata:
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"BatchMetadata(device={cfg.device}, max_num_reqs={cfg.max_num_reqs}, "
-                f"max_num_tokens={cfg.max_num_tokens}, max_model_len={cfg.max_model_len}, "
-                f"kv_groups={list(cfg.kv_groups)}, plans_flashinfer={self._planned}, "
-                f"cuda_graph_batch_sizes={cfg.cuda_graph_batch_sizes}, steps={self._clock[0]})")  # fmt: skip
+        return (
+            f"BatchMetadata(device={cfg.device}, max_num_reqs={cfg.max_num_reqs}, "
+            f"max_num_tokens={cfg.max_num_tokens}, max_model_len={cfg.max_model_len}, "
+            f"kv_groups={list(cfg.kv_groups)}, plans_flashinfer={self._planned}, "
+            f"cuda_graph_batch_sizes={cfg.cuda_graph_batch_sizes}, steps={self._clock[0]})"
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Token history
@@ -178,8 +212,9 @@ class BatchMetadata:
         """
         cfg = self.config
         if self.token_ids is None:
-            raise ValueError("stage_prompt: this BatchMetadata has no token history; make it with "
-                             "MetadataConfig(token_history=True)")  # fmt: skip
+            raise ValueError(
+                "stage_prompt: this BatchMetadata has no token history; make it with MetadataConfig(token_history=True)"
+            )
         for name, v in (("req_idx", req_idx), ("start", start)):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
@@ -198,12 +233,16 @@ class BatchMetadata:
         replace = pending is not None and start == pending[0]
         if pending is not None and not replace and start != pending[0] + held:
             end = pending[0] + held
-            raise ValueError(f"start: request slot {req_idx} has positions [{pending[0]}, {end}) staged; continue "
-                             f"from {end}, restage from {pending[0]}, or discard_prompt({req_idx})")  # fmt: skip
+            raise ValueError(
+                f"start: request slot {req_idx} has positions [{pending[0]}, {end}) staged; continue "
+                f"from {end}, restage from {pending[0]}, or discard_prompt({req_idx})"
+            )
         room = self._layout.max_prompt_tokens - self._num_prompt_tokens + (held if replace else 0)
         if n > room:
-            raise ValueError(f"token_ids: {n} tokens exceed the {room} that may still be staged before the next step "
-                             f"(max_num_tokens + max_model_len in all)")  # fmt: skip
+            raise ValueError(
+                f"token_ids: {n} tokens exceed the {room} that may still be staged before the next step "
+                f"(max_num_tokens + max_model_len in all)"
+            )
         if replace:
             self.discard_prompt(req_idx)
             pending = None
@@ -219,8 +258,10 @@ class BatchMetadata:
         """Drops the prompt tokens staged for request slot ``req_idx`` since the last step (if any):
         for a request aborted, or rescheduled with other chunks, before they were applied."""
         if self.token_ids is None:
-            raise ValueError("discard_prompt: this BatchMetadata has no token history; make it with "
-                             "MetadataConfig(token_history=True)")  # fmt: skip
+            raise ValueError(
+                "discard_prompt: this BatchMetadata has no token history; make it with "
+                "MetadataConfig(token_history=True)"
+            )
         if isinstance(req_idx, (bool, np.bool_)) or not isinstance(req_idx, (int, np.integer)):
             raise TypeError(f"req_idx: expected an int, got {type(req_idx).__name__}")
         if not 0 <= req_idx < self.config.max_num_reqs:
@@ -231,8 +272,10 @@ class BatchMetadata:
 
     def _take_prompts(self) -> list[tuple[int, int, np.ndarray]]:
         """The staged prompt spans, as ``(request slot, first position, tokens)``; none remain staged."""
-        spans = [(r, first, parts[0] if len(parts) == 1 else np.concatenate(parts))
-                 for r, (first, parts) in self._prompts.items()]  # fmt: skip
+        spans = [
+            (r, first, parts[0] if len(parts) == 1 else np.concatenate(parts))
+            for r, (first, parts) in self._prompts.items()
+        ]
         self._prompts = {}
         self._num_prompt_tokens = 0
         return spans
@@ -299,8 +342,10 @@ class BatchMetadata:
         if type(num_draft_tokens) is not int:
             raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
         if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
-            raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
-                             f"got {num_draft_tokens}")  # fmt: skip
+            raise ValueError(
+                f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
+                f"got {num_draft_tokens}"
+            )
         idx = host_ints("idx_mapping", idx_mapping)
         b = idx.shape[0]
         clens = host_ints("cache_lens", cache_lens, length=b)
@@ -309,8 +354,9 @@ class BatchMetadata:
         with self._on_device():
             return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
 
-    def _prepare(self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, kind: str, *, padded: int,
-                 graph: bool) -> Step:  # fmt: skip
+    def _prepare(
+        self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, kind: str, *, padded: int, graph: bool
+    ) -> Step:
         """The step: check, stage, launch, plan, and the ``Step``. ``qlens`` is an int for decode.
 
         Nothing changes before every check has passed. The compiled host path checks and writes
@@ -345,9 +391,24 @@ class BatchMetadata:
                 offsets, values = self._apply_excess_writes(offsets, values)
             self._clock[0] += 1  # from here the buffers change: earlier steps are stale
             h = ring.next()
-            num_tokens, widths, max_seq = stage_step(h, lay, ring, self.config, self._checker.rows, idx, qlens, clens,
-                                                     seq, pages, max_seq, padded, graph, offsets, values,
-                                                     on_device)  # fmt: skip
+            num_tokens, widths, max_seq = stage_step(
+                h,
+                lay,
+                ring,
+                self.config,
+                self._checker.rows,
+                idx,
+                qlens,
+                clens,
+                seq,
+                pages,
+                max_seq,
+                padded,
+                graph,
+                offsets,
+                values,
+                on_device,
+            )
             if self.token_ids is not None:
                 stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         try:
@@ -367,21 +428,38 @@ class BatchMetadata:
             if views is None:
                 if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
                     self._views.clear()
-                views = self._views[key] = StepViews.build(self.config, lay, ring, self._buffers, b, padded, tokens_run,
-                                                           widths)  # fmt: skip
+                views = self._views[key] = StepViews.build(
+                    self.config, lay, ring, self._buffers, b, padded, tokens_run, widths
+                )
             num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
             wrappers = None
             if self._planned and padded:
                 ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
                 max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
-                wrappers = self._planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens,
-                                              max_query_len)  # fmt: skip
+                wrappers = self._planner.plan(
+                    kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len
+                )
                 if on_device is not None and self._planner.graph_stock_planned:
                     # A graph wrapper's stock plan (its first, or every one without fast plans)
                     # copied the host arrays, upper bounds for these rows, over the exact ones.
                     self._fills[ring.current](padded, max_cols, resolved=True)
-            return Step(kind, b, padded, num_tokens, query_len, graph, idx, clens, None if query_len else qlens,
-                        num_kv_pages, views, wrappers, self._clock, self.block_tables, on_device)  # fmt: skip
+            return Step(
+                kind,
+                b,
+                padded,
+                num_tokens,
+                query_len,
+                graph,
+                idx,
+                clens,
+                None if query_len else qlens,
+                num_kv_pages,
+                views,
+                wrappers,
+                self._clock,
+                self.block_tables,
+                on_device,
+            )
         finally:
             ring.done()  # the host buffer stays busy until what was enqueued from it has run
 
@@ -392,8 +470,9 @@ class BatchMetadata:
         """The captured batch size a decode batch of ``num_reqs`` rows is padded to."""
         return graph_batch_size(self.config, num_reqs, planned=self._planned)
 
-    def capture_decode_graph(self, batch_size: int, forward: Callable[[Step], None], *, num_draft_tokens: int = 0,
-                             warmup: int = 2) -> Any:  # fmt: skip
+    def capture_decode_graph(
+        self, batch_size: int, forward: Callable[[Step], None], *, num_draft_tokens: int = 0, warmup: int = 2
+    ) -> Any:
         """Captures ``forward(step)`` for a decode batch of ``batch_size`` rows as a CUDA graph.
 
         ``forward`` must read and write only fixed buffers (the step's views, the engine's own
@@ -412,16 +491,22 @@ class BatchMetadata:
         """
         cfg = self.config
         if cfg.device.type != "cuda":
-            raise ValueError(f"capture_decode_graph: CUDA graphs need a CUDA device; this BatchMetadata is on "
-                             f"{cfg.device} (config.device)")  # fmt: skip
+            raise ValueError(
+                f"capture_decode_graph: CUDA graphs need a CUDA device; this BatchMetadata is on "
+                f"{cfg.device} (config.device)"
+            )
         if batch_size not in cfg.cuda_graph_batch_sizes:
-            raise ValueError(f"batch_size: expected one of config.cuda_graph_batch_sizes "
-                             f"{cfg.cuda_graph_batch_sizes}, got {batch_size}")  # fmt: skip
+            raise ValueError(
+                f"batch_size: expected one of config.cuda_graph_batch_sizes "
+                f"{cfg.cuda_graph_batch_sizes}, got {batch_size}"
+            )
         if type(num_draft_tokens) is not int:
             raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
         if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
-            raise ValueError(f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
-                             f"got {num_draft_tokens}")  # fmt: skip
+            raise ValueError(
+                f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
+                f"got {num_draft_tokens}"
+            )
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
         kind = "spec_decode" if num_draft_tokens else "decode"

@@ -306,8 +306,9 @@ class Speculation:
         bound, exact = np.empty(b, np.int64), np.empty(b, bool)
         for i in range(b):
             r = int(idx[i])
-            bound[i], exact[i] = self._advance(r, int(cache[i]), int(increment[i]), bool(increment_exact[i]),
-                                               bool(input_exact[i]))  # fmt: skip
+            bound[i], exact[i] = self._advance(
+                r, int(cache[i]), int(increment[i]), bool(increment_exact[i]), bool(input_exact[i])
+            )
             if exact[i]:
                 self._forget(r)
             else:

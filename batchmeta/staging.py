@@ -56,8 +56,9 @@ class StagingLayout:
     count, offset) and their tokens ``prompt_tokens`` ``[max_prompt_tokens]``.
     """
 
-    def __init__(self, max_reqs: int, num_groups: int, max_writes: int, max_chunks: int = 0,
-                 max_prompt_tokens: int = 0):  # fmt: skip
+    def __init__(
+        self, max_reqs: int, num_groups: int, max_writes: int, max_chunks: int = 0, max_prompt_tokens: int = 0
+    ):
         r = max_reqs
         pos = 0
 
@@ -222,25 +223,57 @@ class StepBuffers:
         """Where the step kernel finds its inputs (staging, block tables) and writes its outputs."""
         r, t, groups = config.max_num_reqs, config.max_num_tokens, len(config.kv_groups)
         return StepLayout(
-            page_size=[grp.page_size for grp in config.kv_groups], width=self.widths, num_table_rows=r + 1,
-            idx=staging.idx, qo_indptr=staging.qo_indptr, cache_lens=staging.cache, seq_lens=staging.seq,
-            logits=staging.logits, kv_indptr=staging.kv_indptr, last_page_len=staging.last_page_len,
-            step_width=staging.step_width, rows=staging.rows, row_stride=staging.row_stride,
-            num_writes=staging.num_writes, pairs=staging.pairs,
-            max_writes=staging.max_writes, table=block_tables.table_offsets,
+            page_size=[grp.page_size for grp in config.kv_groups],
+            width=self.widths,
+            num_table_rows=r + 1,
+            idx=staging.idx,
+            qo_indptr=staging.qo_indptr,
+            cache_lens=staging.cache,
+            seq_lens=staging.seq,
+            logits=staging.logits,
+            kv_indptr=staging.kv_indptr,
+            last_page_len=staging.last_page_len,
+            step_width=staging.step_width,
+            rows=staging.rows,
+            row_stride=staging.row_stride,
+            num_writes=staging.num_writes,
+            pairs=staging.pairs,
+            max_writes=staging.max_writes,
+            table=block_tables.table_offsets,
             held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],
-            kv_indices=self.kv_offsets, kv_capacity=[(r + 1) * w for w in self.widths],
-            step_table=self.table_offsets, positions=0, slot_mapping=[(1 + g) * t for g in range(groups)],
-            token_capacity=t, input_ids=self.input_ids_offset, chunks=staging.chunks, max_chunks=staging.max_chunks,
-            prompt_tokens=staging.prompt_tokens, max_prompt_tokens=staging.max_prompt_tokens,
+            kv_indices=self.kv_offsets,
+            kv_capacity=[(r + 1) * w for w in self.widths],
+            step_table=self.table_offsets,
+            positions=0,
+            slot_mapping=[(1 + g) * t for g in range(groups)],
+            token_capacity=t,
+            input_ids=self.input_ids_offset,
+            chunks=staging.chunks,
+            max_chunks=staging.max_chunks,
+            prompt_tokens=staging.prompt_tokens,
+            max_prompt_tokens=staging.max_prompt_tokens,
             history_len=config.max_model_len if config.token_history else 0,
-        )  # fmt: skip
+        )
 
 
-def stage_step(h: np.ndarray, lay: StagingLayout, ring: PinnedRing, config: MetadataConfig, rows: np.ndarray,
-               idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, seq: np.ndarray, pages: list[np.ndarray],
-               max_seq: int, padded: int, graph: bool, offsets: np.ndarray, values: np.ndarray,
-               on_device: np.ndarray | None = None) -> tuple[int, tuple[int, ...], int]:  # fmt: skip
+def stage_step(
+    h: np.ndarray,
+    lay: StagingLayout,
+    ring: PinnedRing,
+    config: MetadataConfig,
+    rows: np.ndarray,
+    idx: np.ndarray,
+    qlens: np.ndarray | int,
+    clens: np.ndarray,
+    seq: np.ndarray,
+    pages: list[np.ndarray],
+    max_seq: int,
+    padded: int,
+    graph: bool,
+    offsets: np.ndarray,
+    values: np.ndarray,
+    on_device: np.ndarray | None = None,
+) -> tuple[int, tuple[int, ...], int]:
     """Writes a step's host arrays into host staging buffer ``h``; returns ``(num_tokens, widths, max_seq)``.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
@@ -348,8 +381,9 @@ def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values:
         pairs[1::2] = values
 
 
-def stage_prompts(h: np.ndarray, lay: StagingLayout, spans: list[tuple[int, int, np.ndarray]], padded: int,
-                  num_groups: int) -> None:  # fmt: skip
+def stage_prompts(
+    h: np.ndarray, lay: StagingLayout, spans: list[tuple[int, int, np.ndarray]], padded: int, num_groups: int
+) -> None:
     """Writes the staged prompt spans (``(request slot, first position, tokens)``, at most
     ``lay.max_chunks`` of them and ``lay.max_prompt_tokens`` tokens in all) into host staging buffer
     ``h``, and their count into the packed rows ``[0, padded]`` (after :func:`pack_rows`)."""

@@ -64,20 +64,54 @@ class StepViews:
     """
 
     __slots__ = (
-        "batch_block_tables", "cache_shapes", "device", "idx_mapping", "idx_mapping_host", "input_ids",
-        "kv_dtype", "kv_indices_full", "kv_indptr", "kv_indptr_host", "kv_indptr_pinned", "kv_last_page_len",
-        "kv_last_page_len_host", "kv_last_page_len_pinned", "logits_indices", "logits_soft_caps", "min_pages", "mla",
-        "page_sizes", "positions", "q_dtype", "q_shapes", "qo_indptr", "qo_indptr_host", "qo_indptr_pinned",
-        "seq_lens", "seq_lens_pinned", "slot_mappings", "sm_scales", "window_lefts",
-    )  # fmt: skip
+        "batch_block_tables",
+        "cache_shapes",
+        "device",
+        "idx_mapping",
+        "idx_mapping_host",
+        "input_ids",
+        "kv_dtype",
+        "kv_indices_full",
+        "kv_indptr",
+        "kv_indptr_host",
+        "kv_indptr_pinned",
+        "kv_last_page_len",
+        "kv_last_page_len_host",
+        "kv_last_page_len_pinned",
+        "logits_indices",
+        "logits_soft_caps",
+        "min_pages",
+        "mla",
+        "page_sizes",
+        "positions",
+        "q_dtype",
+        "q_shapes",
+        "qo_indptr",
+        "qo_indptr_host",
+        "qo_indptr_pinned",
+        "seq_lens",
+        "seq_lens_pinned",
+        "slot_mappings",
+        "sm_scales",
+        "window_lefts",
+    )
 
     def __init__(self, **views: Any):
         for k, v in views.items():
             setattr(self, k, v)
 
     @classmethod
-    def build(cls, config: Any, layout: Any, ring: Any, buffers: Any, num_reqs: int, padded: int, num_tokens_run: int,
-              widths: tuple[int, ...]) -> StepViews:  # fmt: skip
+    def build(
+        cls,
+        config: Any,
+        layout: Any,
+        ring: Any,
+        buffers: Any,
+        num_reqs: int,
+        padded: int,
+        num_tokens_run: int,
+        widths: tuple[int, ...],
+    ) -> StepViews:
         """The views of a step of ``num_reqs`` rows padded to ``padded``, ``num_tokens_run`` tokens and
         per-batch table ``widths``, over ``ring``'s current host buffer (``layout``: a
         :class:`~batchmeta.staging.StagingLayout`) and ``buffers`` (:class:`~batchmeta.staging.StepBuffers`)."""
@@ -134,8 +168,9 @@ class StepViews:
         )
 
 
-def _check_arg(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-               what: str) -> None:  # fmt: skip
+def _check_arg(
+    name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str
+) -> None:
     """``t`` is a tensor of ``shape`` (``what`` names its dimensions), ``dtype`` and ``device``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -150,8 +185,16 @@ def _check_arg(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype,
         raise ValueError(f"{name}: expected a tensor on {device} (config.device), got one on {t.device}")
 
 
-def _check_cache(name: str, t: object, page_shape: tuple[int, ...], min_pages: int, dtype: torch.dtype,
-                 device: torch.device, what: str, group: int) -> None:  # fmt: skip
+def _check_cache(
+    name: str,
+    t: object,
+    page_shape: tuple[int, ...],
+    min_pages: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    what: str,
+    group: int,
+) -> None:
     """``t`` is a paged cache ``[num_pages, *page_shape]`` with ``>= min_pages`` pages, ``dtype`` and ``device``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -162,8 +205,10 @@ def _check_cache(name: str, t: object, page_shape: tuple[int, ...], min_pages: i
         elif t.ndim == len(page_shape) + 1 and t.shape[1] != page_shape[0] and t.shape[2:] == page_shape[1:]:
             hint = f" (KV-cache group {group} has page_size {page_shape[0]})"
         shape = ("num_pages", *page_shape)
-        raise ValueError(f"{name}: expected shape {what} = ({', '.join(map(str, shape))}) for KV-cache group "
-                         f"{group}, got {tuple(t.shape)}{hint}")  # fmt: skip
+        raise ValueError(
+            f"{name}: expected shape {what} = ({', '.join(map(str, shape))}) for KV-cache group "
+            f"{group}, got {tuple(t.shape)}{hint}"
+        )
     if t.shape[0] < min_pages:
         raise ValueError(f"{name}: expected at least config.num_kv_pages ({min_pages}) pages, got {t.shape[0]}")
     if t.dtype != dtype:
@@ -229,19 +274,51 @@ class Step:
     """
 
     __slots__ = (
-        "_accepted", "_block_tables", "_clock", "_generation", "_num_kv_pages",
-        "_prompt_lens", "_query_lens", "_resets", "_rows_on_device", "_tokens", "_views", "_wrappers",
-        "cache_lens_host", "cuda_graph", "idx_mapping_host", "kind", "num_draft_tokens", "num_reqs", "num_tokens",
-        "padded_num_reqs", "query_len",
-    )  # fmt: skip
+        "_accepted",
+        "_block_tables",
+        "_clock",
+        "_generation",
+        "_num_kv_pages",
+        "_prompt_lens",
+        "_query_lens",
+        "_resets",
+        "_rows_on_device",
+        "_tokens",
+        "_views",
+        "_wrappers",
+        "cache_lens_host",
+        "cuda_graph",
+        "idx_mapping_host",
+        "kind",
+        "num_draft_tokens",
+        "num_reqs",
+        "num_tokens",
+        "padded_num_reqs",
+        "query_len",
+    )
 
     def __init__(self, *internal: Any):
         # Internal, in this order (BatchMetadata._prepare): kind, num_reqs, padded_num_reqs, num_tokens,
         # query_len (int | None), cuda_graph, idx_mapping_host, cache_lens_host (numpy), query_lens (numpy |
         # None), num_kv_pages (per group), views (StepViews), wrappers (tuple | None), clock (list[int]),
         # block_tables (BlockTables), rows_on_device (numpy | None: rows whose cache length is on the device).
-        (kind, num_reqs, padded_num_reqs, num_tokens, query_len, cuda_graph, idx_mapping_host, cache_lens_host,
-         query_lens, num_kv_pages, views, wrappers, clock, block_tables, rows_on_device) = internal  # fmt: skip
+        (
+            kind,
+            num_reqs,
+            padded_num_reqs,
+            num_tokens,
+            query_len,
+            cuda_graph,
+            idx_mapping_host,
+            cache_lens_host,
+            query_lens,
+            num_kv_pages,
+            views,
+            wrappers,
+            clock,
+            block_tables,
+            rows_on_device,
+        ) = internal
         self.kind = kind
         self.num_reqs = num_reqs
         self.padded_num_reqs = padded_num_reqs
@@ -282,8 +359,10 @@ class Step:
         _current.reset(self._tokens.pop())
 
     def __repr__(self) -> str:
-        return (f"Step(kind={self.kind!r}, num_reqs={self.num_reqs}, padded_num_reqs={self.padded_num_reqs}, "
-                f"num_tokens={self.num_tokens}, query_len={self.query_len}, cuda_graph={self.cuda_graph})")  # fmt: skip
+        return (
+            f"Step(kind={self.kind!r}, num_reqs={self.num_reqs}, padded_num_reqs={self.padded_num_reqs}, "
+            f"num_tokens={self.num_tokens}, query_len={self.query_len}, cuda_graph={self.cuda_graph})"
+        )
 
     @property
     def is_stale(self) -> bool:
@@ -350,8 +429,10 @@ class Step:
             self._raise_stale("batch_block_tables")
         tables = self._views.batch_block_tables
         if tables is None:
-            raise ValueError("batch_block_tables: not built; make the BatchMetadata with "
-                             "MetadataConfig(batch_block_tables=True) to have them every step")  # fmt: skip
+            raise ValueError(
+                "batch_block_tables: not built; make the BatchMetadata with "
+                "MetadataConfig(batch_block_tables=True) to have them every step"
+            )
         return tables
 
     qo_indptr_host = _view("qo_indptr_host", "``[Bp + 1]`` int32 numpy twin of ``qo_indptr``.")
@@ -373,8 +454,9 @@ class Step:
             self._raise_stale("kv_indices_host")
         bt = self._block_tables
         if bt.num_resets != self._resets:
-            raise StaleStepError("step.kv_indices_host: a request slot was reset since this step was prepared; "
-                                 "read it before resetting")  # fmt: skip
+            raise StaleStepError(
+                "step.kv_indices_host: a request slot was reset since this step was prepared; read it before resetting"
+            )
         rows = self._views.idx_mapping_host
         out = []
         for g, indptr in enumerate(self._views.kv_indptr_host):
@@ -503,10 +585,20 @@ class Step:
             kv_indptr, indices = views.kv_indptr_host[group], self.kv_indices[group]
             last = views.kv_last_page_len_host[group]
         res = paged_attention_torch(
-            q, k_cache, v_cache, views.qo_indptr_host, kv_indptr, indices, last, causal=True,
-            window_left=views.window_lefts[group], sm_scale=views.sm_scales[group],
-            logits_soft_cap=views.logits_soft_caps[group], k_scale=k_scale, v_scale=v_scale,
-        )  # fmt: skip
+            q,
+            k_cache,
+            v_cache,
+            views.qo_indptr_host,
+            kv_indptr,
+            indices,
+            last,
+            causal=True,
+            window_left=views.window_lefts[group],
+            sm_scale=views.sm_scales[group],
+            logits_soft_cap=views.logits_soft_caps[group],
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
         if out is not None:
             out.copy_(res)
             return out
@@ -553,10 +645,26 @@ class Step:
         dev, min_pages = views.device, views.min_pages
         _check_arg("q_nope", q_nope, nope_shape, views.q_dtype, dev, "[tokens, num_heads, head_dim_ckv]")
         _check_arg("q_pe", q_pe, pe_shape, views.q_dtype, dev, "[tokens, num_heads, head_dim_kpe]")
-        _check_cache("ckv_cache", ckv_cache, ckv_shape, min_pages, views.kv_dtype, dev,
-                     "[num_pages, page_size, head_dim_ckv]", group)  # fmt: skip
-        _check_cache("kpe_cache", kpe_cache, kpe_shape, min_pages, views.kv_dtype, dev,
-                     "[num_pages, page_size, head_dim_kpe]", group)  # fmt: skip
+        _check_cache(
+            "ckv_cache",
+            ckv_cache,
+            ckv_shape,
+            min_pages,
+            views.kv_dtype,
+            dev,
+            "[num_pages, page_size, head_dim_ckv]",
+            group,
+        )
+        _check_cache(
+            "kpe_cache",
+            kpe_cache,
+            kpe_shape,
+            min_pages,
+            views.kv_dtype,
+            dev,
+            "[num_pages, page_size, head_dim_kpe]",
+            group,
+        )
         if out is not None:
             _check_arg("out", out, nope_shape, q_nope.dtype, dev, "[tokens, num_heads, head_dim_ckv]")
         if self._wrappers is not None:
@@ -567,9 +675,16 @@ class Step:
             kv_indptr, last = (t.cpu().numpy() for t in (views.kv_indptr[group], views.kv_last_page_len[group]))
             indices = views.kv_indices_full[group][: int(kv_indptr[-1])]
         res = mla_attention_torch(
-            q_nope, q_pe, ckv_cache, kpe_cache, views.qo_indptr_host, kv_indptr, indices, last,
+            q_nope,
+            q_pe,
+            ckv_cache,
+            kpe_cache,
+            views.qo_indptr_host,
+            kv_indptr,
+            indices,
+            last,
             sm_scale=views.sm_scales[group],
-        )  # fmt: skip
+        )
         if out is not None:
             out.copy_(res)
             return out

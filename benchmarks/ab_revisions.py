@@ -57,8 +57,10 @@ def main() -> int:
     base = import_base(args.base_tree)
     bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
     scns = {s.name: s for s in bench_steps.scenarios(np.random.default_rng(0))}
-    print(f"# Host µs per step: this tree vs {args.base_tree} on {torch.cuda.get_device_name()}, one process, "
-          f"alternated, median of {args.steps}\n")  # fmt: skip
+    print(
+        f"# Host µs per step: this tree vs {args.base_tree} on {torch.cuda.get_device_name()}, one process, "
+        f"alternated, median of {args.steps}\n"
+    )
     print("| scenario | step | other tree | this tree | ratio of medians | median of per-step ratios |")
     print("|---|---|---:|---:|---:|---:|")
     this_classes = bench_steps.BatchMetadata, bench_steps.KVGroup, bench_steps.MetadataConfig
@@ -98,8 +100,10 @@ def main() -> int:
                         times[k].append((t1 - t0) / 1e3)
             b, a = statistics.median(times["base"]), statistics.median(times["this"])
             ratio = statistics.median([y / x for x, y in zip(times["base"], times["this"], strict=True)])
-            print(f"| {name} {scn.what} | {'plan' if plan else 'no plan'} | {b:.1f} | {a:.1f} | {a / b:.3f} | "
-                  f"{ratio:.3f} |")  # fmt: skip
+            print(
+                f"| {name} {scn.what} | {'plan' if plan else 'no plan'} | {b:.1f} | {a:.1f} | {a / b:.3f} | "
+                f"{ratio:.3f} |"
+            )
         torch.cuda.synchronize()
     return 0
 

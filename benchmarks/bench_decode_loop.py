@@ -843,8 +843,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.graphs and device.type != "cuda":
         parser.error("--graphs needs CUDA (and FlashInfer)")
     if not HAS_TOKEN_HISTORY:
-        print("bench_decode_loop: this batchmeta has no MetadataConfig(token_history=...): sync loop only",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench_decode_loop: this batchmeta has no MetadataConfig(token_history=...): sync loop only",
+            file=sys.stderr,
+        )
 
     t0 = _now()
     eng = Engine(args, device)
@@ -870,9 +872,12 @@ def main(argv: list[str] | None = None) -> int:
                     checks.append(f"{mode}: {name} run {rep + 1}: {res['consistency']}")
                 fig = figures(res, args.batch, args.steps)
                 runs[mode][name].append(dict(fig, raw=res))
-                print(f"{mode} {name} run {rep + 1}/{args.repeats}: {fig['tokens_per_s']:.0f} tokens/s, "
-                      f"{fig['accepted_per_step']:.2f} accepted/step, host {fig['host_us']:.1f} µs/step "
-                      f"({_now() - t0:.0f} s)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"{mode} {name} run {rep + 1}/{args.repeats}: {fig['tokens_per_s']:.0f} tokens/s, "
+                    f"{fig['accepted_per_step']:.2f} accepted/step, host {fig['host_us']:.1f} µs/step "
+                    f"({_now() - t0:.0f} s)",
+                    file=sys.stderr,
+                )
 
     # Token checks: every run of a mode against its first synchronous run (speculative: each step's accepted
     # tokens, and the token history read back at the end of the run).
@@ -901,8 +906,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 distinct = min(len(np.unique(ref[:, r])) for r in range(ref.shape[1]))
-                checks.append(f"{mode}: all {n} runs sampled identical tokens ({ref.size} each; every request's "
-                              f"{ref.shape[0]} tokens hold at least {distinct} distinct ids)")  # fmt: skip
+                checks.append(
+                    f"{mode}: all {n} runs sampled identical tokens ({ref.size} each; every request's "
+                    f"{ref.shape[0]} tokens hold at least {distinct} distinct ids)"
+                )
     if len(modes) == 2:
         where = first_difference(tokens[("eager", "sync")][0], tokens[("graphs", "sync")][0])
         if where is None and histories:
@@ -913,8 +920,20 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     summary: dict[str, dict] = {}
-    keys = ("tokens_per_s", "accepted_per_step", "step_us", "host_us", "host_p90_us", "blocked_us", "gpu_period_us",
-            "gpu_busy_us", "gpu_idle_us", "gpu_idle_frac", "gpu_gap_us", "readback_lag_steps")  # fmt: skip
+    keys = (
+        "tokens_per_s",
+        "accepted_per_step",
+        "step_us",
+        "host_us",
+        "host_p90_us",
+        "blocked_us",
+        "gpu_period_us",
+        "gpu_busy_us",
+        "gpu_idle_us",
+        "gpu_idle_frac",
+        "gpu_gap_us",
+        "readback_lag_steps",
+    )
     for mode in modes:
         summary[mode] = {name: {k: _median_of(runs[mode][name], k) for k in keys} for name in loops}
         if "overlap" in summary[mode]:
@@ -947,8 +966,10 @@ def main(argv: list[str] | None = None) -> int:
         for suffix in (".md", ".json"):
             shutil.copy(base.with_suffix(suffix), os.environ["OUT"])
     if failed:
-        print("bench_decode_loop: FAILED: the overlapped loop sampled other tokens than the synchronous one:",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "bench_decode_loop: FAILED: the overlapped loop sampled other tokens than the synchronous one:",
+            file=sys.stderr,
+        )
         for c in checks:
             print(f"  {c}", file=sys.stderr)
         return 1

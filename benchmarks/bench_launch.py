@@ -42,13 +42,48 @@ def _cases(dev: torch.device):
     key = torch.randn(b, 8, 128, dtype=torch.float16, device=dev)
     cache = torch.zeros(4096, 16, 8, 128, dtype=torch.float16, device=dev)
 
-    ragged_args = (table, table.stride(0), table.shape[1], idx, indptr, seq, 1, kv_indices, kv_indices.numel(),
-                   True, False, 256)  # fmt: skip
+    ragged_args = (
+        table,
+        table.stride(0),
+        table.shape[1],
+        idx,
+        indptr,
+        seq,
+        1,
+        kv_indices,
+        kv_indices.numel(),
+        True,
+        False,
+        256,
+    )
     group = [table, table.stride(0), table.shape[1], 16, slots, slots.numel()]
     slot_args = (idx, qsl, seq, pos, pos.numel(), b, *group, *group, *group, *group, 1, True, 256)
     # Key and value of 8 heads x 128, unscaled (no float8): the plain-cast specialisation.
-    store_args = (key, key, *key.stride(), *key.stride(), slots, cache, *cache.stride(), cache, *cache.stride(),
-                  16, cache.shape[0] * 16, 8, 128, 8, 128, 1.0, 1.0, 512, False, False, False, 0.0, 0.0)  # fmt: skip
+    store_args = (
+        key,
+        key,
+        *key.stride(),
+        *key.stride(),
+        slots,
+        cache,
+        *cache.stride(),
+        cache,
+        *cache.stride(),
+        16,
+        cache.shape[0] * 16,
+        8,
+        128,
+        8,
+        128,
+        1.0,
+        1.0,
+        512,
+        False,
+        False,
+        False,
+        0.0,
+        0.0,
+    )
     slots.zero_()
     empty_args = (kv_indices,)
     return [

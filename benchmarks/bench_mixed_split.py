@@ -60,8 +60,7 @@ def main() -> int:
     def plan_split():
         dec.plan(t(indptr[: nd + 1]), indices, t(last[:nd]), hq, hkv, d, ps, **kw)
         pre_kv = indptr[nd:] - indptr[nd]
-        pre.plan(t(qo[nd:] - qo[nd]), t(pre_kv), indices[indptr[nd] :], t(last[nd:]), hq, hkv, d, ps, causal=True,
-                 **kw)  # fmt: skip
+        pre.plan(t(qo[nd:] - qo[nd]), t(pre_kv), indices[indptr[nd] :], t(last[nd:]), hq, hkv, d, ps, causal=True, **kw)
 
     out = torch.empty_like(q)
 

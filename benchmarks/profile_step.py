@@ -43,12 +43,16 @@ def main() -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--no-plan", action="store_true", help="profile the plan_attention=False object")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions")
-    parser.add_argument("--interleave", action="store_true",
-                        help="run stock-plan and eager-glue steps in between, as bench_steps does")  # fmt: skip
+    parser.add_argument(
+        "--interleave", action="store_true", help="run stock-plan and eager-glue steps in between, as bench_steps does"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("profile_step.py: needs a CUDA GPU (and FlashInfer: pip install 'batchmeta[flashinfer]'); "
-              "this machine has none", file=sys.stderr)  # fmt: skip
+        print(
+            "profile_step.py: needs a CUDA GPU (and FlashInfer: pip install 'batchmeta[flashinfer]'); "
+            "this machine has none",
+            file=sys.stderr,
+        )
         return 2
     bench_steps.HEADS = (*bench_steps.HEADS[:2], args.head_dim)
     rng = np.random.default_rng(0)

@@ -70,18 +70,32 @@ def build_model(name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
     and the next-token logits well separated: with the default, attention is nearly uniform and a
     wrong mask or window would barely move a logit.
     """
-    common = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                  initializer_range=0.12, attn_implementation="eager")  # fmt: skip
+    common = dict(
+        vocab_size=384,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        initializer_range=0.12,
+        attn_implementation="eager",
+    )
     if name == "llama":
         config = transformers.LlamaConfig(**common)
         cls = transformers.LlamaForCausalLM
     elif name == "gemma2":
         # Small sliding window and soft cap, and query_pre_attn_scalar != head_dim, so that the
         # window, the cap and the softmax scale all change the logits (a wrong one fails the check).
-        config = transformers.Gemma2Config(**common, sliding_window=12, query_pre_attn_scalar=20,
-                                           attn_logit_softcapping=8.0, final_logit_softcapping=30.0,
-                                           tie_word_embeddings=False)  # fmt: skip
+        config = transformers.Gemma2Config(
+            **common,
+            sliding_window=12,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=8.0,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=False,
+        )
         cls = transformers.Gemma2ForCausalLM
     else:
         raise ValueError(f"name: expected one of {MODELS}, got {name!r}")
@@ -107,8 +121,9 @@ class LayerSpec:
         # through 5.x), a window of sliding_window keys including the query itself; batchmeta's
         # window_left counts the keys before it.
         window = -1 if self.sliding_window is None else self.sliding_window - 1
-        return KVGroup(page_size=1, window_left=window, sm_scale=float(self.scaling),
-                       logits_soft_cap=float(self.softcap or 0.0))  # fmt: skip
+        return KVGroup(
+            page_size=1, window_left=window, sm_scale=float(self.scaling), logits_soft_cap=float(self.softcap or 0.0)
+        )
 
 
 def attention_layers(model) -> list[LayerSpec]:
@@ -116,8 +131,9 @@ def attention_layers(model) -> list[LayerSpec]:
     specs = {}
     for m in model.modules():
         if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "scaling"):
-            specs[m.layer_idx] = LayerSpec(m, getattr(m, "sliding_window", None), m.scaling,
-                                           getattr(m, "attn_logit_softcapping", None))  # fmt: skip
+            specs[m.layer_idx] = LayerSpec(
+                m, getattr(m, "sliding_window", None), m.scaling, getattr(m, "attn_logit_softcapping", None)
+            )
     n = model.config.num_hidden_layers
     if sorted(specs) != list(range(n)):
         raise ValueError(f"model: expected attention modules for layers 0..{n - 1}, found {sorted(specs)}")
@@ -204,13 +220,24 @@ class Runner:
         0: plain decoding.
     """
 
-    def __init__(self, model, *, max_num_reqs: int = 4, token_budget: int = 64, max_model_len: int = 256,
-                 page_sizes: tuple[int, int] = (16, 8), cuda_graphs: bool = False, spec: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        max_num_reqs: int = 4,
+        token_budget: int = 64,
+        max_model_len: int = 256,
+        page_sizes: tuple[int, int] = (16, 8),
+        cuda_graphs: bool = False,
+        spec: int = 0,
+    ):
         if spec < 0:
             raise ValueError(f"spec: expected >= 0 draft tokens, got {spec}")
         if token_budget < max_num_reqs * (1 + spec):
-            raise ValueError(f"token_budget: expected >= max_num_reqs * (1 + spec) ({max_num_reqs * (1 + spec)}), "
-                             f"one decode or verify row per request")  # fmt: skip
+            raise ValueError(
+                f"token_budget: expected >= max_num_reqs * (1 + spec) ({max_num_reqs * (1 + spec)}), "
+                f"one decode or verify row per request"
+            )
         self.spec = spec
         self.model = model
         dev = next(model.parameters()).device
@@ -224,8 +251,14 @@ class Runner:
             match = [g for g, grp in enumerate(groups) if _same_attention(grp, want)]
             if not match:
                 page = page_sizes[0] if want.window_left < 0 else page_sizes[-1]
-                groups.append(KVGroup(page_size=page, window_left=want.window_left, sm_scale=want.sm_scale,
-                                      logits_soft_cap=want.logits_soft_cap))  # fmt: skip
+                groups.append(
+                    KVGroup(
+                        page_size=page,
+                        window_left=want.window_left,
+                        sm_scale=want.sm_scale,
+                        logits_soft_cap=want.logits_soft_cap,
+                    )
+                )
                 match = [len(groups) - 1]
             self.layer_groups.append(match[0])
         cfg = model.config
@@ -237,18 +270,31 @@ class Runner:
         self.num_pages = max_num_reqs * max(-(-max_model_len // g.page_size) for g in groups) + 1
         plan = dtype != torch.float32  # FlashInfer plans float16 and bfloat16; float32 attends with torch
         self.meta_config = MetadataConfig(
-            max_num_reqs=max_num_reqs, max_num_tokens=token_budget, max_model_len=max_model_len,
-            kv_groups=tuple(groups), num_qo_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
-            head_dim=layers[0].module.head_dim, q_dtype=dtype, kv_dtype=dtype, device=dev,
-            num_kv_pages=self.num_pages, cuda_graph_batch_sizes=graph_sizes if cuda_graphs else (),
-            token_history=True, plan_attention=plan, max_draft_tokens=self.spec,
-        )  # fmt: skip
+            max_num_reqs=max_num_reqs,
+            max_num_tokens=token_budget,
+            max_model_len=max_model_len,
+            kv_groups=tuple(groups),
+            num_qo_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=layers[0].module.head_dim,
+            q_dtype=dtype,
+            kv_dtype=dtype,
+            device=dev,
+            num_kv_pages=self.num_pages,
+            cuda_graph_batch_sizes=graph_sizes if cuda_graphs else (),
+            token_history=True,
+            plan_attention=plan,
+            max_draft_tokens=self.spec,
+        )
         self.meta = BatchMetadata(self.meta_config)
         hkv, d = cfg.num_key_value_heads, layers[0].module.head_dim
         for spec, g in zip(layers, self.layer_groups, strict=True):
             shape = (self.num_pages, groups[g].page_size, hkv, d)
-            spec.module.batchmeta_kv = (g, torch.zeros(shape, dtype=dtype, device=dev),
-                                        torch.zeros(shape, dtype=dtype, device=dev))  # fmt: skip
+            spec.module.batchmeta_kv = (
+                g,
+                torch.zeros(shape, dtype=dtype, device=dev),
+                torch.zeros(shape, dtype=dtype, device=dev),
+            )
         set_attention(model, ATTN_IMPLEMENTATION)
         # The token history (prompt + sampled tokens) of each request slot is batchmeta's own
         # (token_history=True): every step's launch gathers its input ids from it (step.input_ids).
@@ -263,8 +309,9 @@ class Runner:
 
     # The forward passes --------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor, step, logits_to_keep) -> torch.Tensor:
-        out = self.model(input_ids=input_ids[None], position_ids=step.positions[None], use_cache=False,
-                         logits_to_keep=logits_to_keep)  # fmt: skip
+        out = self.model(
+            input_ids=input_ids[None], position_ids=step.positions[None], use_cache=False, logits_to_keep=logits_to_keep
+        )
         return out.logits[0]
 
     def _eager_forward(self, step) -> torch.Tensor:
@@ -277,8 +324,9 @@ class Runner:
         self.graph_logits[:n] = self._logits(step.input_ids, step, 0)
 
     # The serving loop ----------------------------------------------------------------------------
-    def serve(self, prompts: list[list[int]], max_new_tokens: int, *, record_logits: bool = False,
-              accept: str = "device") -> ServeResult:  # fmt: skip
+    def serve(
+        self, prompts: list[list[int]], max_new_tokens: int, *, record_logits: bool = False, accept: str = "device"
+    ) -> ServeResult:
         """Greedy generation of ``max_new_tokens`` tokens for every prompt; requests wait for a free slot.
 
         With ``spec`` (see :class:`Runner`), ``accept`` says where acceptance counts live: ``"host"``
@@ -294,8 +342,10 @@ class Runner:
             raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
         for p in prompts:
             if not 1 <= len(p) <= cfg.max_model_len - max_new_tokens:
-                raise ValueError(f"prompts: a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds "
-                                 f"max_model_len ({cfg.max_model_len})")  # fmt: skip
+                raise ValueError(
+                    f"prompts: a prompt of {len(p)} tokens plus {max_new_tokens} new ones exceeds "
+                    f"max_model_len ({cfg.max_model_len})"
+                )
         dev = cfg.device
         waiting = collections.deque(Request(list(p), max_new_tokens) for p in prompts)
         requests = list(waiting)
@@ -401,9 +451,11 @@ class Runner:
         for p in prompts:
             need = max_len_needed(len(p), max_new_tokens, k, accept)
             if not p or need > cfg.max_model_len:
-                raise ValueError(f"prompts: a prompt of {len(p)} tokens needs max_model_len {need} with "
-                                 f"{max_new_tokens} new tokens, {k} drafts and {accept} acceptance, got "
-                                 f"{cfg.max_model_len}")  # fmt: skip
+                raise ValueError(
+                    f"prompts: a prompt of {len(p)} tokens needs max_model_len {need} with "
+                    f"{max_new_tokens} new tokens, {k} drafts and {accept} acceptance, got "
+                    f"{cfg.max_model_len}"
+                )
         waiting = collections.deque(Request(list(p), max_new_tokens) for p in prompts)
         requests = list(waiting)
         running: list[Request] = []
@@ -454,14 +506,19 @@ class Runner:
                     for r, n in batch:
                         meta.stage_prompt(r.slot, r.prompt[r.cached : r.cached + n], r.cached)
                         hold(r, r.cached + n)
-                    step = meta.prepare_prefill([r.slot for r, _ in batch], [n for _, n in batch],
-                                                [r.cached for r, _ in batch])  # fmt: skip
+                    step = meta.prepare_prefill(
+                        [r.slot for r, _ in batch], [n for _, n in batch], [r.cached for r, _ in batch]
+                    )
                 else:  # every request past its prompt verifies k drafts: pages for its bound + 1 + k
                     batch = [(r, 1 + k) for r in running]
                     for r, n in batch:
                         hold(r, r.cached + n)
-                    step = meta.prepare_decode([r.slot for r, _ in batch], [r.cached for r, _ in batch],
-                                               num_draft_tokens=k, cuda_graph=self.use_graphs)  # fmt: skip
+                    step = meta.prepare_decode(
+                        [r.slot for r, _ in batch],
+                        [r.cached for r, _ in batch],
+                        num_draft_tokens=k,
+                        cuda_graph=self.use_graphs,
+                    )
                 b = len(batch)
                 with step:
                     if step.cuda_graph:
@@ -478,8 +535,9 @@ class Runner:
                         last = torch.tensor([len(batch[row][0].prompt) for row in ends], device=dev)
                         slots = torch.tensor([batch[row][0].slot for row in ends], device=dev)
                         drafts = ngram_drafts(self.token_ids, slots, last, k)
-                        meta.write_drafts(step, drafts.reshape(-1), [k if r.cached + n == len(r.prompt) else 0
-                                                                    for r, n in batch])  # fmt: skip
+                        meta.write_drafts(
+                            step, drafts.reshape(-1), [k if r.cached + n == len(r.prompt) else 0 for r, n in batch]
+                        )
                     for row, (r, _) in enumerate(batch):
                         r.cached = int(acc.cache_lens[row])
                     for row in ends:
@@ -552,8 +610,9 @@ def _learn(pending, generated) -> None:
         generated(r, n)
 
 
-def ngram_drafts(history: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, k: int,
-                 max_ngram: int = 3) -> torch.Tensor:  # fmt: skip
+def ngram_drafts(
+    history: torch.Tensor, slots: torch.Tensor, last: torch.Tensor, k: int, max_ngram: int = 3
+) -> torch.Tensor:
     """``[B, k]`` drafts by prompt lookup, on the device (torch ops, nothing read on the host).
 
     Row ``b``'s sequence is ``history[slots[b], : last[b] + 1]``. Its last ``n`` tokens (``n`` from
@@ -617,13 +676,16 @@ class CheckResult:
         diff = "" if self.max_logit_diff is None else f", max |logit diff| {self.max_logit_diff:.2e}"
         verdict = "passed" if self.ok else "FAILED"
         ties = f"top-2 gap < {self.tolerance:g}"
-        return (f"teacher-forced check {verdict}: {self.exact}/{self.checked} tokens equal the reference argmax, "
-                f"{self.tie_mismatches} near-tie mismatches allowed (largest gap {self.max_tie_mismatch_gap:.3g}), "
-                f"{self.near_ties} near-ties ({ties}), {len(self.failures)} failures{diff}")  # fmt: skip
+        return (
+            f"teacher-forced check {verdict}: {self.exact}/{self.checked} tokens equal the reference argmax, "
+            f"{self.tie_mismatches} near-tie mismatches allowed (largest gap {self.max_tie_mismatch_gap:.3g}), "
+            f"{self.near_ties} near-ties ({ties}), {len(self.failures)} failures{diff}"
+        )
 
 
-def teacher_forced_check(model, prompts: list[list[int]], result: ServeResult, *,
-                         tolerance: float | None = None) -> CheckResult:  # fmt: skip
+def teacher_forced_check(
+    model, prompts: list[list[int]], result: ServeResult, *, tolerance: float | None = None
+) -> CheckResult:
     """Checks served tokens against the model's own forward pass (``"eager"`` attention, no batchmeta).
 
     Each prompt plus its generated tokens runs as one sequence; the token generated at position
@@ -679,8 +741,10 @@ class GreedyCheck:
 
     def __str__(self) -> str:
         verdict = "passed" if self.ok else "FAILED"
-        return (f"greedy check {verdict}: {self.equal}/{self.checked} tokens equal plain greedy decoding "
-                f"(transformers eager attention), {len(self.divergences)} prompts diverge")  # fmt: skip
+        return (
+            f"greedy check {verdict}: {self.equal}/{self.checked} tokens equal plain greedy decoding "
+            f"(transformers eager attention), {len(self.divergences)} prompts diverge"
+        )
 
 
 def greedy_reference(model, prompts: list[list[int]], max_new_tokens: int) -> tuple[list[list[int]], list[list[float]]]:
@@ -749,8 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="llama")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-num-reqs", type=int, default=4)
     parser.add_argument("--token-budget", type=int, default=64)
@@ -759,15 +827,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--tolerance", type=float, default=None, help="near-tie top-2 logit gap (default by dtype)")
-    parser.add_argument("--spec", type=int, default=0, metavar="K",
-                        help="speculative decoding: K n-gram draft tokens per verify step (default 0: plain "
-                             "decoding)")  # fmt: skip
-    parser.add_argument("--accept", choices=("host", "device"), default="device",
-                        help="with --spec: acceptance counts read on the host after each verify step, or kept on "
-                             "the device (default)")  # fmt: skip
-    parser.add_argument("--prompts", choices=("random", "periodic"), default="random",
-                        help="random tokens, or a short random pattern repeated (text that n-gram drafts "
-                             "predict)")  # fmt: skip
+    parser.add_argument(
+        "--spec",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding: K n-gram draft tokens per verify step (default 0: plain decoding)",
+    )
+    parser.add_argument(
+        "--accept",
+        choices=("host", "device"),
+        default="device",
+        help="with --spec: acceptance counts read on the host after each verify step, or kept on the device (default)",
+    )
+    parser.add_argument(
+        "--prompts",
+        choices=("random", "periodic"),
+        default="random",
+        help="random tokens, or a short random pattern repeated (text that n-gram drafts predict)",
+    )
     args = parser.parse_args(argv)
     if args.spec < 0:
         parser.error(f"--spec: expected K >= 0, got {args.spec}")
@@ -779,8 +857,14 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
     spec = args.spec
     need = max_len_needed(args.prompt_len[1], args.max_new_tokens, spec, args.accept)
-    runner = Runner(model, max_num_reqs=args.max_num_reqs, token_budget=args.token_budget,
-                    max_model_len=16 * -(-need // 16), cuda_graphs=graphs, spec=spec)  # fmt: skip
+    runner = Runner(
+        model,
+        max_num_reqs=args.max_num_reqs,
+        token_budget=args.token_budget,
+        max_model_len=16 * -(-need // 16),
+        cuda_graphs=graphs,
+        spec=spec,
+    )
     runner.serve(prompts[:1], 2, accept=args.accept)  # warm-up: lazy initialisation, FlashInfer modules, autotuning
     result = runner.serve(prompts, args.max_new_tokens, record_logits=not spec, accept=args.accept)
     if spec and dtype == torch.float32:  # speculative decoding changes no greedy token
@@ -789,16 +873,22 @@ def main(argv: list[str] | None = None) -> int:
         check = teacher_forced_check(model, prompts, result, tolerance=args.tolerance)
 
     groups = runner.meta_config.kv_groups
-    print(f"{args.model} ({transformers.__version__}), {args.device}, {str(dtype).removeprefix('torch.')}, "
-          f"{'CUDA-graph decode' if graphs else 'eager'}: {len(groups)} KV-cache group(s) "
-          f"{[(g.page_size, g.window_left) for g in groups]} (page size, window_left)")  # fmt: skip
+    print(
+        f"{args.model} ({transformers.__version__}), {args.device}, {str(dtype).removeprefix('torch.')}, "
+        f"{'CUDA-graph decode' if graphs else 'eager'}: {len(groups)} KV-cache group(s) "
+        f"{[(g.page_size, g.window_left) for g in groups]} (page size, window_left)"
+    )
     print(f"{args.requests} requests, {result.steps} steps {dict(sorted(result.step_kinds.items()))}")
-    print(f"{result.generated} tokens generated in {result.seconds:.2f} s: {result.generated / result.seconds:.1f} "
-          f"tokens/s generated, {result.tokens_in / result.seconds:.1f} tokens/s through the model")  # fmt: skip
+    print(
+        f"{result.generated} tokens generated in {result.seconds:.2f} s: {result.generated / result.seconds:.1f} "
+        f"tokens/s generated, {result.tokens_in / result.seconds:.1f} tokens/s through the model"
+    )
     if spec:
         rate = result.drafts_accepted / max(result.drafts_proposed, 1)
-        print(f"speculative decoding, {spec} n-gram drafts per verify step, {args.accept} acceptance: "
-              f"{result.drafts_accepted}/{result.drafts_proposed} drafts accepted ({100 * rate:.1f}%)")  # fmt: skip
+        print(
+            f"speculative decoding, {spec} n-gram drafts per verify step, {args.accept} acceptance: "
+            f"{result.drafts_accepted}/{result.drafts_proposed} drafts accepted ({100 * rate:.1f}%)"
+        )
     print(check)
     for i, pos, got, want, gap in (check.divergences if isinstance(check, GreedyCheck) else check.failures)[:10]:
         print(f"  prompt {i}, position {pos}: served {got}, reference {want} (top-2 gap {gap:.3g})")

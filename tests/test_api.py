@@ -18,14 +18,37 @@ from batchmeta.ops import step as step_op
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
 
-VIEWS = ("idx_mapping", "qo_indptr", "seq_lens", "positions", "logits_indices", "slot_mappings", "kv_indptr",
-         "kv_indices", "kv_last_page_len", "batch_block_tables", "qo_indptr_host", "kv_indptr_host",
-         "kv_last_page_len_host", "kv_indices_host", "wrappers")  # fmt: skip
+VIEWS = (
+    "idx_mapping",
+    "qo_indptr",
+    "seq_lens",
+    "positions",
+    "logits_indices",
+    "slot_mappings",
+    "kv_indptr",
+    "kv_indices",
+    "kv_last_page_len",
+    "batch_block_tables",
+    "qo_indptr_host",
+    "kv_indptr_host",
+    "kv_last_page_len_host",
+    "kv_indices_host",
+    "wrappers",
+)
 
 
 def config(**kw):
-    base = dict(max_num_reqs=4, max_num_tokens=32, max_model_len=64, kv_groups=(KVGroup(page_size=4),),
-                num_qo_heads=8, num_kv_heads=2, head_dim=64, q_dtype=torch.float16, kv_dtype=torch.float16)  # fmt: skip
+    base = dict(
+        max_num_reqs=4,
+        max_num_tokens=32,
+        max_model_len=64,
+        kv_groups=(KVGroup(page_size=4),),
+        num_qo_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
+    )
     base.update(kw)
     return MetadataConfig(**base)
 
@@ -180,8 +203,11 @@ def test_wrappers_none_without_flashinfer_and_attention_still_works():
 def test_unknown_request_slot_says_it_holds_no_pages(device, kind):
     meta = make_meta(device, page_sizes=(4, 2))
     meta.block_tables.append(0, [[1], [2]])
-    call = (lambda: meta.prepare_decode([0, 3], [0, 0])) if kind == "decode" else (
-        lambda: meta.prepare_prefill([3], [2], [0]))  # fmt: skip
+    call = (
+        (lambda: meta.prepare_decode([0, 3], [0, 0]))
+        if kind == "decode"
+        else (lambda: meta.prepare_prefill([3], [2], [0]))
+    )
     with pytest.raises(ValueError, match=r"request slot 3 holds no pages yet"):
         call()
     meta.block_tables.append(3, [[4], [5]])

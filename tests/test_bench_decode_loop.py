@@ -23,9 +23,36 @@ def test_spec_loops_accept_identical_tokens_on_cpu(tmp_path):
     if not bench.HAS_SPECULATION:
         pytest.skip("no speculative API")
     # A small vocabulary repeats tokens soon: the drafter's lookups find some.
-    args = ["--device", "cpu", "--spec", "2", "--batch", "3", "--steps", "4", "--warmup", "1", "--layers", "1",
-            "--hidden", "128", "--heads", "2", "--kv-heads", "1", "--vocab", "16", "--prompt-len", "12",
-            "--repeats", "1", "--calib", "1", "--out", str(tmp_path)]  # fmt: skip
+    args = [
+        "--device",
+        "cpu",
+        "--spec",
+        "2",
+        "--batch",
+        "3",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "128",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--vocab",
+        "16",
+        "--prompt-len",
+        "12",
+        "--repeats",
+        "1",
+        "--calib",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench.main(args) == 0
     (js,) = tmp_path.glob("*-decode-loop-spec2.json")
     data = json.loads(js.read_text())

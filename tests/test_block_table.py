@@ -337,11 +337,21 @@ class TestBlockTablesToRaggedErrors:
             ({"kv_indptr": torch.full((3,), SENTINEL, dtype=torch.float32)}, TypeError, "kv_indptr_out"),
         ],
         ids=[
-            "int64-table", "1d-table", "float-lens", "2d-lens", "negative-len", "more-rows-than-table",
-            "row-wider-than-table", "page-size-0", "float-page-size", "out-too-small", "int64-out",
-            "indptr-too-small", "float-indptr",
+            "int64-table",
+            "1d-table",
+            "float-lens",
+            "2d-lens",
+            "negative-len",
+            "more-rows-than-table",
+            "row-wider-than-table",
+            "page-size-0",
+            "float-page-size",
+            "out-too-small",
+            "int64-out",
+            "indptr-too-small",
+            "float-indptr",
         ],
-    )  # fmt: skip
+    )
     def test_rejected(self, backend, kwargs, exc, match):
         # CPU tensors: the length checks read seq_lens on the host when it is a CPU tensor.
         call, out, kv_indptr = self._run("cpu", backend, **kwargs)
@@ -416,10 +426,17 @@ class TestBlockTablesToPaddedErrors:
             ([1, 2, 3], [0, 1, 3], (2, 4), torch.int32, 2**31, ValueError, "pad_value"),
         ],
         ids=[
-            "int64-out", "1d-out", "too-few-rows", "float-cu", "decreasing-cu", "row-wider-than-out",
-            "cu-past-ragged", "float-pad", "pad-outside-int32",
+            "int64-out",
+            "1d-out",
+            "too-few-rows",
+            "float-cu",
+            "decreasing-cu",
+            "row-wider-than-out",
+            "cu-past-ragged",
+            "float-pad",
+            "pad-outside-int32",
         ],
-    )  # fmt: skip
+    )
     def test_rejected(self, backend, ragged, cu, out_shape, out_dtype, pad, exc, match):
         out = torch.full(out_shape, SENTINEL, dtype=out_dtype)
         cu_t = torch.tensor(cu)

@@ -259,9 +259,12 @@ class TestBlockTablesToRaggedErrors:
     )
     def test_negative_lengths(self, device, inp, cache):
         kwargs = self._kwargs(
-            device, input_lengths=inp, cache_lengths=cache,
-            input_lengths_tensor=i32(inp, device), cache_lengths_tensor=i32(cache, device),
-        )  # fmt: skip
+            device,
+            input_lengths=inp,
+            cache_lengths=cache,
+            input_lengths_tensor=i32(inp, device),
+            cache_lengths_tensor=i32(cache, device),
+        )
         with pytest.raises(ValueError, match="input_lengths"):
             lorax.block_tables_to_ragged(**kwargs)
 

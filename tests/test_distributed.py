@@ -151,8 +151,13 @@ def _flashinfer_worker(rank, world, port):
         gen = torch.Generator().manual_seed(7)
         hq, hkv, d, n_kv = 8, 2, 64, [33, 200, 1, 64]  # a head size the saved JIT cache holds
         q = torch.randn(len(n_kv), hq, d, generator=gen).to(device, torch.float16)
-        kv = [(torch.randn(n, hkv, d, generator=gen).to(device, torch.float16),
-               torch.randn(n, hkv, d, generator=gen).to(device, torch.float16)) for n in n_kv]  # fmt: skip
+        kv = [
+            (
+                torch.randn(n, hkv, d, generator=gen).to(device, torch.float16),
+                torch.randn(n, hkv, d, generator=gen).to(device, torch.float16),
+            )
+            for n in n_kv
+        ]
         shares = [_share(n, rank, world) for n in n_kv]
         k = torch.cat([k[s] for (k, _), s in zip(kv, shares, strict=True)])
         v = torch.cat([v[s] for (_, v), s in zip(kv, shares, strict=True)])

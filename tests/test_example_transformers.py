@@ -90,8 +90,12 @@ def test_cpu_check_catches_an_off_by_one_window(monkeypatch):
         group = exact(spec)
         if group.window_left < 0:
             return group
-        return ts.KVGroup(page_size=group.page_size, window_left=group.window_left + 1, sm_scale=group.sm_scale,
-                          logits_soft_cap=group.logits_soft_cap)  # fmt: skip
+        return ts.KVGroup(
+            page_size=group.page_size,
+            window_left=group.window_left + 1,
+            sm_scale=group.sm_scale,
+            logits_soft_cap=group.logits_soft_cap,
+        )
 
     monkeypatch.setattr(ts.LayerSpec, "kv_group", property(off_by_one))
     model, _, prompts, result = _serve("gemma2", "cpu", torch.float32, cuda_graphs=False)

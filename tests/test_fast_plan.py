@@ -103,8 +103,22 @@ class FakeDecodeWrapper(FakeWrapper):
         self._uses_cudnn = False
         self._block_tables = None
 
-    def plan(self, indptr, indices, last_page_len, hq, hkv, d, ps, *, window_left=-1, logits_soft_cap=None,
-             q_data_type=torch.float16, kv_data_type=None, sm_scale=None):  # fmt: skip
+    def plan(
+        self,
+        indptr,
+        indices,
+        last_page_len,
+        hq,
+        hkv,
+        d,
+        ps,
+        *,
+        window_left=-1,
+        logits_soft_cap=None,
+        q_data_type=torch.float16,
+        kv_data_type=None,
+        sm_scale=None,
+    ):
         self.stock_plans += 1
         b = len(last_page_len)
         self._paged_kv_indptr_buf = indptr.clone()
@@ -119,13 +133,40 @@ class FakeDecodeWrapper(FakeWrapper):
         if self.use_tensor_cores:
             self._backend = "fa2"
             self._max_kv_len = int(seq_lens.max())
-            self._plan_info = self._call(*ws, torch.arange(b + 1, dtype=torch.int32), indptr, seq_lens, b, b, hq, hkv,
-                                         ps, False, d, d, False, window_left, *self._fa2_tail)  # fmt: skip
+            self._plan_info = self._call(
+                *ws,
+                torch.arange(b + 1, dtype=torch.int32),
+                indptr,
+                seq_lens,
+                b,
+                b,
+                hq,
+                hkv,
+                ps,
+                False,
+                d,
+                d,
+                False,
+                window_left,
+                *self._fa2_tail,
+            )
         else:
             self._max_kv_len = None
-            self._plan_info = self._call(*ws, indptr, b, hq, hkv, ps, False, window_left, logits_soft_cap or 0.0, d, d,
-                                         torch.empty(0, dtype=q_data_type),
-                                         torch.empty(0, dtype=kv_data_type or q_data_type))  # fmt: skip
+            self._plan_info = self._call(
+                *ws,
+                indptr,
+                b,
+                hq,
+                hkv,
+                ps,
+                False,
+                window_left,
+                logits_soft_cap or 0.0,
+                d,
+                d,
+                torch.empty(0, dtype=q_data_type),
+                torch.empty(0, dtype=kv_data_type or q_data_type),
+            )
 
 
 class FakePrefillWrapper(FakeWrapper):
@@ -142,8 +183,18 @@ class FakePrefillWrapper(FakeWrapper):
         self._block_tables = None
         self._max_total_num_rows = None
 
-    def plan(self, qo_indptr, kv_indptr, *rest, causal=True, window_left=-1, q_data_type=None, kv_data_type=None,
-             sm_scale=None, logits_soft_cap=None):  # fmt: skip
+    def plan(
+        self,
+        qo_indptr,
+        kv_indptr,
+        *rest,
+        causal=True,
+        window_left=-1,
+        q_data_type=None,
+        kv_data_type=None,
+        sm_scale=None,
+        logits_soft_cap=None,
+    ):
         self.stock_plans += 1
         b = len(qo_indptr) - 1
         ws = (self._float_workspace_buffer, self._int_workspace_buffer, self._pin_memory_int_workspace_buffer)
@@ -182,9 +233,17 @@ def _decode_batch(lens, page_size=4):
 
 def _decode_planner(wrapper, page_size=4):
     heads = (16, 2) if wrapper.use_tensor_cores else (8, 2)
-    return DecodePlanner(wrapper, num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=64, page_size=page_size,
-                         window_left=-1, q_data_type=torch.float16, kv_data_type=torch.float16,
-                         max_batch_size=8)  # fmt: skip
+    return DecodePlanner(
+        wrapper,
+        num_qo_heads=heads[0],
+        num_kv_heads=heads[1],
+        head_dim=64,
+        page_size=page_size,
+        window_left=-1,
+        q_data_type=torch.float16,
+        kv_data_type=torch.float16,
+        max_batch_size=8,
+    )
 
 
 def _stock_decode_state(fa2_tail, use_tensor_cores, batch):
@@ -200,9 +259,13 @@ def _warnings(caplog) -> list[str]:
 
 @pytest.mark.parametrize(
     ("version", "tensor_cores", "tail"),
-    [("0.7.2.post1", False, TAIL_072), ("0.7.4", False, TAIL_074), ("0.7.2.post1", True, TAIL_072),
-     ("0.7.4", True, TAIL_074)],
-)  # fmt: skip
+    [
+        ("0.7.2.post1", False, TAIL_072),
+        ("0.7.4", False, TAIL_074),
+        ("0.7.2.post1", True, TAIL_072),
+        ("0.7.4", True, TAIL_074),
+    ],
+)
 def test_decode_fast_plan_equal_to_stock_is_taken(flashinfer_version, caplog, version, tensor_cores, tail):
     flashinfer_version(version)
     module = FakeModule(15 if not tensor_cores else 16 + len(tail))
@@ -314,8 +377,20 @@ def _prefill_batch(qlens, clens, page_size=4):
     kv[1:] = torch.cumsum(pages, 0)
     last = (seq - 1) % page_size + 1
     indices = torch.arange(int(kv[-1]) + 3, dtype=torch.int32)
-    return (qo, kv, last, seq, int(qo[-1]), int(q.max()), int(seq.max()), qo.clone(), kv.clone(), indices,
-            last.clone(), int(kv[-1]))  # fmt: skip
+    return (
+        qo,
+        kv,
+        last,
+        seq,
+        int(qo[-1]),
+        int(q.max()),
+        int(seq.max()),
+        qo.clone(),
+        kv.clone(),
+        indices,
+        last.clone(),
+        int(kv[-1]),
+    )
 
 
 def _ragged_batch(qlens):
@@ -326,8 +401,17 @@ def _ragged_batch(qlens):
 
 
 def _prefill_planner(wrapper):
-    return PrefillPlanner(wrapper, num_qo_heads=8, num_kv_heads=2, head_dim=64, page_size=4, window_left=-1,
-                          q_data_type=torch.float16, kv_data_type=torch.float16, ragged=wrapper.ragged)  # fmt: skip
+    return PrefillPlanner(
+        wrapper,
+        num_qo_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=4,
+        window_left=-1,
+        q_data_type=torch.float16,
+        kv_data_type=torch.float16,
+        ragged=wrapper.ragged,
+    )
 
 
 @pytest.mark.parametrize("ragged", [False, True])
@@ -350,7 +434,10 @@ def test_prefill_fast_plan_equal_to_stock_is_taken(flashinfer_version, caplog, r
             assert wrapper._qo_indptr_last == sum(qlens) and (wrapper._qo_indptr_buf is batch[7]) == (i > 0)
             if not ragged:
                 assert (wrapper._batch_size, wrapper._max_q_len, wrapper._max_kv_len) == (
-                    ref._batch_size, ref._max_q_len, ref._max_kv_len)  # fmt: skip
+                    ref._batch_size,
+                    ref._max_q_len,
+                    ref._max_kv_len,
+                )
     assert planner.fast and wrapper.stock_plans == 2 and module.calls == ["stock", "fast", "stock", "fast", "fast"]
     assert _warnings(caplog) == []
 
@@ -436,9 +523,16 @@ class FakeMLAWrapper:
         b._pin_memory_int_workspace_buffer = torch.randint(0, 256, (1024,), dtype=torch.uint8)  # uninitialised
         self._in_stock = True
         info, staged = self._module.plan_with_staged_workspace_bytes(
-            b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr,
-            kv_indptr, kv_len_arr, num_heads, head_dim_ckv, causal,
-        )  # fmt: skip
+            b._float_workspace_buffer,
+            b._int_workspace_buffer,
+            b._pin_memory_int_workspace_buffer,
+            qo_indptr,
+            kv_indptr,
+            kv_len_arr,
+            num_heads,
+            head_dim_ckv,
+            causal,
+        )
         self._in_stock = False
         b._kv_indices_buf = kv_indices.clone()
         if self._geometry:
@@ -487,8 +581,16 @@ def _mla_batch(qlens, kv_lens, page_size=4):
 def _mla_planner(wrapper):
     from batchmeta.attention.mla import MLAPlanner
 
-    return MLAPlanner(wrapper, num_heads=16, head_dim_ckv=512, head_dim_kpe=64, page_size=4, sm_scale=0.1,
-                      q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)  # fmt: skip
+    return MLAPlanner(
+        wrapper,
+        num_heads=16,
+        head_dim_ckv=512,
+        head_dim_kpe=64,
+        page_size=4,
+        sm_scale=0.1,
+        q_data_type=torch.bfloat16,
+        kv_data_type=torch.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("geometry", [False, True])  # 0.7.2.post1's backend; 0.7.4's
@@ -510,8 +612,9 @@ def test_mla_fast_plan_equal_to_stock_is_taken(fake_mla, caplog, geometry):
             staged = stock._staged_int_workspace_bytes
             assert backend._staged_int_workspace_bytes == staged
             written = staged - MLA_TAIL
-            assert torch.equal(backend._pin_memory_int_workspace_buffer[:written],
-                               stock._pin_memory_int_workspace_buffer[:written])  # fmt: skip
+            assert torch.equal(
+                backend._pin_memory_int_workspace_buffer[:written], stock._pin_memory_int_workspace_buffer[:written]
+            )
             if geometry:  # the query shape run() checks; the page range stays the stock plan's
                 assert backend._planned_query_shape == (sum(qlens), 16)
                 assert backend._planned_kv_page_range == page_range
@@ -565,9 +668,16 @@ def test_stock_plans_leave_eager_wrappers_on_the_callers_device_arrays(flashinfe
     monkeypatch.setenv("BATCHMETA_FAST_PLAN", fast)
     flashinfer_version("0.7.4")
     decode = _decode_planner(FakeDecodeWrapper(FakeModule(16 + len(TAIL_074)), True))
-    prefill = PrefillPlanner(FakePrefillWrapper(FakeModule(21)), num_qo_heads=8, num_kv_heads=2, head_dim=64,
-                             page_size=4, window_left=-1, q_data_type=torch.float16,
-                             kv_data_type=torch.float16)  # fmt: skip
+    prefill = PrefillPlanner(
+        FakePrefillWrapper(FakeModule(21)),
+        num_qo_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        page_size=4,
+        window_left=-1,
+        q_data_type=torch.float16,
+        kv_data_type=torch.float16,
+    )
     for step, lens in enumerate(([5, 9, 1], [7, 20])):
         batch = _decode_batch(lens)
         indptr, last, seq, max_len, dev_indptr, indices, dev_last = batch
@@ -577,8 +687,9 @@ def test_stock_plans_leave_eager_wrappers_on_the_callers_device_arrays(flashinfe
         assert w._paged_kv_indptr_buf is dev_indptr and w._paged_kv_last_page_len_buf is dev_last
         assert w._paged_kv_indices_buf is indices
         qo = torch.arange(len(lens) + 1, dtype=torch.int32)
-        w = prefill.plan(qo, indptr, last, seq, len(lens), 1, max_len, qo.clone(), dev_indptr, indices, dev_last,
-                         int(indptr[-1]))  # fmt: skip
+        w = prefill.plan(
+            qo, indptr, last, seq, len(lens), 1, max_len, qo.clone(), dev_indptr, indices, dev_last, int(indptr[-1])
+        )
         assert prefill.stock_planned == (step == 0 or fast == "0")
         assert w._paged_kv_indptr_buf is dev_indptr and w._paged_kv_last_page_len_buf is dev_last
         assert w._paged_kv_indices_buf is indices

@@ -19,30 +19,56 @@ class Engine:
     """A tiny engine: page allocation, a paged KV cache per group, and every request's K/V kept
     densely as well, for the reference."""
 
-    def __init__(self, page_sizes=(16,), windows=(-1,), heads=(8, 2), head_dim=64, dtype=torch.float16,
-                 graph_sizes=(), max_draft_tokens=0, sm_scales=None, soft_caps=None, kv_dtype=None, kv_scales=None,
-                 **config):  # fmt: skip
+    def __init__(
+        self,
+        page_sizes=(16,),
+        windows=(-1,),
+        heads=(8, 2),
+        head_dim=64,
+        dtype=torch.float16,
+        graph_sizes=(),
+        max_draft_tokens=0,
+        sm_scales=None,
+        soft_caps=None,
+        kv_dtype=None,
+        kv_scales=None,
+        **config,
+    ):
         sm_scales = sm_scales or (None,) * len(page_sizes)
         soft_caps = soft_caps or (0.0,) * len(page_sizes)
-        groups = tuple(KVGroup(page_size=p, window_left=w, sm_scale=s, logits_soft_cap=c)
-                       for p, w, s, c in zip(page_sizes, windows, sm_scales, soft_caps, strict=True))  # fmt: skip
+        groups = tuple(
+            KVGroup(page_size=p, window_left=w, sm_scale=s, logits_soft_cap=c)
+            for p, w, s, c in zip(page_sizes, windows, sm_scales, soft_caps, strict=True)
+        )
         kv_dtype = kv_dtype or dtype
         self.cfg = MetadataConfig(
-            max_num_reqs=16, max_num_tokens=512, max_model_len=512, kv_groups=groups,
-            num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, q_dtype=dtype, kv_dtype=kv_dtype,
-            device="cuda", num_kv_pages=NUM_PAGES, cuda_graph_batch_sizes=graph_sizes,
-            max_draft_tokens=max_draft_tokens, **config,
-        )  # fmt: skip
+            max_num_reqs=16,
+            max_num_tokens=512,
+            max_model_len=512,
+            kv_groups=groups,
+            num_qo_heads=heads[0],
+            num_kv_heads=heads[1],
+            head_dim=head_dim,
+            q_dtype=dtype,
+            kv_dtype=kv_dtype,
+            device="cuda",
+            num_kv_pages=NUM_PAGES,
+            cuda_graph_batch_sizes=graph_sizes,
+            max_draft_tokens=max_draft_tokens,
+            **config,
+        )
         self.meta = BatchMetadata(self.cfg)
         self.dtype = dtype
         self.hkv, self.d = heads[1], head_dim
         # A float8 cache: store_kv quantizes with these scales, attention dequantizes with them.
         self.k_scale, self.v_scale = kv_scales or (None, None)
         self.caches = [
-            (torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"),
-             torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"))
+            (
+                torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"),
+                torch.zeros(NUM_PAGES, p, heads[1], head_dim, dtype=kv_dtype, device="cuda"),
+            )
             for p in page_sizes
-        ]  # fmt: skip
+        ]
         self.store_scales = {} if self.k_scale is None else dict(k_scale=self.k_scale, v_scale=self.v_scale)
         self.free = [list(range(NUM_PAGES - 1, 0, -1)) for _ in page_sizes]  # page 0: padding
         self.held = {}
@@ -311,9 +337,16 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
         with meta.prepare_decode(batch, clens) as step:
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
             fast = step.attention(q, kc, vc)
-            stock.plan(torch.from_numpy(step.kv_indptr_host[0].copy()), step.kv_indices[0],
-                       torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d, page_size,
-                       q_data_type=eng.dtype, kv_data_type=eng.dtype)  # fmt: skip
+            stock.plan(
+                torch.from_numpy(step.kv_indptr_host[0].copy()),
+                step.kv_indices[0],
+                torch.from_numpy(step.kv_last_page_len_host[0].copy()),
+                *heads,
+                eng.d,
+                page_size,
+                q_data_type=eng.dtype,
+                kv_data_type=eng.dtype,
+            )
             ref = stock.run(q, (kc, vc))
         torch.cuda.synchronize()
         assert torch.equal(fast, ref)
@@ -338,8 +371,14 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, ba
     import flashinfer
 
     _skip_unless_backend(backend)
-    eng = Engine(page_sizes=(page_size,), windows=(window,), heads=heads, dtype=dtype, max_draft_tokens=3,
-                 prefill_backend=backend)  # fmt: skip
+    eng = Engine(
+        page_sizes=(page_size,),
+        windows=(window,),
+        heads=heads,
+        dtype=dtype,
+        max_draft_tokens=3,
+        prefill_backend=backend,
+    )
     meta = eng.meta
     torch.manual_seed(5)
     ((kc, vc),) = eng.caches
@@ -367,9 +406,19 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, ba
                 for r, n in zip(idx, qlens, strict=True):
                     lens[r] += n
                 continue
-            stock.plan(torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
-                       step.kv_indices[0], torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d,
-                       page_size, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+            stock.plan(
+                torch.from_numpy(step.qo_indptr_host.copy()),
+                torch.from_numpy(step.kv_indptr_host[0].copy()),
+                step.kv_indices[0],
+                torch.from_numpy(step.kv_last_page_len_host[0].copy()),
+                *heads,
+                eng.d,
+                page_size,
+                causal=True,
+                window_left=window,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )
             ref = stock.run(q, (kc, vc))
         torch.cuda.synchronize()
         assert torch.equal(fast, ref)
@@ -388,9 +437,19 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, ba
     with meta.prepare_decode(idx, [lens[r] for r in idx], num_draft_tokens=3) as step:
         ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
         fast = step.attention(q, kc, vc)
-        stock.plan(torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
-                   step.kv_indices[0], torch.from_numpy(step.kv_last_page_len_host[0].copy()), *heads, eng.d,
-                   page_size, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+        stock.plan(
+            torch.from_numpy(step.qo_indptr_host.copy()),
+            torch.from_numpy(step.kv_indptr_host[0].copy()),
+            step.kv_indices[0],
+            torch.from_numpy(step.kv_last_page_len_host[0].copy()),
+            *heads,
+            eng.d,
+            page_size,
+            causal=True,
+            window_left=window,
+            q_data_type=dtype,
+            kv_data_type=dtype,
+        )
         assert torch.equal(fast, stock.run(q, (kc, vc)))
 
 
@@ -419,8 +478,7 @@ def test_fast_ragged_plan_equals_stock_plan(heads, window, dtype, backend):
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
             fast = step.attention(q, kc, vc, k=k, v=v)
             qo = torch.from_numpy(step.qo_indptr_host.copy())
-            stock.plan(qo, qo, *heads, eng.d, causal=True, window_left=window, q_data_type=dtype,
-                       kv_data_type=dtype)  # fmt: skip
+            stock.plan(qo, qo, *heads, eng.d, causal=True, window_left=window, q_data_type=dtype, kv_data_type=dtype)
             ref = stock.run(q, k, v)
         torch.cuda.synchronize()
         assert torch.equal(fast, ref)

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("heads", [(8, 2), (16, 2)])
 def test_speculative_verify_under_cuda_graphs(heads):
     sizes, drafts = (1, 2, 4, 8), (1, 3)
-    eng = Engine(page_sizes=(16, 1), windows=(-1, 20), heads=heads, dtype=torch.bfloat16, graph_sizes=sizes,
-                 max_draft_tokens=3)  # fmt: skip
+    eng = Engine(
+        page_sizes=(16, 1), windows=(-1, 20), heads=heads, dtype=torch.bfloat16, graph_sizes=sizes, max_draft_tokens=3
+    )
     meta, hq = eng.meta, heads[0]
     gen = torch.Generator().manual_seed(21)
     cap = max(sizes) * (1 + max(drafts))
@@ -127,17 +128,36 @@ def test_fast_verify_graph_plan_equals_stock_plan():
         torch.zeros(4, dtype=torch.int32, device="cuda"),
     )
     stock = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-        ws, "NHD", use_cuda_graph=True, qo_indptr_buf=bufs[0], paged_kv_indptr_buf=bufs[1],
-        paged_kv_indices_buf=bufs[2], paged_kv_last_page_len_buf=bufs[3], backend="fa2",
-    )  # fmt: skip
+        ws,
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf=bufs[0],
+        paged_kv_indptr_buf=bufs[1],
+        paged_kv_indices_buf=bufs[2],
+        paged_kv_last_page_len_buf=bufs[3],
+        backend="fa2",
+    )
     for batch in ([0, 1, 2, 3], [1, 3], [2], [0, 1, 3]):  # 4 rows, then 2 and 3 padding rows
         q = torch.randn(12, heads[0], eng.d, device="cuda").to(eng.dtype)
         with meta.prepare_decode(batch, [lens[r] for r in batch], num_draft_tokens=2, cuda_graph=True) as step:
             fast = step.attention(q, kc, vc)
-            host = [torch.from_numpy(a.copy()) for a in (step.qo_indptr_host, step.kv_indptr_host[0],
-                                                         step.kv_last_page_len_host[0])]  # fmt: skip
-            stock.plan(host[0], host[1], step.kv_indices[0].clone(), host[2], *heads, eng.d, 16, causal=True,
-                       q_data_type=eng.dtype, kv_data_type=eng.dtype, uniform_q_len=3)  # fmt: skip
+            host = [
+                torch.from_numpy(a.copy())
+                for a in (step.qo_indptr_host, step.kv_indptr_host[0], step.kv_last_page_len_host[0])
+            ]
+            stock.plan(
+                host[0],
+                host[1],
+                step.kv_indices[0].clone(),
+                host[2],
+                *heads,
+                eng.d,
+                16,
+                causal=True,
+                q_data_type=eng.dtype,
+                kv_data_type=eng.dtype,
+                uniform_q_len=3,
+            )
             ref = stock.run(q, (kc, vc))
         torch.cuda.synchronize()
         assert torch.equal(fast, ref), batch
@@ -162,8 +182,10 @@ class TinyLM:
         gen = torch.Generator().manual_seed(5)
         hidden = HQ * D
         self.emb = (torch.randn(VOCAB, hidden, generator=gen)).half().to(device)
-        self.w = [(torch.randn(hidden, n, generator=gen) / hidden**0.5).half().to(device)
-                  for n in (HQ * D, HKV * D, HKV * D, hidden, VOCAB)]  # fmt: skip
+        self.w = [
+            (torch.randn(hidden, n, generator=gen) / hidden**0.5).half().to(device)
+            for n in (HQ * D, HKV * D, HKV * D, hidden, VOCAB)
+        ]
         self.k_cache = torch.zeros(num_pages, 16, HKV, D, dtype=torch.float16, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
 
@@ -179,10 +201,21 @@ class TinyLM:
 def loop_meta(history, graphs):
     from batchmeta import BatchMetadata, KVGroup, MetadataConfig
 
-    cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=128, max_model_len=128, kv_groups=KVGroup(page_size=16),
-                         num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, q_dtype=torch.float16,
-                         kv_dtype=torch.float16, device="cuda", num_kv_pages=64, token_history=history,
-                         cuda_graph_batch_sizes=(4,) if graphs else ())  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=8,
+        max_num_tokens=128,
+        max_model_len=128,
+        kv_groups=KVGroup(page_size=16),
+        num_qo_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
+        device="cuda",
+        num_kv_pages=64,
+        token_history=history,
+        cuda_graph_batch_sizes=(4,) if graphs else (),
+    )
     return BatchMetadata(cfg)
 
 

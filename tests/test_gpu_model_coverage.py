@@ -104,8 +104,7 @@ def test_fast_plans_keep_scale_and_soft_cap(heads):
     FlashInfer's stock plan() with the same sm_scale and logits_soft_cap, bit for bit."""
     import flashinfer
 
-    eng = Engine(heads=heads, dtype=torch.bfloat16, page_sizes=(16,), windows=(-1,), sm_scales=(0.9,),
-                 soft_caps=(4.0,))  # fmt: skip
+    eng = Engine(heads=heads, dtype=torch.bfloat16, page_sizes=(16,), windows=(-1,), sm_scales=(0.9,), soft_caps=(4.0,))
     meta, ((kc, vc),) = eng.meta, eng.caches
     torch.manual_seed(12)
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
@@ -113,8 +112,14 @@ def test_fast_plans_keep_scale_and_soft_cap(heads):
     prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend="fa2")
     scales = dict(sm_scale=0.9, logits_soft_cap=4.0, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
     lens = {r: 0 for r in range(6)}
-    steps = [([0, 1, 2], [30, 7, 19]), ([0, 1, 2, 3], [1, 40, 1, 12]), ([0, 1, 2, 3], [1, 1, 1, 1]),
-             ([3, 4, 5, 0], [9, 50, 3, 1]), ([5, 4, 1], [1, 1, 1]), ([2, 3], [1, 1])]  # fmt: skip
+    steps = [
+        ([0, 1, 2], [30, 7, 19]),
+        ([0, 1, 2, 3], [1, 40, 1, 12]),
+        ([0, 1, 2, 3], [1, 1, 1, 1]),
+        ([3, 4, 5, 0], [9, 50, 3, 1]),
+        ([5, 4, 1], [1, 1, 1]),
+        ([2, 3], [1, 1]),
+    ]
     for idx, qlens in steps:
         clens = [lens[r] for r in idx]
         for r, n in zip(idx, qlens, strict=True):
@@ -132,8 +137,17 @@ def test_fast_plans_keep_scale_and_soft_cap(heads):
                 decode.plan(indptr, step.kv_indices[0], last, *heads, eng.d, 16, **scales)
                 ref = decode.run(q, (kc, vc))
             elif step.kind == "prefill":
-                prefill.plan(torch.from_numpy(step.qo_indptr_host.copy()), indptr, step.kv_indices[0], last, *heads,
-                             eng.d, 16, causal=True, **scales)  # fmt: skip
+                prefill.plan(
+                    torch.from_numpy(step.qo_indptr_host.copy()),
+                    indptr,
+                    step.kv_indices[0],
+                    last,
+                    *heads,
+                    eng.d,
+                    16,
+                    causal=True,
+                    **scales,
+                )
                 ref = prefill.run(q, (kc, vc))
             else:
                 ref = None
@@ -157,8 +171,16 @@ def test_fp8_kv_cache_on_every_step_type(kv_dtype, heads):
     scales. Tolerance: against the dense reference over the dequantized cache (what the kernels
     read), bf16's (2e-2); against the unquantized keys and values, 0.25 absolute for e4m3 and 0.5 for
     e5m2 (their 3 and 2 mantissa bits: relative rounding error 2^-4 and 2^-3 per element)."""
-    eng = Engine(heads=heads, dtype=torch.bfloat16, kv_dtype=kv_dtype, kv_scales=(0.05, 0.04), graph_sizes=(1, 2, 4),
-                 max_draft_tokens=2, page_sizes=(16, 4), windows=(-1, 24))  # fmt: skip
+    eng = Engine(
+        heads=heads,
+        dtype=torch.bfloat16,
+        kv_dtype=kv_dtype,
+        kv_scales=(0.05, 0.04),
+        graph_sizes=(1, 2, 4),
+        max_draft_tokens=2,
+        page_sizes=(16, 4),
+        windows=(-1, 24),
+    )
     torch.manual_seed(13)
     kinds = []
     loose = 0.25 if kv_dtype == torch.float8_e4m3fn else 0.5
@@ -184,12 +206,24 @@ class MLAEngine:
 
     def __init__(self, page_size, dtype, graph_sizes=(), max_draft_tokens=0):
         self.cfg = MetadataConfig(
-            max_num_reqs=16, max_num_tokens=512, max_model_len=512,
-            kv_groups=KVGroup(page_size=page_size, sm_scale=MLA_SCALE,
-                              mla=MLA(num_heads=MLA_HEADS, head_dim_ckv=CKV, head_dim_kpe=KPE)),
-            num_qo_heads=MLA_HEADS, num_kv_heads=1, head_dim=CKV, q_dtype=dtype, kv_dtype=dtype, device="cuda",
-            num_kv_pages=NUM_PAGES, cuda_graph_batch_sizes=graph_sizes, max_draft_tokens=max_draft_tokens,
-        )  # fmt: skip
+            max_num_reqs=16,
+            max_num_tokens=512,
+            max_model_len=512,
+            kv_groups=KVGroup(
+                page_size=page_size,
+                sm_scale=MLA_SCALE,
+                mla=MLA(num_heads=MLA_HEADS, head_dim_ckv=CKV, head_dim_kpe=KPE),
+            ),
+            num_qo_heads=MLA_HEADS,
+            num_kv_heads=1,
+            head_dim=CKV,
+            q_dtype=dtype,
+            kv_dtype=dtype,
+            device="cuda",
+            num_kv_pages=NUM_PAGES,
+            cuda_graph_batch_sizes=graph_sizes,
+            max_draft_tokens=max_draft_tokens,
+        )
         self.meta = BatchMetadata(self.cfg)
         self.page_size, self.dtype = page_size, dtype
         self.ckv_cache = torch.zeros(NUM_PAGES, page_size, CKV, dtype=dtype, device="cuda")
@@ -222,8 +256,10 @@ class MLAEngine:
         for r, n in zip(idx, qlens, strict=True):
             ckv, kpe = (x.float() for x in self.dense[r])
             L = ckv.shape[0]
-            scores = (torch.einsum("qhd,kd->hqk", q_nope[s : s + n].float(), ckv)
-                      + torch.einsum("qhd,kd->hqk", q_pe[s : s + n].float(), kpe)) * MLA_SCALE  # fmt: skip
+            scores = (
+                torch.einsum("qhd,kd->hqk", q_nope[s : s + n].float(), ckv)
+                + torch.einsum("qhd,kd->hqk", q_pe[s : s + n].float(), kpe)
+            ) * MLA_SCALE
             qpos = torch.arange(L - n, L, device="cuda")[:, None]
             scores = scores.masked_fill(torch.arange(L, device="cuda")[None, :] > qpos, float("-inf"))
             out[s : s + n] = torch.einsum("hqk,kd->qhd", torch.softmax(scores, -1), ckv)
@@ -252,13 +288,29 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
             ops.store_mla_kv(ckv, kpe, step.slot_mappings[0], eng.ckv_cache, eng.kpe_cache)
             out = step.mla_attention(q_nope, q_pe, eng.ckv_cache, eng.kpe_cache)
             # A wrapper planned by FlashInfer's stock plan() on the same batch gives the same bits.
-            stock = MLAPlanner(new_mla_wrapper(ws), num_heads=MLA_HEADS, head_dim_ckv=CKV, head_dim_kpe=KPE,
-                               page_size=page_size, sm_scale=MLA_SCALE, q_data_type=dtype,
-                               kv_data_type=dtype)  # a new planner: its first plan is the stock plan()  # fmt: skip
-            host = (torch.from_numpy(step.qo_indptr_host.copy()), torch.from_numpy(step.kv_indptr_host[0].copy()),
-                    torch.from_numpy(step.seq_lens_host.astype("int32")))  # fmt: skip
-            ref = mla_run(stock.plan(*host, step.kv_indices[0].clone(), step.num_tokens), q_nope, q_pe, eng.ckv_cache,
-                          eng.kpe_cache, None)  # fmt: skip
+            stock = MLAPlanner(
+                new_mla_wrapper(ws),
+                num_heads=MLA_HEADS,
+                head_dim_ckv=CKV,
+                head_dim_kpe=KPE,
+                page_size=page_size,
+                sm_scale=MLA_SCALE,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )  # a new planner: its first plan is the stock plan()
+            host = (
+                torch.from_numpy(step.qo_indptr_host.copy()),
+                torch.from_numpy(step.kv_indptr_host[0].copy()),
+                torch.from_numpy(step.seq_lens_host.astype("int32")),
+            )
+            ref = mla_run(
+                stock.plan(*host, step.kv_indices[0].clone(), step.num_tokens),
+                q_nope,
+                q_pe,
+                eng.ckv_cache,
+                eng.kpe_cache,
+                None,
+            )
         torch.cuda.synchronize()
         assert torch.equal(out, ref), step.kind
         torch.testing.assert_close(out.float(), eng.reference(q_nope, q_pe, idx, qlens), **tol(dtype))
@@ -295,8 +347,9 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
         torch.testing.assert_close(out_buf[:b].float(), eng.reference(q_nope, q_pe, batch, [1] * b), **tol(dtype))
         for r in batch:
             lens[r] += 1
-    assert addresses == [t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices,
-                                                meta._staging.dev)]  # fmt: skip
+    assert addresses == [
+        t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._staging.dev)
+    ]
     graph_planners = [p for key, p in meta._planner.mla_planners().items() if key[0] == "mla_graph"]
     assert len(graph_planners) == 3 and all(p.fast is True for p in graph_planners)
     # Padding rows wrote nothing: the padding page is still zero.
@@ -305,8 +358,15 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
 
 def test_no_host_sync_with_scales_fp8_and_mla():
     """prepare_* and attention of soft-capped, float8 and MLA groups make no host sync."""
-    eng = Engine(heads=(8, 2), dtype=torch.bfloat16, kv_dtype=torch.float8_e4m3fn, kv_scales=(0.05, 0.04),
-                 graph_sizes=(4,), max_draft_tokens=2, **SCALED)  # fmt: skip
+    eng = Engine(
+        heads=(8, 2),
+        dtype=torch.bfloat16,
+        kv_dtype=torch.float8_e4m3fn,
+        kv_scales=(0.05, 0.04),
+        graph_sizes=(4,),
+        max_draft_tokens=2,
+        **SCALED,
+    )
     mla = MLAEngine(16, torch.bfloat16, graph_sizes=(4,), max_draft_tokens=2)
     for r in range(4):
         eng.grow(r, 64)
@@ -317,11 +377,13 @@ def test_no_host_sync_with_scales_fp8_and_mla():
 
     def steps():
         for m in (eng.meta, mla.meta):
-            prepares = (lambda m=m: m.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]),
-                        lambda m=m: m.prepare_prefill([0, 1], [10, 20], [0, 0]),
-                        lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32]),
-                        lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2),
-                        lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True))  # fmt: skip
+            prepares = (
+                lambda m=m: m.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]),
+                lambda m=m: m.prepare_prefill([0, 1], [10, 20], [0, 0]),
+                lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32]),
+                lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2),
+                lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True),
+            )
             for prepare in prepares:
                 step = prepare()
                 t = step.padded_num_reqs if step.cuda_graph else step.num_tokens

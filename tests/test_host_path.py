@@ -32,9 +32,20 @@ NO_WRITES = np.zeros(0, np.int32)
 @functools.cache
 def setup(page_sizes: tuple[int, ...], tables: bool = True, r: int = R, t: int = T, ml: int = L):
     """A CPU BatchMetadata (for its real block tables and layout) and a HostPath on them; shared by examples."""
-    kw = dict(max_num_reqs=r, max_num_tokens=t, max_model_len=ml, kv_groups=[KVGroup(page_size=p) for p in page_sizes],
-              num_qo_heads=4, num_kv_heads=2, head_dim=8, q_dtype=torch.float16, kv_dtype=torch.float16, device="cpu",
-              max_draft_tokens=K, batch_block_tables=tables)  # fmt: skip
+    kw = dict(
+        max_num_reqs=r,
+        max_num_tokens=t,
+        max_model_len=ml,
+        kv_groups=[KVGroup(page_size=p) for p in page_sizes],
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
+        device="cpu",
+        max_draft_tokens=K,
+        batch_block_tables=tables,
+    )
     m = BatchMetadata(MetadataConfig(**kw))
     return m, HostPath(m.config, m._layout, m.block_tables.host_num_blocks())
 
@@ -59,8 +70,9 @@ def reference(m: BatchMetadata, h: np.ndarray, idx, qlens, clens, padded: int, g
     ring = PinnedRing(lay.total, torch.device("cpu"))
     keep = h[lay.num_writes : lay.pairs + 2 * num_writes].copy()
     writes = np.arange(num_writes, dtype=np.int32)
-    ret = stage_step(h, lay, ring, m.config, checker.rows, idx, qlens, clens, seq, pages, max_seq, padded, graph,
-                     writes, writes)  # fmt: skip
+    ret = stage_step(
+        h, lay, ring, m.config, checker.rows, idx, qlens, clens, seq, pages, max_seq, padded, graph, writes, writes
+    )
     assert h[lay.num_writes] == num_writes
     h[lay.num_writes : lay.pairs + 2 * num_writes] = keep
     return ret

@@ -62,8 +62,9 @@ _NO_FLASHINFER = textwrap.dedent(
 
 def test_cpu_path_runs_with_flashinfer_blocked():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _NO_FLASHINFER], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_FLASHINFER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-6000:]
     assert res.stdout.strip().endswith("ok")
 
@@ -124,8 +125,9 @@ exit 0
 """
 
 
-@pytest.mark.parametrize("gpu, cpu_index_fails", [(False, False), (False, True), (True, False)],
-                         ids=["cpu", "cpu-index-fails", "nvidia-smi"])  # fmt: skip
+@pytest.mark.parametrize(
+    "gpu, cpu_index_fails", [(False, False), (False, True), (True, False)], ids=["cpu", "cpu-index-fails", "nvidia-smi"]
+)
 def test_dev_sh_first_run_says_each_install_stage(tmp_path, gpu, cpu_index_fails):
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "dev.sh", tmp_path / "scripts" / "dev.sh")
@@ -144,8 +146,9 @@ def test_dev_sh_first_run_says_each_install_stage(tmp_path, gpu, cpu_index_fails
     env = {"PATH": str(bin_dir), "BATCHMETA_PYTHON": str(fake), "FAKE_LOG": str(log), "HOME": str(tmp_path)}
     if cpu_index_fails:
         env["FAIL_CPU_INDEX"] = "1"
-    res = subprocess.run(["bash", str(tmp_path / "scripts" / "dev.sh"), "lint"], env=env, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    res = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "dev.sh"), "lint"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stderr.splitlines()
     assert all(line.startswith("dev.sh: ") for line in lines), lines
@@ -169,12 +172,20 @@ def test_readme_compatibility_table_matches_pyproject_bounds():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     readme = (ROOT / "README.md").read_text()
-    rows = {line.split("|")[1].strip().split()[0]: line.split("|")[2].strip().strip("`")
-            for line in readme.splitlines() if line.startswith("| ") and line.count("|") == 5}  # fmt: skip
+    rows = {
+        line.split("|")[1].strip().split()[0]: line.split("|")[2].strip().strip("`")
+        for line in readme.splitlines()
+        if line.startswith("| ") and line.count("|") == 5
+    }
     assert rows["Python"] == project["requires-python"]
     deps = [*project["dependencies"], *(d for ds in project["optional-dependencies"].values() for d in ds)]
-    names = {"torch": "torch", "triton": "triton", "numba": "numba", "FlashInfer": "flashinfer-python",
-             "transformers": "transformers"}  # fmt: skip
+    names = {
+        "torch": "torch",
+        "triton": "triton",
+        "numba": "numba",
+        "FlashInfer": "flashinfer-python",
+        "transformers": "transformers",
+    }
     for row, dist in names.items():
         (spec,) = [d.removeprefix(dist) for d in deps if d.startswith(dist) and d[len(dist)] in "<>=!~"]
         assert rows[row] == spec, (row, rows[row], spec)

@@ -352,8 +352,16 @@ def test_scaled_store_matches_naive(cache_dtype, data, device, backend):
     expected_k, expected_v = naive_store_kv(key, value, slots, k_cache.cpu(), v_cache.cpu(), k_scale, v_scale)
 
     slot_mapping = torch.tensor(slots + tail, dtype=torch.int64, device=device)
-    store_kv(key.to(device), value.to(device), slot_mapping, k_cache, v_cache, k_scale=k_scale, v_scale=v_scale,
-             backend=backend)  # fmt: skip
+    store_kv(
+        key.to(device),
+        value.to(device),
+        slot_mapping,
+        k_cache,
+        v_cache,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        backend=backend,
+    )
     assert_same_bits(k_cache, expected_k)
     assert_same_bits(v_cache, expected_v)
     if layout == "combined":
@@ -399,8 +407,16 @@ def test_fp8_exact_values_and_saturation(cache_dtype, k_scale, v_scale, layout, 
     assert_same_bits(naive[0], expected_k)
     assert_same_bits(naive[1], expected_v)
 
-    store_kv(key.to(device), value.to(device), torch.tensor(slots, device=device), k_cache, v_cache,
-             k_scale=k_scale, v_scale=v_scale, backend=backend)  # fmt: skip
+    store_kv(
+        key.to(device),
+        value.to(device),
+        torch.tensor(slots, device=device),
+        k_cache,
+        v_cache,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        backend=backend,
+    )
     assert_same_bits(k_cache, expected_k)
     assert_same_bits(v_cache, expected_v)
 
@@ -425,8 +441,16 @@ def test_fp8_rounds_to_nearest_even(cache_dtype, scale, device, backend):
     n = x.numel()
     key = (x * scale).reshape(n, 1, 1)
     k_cache, v_cache, _ = make_caches("separate", 1, n, 1, 1, cache_dtype, device)
-    store_kv(key.to(device), key.to(device), torch.arange(n, device=device), k_cache, v_cache, k_scale=scale,
-             v_scale=scale, backend=backend)  # fmt: skip
+    store_kv(
+        key.to(device),
+        key.to(device),
+        torch.arange(n, device=device),
+        k_cache,
+        v_cache,
+        k_scale=scale,
+        v_scale=scale,
+        backend=backend,
+    )
     got = bits(k_cache).flatten()
     bad = got != want
     assert not bad.any(), f"{x[bad][:6].tolist()} stored as {got[bad][:6].tolist()}, want {want[bad][:6].tolist()}"
@@ -448,8 +472,16 @@ def test_triton_and_torch_scaled_stores_are_bit_identical(cache_dtype, scale, de
         caches = {}
         for backend in ("triton", "torch"):
             caches[backend] = make_caches("combined", 512, 16, 8, 64, cache_dtype, device)[2][0]
-            store_kv(key, key.flip(0), slots, caches[backend][:, 0], caches[backend][:, 1], k_scale=scale,
-                     v_scale=scale * 2, backend=backend)  # fmt: skip
+            store_kv(
+                key,
+                key.flip(0),
+                slots,
+                caches[backend][:, 0],
+                caches[backend][:, 1],
+                k_scale=scale,
+                v_scale=scale * 2,
+                backend=backend,
+            )
         assert_same_bits(caches["triton"], caches["torch"])
 
 
@@ -536,8 +568,16 @@ def test_scale_extremes_accepted(device, backend):
     for scale in (2.0**126, 2.0**-127, 3):
         k_cache, v_cache, _ = make_caches("separate", 1, 1, 1, 1, torch.float32, device)
         key = torch.full((1, 1, 1), 1.5, device=device)
-        store_kv(key, key, torch.zeros(1, dtype=torch.int64, device=device), k_cache, v_cache, k_scale=scale,
-                 v_scale=scale, backend=backend)  # fmt: skip
+        store_kv(
+            key,
+            key,
+            torch.zeros(1, dtype=torch.int64, device=device),
+            k_cache,
+            v_cache,
+            k_scale=scale,
+            v_scale=scale,
+            backend=backend,
+        )
         assert k_cache.item() == quantize(key.cpu(), scale, torch.float32).item()
 
 
@@ -595,15 +635,22 @@ def test_store_mla_kv_matches_naive(data, device, backend):
     else:
         ckv = torch.randn((len(slots), dim_ckv), generator=gen).to(ckv_pair[1])
         kpe = torch.randn((len(slots), dim_kpe), generator=gen).to(kpe_pair[1])
-    ckv_cache, kpe_cache, storage = make_mla_caches(layout, num_pages, page_size, dim_ckv, dim_kpe,
-                                                    (ckv_pair[0], kpe_pair[0]), device)  # fmt: skip
+    ckv_cache, kpe_cache, storage = make_mla_caches(
+        layout, num_pages, page_size, dim_ckv, dim_kpe, (ckv_pair[0], kpe_pair[0]), device
+    )
     before = [s.cpu().clone() for s in storage]
     expected_c, expected_k = naive_store_mla(ckv, kpe, slots, ckv_cache.cpu(), kpe_cache.cpu())
 
     if fused and ckv_pair[1] == torch.float32 and kpe_pair[1] == torch.float32:
         ckv, kpe = proj.to(device)[:, :dim_ckv], proj.to(device)[:, dim_ckv : dim_ckv + dim_kpe]  # strided views
-    store_mla_kv(ckv.to(device), kpe.to(device), torch.tensor(slots + tail, dtype=slot_dtype, device=device),
-                 ckv_cache, kpe_cache, backend=backend)  # fmt: skip
+    store_mla_kv(
+        ckv.to(device),
+        kpe.to(device),
+        torch.tensor(slots + tail, dtype=slot_dtype, device=device),
+        ckv_cache,
+        kpe_cache,
+        backend=backend,
+    )
     assert_same_bits(ckv_cache, expected_c)
     assert_same_bits(kpe_cache, expected_k)
     # Nothing outside the two views changed (the transposed ckv storage's padded columns).

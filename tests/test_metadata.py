@@ -58,8 +58,16 @@ class Pages:
 
 def naive_step(pages, page_sizes, idx, qlens, clens):
     """Expected fields of a step, by plain loops."""
-    exp = {"positions": [], "slots": [[] for _ in page_sizes], "kv_indptr": [], "kv_indices": [], "last": [],
-           "qo": [0], "logits": [], "tables": []}  # fmt: skip
+    exp = {
+        "positions": [],
+        "slots": [[] for _ in page_sizes],
+        "kv_indptr": [],
+        "kv_indices": [],
+        "last": [],
+        "qo": [0],
+        "logits": [],
+        "tables": [],
+    }
     for g, ps in enumerate(page_sizes):
         indptr, indices, last, table = [0], [], [], []
         for r, c, q in zip(idx, clens, qlens, strict=True):
@@ -258,8 +266,10 @@ def test_attention_torch_path_matches_dense_reference():
 # Bad input raises before anything changes
 # --------------------------------------------------------------------------------------------------
 def snapshot(meta):
-    return [t.clone() for t in (meta._staging.dev, meta.positions, *meta.slot_mappings, *meta.kv_indices,
-                                meta.block_tables.flat)]  # fmt: skip
+    return [
+        t.clone()
+        for t in (meta._staging.dev, meta.positions, *meta.slot_mappings, *meta.kv_indices, meta.block_tables.flat)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -327,8 +337,16 @@ def test_device_tensors_are_rejected_as_batch_descriptions():
     ],
 )
 def test_config_rejects_impossible_values(kwargs, exc, match):
-    base = dict(max_num_reqs=8, max_num_tokens=64, max_model_len=64, kv_groups=(KVGroup(page_size=16),),
-                num_qo_heads=4, num_kv_heads=2, head_dim=8, device="cpu")  # fmt: skip
+    base = dict(
+        max_num_reqs=8,
+        max_num_tokens=64,
+        max_model_len=64,
+        kv_groups=(KVGroup(page_size=16),),
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        device="cpu",
+    )
     base.update(kwargs)
     with pytest.raises(exc, match=match):
         MetadataConfig(**base)
@@ -491,13 +509,35 @@ def test_kernel_reads_pinned_staging_after_the_host_moved_on():
                 pages.grow(r, n)
         torch.cuda._sleep(20_000_000)  # the step kernel runs long after the host has moved on
         s = gpu.prepare_prefill(idx, qlens, clens)
-        snapshots.append([t.clone() for t in (s.qo_indptr, s.seq_lens, s.idx_mapping, s.logits_indices,
-                                              s.positions, *s.slot_mappings, *s.kv_indptr, *s.kv_indices,
-                                              *s.kv_last_page_len)])  # fmt: skip
+        snapshots.append(
+            [
+                t.clone()
+                for t in (
+                    s.qo_indptr,
+                    s.seq_lens,
+                    s.idx_mapping,
+                    s.logits_indices,
+                    s.positions,
+                    *s.slot_mappings,
+                    *s.kv_indptr,
+                    *s.kv_indices,
+                    *s.kv_last_page_len,
+                )
+            ]
+        )
     torch.cuda.synchronize()
     for (idx, qlens, clens, _), got in zip(steps, snapshots, strict=True):
         s = cpu.prepare_prefill(idx, qlens, clens)
-        want = (s.qo_indptr, s.seq_lens, s.idx_mapping, s.logits_indices, s.positions, *s.slot_mappings,
-                *s.kv_indptr, *s.kv_indices, *s.kv_last_page_len)  # fmt: skip
+        want = (
+            s.qo_indptr,
+            s.seq_lens,
+            s.idx_mapping,
+            s.logits_indices,
+            s.positions,
+            *s.slot_mappings,
+            *s.kv_indptr,
+            *s.kv_indices,
+            *s.kv_last_page_len,
+        )
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a.cpu(), b)

@@ -41,10 +41,21 @@ class CPUEngine:
     """A model runner on the CPU: pages per group, caches, and every request's K/V kept densely."""
 
     def __init__(self, groups, kv_dtype=torch.float16, max_draft_tokens=2, heads=(4, 2), head_dim=8, **kw):
-        self.cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=64, max_model_len=64, kv_groups=groups,
-                                  num_qo_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
-                                  q_dtype=torch.float16, kv_dtype=kv_dtype, device="cpu", num_kv_pages=NUM_PAGES,
-                                  max_draft_tokens=max_draft_tokens, **kw)  # fmt: skip
+        self.cfg = MetadataConfig(
+            max_num_reqs=8,
+            max_num_tokens=64,
+            max_model_len=64,
+            kv_groups=groups,
+            num_qo_heads=heads[0],
+            num_kv_heads=heads[1],
+            head_dim=head_dim,
+            q_dtype=torch.float16,
+            kv_dtype=kv_dtype,
+            device="cpu",
+            num_kv_pages=NUM_PAGES,
+            max_draft_tokens=max_draft_tokens,
+            **kw,
+        )
         self.meta = BatchMetadata(self.cfg)
         self.heads, self.d = heads, head_dim
         self.free = [list(range(NUM_PAGES - 1, 0, -1)) for _ in groups]
@@ -73,13 +84,18 @@ def split(x, qlens):
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
 def test_scale_soft_cap_and_window_on_every_step_type(heads):
-    groups = (KVGroup(page_size=4, sm_scale=0.9, logits_soft_cap=3.0),
-              KVGroup(page_size=1, window_left=5, sm_scale=0.6, logits_soft_cap=2.0),
-              KVGroup(page_size=2))  # the default scale 1/sqrt(head_dim), no cap  # fmt: skip
+    groups = (
+        KVGroup(page_size=4, sm_scale=0.9, logits_soft_cap=3.0),
+        KVGroup(page_size=1, window_left=5, sm_scale=0.6, logits_soft_cap=2.0),
+        KVGroup(page_size=2),
+    )  # the default scale 1/sqrt(head_dim), no cap
     eng = CPUEngine(groups, heads=heads)
     hq, hkv = heads
-    caches = [(torch.zeros(NUM_PAGES, g.page_size, hkv, 8, dtype=torch.float16),) * 1 + (
-        torch.zeros(NUM_PAGES, g.page_size, hkv, 8, dtype=torch.float16),) for g in groups]  # fmt: skip
+    caches = [
+        (torch.zeros(NUM_PAGES, g.page_size, hkv, 8, dtype=torch.float16),) * 1
+        + (torch.zeros(NUM_PAGES, g.page_size, hkv, 8, dtype=torch.float16),)
+        for g in groups
+    ]
     gen = torch.Generator().manual_seed(0)
     dense = {}
     kinds = []
@@ -124,8 +140,9 @@ def test_fp8_cache_dequantized_by_the_fallback(kv_dtype):
         # What the cache holds after store_kv, dequantized: the reference's keys and values.
         kq = (k.float() * inv(k_scale)).clamp(-fmax, fmax).to(kv_dtype).float() * k_scale
         vq = (v.float() * inv(v_scale)).clamp(-fmax, fmax).to(kv_dtype).float() * v_scale
-        for r, kk, vv, rk, rv in zip(idx, split(kq, qlens), split(vq, qlens), split(k, qlens), split(v, qlens),
-                                     strict=True):  # fmt: skip
+        for r, kk, vv, rk, rv in zip(
+            idx, split(kq, qlens), split(vq, qlens), split(k, qlens), split(v, qlens), strict=True
+        ):
             old = dense.get(r, (kk[:0], vv[:0], rk[:0], rv[:0]))
             dense[r] = tuple(torch.cat([a, b.float()]) for a, b in zip(old, (kk, vv, rk, rv), strict=True))
         with eng.prepare(mode, idx, qlens, clens) as step:
@@ -135,8 +152,9 @@ def test_fp8_cache_dequantized_by_the_fallback(kv_dtype):
                 # A ragged prefill attends over the new (unquantized) keys and values, as FlashInfer does.
                 kk, vv = dense[r][2:] if step.kind == "ragged_prefill" else dense[r][:2]
                 kk, vv = kk.repeat_interleave(2, 1), vv.repeat_interleave(2, 1)
-                torch.testing.assert_close(oo.float(), naive_attention(qq, kk, vv, 1 / math.sqrt(8)), atol=2e-3,
-                                           rtol=2e-3)  # fmt: skip
+                torch.testing.assert_close(
+                    oo.float(), naive_attention(qq, kk, vv, 1 / math.sqrt(8)), atol=2e-3, rtol=2e-3
+                )
     assert kc.float().abs().sum() > 0
 
 
@@ -209,12 +227,18 @@ def test_torch_references_agree_with_each_other():
         (dict(logits_soft_cap=None), TypeError, "logits_soft_cap: expected a float"),
         (dict(mla=(512, 64)), TypeError, "mla: expected an MLA or None"),
         (dict(mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64)), ValueError, "sm_scale: an MLA group needs"),
-        (dict(mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64), sm_scale=0.1, window_left=8), ValueError,
-         "window_left: an MLA group"),
-        (dict(mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64), sm_scale=0.1, logits_soft_cap=5.0),
-         ValueError, "logits_soft_cap: an MLA group"),
+        (
+            dict(mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64), sm_scale=0.1, window_left=8),
+            ValueError,
+            "window_left: an MLA group",
+        ),
+        (
+            dict(mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64), sm_scale=0.1, logits_soft_cap=5.0),
+            ValueError,
+            "logits_soft_cap: an MLA group",
+        ),
     ],
-)  # fmt: skip
+)
 def test_kv_group_rejects(kwargs, error, match):
     with pytest.raises(error, match=match):
         KVGroup(page_size=16, **kwargs)
@@ -235,11 +259,14 @@ def test_kv_group_accepts_ints_and_defaults():
     assert cfg.sm_scale(0) == 0.25 and cfg.sm_scale(1) == 2.0
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("num_heads", 0, "num_heads: expected an int in"),
-    ("head_dim_ckv", 1.5, "head_dim_ckv: expected an int"),
-    ("head_dim_kpe", -64, "head_dim_kpe: expected an int in"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_heads", 0, "num_heads: expected an int in"),
+        ("head_dim_ckv", 1.5, "head_dim_ckv: expected an int"),
+        ("head_dim_kpe", -64, "head_dim_kpe: expected an int in"),
+    ],
+)
 def test_mla_rejects(field, value, match):
     args = {**dict(num_heads=16, head_dim_ckv=512, head_dim_kpe=64), field: value}
     with pytest.raises((TypeError, ValueError), match=match):
@@ -248,8 +275,16 @@ def test_mla_rejects(field, value, match):
 
 def test_config_rejects_fp8_with_mla_or_fa3():
     mla = KVGroup(page_size=1, sm_scale=0.1, mla=MLA(num_heads=16, head_dim_ckv=512, head_dim_kpe=64))
-    base = dict(max_num_reqs=2, max_num_tokens=8, max_model_len=8, num_qo_heads=4, num_kv_heads=2, head_dim=16,
-                device="cpu", kv_dtype=torch.float8_e4m3fn)  # fmt: skip
+    base = dict(
+        max_num_reqs=2,
+        max_num_tokens=8,
+        max_model_len=8,
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        device="cpu",
+        kv_dtype=torch.float8_e4m3fn,
+    )
     with pytest.raises(ValueError, match=r"kv_groups\[1\].mla: batchmeta has no float8 MLA cache"):
         MetadataConfig(kv_groups=(KVGroup(page_size=1), mla), **base)
     for backend in ("fa3", "auto"):

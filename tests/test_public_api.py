@@ -43,5 +43,6 @@ def test_internals_importable_from_their_modules():
     from batchmeta.ops.block_table import scatter_int32
     from batchmeta.ops.step import StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata
 
-    assert all(callable(f) for f in (scatter_int32, StepLayout, bind_scatter_pairs, bind_step_metadata,
-                                     fill_step_metadata))  # fmt: skip
+    assert all(
+        callable(f) for f in (scatter_int32, StepLayout, bind_scatter_pairs, bind_step_metadata, fill_step_metadata)
+    )

@@ -61,8 +61,13 @@ def test_readme_python_blocks_run():
 
 
 def test_readme_bash_blocks_use_existing_dev_sh_commands():
-    usage = subprocess.run(["bash", str(ROOT / "scripts" / "dev.sh"), "--help"], capture_output=True, text=True,
-                           timeout=60, env={**os.environ, "BATCHMETA_PYTHON": "/nonexistent"}).stdout  # fmt: skip
+    usage = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "dev.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BATCHMETA_PYTHON": "/nonexistent"},
+    ).stdout
     known = set(re.findall(r"^  ([\w-]+)\s", usage, re.M))
     used = [m for b in blocks("bash") for m in re.findall(r"scripts/dev\.sh\s+([\w-]+)", b)]
     assert used, "README starts with the dev.sh commands"

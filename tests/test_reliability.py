@@ -23,9 +23,18 @@ def host_path(request):
 
 
 def meta(**kw):
-    base = dict(max_num_reqs=2, max_num_tokens=16, max_model_len=16, kv_groups=(KVGroup(page_size=4),),
-                num_qo_heads=4, num_kv_heads=2, head_dim=8, q_dtype=torch.float16, kv_dtype=torch.float16,
-                device="cpu")  # fmt: skip
+    base = dict(
+        max_num_reqs=2,
+        max_num_tokens=16,
+        max_model_len=16,
+        kv_groups=(KVGroup(page_size=4),),
+        num_qo_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
+        device="cpu",
+    )
     base.update(kw)
     m = BatchMetadata(MetadataConfig(**base))
     if _HOST_PATH[0] == "numpy":
@@ -38,8 +47,16 @@ def state(m: BatchMetadata) -> list:
     the block tables' host mirror and staged writes, the ring's memo, the step counter, the
     speculative state (device lengths, which request slots have them, their bounds)."""
     bt, ring, spec = m.block_tables, m._staging, m._spec
-    tensors = [m._staging.dev, spec._staging.dev, m._buffers.out32, m._buffers.out64, bt.flat, *ring.host,
-               *spec._staging.host, spec.lens]  # fmt: skip
+    tensors = [
+        m._staging.dev,
+        spec._staging.dev,
+        m._buffers.out32,
+        m._buffers.out64,
+        bt.flat,
+        *ring.host,
+        *spec._staging.host,
+        spec.lens,
+    ]
     return [
         *(t.clone().cpu() for t in tensors),
         *(t.copy() for t in bt._host_tables),
@@ -144,8 +161,12 @@ def test_accept_tokens_range_checks(num_accepted, prompt_lens, match):
     m.block_tables.append(0, [1, 2])
     step = m.prepare_decode([0], [3])
     history = torch.zeros(2, 16, dtype=torch.int64)
-    rejects(m, ValueError, f"^{match}: ",
-            lambda: m.accept_tokens(step, history, torch.tensor([9]), num_accepted, prompt_lens))  # fmt: skip
+    rejects(
+        m,
+        ValueError,
+        f"^{match}: ",
+        lambda: m.accept_tokens(step, history, torch.tensor([9]), num_accepted, prompt_lens),
+    )
     assert not history.any()
 
 

@@ -43,10 +43,20 @@ class Engine:
     """An engine loop that trusts batchmeta, beside the naive model of each request's sequence."""
 
     def __init__(self, backend: str, host_path: str, device_counts: bool, k: int):
-        cfg = MetadataConfig(max_num_reqs=R, max_num_tokens=T, max_model_len=L,
-                             kv_groups=tuple(KVGroup(page_size=p) for p in PAGE_SIZES), num_qo_heads=4,
-                             num_kv_heads=2, head_dim=8, device=DEVICE, token_history=True, max_draft_tokens=K,
-                             backend=backend, plan_attention=False)  # fmt: skip
+        cfg = MetadataConfig(
+            max_num_reqs=R,
+            max_num_tokens=T,
+            max_model_len=L,
+            kv_groups=tuple(KVGroup(page_size=p) for p in PAGE_SIZES),
+            num_qo_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            device=DEVICE,
+            token_history=True,
+            max_draft_tokens=K,
+            backend=backend,
+            plan_attention=False,
+        )
         self.meta = BatchMetadata(cfg)
         if host_path == "numpy":
             self.meta._host_path = None
@@ -183,8 +193,10 @@ class Engine:
     pattern = staticmethod(lambda r, k: k)  # right drafts per row: replaced per test
 
 
-@pytest.fixture(params=[("triton", "compiled"), ("triton", "numpy"), ("torch", "compiled"), ("torch", "numpy")],
-                ids=lambda p: "-".join(p))  # fmt: skip
+@pytest.fixture(
+    params=[("triton", "compiled"), ("triton", "numpy"), ("torch", "compiled"), ("torch", "numpy")],
+    ids=lambda p: "-".join(p),
+)
 def path(request):
     if request.param[1] == "compiled" and not COMPILED:
         pytest.skip("numba not installed (or BATCHMETA_HOST_PATH=numpy)")
@@ -337,11 +349,21 @@ def test_write_drafts_checks():
 # GPU: FlashInfer attention over device lengths equals the step prepared with the exact lengths
 # --------------------------------------------------------------------------------------------------
 def _gpu_meta(page_size: int, graph_sizes=(4, 8), max_num_tokens: int = 64) -> BatchMetadata:
-    cfg = MetadataConfig(max_num_reqs=8, max_num_tokens=max_num_tokens, max_model_len=512,
-                         kv_groups=(KVGroup(page_size=page_size), KVGroup(page_size=page_size, window_left=31)),
-                         num_qo_heads=8, num_kv_heads=2, head_dim=64, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16,
-                         num_kv_pages=4096, max_draft_tokens=3, token_history=True,
-                         cuda_graph_batch_sizes=graph_sizes)  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=8,
+        max_num_tokens=max_num_tokens,
+        max_model_len=512,
+        kv_groups=(KVGroup(page_size=page_size), KVGroup(page_size=page_size, window_left=31)),
+        num_qo_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        q_dtype=torch.bfloat16,
+        kv_dtype=torch.bfloat16,
+        num_kv_pages=4096,
+        max_draft_tokens=3,
+        token_history=True,
+        cuda_graph_batch_sizes=graph_sizes,
+    )
     return BatchMetadata(cfg)
 
 
@@ -362,8 +384,10 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
     metas = {name: _gpu_meta(page_size, max_num_tokens=1536) for name in ("device", "exact")}
     pages_per_req = 512 // page_size
     num_pages = 4096
-    caches = [[torch.randn(num_pages, page_size, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
-              for _ in range(2)]  # fmt: skip
+    caches = [
+        [torch.randn(num_pages, page_size, 2, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        for _ in range(2)
+    ]
     static_q = torch.zeros(8 * (1 + next_k), 8, 64, dtype=torch.bfloat16, device="cuda")
     outs = {}
     for name, meta in metas.items():
@@ -409,8 +433,9 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
         outs[name + "-host"] = step
     exact_lens = prompts + counts  # c' = prompt + 1 + a - 1
     assert outs["device-fields"][1].tolist() == (exact_lens + 1 + next_k).tolist()
-    for x, y in zip(outs["device-fields"] + outs["device-indices"], outs["exact-fields"] + outs["exact-indices"],
-                    strict=True):  # fmt: skip
+    for x, y in zip(
+        outs["device-fields"] + outs["device-indices"], outs["exact-fields"] + outs["exact-indices"], strict=True
+    ):
         assert torch.equal(x, y)
     # Attention: FlashInfer planned from the bounds (device) or the exact lengths. Where neither plan
     # splits a row's KV the kernels compute the same sums in the same order; a split partitions
@@ -421,10 +446,18 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
     for g in range(2):
         a, e = outs["device"][g].float(), outs["exact"][g].float()
         torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)
-        ref = paged_attention_torch(static_q[: b * (1 + next_k)].float(), caches[g][0].float(), caches[g][1].float(),
-                                    np.arange(b + 1) * (1 + next_k), outs["exact-fields"][2 + 2 + g].cpu().numpy(),
-                                    outs["exact-indices"][g], outs["exact-fields"][2 + 2 + 2 + g].cpu().numpy(),
-                                    causal=True, window_left=(-1, 31)[g], sm_scale=64**-0.5)  # fmt: skip
+        ref = paged_attention_torch(
+            static_q[: b * (1 + next_k)].float(),
+            caches[g][0].float(),
+            caches[g][1].float(),
+            np.arange(b + 1) * (1 + next_k),
+            outs["exact-fields"][2 + 2 + g].cpu().numpy(),
+            outs["exact-indices"][g],
+            outs["exact-fields"][2 + 2 + 2 + g].cpu().numpy(),
+            causal=True,
+            window_left=(-1, 31)[g],
+            sm_scale=64**-0.5,
+        )
         torch.testing.assert_close(a, ref, atol=2e-2, rtol=2e-2)
     del step
 

@@ -37,12 +37,22 @@ class MetadataMachine(RuleBasedStateMachine):
     def setup(self, page_sizes, tables=True, data=None):
         self.page_sizes = page_sizes
         cfg = MetadataConfig(
-            max_num_reqs=R, max_num_tokens=T, max_model_len=L,
-            kv_groups=tuple(KVGroup(page_size=p) for p in page_sizes), num_qo_heads=4, num_kv_heads=2, head_dim=8,
-            q_dtype=torch.float16, kv_dtype=torch.float16, device=DEVICE,
-            num_kv_pages=NUM_PAGES, max_draft_tokens=K, backend=self.BACKEND, plan_attention=False,
+            max_num_reqs=R,
+            max_num_tokens=T,
+            max_model_len=L,
+            kv_groups=tuple(KVGroup(page_size=p) for p in page_sizes),
+            num_qo_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            q_dtype=torch.float16,
+            kv_dtype=torch.float16,
+            device=DEVICE,
+            num_kv_pages=NUM_PAGES,
+            max_draft_tokens=K,
+            backend=self.BACKEND,
+            plan_attention=False,
             batch_block_tables=tables,
-        )  # fmt: skip
+        )
         self.meta = BatchMetadata(cfg)
         if self.NUMPY_HOST_PATH:
             self.meta._host_path = None
@@ -56,8 +66,10 @@ class MetadataMachine(RuleBasedStateMachine):
         # Start with pages for a random number of tokens in most request slots, so steps have rows.
         for r in range(R):
             tokens = data.draw(st.integers(0, L))
-            new = [list(range(100 * r + 10 * g, 100 * r + 10 * g + math.ceil(tokens / p)))
-                   for g, p in enumerate(page_sizes)]  # fmt: skip
+            new = [
+                list(range(100 * r + 10 * g, 100 * r + 10 * g + math.ceil(tokens / p)))
+                for g, p in enumerate(page_sizes)
+            ]
             if tokens:
                 self.meta.block_tables.append(r, new)
                 self.held[r] = new

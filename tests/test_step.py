@@ -29,8 +29,20 @@ class Case:
     """Buffers and layout for ``groups`` (page sizes) and ``rows`` of (request slot, cache_len,
     query_len); every group's table gets random pages, each row holds at least what it needs."""
 
-    def __init__(self, draw_int, page_sizes, rows, *, num_slots, width_mult, full_width, extra_held, device,
-                 num_writes=0, pinned=False):  # fmt: skip
+    def __init__(
+        self,
+        draw_int,
+        page_sizes,
+        rows,
+        *,
+        num_slots,
+        width_mult,
+        full_width,
+        extra_held,
+        device,
+        num_writes=0,
+        pinned=False,
+    ):
         self.page_sizes = page_sizes
         self.rows = rows
         b = len(rows)
@@ -72,8 +84,15 @@ class Case:
         for i, (r, c, q) in enumerate([*rows, (0, 0, 0)]):
             tail = i == len(rows)
             lo = self.qo_indptr[i]
-            row = [0 if tail else r, lo, lo if tail else self.qo_indptr[i + 1], 0 if tail else c,
-                   0 if tail else c + q, 0 if tail else logits[i], num_writes]  # fmt: skip
+            row = [
+                0 if tail else r,
+                lo,
+                lo if tail else self.qo_indptr[i + 1],
+                0 if tail else c,
+                0 if tail else c + q,
+                0 if tail else logits[i],
+                num_writes,
+            ]
             for g in range(len(page_sizes)):
                 kv = self.indptr[g]
                 row += [kv[i], kv[i] if tail else kv[i + 1], 0 if tail else last[g][i], self.step_width[g]]
@@ -110,8 +129,9 @@ class Case:
         lay["slot_mapping"] = [put(out64, [S] * self.token_capacity) for g in g_]
         for buf in (staging, tables, out32, out64):
             buf.extend([S] * GAP)
-        self.layout = StepLayout(page_size=page_sizes, width=self.widths, num_table_rows=num_slots,
-                                 token_capacity=self.token_capacity, **lay)  # fmt: skip
+        self.layout = StepLayout(
+            page_size=page_sizes, width=self.widths, num_table_rows=num_slots, token_capacity=self.token_capacity, **lay
+        )
         # Staged writes: the tables above are what the rows hold after them. Each write's target
         # gets a stale value in the buffer (the write must land), at unique offsets anywhere in the
         # tables (rows in the batch or not, held counts, gaps) and a few outside (dropped).
@@ -135,9 +155,16 @@ class Case:
             staging[lay["pairs"] + 2 * i + 1] = v
         # Each buffer is the middle of a larger one whose guard regions must stay untouched.
         self.staging_values = staging
-        self.guarded = [torch.tensor([S] * GUARD + buf + [S] * GUARD, dtype=dt, device=device)
-                        for buf, dt in ((staging, torch.int32), (tables, torch.int32), (out32, torch.int32),
-                                        (out64, torch.int64), ([S] * len(staging), torch.int32))]  # fmt: skip
+        self.guarded = [
+            torch.tensor([S] * GUARD + buf + [S] * GUARD, dtype=dt, device=device)
+            for buf, dt in (
+                (staging, torch.int32),
+                (tables, torch.int32),
+                (out32, torch.int32),
+                (out64, torch.int64),
+                ([S] * len(staging), torch.int32),
+            )
+        ]
         if pinned:  # staging in pinned host memory, read by the kernel in place (zero-copy)
             self.guarded[0] = self.guarded[0].cpu().pin_memory()
         self.staging, self.table_buf, self.out32, self.out64, self.mirror = (g[GUARD:-GUARD] for g in self.guarded)
@@ -205,11 +232,17 @@ def cases(draw, device=None):
         return draw(st.integers(lo, hi))
 
     return Case(
-        draw_int, page_sizes, rows, num_slots=num_slots, width_mult=draw(st.sampled_from([1, 2])),
-        full_width=draw(st.booleans()), extra_held=draw(st.integers(0, 2)), device=device,
+        draw_int,
+        page_sizes,
+        rows,
+        num_slots=num_slots,
+        width_mult=draw(st.sampled_from([1, 2])),
+        full_width=draw(st.booleans()),
+        extra_held=draw(st.integers(0, 2)),
+        device=device,
         num_writes=draw(st.sampled_from([0, 1, 5, 40])),
         pinned=device is not None and torch.device(device).type == "cuda" and draw(st.booleans(), label="pinned"),
-    )  # fmt: skip
+    )
 
 
 def check_case(case, with_mirror):
@@ -222,8 +255,11 @@ def check_case(case, with_mirror):
 
 def max_cols_of(case):
     """The tightest column bound a caller may pass: every row's pages and the per-step table width."""
-    return max([case.indptr[g][b + 1] - case.indptr[g][b] for g in range(len(case.page_sizes))
-                for b in range(len(case.rows))] + case.step_width + [0])  # fmt: skip
+    return max(
+        [case.indptr[g][b + 1] - case.indptr[g][b] for g in range(len(case.page_sizes)) for b in range(len(case.rows))]
+        + case.step_width
+        + [0]
+    )
 
 
 @contextlib.contextmanager
@@ -240,9 +276,17 @@ def columns_per_program(n):
 def test_fill_step_metadata_matches_naive(data, with_mirror, cols, tight, device, backend):
     case = data.draw(cases(device=device))
     with columns_per_program(cols):
-        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, len(case.rows),
-                           mirror=case.mirror if with_mirror else None, max_cols=max_cols_of(case) if tight else None,
-                           backend=backend)  # fmt: skip
+        fill_step_metadata(
+            case.layout,
+            case.staging,
+            case.table_buf,
+            case.out32,
+            case.out64,
+            len(case.rows),
+            mirror=case.mirror if with_mirror else None,
+            max_cols=max_cols_of(case) if tight else None,
+            backend=backend,
+        )
     check_case(case, with_mirror)
 
 
@@ -250,8 +294,15 @@ def test_fill_step_metadata_matches_naive(data, with_mirror, cols, tight, device
 def test_bound_fill_matches_naive(data, with_mirror, cols, tight, device):
     case = data.draw(cases(device=device))
     with columns_per_program(cols):
-        fill = bind_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64,
-                                  max_rows=len(case.rows), mirror=case.mirror if with_mirror else None)  # fmt: skip
+        fill = bind_step_metadata(
+            case.layout,
+            case.staging,
+            case.table_buf,
+            case.out32,
+            case.out64,
+            max_rows=len(case.rows),
+            mirror=case.mirror if with_mirror else None,
+        )
         max_cols = max_cols_of(case) if tight else None
         fill(len(case.rows), max_cols)
         fill(len(case.rows), max_cols)  # the bound (cached) launch, on a GPU
@@ -261,8 +312,7 @@ def test_bound_fill_matches_naive(data, with_mirror, cols, tight, device):
 def test_staging_must_be_on_the_device_or_pinned(device):
     case = _small_case(device)
     with pytest.raises(ValueError, match="mirror"):
-        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, 1,
-                           mirror=case.mirror[:3])  # fmt: skip
+        fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, 1, mirror=case.mirror[:3])
     if device.type != "cuda":
         return
     with pytest.raises(ValueError, match=r"staging: .*not pinned"):
@@ -271,8 +321,16 @@ def test_staging_must_be_on_the_device_or_pinned(device):
 
 def _small_case(device):
     values = iter(range(1, 10_000))
-    return Case(lambda lo, hi: min(hi, lo + next(values) % (hi - lo + 1)), [16], [(0, 5, 2)], num_slots=2,
-                width_mult=1, full_width=False, extra_held=0, device=device)  # fmt: skip
+    return Case(
+        lambda lo, hi: min(hi, lo + next(values) % (hi - lo + 1)),
+        [16],
+        [(0, 5, 2)],
+        num_slots=2,
+        width_mult=1,
+        full_width=False,
+        extra_held=0,
+        device=device,
+    )
 
 
 @pytest.mark.parametrize("buffer", ["staging", "tables", "out32", "out64"])
@@ -292,17 +350,18 @@ def test_layout_wrong_dtype_and_group_count(device):
     case = _small_case(device)
     with pytest.raises(TypeError, match="out64"):
         fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64.int(), 1)
-    bad = StepLayout(**{**{f.name: getattr(case.layout, f.name) for f in case.layout.__attrs_attrs__},
-                        "held": (0, 1)})  # fmt: skip
+    bad = StepLayout(**{**{f.name: getattr(case.layout, f.name) for f in case.layout.__attrs_attrs__}, "held": (0, 1)})
     with pytest.raises(ValueError, match=r"layout\.held"):
         fill_step_metadata(bad, case.staging, case.table_buf, case.out32, case.out64, 1)
 
 
 @given(
-    writes=st.lists(st.tuples(st.integers(-3, 40), st.integers(-(2**31), 2**31 - 1)), max_size=30,
-                    unique_by=lambda w: w[0]),
-    count_at=st.integers(0, 2), gap=st.integers(0, 3),
-)  # fmt: skip
+    writes=st.lists(
+        st.tuples(st.integers(-3, 40), st.integers(-(2**31), 2**31 - 1)), max_size=30, unique_by=lambda w: w[0]
+    ),
+    count_at=st.integers(0, 2),
+    gap=st.integers(0, 3),
+)
 def test_bind_scatter_pairs_matches_naive(device, writes, count_at, gap):
     n = len(writes)
     max_writes = n + 2

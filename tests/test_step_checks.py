@@ -12,9 +12,20 @@ H, HKV, D, PS, PAGES = 8, 2, 64, 4, 16
 
 
 def make(dtype=torch.float16, **kw):
-    cfg = MetadataConfig(max_num_reqs=4, max_num_tokens=32, max_model_len=64, kv_groups=KVGroup(page_size=PS),
-                         num_qo_heads=H, num_kv_heads=HKV, head_dim=D, q_dtype=dtype, kv_dtype=dtype,
-                         num_kv_pages=PAGES, device="cpu", **kw)  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=4,
+        max_num_tokens=32,
+        max_model_len=64,
+        kv_groups=KVGroup(page_size=PS),
+        num_qo_heads=H,
+        num_kv_heads=HKV,
+        head_dim=D,
+        q_dtype=dtype,
+        kv_dtype=dtype,
+        num_kv_pages=PAGES,
+        device="cpu",
+        **kw,
+    )
     meta = BatchMetadata(cfg)
     meta.block_tables.append(0, [1, 2])
     meta.block_tables.append(1, [3])
@@ -36,24 +47,34 @@ def step():
 
 F16 = torch.float16
 BAD = {
-    "q tokens": (lambda q, k, v: (q[:1], k, v, {}), ValueError, r"q: expected shape \[tokens, num_qo_heads, head_dim\] "
-                 r"= \(2, 8, 64\) for this step, got \(1, 8, 64\)"),
+    "q tokens": (
+        lambda q, k, v: (q[:1], k, v, {}),
+        ValueError,
+        r"q: expected shape \[tokens, num_qo_heads, head_dim\] "
+        r"= \(2, 8, 64\) for this step, got \(1, 8, 64\)",
+    ),
     "q heads": (lambda q, k, v: (q[:, :4], k, v, {}), ValueError, r"q: expected shape .*got \(2, 4, 64\)"),
     "q head dim": (lambda q, k, v: (q[..., :32], k, v, {}), ValueError, r"q: expected shape .*got \(2, 8, 32\)"),
     "flat q": (lambda q, k, v: (q.reshape(2, H * D), k, v, {}), ValueError, r"q: .*pass q\.view\(-1, 8, 64\)"),
     "q dtype": (lambda q, k, v: (q.float(), k, v, {}), TypeError, "q: expected dtype torch.float16, got torch.float32"),
     "q not a tensor": (lambda q, k, v: (q.tolist(), k, v, {}), TypeError, "q: expected a torch.Tensor, got list"),
     "q device": (lambda q, k, v: (q.to("meta"), k, v, {}), ValueError, "q: expected a tensor on cpu"),
-    "page size": (lambda q, k, v: (q, k.reshape(PAGES // 2, 2 * PS, HKV, D), v, {}), ValueError,
-                  r"k_cache: expected shape .*\(num_pages, 4, 2, 64\).* group 0 has page_size 4"),
+    "page size": (
+        lambda q, k, v: (q, k.reshape(PAGES // 2, 2 * PS, HKV, D), v, {}),
+        ValueError,
+        r"k_cache: expected shape .*\(num_pages, 4, 2, 64\).* group 0 has page_size 4",
+    ),
     "HND cache": (lambda q, k, v: (q, k, v.transpose(1, 2), {}), ValueError, r"v_cache: .*an HND cache\?"),
-    "too few pages": (lambda q, k, v: (q, k[:8], v[:8], {}), ValueError,
-                      r"k_cache: expected at least config\.num_kv_pages \(16\) pages, got 8"),
+    "too few pages": (
+        lambda q, k, v: (q, k[:8], v[:8], {}),
+        ValueError,
+        r"k_cache: expected at least config\.num_kv_pages \(16\) pages, got 8",
+    ),
     "cache dtype": (lambda q, k, v: (q, k, v.float(), {}), TypeError, r"v_cache: expected dtype torch\.float16 \(c"),
     "flat cache": (lambda q, k, v: (q, k.reshape(PAGES, PS, HKV * D), v, {}), ValueError, "k_cache: expected shape"),
     "out shape": (lambda q, k, v: (q, k, v, {"out": torch.empty(3, H, D, dtype=F16)}), ValueError, "out: expected"),
     "out dtype": (lambda q, k, v: (q, k, v, {"out": torch.empty(2, H, D)}), TypeError, "out: expected dtype"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
@@ -88,9 +109,19 @@ def test_ragged_prefill_checks_the_new_keys_and_values():
 
 def test_mla_attention_rejects_bad_tensors_naming_them():
     grp = KVGroup(page_size=PS, sm_scale=0.3, mla=MLA(num_heads=4, head_dim_ckv=16, head_dim_kpe=8))
-    cfg = MetadataConfig(max_num_reqs=4, max_num_tokens=32, max_model_len=64, kv_groups=grp, num_qo_heads=H,
-                         num_kv_heads=HKV, head_dim=D, q_dtype=F16, kv_dtype=F16, num_kv_pages=PAGES,
-                         device="cpu")  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=4,
+        max_num_tokens=32,
+        max_model_len=64,
+        kv_groups=grp,
+        num_qo_heads=H,
+        num_kv_heads=HKV,
+        head_dim=D,
+        q_dtype=F16,
+        kv_dtype=F16,
+        num_kv_pages=PAGES,
+        device="cpu",
+    )
     meta = BatchMetadata(cfg)
     meta.block_tables.append(0, [1, 2])
     q_nope, q_pe = torch.randn(1, 4, 16, dtype=F16), torch.randn(1, 4, 8, dtype=F16)
@@ -136,9 +167,19 @@ def test_config_docstring_says_where_dtypes_and_head_dims_work():
 @pytest.mark.parametrize("field", ["q_dtype", "kv_dtype"])
 def test_planned_cuda_metadata_rejects_float32(field):
     dtypes = {"q_dtype": torch.float16, "kv_dtype": torch.float16, field: torch.float32}
-    cfg = MetadataConfig(max_num_reqs=4, max_num_tokens=32, max_model_len=64, kv_groups=KVGroup(page_size=PS),
-                         num_qo_heads=H, num_kv_heads=HKV, head_dim=D, device="cuda", **dtypes)  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=4,
+        max_num_tokens=32,
+        max_model_len=64,
+        kv_groups=KVGroup(page_size=PS),
+        num_qo_heads=H,
+        num_kv_heads=HKV,
+        head_dim=D,
+        device="cuda",
+        **dtypes,
+    )
     with pytest.raises(TypeError, match=r"q_dtype, kv_dtype: FlashInfer plans float16 or bfloat16"):
         BatchMetadata(cfg)
-    BatchMetadata(cfg.__class__(**{**{a.name: getattr(cfg, a.name) for a in cfg.__attrs_attrs__},
-                                   "plan_attention": False}))  # fmt: skip
+    BatchMetadata(
+        cfg.__class__(**{**{a.name: getattr(cfg, a.name) for a in cfg.__attrs_attrs__}, "plan_attention": False})
+    )

@@ -14,8 +14,10 @@ R, T, L = 6, 24, 40
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiled on a GPU, interpreted on the CPU
 
 
-@pytest.fixture(params=[("triton", "compiled"), ("triton", "numpy"), ("torch", "compiled"), ("torch", "numpy")],
-                ids=lambda p: "-".join(p))  # fmt: skip
+@pytest.fixture(
+    params=[("triton", "compiled"), ("triton", "numpy"), ("torch", "compiled"), ("torch", "numpy")],
+    ids=lambda p: "-".join(p),
+)
 def make(request):
     backend, host = request.param
     if host == "compiled" and not COMPILED:
@@ -23,10 +25,20 @@ def make(request):
 
     def make_meta(**kw):
         # Metadata only (plan_attention=False): FlashInfer has no kernels for head_dim 8.
-        cfg = dict(max_num_reqs=R, max_num_tokens=T, max_model_len=L, kv_groups=(KVGroup(page_size=4),
-                   KVGroup(page_size=1)), num_qo_heads=4, num_kv_heads=2, head_dim=8, device=DEVICE,
-                   token_history=True, max_draft_tokens=2, backend=backend,
-                   plan_attention=False)  # fmt: skip
+        cfg = dict(
+            max_num_reqs=R,
+            max_num_tokens=T,
+            max_model_len=L,
+            kv_groups=(KVGroup(page_size=4), KVGroup(page_size=1)),
+            num_qo_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            device=DEVICE,
+            token_history=True,
+            max_draft_tokens=2,
+            backend=backend,
+            plan_attention=False,
+        )
         cfg.update(kw)
         m = BatchMetadata(MetadataConfig(**cfg))
         if host == "numpy":
@@ -77,8 +89,9 @@ class Model:
         n = int(sum(num_accepted))
         new = self.rng.integers(0, 2**31 - 1, n)
         at, k = 0, step.num_draft_tokens
-        for r, c, q, a, p in zip(step.idx_mapping_host, step.cache_lens_host, step.query_lens_host, num_accepted,
-                                 prompt_lens, strict=True):  # fmt: skip
+        for r, c, q, a, p in zip(
+            step.idx_mapping_host, step.cache_lens_host, step.query_lens_host, num_accepted, prompt_lens, strict=True
+        ):
             for j in range(a):  # the engine's rule: after the row's last non-draft token
                 if c + q - k + j >= p:
                     self.hist[int(r)][int(c + q - k + j)] = int(new[at + j])
@@ -167,7 +180,7 @@ def test_a_decode_reads_a_token_written_on_the_device(make):
         ((0, [1] * 5, L - 4), ValueError, "start: 5 tokens from position 36 do not fit"),
         ((0, [1], -1), ValueError, "start: expected a position >= 0, got -1"),
     ],
-)  # fmt: skip
+)
 def test_stage_prompt_rejects(make, args, error, match):
     meta = make()
     with pytest.raises(error, match=match):
@@ -253,7 +266,7 @@ def test_padding_rows_of_a_verify_graph_step(make):
         (R, ValueError, "req_idx: expected a request slot"),
         (99, ValueError, "req_idx: expected a request slot"),
     ],
-)  # fmt: skip
+)
 def test_discard_prompt_rejects(make, req_idx, error, match):
     meta = make()
     meta.stage_prompt(1, [7, 8])

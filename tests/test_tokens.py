@@ -118,10 +118,15 @@ def test_copy_next_input_ids_through_idx_mapping(device, backend):
     expected[idx] = torch.tensor(rows)
     out = history.to(device)
     copy_next_input_ids_inplace(
-        out, t(cache, torch.int32, device), t(inputs, torch.int32, device), t(prompts, torch.int64, device),
-        nxt.to(device), t(prefix_sum(accepted), torch.int32, device), idx_mapping=t(idx, torch.int64, device),
+        out,
+        t(cache, torch.int32, device),
+        t(inputs, torch.int32, device),
+        t(prompts, torch.int64, device),
+        nxt.to(device),
+        t(prefix_sum(accepted), torch.int32, device),
+        idx_mapping=t(idx, torch.int64, device),
         backend=backend,
-    )  # fmt: skip
+    )
     assert torch.equal(out.cpu(), expected)
 
 
@@ -129,10 +134,15 @@ def test_copy_next_input_ids_idx_mapping_out_of_range(backend):
     history = torch.zeros(2, 4, dtype=torch.int64)
     with pytest.raises(ValueError, match="idx_mapping"):
         copy_next_input_ids_inplace(
-            history, torch.zeros(1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
-            torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64), torch.tensor([0, 1]),
-            idx_mapping=torch.tensor([2]), backend=backend,
-        )  # fmt: skip
+            history,
+            torch.zeros(1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int64),
+            torch.tensor([0, 1]),
+            idx_mapping=torch.tensor([2]),
+            backend=backend,
+        )
     assert (history == 0).all()
 
 

@@ -17,9 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(**kw):
-    cfg = MetadataConfig(max_num_reqs=4, max_num_tokens=32, max_model_len=64, kv_groups=KVGroup(page_size=4),
-                         num_qo_heads=8, num_kv_heads=2, head_dim=64, q_dtype=torch.float16,
-                         kv_dtype=torch.float16, device="cpu", **kw)  # fmt: skip
+    cfg = MetadataConfig(
+        max_num_reqs=4,
+        max_num_tokens=32,
+        max_model_len=64,
+        kv_groups=KVGroup(page_size=4),
+        num_qo_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        q_dtype=torch.float16,
+        kv_dtype=torch.float16,
+        device="cpu",
+        **kw,
+    )
     meta = BatchMetadata(cfg)
     meta.block_tables.append(0, [1, 2])
     return meta
@@ -37,8 +47,9 @@ def test_a_stale_step_cannot_be_entered():
         assert batchmeta.current_step() is new
 
 
-@pytest.mark.parametrize("value, kind", [((r for r in [0]), "generator"), (iter([0]), "list_iterator"),
-                                         ({0}, "set"), ({0: 1}, "dict")])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, kind", [((r for r in [0]), "generator"), (iter([0]), "list_iterator"), ({0}, "set"), ({0: 1}, "dict")]
+)
 def test_idx_mapping_iterators_are_a_clear_type_error(value, kind):
     meta = make()
     with pytest.raises(TypeError, match=f"idx_mapping: expected a list, numpy array or CPU tensor, got {kind}$"):
@@ -47,8 +58,11 @@ def test_idx_mapping_iterators_are_a_clear_type_error(value, kind):
 
 def test_capture_decode_graph_on_the_cpu_names_the_device():
     meta = make()
-    with pytest.raises(ValueError, match=r"capture_decode_graph: CUDA graphs need a CUDA device; .* on cpu "
-                                         r"\(config\.device\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"capture_decode_graph: CUDA graphs need a CUDA device; .* on cpu "
+        r"\(config\.device\)",
+    ):
         meta.capture_decode_graph(1, lambda step: None)
 
 
@@ -61,16 +75,18 @@ def test_help_of_step_hides_the_constructor_arguments():
 
 
 def test_demo_help_names_the_module_invocation():
-    res = subprocess.run([sys.executable, "-m", "batchmeta.demo", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "batchmeta.demo", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: python -m batchmeta.demo")
 
 
 def test_dev_sh_help_says_which_commands_need_a_gpu():
     env = {**os.environ, "BATCHMETA_PYTHON": "/nonexistent/python"}
-    usage = subprocess.run(["bash", str(ROOT / "scripts" / "dev.sh"), "--help"], env=env, capture_output=True,
-                           text=True, timeout=60).stdout  # fmt: skip
+    usage = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "dev.sh"), "--help"], env=env, capture_output=True, text=True, timeout=60
+    ).stdout
     lines = {line.split()[0]: line for line in usage.splitlines() if line.startswith("  ")}
     for cmd in ("bench", "bench-steps", "bench-loop", "profile-step"):
         assert "needs a CUDA GPU" in lines[cmd], lines[cmd]
@@ -80,9 +96,14 @@ def test_dev_sh_help_says_which_commands_need_a_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's message")
 def test_profile_step_on_a_cpu_machine_is_one_line():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_step.py")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_step.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert res.returncode == 2
     assert res.stdout == ""
     assert res.stderr.count("\n") == 1 and "needs a CUDA GPU" in res.stderr and "Traceback" not in res.stderr

@@ -76,8 +76,9 @@ class DecodePlanner:
         self._static = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self._window_left = window_left
         self._logits_soft_cap = float(logits_soft_cap)
-        self._plan_kwargs = dict(q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale,
-                            logits_soft_cap=self._logits_soft_cap)  # fmt: skip
+        self._plan_kwargs = dict(
+            q_data_type=q_data_type, kv_data_type=kv_data_type, sm_scale=sm_scale, logits_soft_cap=self._logits_soft_cap
+        )
         self._conventions = fast_plan_conventions()
         self._undecided = self._conventions is not None  # until the fast plan was compared with the stock plan
         self.fast = False
@@ -112,8 +113,15 @@ class DecodePlanner:
         """
         if self.fast:  # common case
             self.stock_planned = False
-            self._fast_plan(kv_indptr_host, kv_last_page_len_host, seq_lens_host, max_seq_len, kv_indptr, kv_indices,
-                            kv_last_page_len)  # fmt: skip
+            self._fast_plan(
+                kv_indptr_host,
+                kv_last_page_len_host,
+                seq_lens_host,
+                max_seq_len,
+                kv_indptr,
+                kv_indices,
+                kv_last_page_len,
+            )
             return self.wrapper
         self.stock_planned = True
         device = (kv_indptr, kv_indices, kv_last_page_len)
@@ -129,14 +137,26 @@ class DecodePlanner:
             )
         return self.wrapper
 
-    def _stock_plan(self, kv_indptr_host: torch.Tensor, kv_last_page_len_host: torch.Tensor, kv_indptr: torch.Tensor,
-                    kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> None:  # fmt: skip
+    def _stock_plan(
+        self,
+        kv_indptr_host: torch.Tensor,
+        kv_last_page_len_host: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        kv_last_page_len: torch.Tensor,
+    ) -> None:
         w = self.wrapper
         graph = w.is_cuda_graph_enabled
         # A CUDA-graph wrapper copies kv_indices itself unless given none.
         indices = kv_indices[:0] if graph else kv_indices
-        w.plan(kv_indptr_host, indices, kv_last_page_len_host, *self._static, window_left=self._window_left,
-               **self._plan_kwargs)  # fmt: skip
+        w.plan(
+            kv_indptr_host,
+            indices,
+            kv_last_page_len_host,
+            *self._static,
+            window_left=self._window_left,
+            **self._plan_kwargs,
+        )
         if not graph:
             bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
 
@@ -165,16 +185,41 @@ class DecodePlanner:
         if w.use_tensor_cores:
             w._max_kv_len = max_seq_len
             w._plan_info = w._cached_module.plan(
-                w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
-                views[0], kv_indptr_host, seq_lens_host, b, b, hq, hkv, ps, w.is_cuda_graph_enabled, d, d,
-                False, self._window_left, *self._tail,
-            )  # fmt: skip
+                w._float_workspace_buffer,
+                w._int_workspace_buffer,
+                w._pin_memory_int_workspace_buffer,
+                views[0],
+                kv_indptr_host,
+                seq_lens_host,
+                b,
+                b,
+                hq,
+                hkv,
+                ps,
+                w.is_cuda_graph_enabled,
+                d,
+                d,
+                False,
+                self._window_left,
+                *self._tail,
+            )
         else:
             w._plan_info = w._cached_module.plan(
-                w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer,
-                kv_indptr_host, b, hq, hkv, ps, w.is_cuda_graph_enabled, self._window_left, self._logits_soft_cap, d, d,
+                w._float_workspace_buffer,
+                w._int_workspace_buffer,
+                w._pin_memory_int_workspace_buffer,
+                kv_indptr_host,
+                b,
+                hq,
+                hkv,
+                ps,
+                w.is_cuda_graph_enabled,
+                self._window_left,
+                self._logits_soft_cap,
+                d,
+                d,
                 *self._empty,
-            )  # fmt: skip
+            )
 
     def _plan_state(self):
         scalars = ("_batch_size", "_max_kv_len") if self.wrapper.use_tensor_cores else ("_batch_size",)

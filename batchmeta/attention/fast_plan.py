@@ -107,8 +107,11 @@ def fast_plan_conventions() -> PlanConventions | None:
     for first, conventions in _CONVENTIONS:
         if release is not None and release >= first:
             return conventions
-    logger.warning("FlashInfer %s: batchmeta's fast planners support 0.7.2.post1 to 0.7.4; every plan is FlashInfer's "
-                   "stock plan()", version)  # fmt: skip
+    logger.warning(
+        "FlashInfer %s: batchmeta's fast planners support 0.7.2.post1 to 0.7.4; every plan is FlashInfer's "
+        "stock plan()",
+        version,
+    )
     return None
 
 
@@ -176,8 +179,12 @@ def _warn_once(wrapper: Any, reason: str) -> None:
     if name in _warned:
         return
     _warned.add(name)
-    logger.warning("FlashInfer %s, %s: the fast plan %s; this wrapper keeps FlashInfer's stock plan()",
-                   flashinfer_version(), name, reason)  # fmt: skip
+    logger.warning(
+        "FlashInfer %s, %s: the fast plan %s; this wrapper keeps FlashInfer's stock plan()",
+        flashinfer_version(),
+        name,
+        reason,
+    )
 
 
 def path_reproduced(wrapper: Any, check: Callable[[], bool]) -> bool:
@@ -191,8 +198,9 @@ def path_reproduced(wrapper: Any, check: Callable[[], bool]) -> bool:
         return False
 
 
-def bind_device_arrays(wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-                       kv_last_page_len: torch.Tensor) -> None:  # fmt: skip
+def bind_device_arrays(
+    wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor
+) -> None:
     """Points an eager paged decode or prefill wrapper, just planned by its stock ``plan()``, at
     the step's device arrays ``kv_indptr`` ``[B + 1]``, ``kv_indices``, ``kv_last_page_len`` ``[B]``.
 

@@ -21,8 +21,10 @@ __all__ = ["MLAPlanner", "check_mla_shape", "mla_run", "new_mla_wrapper"]
 def check_mla_shape(group: int, head_dim_ckv: int, head_dim_kpe: int) -> None:
     """Raises ``ValueError`` naming the group when FlashInfer's FA2 MLA kernels cannot run its shape."""
     if head_dim_ckv % 128 or head_dim_kpe % 64:
-        raise ValueError(f"kv_groups[{group}].mla: FlashInfer's MLA kernels need head_dim_ckv a multiple of 128 and "
-                         f"head_dim_kpe a multiple of 64, got {head_dim_ckv} and {head_dim_kpe}")  # fmt: skip
+        raise ValueError(
+            f"kv_groups[{group}].mla: FlashInfer's MLA kernels need head_dim_ckv a multiple of 128 and "
+            f"head_dim_kpe a multiple of 64, got {head_dim_ckv} and {head_dim_kpe}"
+        )
 
 
 @functools.cache
@@ -42,8 +44,9 @@ def new_mla_wrapper(workspace: torch.Tensor, graph_buffers: tuple[torch.Tensor, 
     if graph_buffers is None:
         return BatchMLAPagedAttentionWrapper(workspace, backend="fa2")
     qo, kv, indices, lens = graph_buffers
-    return BatchMLAPagedAttentionWrapper(workspace, use_cuda_graph=True, qo_indptr=qo, kv_indptr=kv,
-                                         kv_indices=indices, kv_len_arr=lens, backend="fa2")  # fmt: skip
+    return BatchMLAPagedAttentionWrapper(
+        workspace, use_cuda_graph=True, qo_indptr=qo, kv_indptr=kv, kv_indices=indices, kv_len_arr=lens, backend="fa2"
+    )
 
 
 class MLAPlanner:
@@ -83,20 +86,43 @@ class MLAPlanner:
         stock plan.
     """
 
-    def __init__(self, wrapper: Any, *, num_heads: int, head_dim_ckv: int, head_dim_kpe: int, page_size: int,
-                 sm_scale: float, q_data_type: torch.dtype, kv_data_type: torch.dtype):  # fmt: skip
+    def __init__(
+        self,
+        wrapper: Any,
+        *,
+        num_heads: int,
+        head_dim_ckv: int,
+        head_dim_kpe: int,
+        page_size: int,
+        sm_scale: float,
+        q_data_type: torch.dtype,
+        kv_data_type: torch.dtype,
+    ):
         self.wrapper = wrapper
-        self._args = dict(num_heads=num_heads, head_dim_ckv=head_dim_ckv, head_dim_kpe=head_dim_kpe,
-                          page_size=page_size, causal=True, sm_scale=sm_scale, q_data_type=q_data_type,
-                          kv_data_type=kv_data_type)  # fmt: skip
+        self._args = dict(
+            num_heads=num_heads,
+            head_dim_ckv=head_dim_ckv,
+            head_dim_kpe=head_dim_kpe,
+            page_size=page_size,
+            causal=True,
+            sm_scale=sm_scale,
+            q_data_type=q_data_type,
+            kv_data_type=kv_data_type,
+        )
         self._canonical = _canonical_api()
         self._undecided = fast_plan_conventions() is not None  # until the fast plan was compared with the stock plan
         self.fast = False
         self._validate: Any = None
         self._geometry = False  # FlashInfer 0.7.4: the backend records the planned query shape run() checks
 
-    def plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
-             kv_indices: torch.Tensor, num_tokens: int) -> Any:  # fmt: skip
+    def plan(
+        self,
+        qo_indptr_host: torch.Tensor,
+        kv_indptr_host: torch.Tensor,
+        kv_len_host: torch.Tensor,
+        kv_indices: torch.Tensor,
+        num_tokens: int,
+    ) -> Any:
         """Plans a batch of ``B`` rows; returns the wrapper.
 
         ``qo_indptr_host`` ``[B+1]``, ``kv_indptr_host`` ``[B+1]``, ``kv_len_host`` ``[B]``: int32
@@ -112,13 +138,22 @@ class MLAPlanner:
         if self._undecided and path_reproduced(self.wrapper, lambda: self._reproducible(kv_indices)):
             self._undecided = False
             self.fast = verify_fast_plan(
-                self.wrapper, lambda: self._fast_plan(*args), lambda: self._stock_plan(*args), self._plan_state,
+                self.wrapper,
+                lambda: self._fast_plan(*args),
+                lambda: self._stock_plan(*args),
+                self._plan_state,
                 written_only=True,
-            )  # fmt: skip
+            )
         return self.wrapper
 
-    def _stock_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
-                    kv_indices: torch.Tensor, num_tokens: int) -> None:  # fmt: skip
+    def _stock_plan(
+        self,
+        qo_indptr_host: torch.Tensor,
+        kv_indptr_host: torch.Tensor,
+        kv_len_host: torch.Tensor,
+        kv_indices: torch.Tensor,
+        num_tokens: int,
+    ) -> None:
         w = self.wrapper
         if self._canonical:
             from flashinfer.mla import MLAPlanMetadata
@@ -126,8 +161,13 @@ class MLAPlanner:
             meta = MLAPlanMetadata.csr(qo_indptr_host, kv_indptr_host, kv_indices, kv_len_host)
             w.plan(metadata=meta, query_layout="split", kv_cache_layout="split", **self._args)
         else:
-            w.plan(qo_indptr=qo_indptr_host, kv_indptr=kv_indptr_host, kv_indices=kv_indices,
-                   kv_len_arr=kv_len_host, **self._args)  # fmt: skip
+            w.plan(
+                qo_indptr=qo_indptr_host,
+                kv_indptr=kv_indptr_host,
+                kv_indices=kv_indices,
+                kv_len_arr=kv_len_host,
+                **self._args,
+            )
         backend = getattr(w, "_planned_backend", None)
         if hasattr(backend, "_planned_query_shape"):
             # FlashInfer 0.7.4 records qo_indptr[B] query rows, and run() demands exactly that many.
@@ -135,25 +175,37 @@ class MLAPlanner:
             # with span them (num_tokens = rows * query length): its plan must accept those.
             backend._planned_query_shape = (num_tokens, self._args["num_heads"])
 
-    def _fast_plan(self, qo_indptr_host: torch.Tensor, kv_indptr_host: torch.Tensor, kv_len_host: torch.Tensor,
-                   kv_indices: torch.Tensor, num_tokens: int) -> None:  # fmt: skip
+    def _fast_plan(
+        self,
+        qo_indptr_host: torch.Tensor,
+        kv_indptr_host: torch.Tensor,
+        kv_len_host: torch.Tensor,
+        kv_indices: torch.Tensor,
+        num_tokens: int,
+    ) -> None:
         w = self.wrapper
         backend, a = w._planned_backend, self._args
         b = kv_len_host.shape[0]
         # FlashInfer's checks of what its kernels can run (work items, causal tile bounds) are a
         # Python loop over query tiles; skipped where they provably pass (see _always_valid).
         if not self._always_valid(num_tokens, b):
-            self._validate(qo_indptr_host, kv_len_host, a["num_heads"], True, backend.device, "fa2",
-                           a["kv_data_type"])  # fmt: skip
+            self._validate(qo_indptr_host, kv_len_host, a["num_heads"], True, backend.device, "fa2", a["kv_data_type"])
         if not w._use_cuda_graph:
             backend._kv_indices_buf = kv_indices
         if self._geometry:
             backend._planned_query_shape = (num_tokens, a["num_heads"])
         b = backend
         info, staged = b._cached_module.plan_with_staged_workspace_bytes(
-            b._float_workspace_buffer, b._int_workspace_buffer, b._pin_memory_int_workspace_buffer, qo_indptr_host,
-            kv_indptr_host, kv_len_host, a["num_heads"], a["head_dim_ckv"], True,
-        )  # fmt: skip
+            b._float_workspace_buffer,
+            b._int_workspace_buffer,
+            b._pin_memory_int_workspace_buffer,
+            qo_indptr_host,
+            kv_indptr_host,
+            kv_len_host,
+            a["num_heads"],
+            a["head_dim_ckv"],
+            True,
+        )
         backend._plan_info = w._plan_info = info
         backend._staged_int_workspace_bytes = staged
 
@@ -196,8 +248,14 @@ class MLAPlanner:
         return bool(ok)
 
 
-def mla_run(wrapper: Any, q_nope: torch.Tensor, q_pe: torch.Tensor, ckv_cache: torch.Tensor,
-            kpe_cache: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+def mla_run(
+    wrapper: Any,
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    ckv_cache: torch.Tensor,
+    kpe_cache: torch.Tensor,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
     """``wrapper.run`` over split queries and caches, in the form this FlashInfer takes."""
     if _canonical_api():
         return wrapper.run(query=(q_nope, q_pe), kv_cache=(ckv_cache, kpe_cache), out=out)

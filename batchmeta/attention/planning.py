@@ -59,8 +59,17 @@ class StepPlanner:
         """Every decode planner made so far, keyed ``("decode", group)`` or ``("graph", group, batch_size)``."""
         return self._planners
 
-    def plan(self, kind: str, padded: int, graph: bool, views: Any, max_seq_len: int, num_kv_pages: tuple[int, ...],
-             num_tokens: int, max_query_len: int) -> tuple[Any, ...]:  # fmt: skip
+    def plan(
+        self,
+        kind: str,
+        padded: int,
+        graph: bool,
+        views: Any,
+        max_seq_len: int,
+        num_kv_pages: tuple[int, ...],
+        num_tokens: int,
+        max_query_len: int,
+    ) -> tuple[Any, ...]:
         """Plans one wrapper per group for a step of ``padded`` rows; returns them.
 
         ``views`` are the step's buffer views (pinned host arrays and device tensors: see
@@ -74,29 +83,64 @@ class StepPlanner:
             if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
                 planner = self._mla_planner(g, padded, graph, views, max_query_len)
                 rows_tokens = padded * max_query_len if graph else num_tokens  # a graph's padding rows' too
-                out.append(planner.plan(views.qo_indptr_pinned, views.kv_indptr_pinned[g], views.seq_lens_pinned,
-                                        self._kv_indices[g][: num_kv_pages[g]], rows_tokens))  # fmt: skip
+                out.append(
+                    planner.plan(
+                        views.qo_indptr_pinned,
+                        views.kv_indptr_pinned[g],
+                        views.seq_lens_pinned,
+                        self._kv_indices[g][: num_kv_pages[g]],
+                        rows_tokens,
+                    )
+                )
                 continue
             if kind == "decode":
                 planner = self._decode_planner(g, padded, graph, views)
-                planner.plan(views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
-                             max_seq_len, views.kv_indptr[g], self._kv_indices[g],
-                             views.kv_last_page_len[g])  # fmt: skip
+                planner.plan(
+                    views.kv_indptr_pinned[g],
+                    views.kv_last_page_len_pinned[g],
+                    views.seq_lens_pinned,
+                    max_seq_len,
+                    views.kv_indptr[g],
+                    self._kv_indices[g],
+                    views.kv_last_page_len[g],
+                )
                 self.graph_stock_planned |= graph and planner.stock_planned
                 out.append(planner.wrapper)
                 continue
             qo = views.qo_indptr_pinned
             if kind == "ragged_prefill":
                 w = self._prefill_planner(g, ragged=True).plan(
-                    qo, None, None, views.seq_lens_pinned, num_tokens, max_query_len, max_seq_len, views.qo_indptr,
-                    None, None, None, 0,
-                )  # fmt: skip
+                    qo,
+                    None,
+                    None,
+                    views.seq_lens_pinned,
+                    num_tokens,
+                    max_query_len,
+                    max_seq_len,
+                    views.qo_indptr,
+                    None,
+                    None,
+                    None,
+                    0,
+                )
             else:  # prefill, mixed, speculative decode (under a CUDA graph: one planner per size and k)
-                planner = self._prefill_planner(g, graph_rows=padded if graph else 0, views=views,
-                                                query_len=max_query_len)  # fmt: skip
-                w = planner.plan(qo, views.kv_indptr_pinned[g], views.kv_last_page_len_pinned[g], views.seq_lens_pinned,
-                                 num_tokens, max_query_len, max_seq_len, views.qo_indptr, views.kv_indptr[g],
-                                 self._kv_indices[g], views.kv_last_page_len[g], num_kv_pages[g])  # fmt: skip
+                planner = self._prefill_planner(
+                    g, graph_rows=padded if graph else 0, views=views, query_len=max_query_len
+                )
+                w = planner.plan(
+                    qo,
+                    views.kv_indptr_pinned[g],
+                    views.kv_last_page_len_pinned[g],
+                    views.seq_lens_pinned,
+                    num_tokens,
+                    max_query_len,
+                    max_seq_len,
+                    views.qo_indptr,
+                    views.kv_indptr[g],
+                    self._kv_indices[g],
+                    views.kv_last_page_len[g],
+                    num_kv_pages[g],
+                )
                 self.graph_stock_planned |= graph and planner.stock_planned
             out.append(w)
         return tuple(out)
@@ -117,10 +161,15 @@ class StepPlanner:
             buffers = (views.qo_indptr, views.kv_indptr[g], self._kv_indices[g], views.seq_lens) if graph else None
             mla = grp.mla
             planner = self._mla_planners[key] = MLAPlanner(
-                new_mla_wrapper(ws, buffers), num_heads=mla.num_heads, head_dim_ckv=mla.head_dim_ckv,
-                head_dim_kpe=mla.head_dim_kpe, page_size=grp.page_size, sm_scale=cfg.sm_scale(g),
-                q_data_type=cfg.q_dtype, kv_data_type=cfg.kv_dtype,
-            )  # fmt: skip
+                new_mla_wrapper(ws, buffers),
+                num_heads=mla.num_heads,
+                head_dim_ckv=mla.head_dim_ckv,
+                head_dim_kpe=mla.head_dim_kpe,
+                page_size=grp.page_size,
+                sm_scale=cfg.sm_scale(g),
+                q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype,
+            )
         return planner
 
     def prefill_planners(self) -> dict[Any, PrefillPlanner]:
@@ -128,8 +177,9 @@ class StepPlanner:
         CUDA-graph ones (speculative verify) ``("graph", group, batch_size, query_len)``."""
         return self._prefill_planners
 
-    def _prefill_planner(self, g: int, ragged: bool = False, graph_rows: int = 0, views: Any = None,
-                         query_len: int = 0) -> PrefillPlanner:  # fmt: skip
+    def _prefill_planner(
+        self, g: int, ragged: bool = False, graph_rows: int = 0, views: Any = None, query_len: int = 0
+    ) -> PrefillPlanner:
         key: Any = ("ragged", g) if ragged else ("graph", g, graph_rows, query_len) if graph_rows else g
         planner = self._prefill_planners.get(key)
         if planner is None:
@@ -145,11 +195,19 @@ class StepPlanner:
             else:
                 wrapper = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend)
             planner = self._prefill_planners[key] = PrefillPlanner(
-                wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
-                kv_data_type=cfg.kv_dtype, ragged=ragged, sm_scale=cfg.sm_scale(g),
-                logits_soft_cap=grp.logits_soft_cap, uniform_query_len=query_len if graph_rows else 0,
-            )  # fmt: skip
+                wrapper,
+                num_qo_heads=cfg.num_qo_heads,
+                num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                page_size=grp.page_size,
+                window_left=grp.window_left,
+                q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype,
+                ragged=ragged,
+                sm_scale=cfg.sm_scale(g),
+                logits_soft_cap=grp.logits_soft_cap,
+                uniform_query_len=query_len if graph_rows else 0,
+            )
         return planner
 
     def _decode_planner(self, g: int, padded: int, graph: bool, views: Any) -> DecodePlanner:
@@ -171,9 +229,16 @@ class StepPlanner:
                 wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores)
             grp = cfg.kv_groups[g]
             planner = self._planners[key] = DecodePlanner(
-                wrapper, num_qo_heads=cfg.num_qo_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                page_size=grp.page_size, window_left=grp.window_left, q_data_type=cfg.q_dtype,
-                kv_data_type=cfg.kv_dtype, max_batch_size=cfg.max_num_reqs, sm_scale=cfg.sm_scale(g),
+                wrapper,
+                num_qo_heads=cfg.num_qo_heads,
+                num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                page_size=grp.page_size,
+                window_left=grp.window_left,
+                q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype,
+                max_batch_size=cfg.max_num_reqs,
+                sm_scale=cfg.sm_scale(g),
                 logits_soft_cap=grp.logits_soft_cap,
-            )  # fmt: skip
+            )
         return planner

@@ -131,8 +131,20 @@ class PrefillPlanner:
         A ragged planner reads only ``qo_indptr_host``, ``seq_lens_host`` (the query lengths),
         ``num_tokens`` and ``qo_indptr``; pass None for the paged-only arguments.
         """
-        args = (qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens, max_query_len,
-                max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_kv_pages)  # fmt: skip
+        args = (
+            qo_indptr_host,
+            kv_indptr_host,
+            kv_last_page_len_host,
+            seq_lens_host,
+            num_tokens,
+            max_query_len,
+            max_seq_len,
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_last_page_len,
+            num_kv_pages,
+        )
         if self.fast:  # common case
             self.stock_planned = False
             self._fast_plan(*args)
@@ -147,28 +159,73 @@ class PrefillPlanner:
             )
         return self.wrapper
 
-    def _stock_plan(self, qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens,
-                    max_query_len, max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                    num_kv_pages) -> None:  # fmt: skip
+    def _stock_plan(
+        self,
+        qo_indptr_host,
+        kv_indptr_host,
+        kv_last_page_len_host,
+        seq_lens_host,
+        num_tokens,
+        max_query_len,
+        max_seq_len,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        num_kv_pages,
+    ) -> None:
         w = self.wrapper
         hq, hkv, d = self._heads
         if self.ragged:
             # The keys and values are the step's own (unquantized) tokens: the query dtype.
-            w.plan(qo_indptr_host, qo_indptr_host, hq, hkv, d, causal=True, window_left=self._window_left,
-                   q_data_type=self._dtypes["q_data_type"], kv_data_type=self._dtypes["q_data_type"],
-                   **self._scales)  # fmt: skip
+            w.plan(
+                qo_indptr_host,
+                qo_indptr_host,
+                hq,
+                hkv,
+                d,
+                causal=True,
+                window_left=self._window_left,
+                q_data_type=self._dtypes["q_data_type"],
+                kv_data_type=self._dtypes["q_data_type"],
+                **self._scales,
+            )
         else:
             # A graph wrapper copies into its fixed buffers: they are these, holding these values.
             graph = dict(uniform_q_len=self._uniform) if self._graph else {}
-            w.plan(qo_indptr_host, kv_indptr_host, kv_indices[:num_kv_pages], kv_last_page_len_host, hq, hkv, d,
-                   self._page_size, causal=True, window_left=self._window_left, **self._dtypes, **self._scales,
-                   **graph)  # fmt: skip
+            w.plan(
+                qo_indptr_host,
+                kv_indptr_host,
+                kv_indices[:num_kv_pages],
+                kv_last_page_len_host,
+                hq,
+                hkv,
+                d,
+                self._page_size,
+                causal=True,
+                window_left=self._window_left,
+                **self._dtypes,
+                **self._scales,
+                **graph,
+            )
             if not self._graph:
                 bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
 
-    def _fast_plan(self, qo_indptr_host, kv_indptr_host, kv_last_page_len_host, seq_lens_host, num_tokens,
-                   max_query_len, max_seq_len, qo_indptr, kv_indptr, kv_indices, kv_last_page_len,
-                   num_kv_pages) -> None:  # fmt: skip
+    def _fast_plan(
+        self,
+        qo_indptr_host,
+        kv_indptr_host,
+        kv_last_page_len_host,
+        seq_lens_host,
+        num_tokens,
+        max_query_len,
+        max_seq_len,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        num_kv_pages,
+    ) -> None:
         w = self.wrapper
         hq, hkv, d = self._heads
         b = qo_indptr_host.shape[0] - 1
@@ -192,10 +249,24 @@ class PrefillPlanner:
         # A graph wrapper plans for the row count fixed at its first plan (its capture).
         total_rows = w._max_total_num_rows if self._graph else num_tokens
         w._plan_info = w._cached_module.plan(
-            w._float_workspace_buffer, w._int_workspace_buffer, w._pin_memory_int_workspace_buffer, qo_indptr_host,
-            kv_indptr_host, seq_lens_host, total_rows, b, hq, hkv, page_size, self._graph, d, d, True,
-            self._window_left, *self._tail,
-        )  # fmt: skip
+            w._float_workspace_buffer,
+            w._int_workspace_buffer,
+            w._pin_memory_int_workspace_buffer,
+            qo_indptr_host,
+            kv_indptr_host,
+            seq_lens_host,
+            total_rows,
+            b,
+            hq,
+            hkv,
+            page_size,
+            self._graph,
+            d,
+            d,
+            True,
+            self._window_left,
+            *self._tail,
+        )
 
     def _plan_state(self):
         if self.ragged:

@@ -16,8 +16,9 @@ import torch
 __all__ = ["mla_attention_torch", "paged_attention_torch"]
 
 
-def _row_pages(kv_indices: torch.Tensor, kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int,
-               b: int) -> tuple[torch.Tensor, int] | None:  # fmt: skip
+def _row_pages(
+    kv_indices: torch.Tensor, kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int, b: int
+) -> tuple[torch.Tensor, int] | None:
     """Row ``b``'s pages (int64) and KV length, or None when it has none."""
     p0, p1 = int(kv_indptr[b]), int(kv_indptr[b + 1])
     if p1 == p0:
@@ -25,8 +26,9 @@ def _row_pages(kv_indices: torch.Tensor, kv_indptr: np.ndarray, kv_last_page_len
     return kv_indices[p0:p1].long(), (p1 - p0 - 1) * page_size + int(kv_last_page_len[b])
 
 
-def _softmax_weights(scores: torch.Tensor, num_q: int, kv_len: int, *, causal: bool, window_left: int,
-                     logits_soft_cap: float) -> torch.Tensor:  # fmt: skip
+def _softmax_weights(
+    scores: torch.Tensor, num_q: int, kv_len: int, *, causal: bool, window_left: int, logits_soft_cap: float
+) -> torch.Tensor:
     """``[H, n, L]`` scaled logits → attention weights (soft cap, masks, softmax; rows with no key → 0)."""
     if logits_soft_cap > 0:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
@@ -104,8 +106,9 @@ def paged_attention_torch(
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
-        probs = _softmax_weights(scores, q1 - q0, kv_len, causal=causal, window_left=window_left,
-                                 logits_soft_cap=logits_soft_cap)  # fmt: skip
+        probs = _softmax_weights(
+            scores, q1 - q0, kv_len, causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap
+        )
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
     return out
 
@@ -150,8 +153,10 @@ def mla_attention_torch(
         pages, kv_len = row
         ckv = ckv_cache[pages].reshape(-1, ckv_cache.shape[-1])[:kv_len].float()
         kpe = kpe_cache[pages].reshape(-1, kpe_cache.shape[-1])[:kv_len].float()
-        scores = (torch.einsum("qhd,kd->hqk", q_nope[q0:q1].float(), ckv)
-                  + torch.einsum("qhd,kd->hqk", q_pe[q0:q1].float(), kpe)) * sm_scale  # fmt: skip
+        scores = (
+            torch.einsum("qhd,kd->hqk", q_nope[q0:q1].float(), ckv)
+            + torch.einsum("qhd,kd->hqk", q_pe[q0:q1].float(), kpe)
+        ) * sm_scale
         probs = _softmax_weights(scores, q1 - q0, kv_len, causal=causal, window_left=-1, logits_soft_cap=0.0)
         out[q0:q1] = torch.einsum("hqk,kd->qhd", probs, ckv).to(q_nope.dtype)
     return out

@@ -49,9 +49,12 @@ def flashinfer_planning_available() -> bool:
         return True
     if torch.cuda.is_available() and not _warned_missing[0]:
         _warned_missing[0] = True
-        _logger.warning("batchmeta: FlashInfer is not installed (%s): attention is not planned and runs the torch "
-                        "implementation; install it with %s", _flashinfer_import_error(),
-                        FLASHINFER_INSTALL)  # fmt: skip
+        _logger.warning(
+            "batchmeta: FlashInfer is not installed (%s): attention is not planned and runs the torch "
+            "implementation; install it with %s",
+            _flashinfer_import_error(),
+            FLASHINFER_INSTALL,
+        )
     return False
 
 
@@ -95,9 +98,15 @@ def new_paged_prefill_wrapper(
         return flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
     qo, indptr, indices, last_page_len = graph_buffers
     return flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-        workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo, paged_kv_indptr_buf=indptr,
-        paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last_page_len, backend=backend,
-    )  # fmt: skip
+        workspace,
+        "NHD",
+        use_cuda_graph=True,
+        qo_indptr_buf=qo,
+        paged_kv_indptr_buf=indptr,
+        paged_kv_indices_buf=indices,
+        paged_kv_last_page_len_buf=last_page_len,
+        backend=backend,
+    )
 
 
 def new_ragged_prefill_wrapper(workspace: torch.Tensor, backend: str = "fa2") -> Any:

@@ -176,13 +176,20 @@ def write_kv_indices(
         _ragged.launch(
             (num_rows,),
             (
-                block_tables, block_tables.stride(0), block_tables.shape[1],
+                block_tables,
+                block_tables.stride(0),
+                block_tables.shape[1],
                 idx_mapping if idx_mapping is not None else kv_indptr,
-                kv_indptr, kv_indptr, 1,
-                out, out.numel(),
-                idx_mapping is not None, False, _BLOCK,
+                kv_indptr,
+                kv_indptr,
+                1,
+                out,
+                out.numel(),
+                idx_mapping is not None,
+                False,
+                _BLOCK,
             ),
-        )  # fmt: skip
+        )
     else:
         rows = idx_mapping if idx_mapping is not None else torch.arange(num_rows, device=device)
         _kv_indices_torch(block_tables, rows, kv_indptr, out)
@@ -249,13 +256,20 @@ def block_tables_to_ragged(
         _ragged.launch(
             (num_rows,),
             (
-                block_tables, block_tables.stride(0), block_tables.shape[1],
+                block_tables,
+                block_tables.stride(0),
+                block_tables.shape[1],
                 seq_lens,  # idx_mapping unused
-                kv_indptr_out, seq_lens, page_size,
-                out, out.numel(),
-                False, True, _BLOCK,
+                kv_indptr_out,
+                seq_lens,
+                page_size,
+                out,
+                out.numel(),
+                False,
+                True,
+                _BLOCK,
             ),
-        )  # fmt: skip
+        )
     else:
         pages = (seq_lens.long() + page_size - 1) // page_size
         kv_indptr_out[0] = 0
@@ -336,17 +350,26 @@ def block_tables_to_padded(
         _padded.launch(
             (num_rows,),
             (
-                block_tables_ragged, block_tables_ragged.numel(), cu_pages,
-                out, out.stride(0), out.shape[1], pad_value, _BLOCK,
+                block_tables_ragged,
+                block_tables_ragged.numel(),
+                cu_pages,
+                out,
+                out.stride(0),
+                out.shape[1],
+                pad_value,
+                _BLOCK,
             ),
-        )  # fmt: skip
+        )
     else:
         cu = cu_pages.long()
         cols = torch.arange(out.shape[1], device=device)
         src = cu[:-1, None] + cols[None, :]
         valid = (cols[None, :] < (cu[1:] - cu[:-1])[:, None]) & (src < block_tables_ragged.numel())
-        vals = block_tables_ragged[src.clamp(0, max(block_tables_ragged.numel() - 1, 0))] \
-            if block_tables_ragged.numel() else src.new_zeros(src.shape)  # fmt: skip
+        vals = (
+            block_tables_ragged[src.clamp(0, max(block_tables_ragged.numel() - 1, 0))]
+            if block_tables_ragged.numel()
+            else src.new_zeros(src.shape)
+        )
         out[:num_rows] = torch.where(valid, vals, pad_value).to(out.dtype)
     return out
 
@@ -356,9 +379,18 @@ def block_tables_to_padded(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _gather_row(
-    src_ptr, src_stride, src_width, num_blocks_ptr, dst_ptr, dst_stride, dst_width, req, b, pad_value,
+    src_ptr,
+    src_stride,
+    src_width,
+    num_blocks_ptr,
+    dst_ptr,
+    dst_stride,
+    dst_width,
+    req,
+    b,
+    pad_value,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     n = tl.load(num_blocks_ptr + req)
     src = src_ptr + req * src_stride
     dst = dst_ptr + b.to(tl.int64) * dst_stride
@@ -375,13 +407,37 @@ def _gather_kernel(
     pad_value,
     # Group g: persistent table [R, W_g] (row stride, width), num_blocks [R], per-step table
     # [>= B, Wo_g] (row stride, width). Unused group argument sets repeat group 0 and are never read.
-    s0, ss0, sw0, n0, d0, ds0, dw0,
-    s1, ss1, sw1, n1, d1, ds1, dw1,
-    s2, ss2, sw2, n2, d2, ds2, dw2,
-    s3, ss3, sw3, n3, d3, ds3, dw3,
+    s0,
+    ss0,
+    sw0,
+    n0,
+    d0,
+    ds0,
+    dw0,
+    s1,
+    ss1,
+    sw1,
+    n1,
+    d1,
+    ds1,
+    dw1,
+    s2,
+    ss2,
+    sw2,
+    n2,
+    d2,
+    ds2,
+    dw2,
+    s3,
+    ss3,
+    sw3,
+    n3,
+    d3,
+    ds3,
+    dw3,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     b = tl.program_id(0)
     g = tl.program_id(1)
     req = tl.load(idx_mapping_ptr + b).to(tl.int64)
@@ -440,14 +496,16 @@ def gather_block_tables(
         check_unit_column_stride(f"block_tables[{g}]", bt)
         check_unit_column_stride(f"out[{g}]", o)
         if nb.numel() < bt.shape[0]:
-            raise ValueError(f"num_blocks[{g}]: expected {bt.shape[0]} elements (rows of block_tables[{g}]), "
-                             f"got {nb.numel()}")  # fmt: skip
+            raise ValueError(
+                f"num_blocks[{g}]: expected {bt.shape[0]} elements (rows of block_tables[{g}]), got {nb.numel()}"
+            )
         if o.shape[0] < num_rows:
             raise ValueError(f"out[{g}]: expected at least {num_rows} rows (len(idx_mapping)), got {o.shape[0]}")
         check_host_index_range("idx_mapping", idx_mapping, bt.shape[0])
         if not nb.is_cuda and nb.numel() and int(nb.max()) > bt.shape[1]:
-            raise ValueError(f"num_blocks[{g}]: a request holds {int(nb.max())} pages but block_tables[{g}] "
-                             f"is {bt.shape[1]} wide")  # fmt: skip
+            raise ValueError(
+                f"num_blocks[{g}]: a request holds {int(nb.max())} pages but block_tables[{g}] is {bt.shape[1]} wide"
+            )
     on_triton = use_triton(backend, idx_mapping)
     if num_rows == 0:
         return out

@@ -54,14 +54,25 @@ def _to_cache(x, inv, dst_ty: tl.constexpr, SCALED: tl.constexpr, FP8_MAX: tl.co
 
 @triton.jit
 def _store_kv_kernel(
-    key_ptr, value_ptr,  # [T, H, D] and [T, Hv, Dv], strides sk_* and sv_*
-    sk_t, sk_h, sk_d,
-    sv_t, sv_h, sv_d,
+    key_ptr,
+    value_ptr,  # [T, H, D] and [T, Hv, Dv], strides sk_* and sv_*
+    sk_t,
+    sk_h,
+    sk_d,
+    sv_t,
+    sv_h,
+    sv_d,
     slot_mapping_ptr,  # [>= T] int32/int64
     k_cache_ptr,  # [P, page_size, H, D], strides sc_p, sc_s, sc_h, sc_d
-    sc_p, sc_s, sc_h, sc_d,
+    sc_p,
+    sc_s,
+    sc_h,
+    sc_d,
     v_cache_ptr,  # [P, page_size, Hv, Dv]
-    scv_p, scv_s, scv_h, scv_d,
+    scv_p,
+    scv_s,
+    scv_h,
+    scv_d,
     page_size,
     num_slots,
     num_heads,
@@ -76,7 +87,7 @@ def _store_kv_kernel(
     V_SCALED: tl.constexpr,
     K_FP8_MAX: tl.constexpr,  # > 0: the cache is float8 with this largest finite value
     V_FP8_MAX: tl.constexpr,
-):  # fmt: skip
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     valid = (slot >= 0) & (slot < num_slots)
@@ -135,8 +146,9 @@ def _inverse_scale(name: str, scale: object) -> float | None:
     inv = 1.0 / s
     # A reciprocal past float32's range (or subnormal) would store infinities or flush to zero.
     if not _FP32_MIN_NORMAL <= inv <= _FP32_MAX:
-        raise ValueError(f"{name}: expected a scale whose reciprocal is a normal float32 "
-                         f"(about 2.9e-39 to 8.5e37), got {scale!r}")  # fmt: skip
+        raise ValueError(
+            f"{name}: expected a scale whose reciprocal is a normal float32 (about 2.9e-39 to 8.5e37), got {scale!r}"
+        )
     return struct.unpack("f", struct.pack("f", inv))[0]
 
 
@@ -158,18 +170,52 @@ def _store_rows_torch(src, cache, pages, in_page, keep, scaled, inv, fp8_max):
     cache[pages, in_page] = x.to(cache.dtype)  # round to nearest even
 
 
-def _launch(num_tokens, key, value, key_strides, value_strides, slot_mapping, k_cache, k_cache_strides, v_cache,
-            v_cache_strides, page_size, num_slots, k_shape, v_shape, v_own_shape, k_conv, v_conv):  # fmt: skip
+def _launch(
+    num_tokens,
+    key,
+    value,
+    key_strides,
+    value_strides,
+    slot_mapping,
+    k_cache,
+    k_cache_strides,
+    v_cache,
+    v_cache_strides,
+    page_size,
+    num_slots,
+    k_shape,
+    v_shape,
+    v_own_shape,
+    k_conv,
+    v_conv,
+):
     (k_scaled, k_inv, k_max), (v_scaled, v_inv, v_max) = k_conv, v_conv
     _store_kv.launch(
         (num_tokens,),
         (
-            key, value, *key_strides, *value_strides, slot_mapping,
-            k_cache, *k_cache_strides, v_cache, *v_cache_strides,
-            page_size, num_slots, *k_shape, *v_shape, k_inv, v_inv,
-            _BLOCK, v_own_shape, k_scaled, v_scaled, k_max, v_max,
+            key,
+            value,
+            *key_strides,
+            *value_strides,
+            slot_mapping,
+            k_cache,
+            *k_cache_strides,
+            v_cache,
+            *v_cache_strides,
+            page_size,
+            num_slots,
+            *k_shape,
+            *v_shape,
+            k_inv,
+            v_inv,
+            _BLOCK,
+            v_own_shape,
+            k_scaled,
+            v_scaled,
+            k_max,
+            v_max,
         ),
-    )  # fmt: skip
+    )
 
 
 def store_kv(
@@ -216,16 +262,20 @@ def store_kv(
     if value.shape != key.shape:
         raise ValueError(f"value: expected shape {tuple(key.shape)} (the shape of key), got {tuple(value.shape)}")
     num_tokens, num_heads, head_dim = key.shape
-    check_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=num_tokens,
-                 contiguous=True)  # fmt: skip
+    check_tensor(
+        "slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=num_tokens, contiguous=True
+    )
     check_tensor("k_cache", k_cache, ndim=4, device=device)
     check_tensor("v_cache", v_cache, ndim=4, device=device)
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (the shape of k_cache), "
-                         f"got {tuple(v_cache.shape)}")  # fmt: skip
+        raise ValueError(
+            f"v_cache: expected shape {tuple(k_cache.shape)} (the shape of k_cache), got {tuple(v_cache.shape)}"
+        )
     if tuple(k_cache.shape[2:]) != (num_heads, head_dim):
-        raise ValueError(f"k_cache: expected (num_pages, page_size, {num_heads}, {head_dim}) to match key, "
-                         f"got {tuple(k_cache.shape)}")  # fmt: skip
+        raise ValueError(
+            f"k_cache: expected (num_pages, page_size, {num_heads}, {head_dim}) to match key, "
+            f"got {tuple(k_cache.shape)}"
+        )
     for name, t in (("key", key), ("value", value)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
@@ -238,8 +288,10 @@ def store_kv(
         # Host data can be read without a sync: a slot past the cache is the caller's mistake, not PAD.
         top = int(slot_mapping[:num_tokens].max())
         if top >= num_pages * page_size:
-            raise ValueError(f"slot_mapping: slot {top} is past the cache ({num_pages} pages of {page_size} slots: "
-                             f"{num_pages * page_size} slots)")  # fmt: skip
+            raise ValueError(
+                f"slot_mapping: slot {top} is past the cache ({num_pages} pages of {page_size} slots: "
+                f"{num_pages * page_size} slots)"
+            )
     on_triton = use_triton(backend, key)
     if on_triton and backend is None and INTERPRET and torch.bfloat16 in (k_cache.dtype, v_cache.dtype):
         on_triton = False  # the interpreter's casts to bfloat16 truncate: the torch twin rounds to nearest even
@@ -250,9 +302,25 @@ def store_kv(
     if num_tokens == 0 or num_heads * head_dim == 0:
         return
     if on_triton:
-        _launch(num_tokens, key, value, key.stride(), value.stride(), slot_mapping, k_cache, k_cache.stride(),
-                v_cache, v_cache.stride(), page_size, num_pages * page_size, (num_heads, head_dim),
-                (num_heads, head_dim), False, k_conv, v_conv)  # fmt: skip
+        _launch(
+            num_tokens,
+            key,
+            value,
+            key.stride(),
+            value.stride(),
+            slot_mapping,
+            k_cache,
+            k_cache.stride(),
+            v_cache,
+            v_cache.stride(),
+            page_size,
+            num_pages * page_size,
+            (num_heads, head_dim),
+            (num_heads, head_dim),
+            False,
+            k_conv,
+            v_conv,
+        )
         return
     slots = slot_mapping[:num_tokens].long()
     keep = (slots >= 0) & (slots < num_pages * page_size)
@@ -299,17 +367,21 @@ def store_mla_kv(
     for name, t in (("ckv", ckv), ("kpe", kpe)):
         if t.shape[1] == 0:
             raise ValueError(f"{name}: expected a head dim >= 1, got shape {tuple(t.shape)}")
-    check_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=num_tokens,
-                 contiguous=True)  # fmt: skip
+    check_tensor(
+        "slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1, device=device, min_numel=num_tokens, contiguous=True
+    )
     check_tensor("ckv_cache", ckv_cache, ndim=3, device=device)
     check_tensor("kpe_cache", kpe_cache, ndim=3, device=device)
     if ckv_cache.shape[2] != dim_ckv:
-        raise ValueError(f"ckv_cache: expected (num_pages, page_size, {dim_ckv}) to match ckv, "
-                         f"got {tuple(ckv_cache.shape)}")  # fmt: skip
+        raise ValueError(
+            f"ckv_cache: expected (num_pages, page_size, {dim_ckv}) to match ckv, got {tuple(ckv_cache.shape)}"
+        )
     num_pages, page_size = ckv_cache.shape[0], ckv_cache.shape[1]
     if tuple(kpe_cache.shape) != (num_pages, page_size, dim_kpe):
-        raise ValueError(f"kpe_cache: expected ({num_pages}, {page_size}, {dim_kpe}) (the pages of ckv_cache, "
-                         f"the head dim of kpe), got {tuple(kpe_cache.shape)}")  # fmt: skip
+        raise ValueError(
+            f"kpe_cache: expected ({num_pages}, {page_size}, {dim_kpe}) (the pages of ckv_cache, "
+            f"the head dim of kpe), got {tuple(kpe_cache.shape)}"
+        )
     for name, t in (("ckv", ckv), ("kpe", kpe)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
@@ -324,10 +396,25 @@ def store_mla_kv(
         return
     if on_triton:
         # The [T, 1, D] / [P, S, 1, D] views of store_kv's layout: the single head's stride is never used.
-        _launch(num_tokens, ckv, kpe, (ckv.stride(0), 0, ckv.stride(1)), (kpe.stride(0), 0, kpe.stride(1)),
-                slot_mapping, ckv_cache, (*ckv_cache.stride()[:2], 0, ckv_cache.stride(2)), kpe_cache,
-                (*kpe_cache.stride()[:2], 0, kpe_cache.stride(2)), page_size, num_pages * page_size, (1, dim_ckv),
-                (1, dim_kpe), True, _PLAIN, _PLAIN)  # fmt: skip
+        _launch(
+            num_tokens,
+            ckv,
+            kpe,
+            (ckv.stride(0), 0, ckv.stride(1)),
+            (kpe.stride(0), 0, kpe.stride(1)),
+            slot_mapping,
+            ckv_cache,
+            (*ckv_cache.stride()[:2], 0, ckv_cache.stride(2)),
+            kpe_cache,
+            (*kpe_cache.stride()[:2], 0, kpe_cache.stride(2)),
+            page_size,
+            num_pages * page_size,
+            (1, dim_ckv),
+            (1, dim_kpe),
+            True,
+            _PLAIN,
+            _PLAIN,
+        )
         return
     slots = slot_mapping[:num_tokens].long()
     keep = (slots >= 0) & (slots < num_pages * page_size)

@@ -24,18 +24,23 @@ _BLOCK_D = 128
 @triton.jit
 def _correct_kernel(
     out_ptr,  # [B, H, D] float, strides so_b, so_h, so_d
-    so_b, so_h, so_d,
+    so_b,
+    so_h,
+    so_d,
     lses_ptr,  # [N, B, H] float, strides sl_n, sl_b, sl_h
-    sl_n, sl_b, sl_h,
+    sl_n,
+    sl_b,
+    sl_h,
     lse_out_ptr,  # [B, H] float32, strides sm_b, sm_h
-    sm_b, sm_h,
+    sm_b,
+    sm_h,
     num_ranks,
     num_heads,
     head_dim,
     rank,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     pid = tl.program_id(0)
     b = (pid // num_heads).to(tl.int64)
     h = (pid % num_heads).to(tl.int64)
@@ -131,10 +136,20 @@ def correct_attn_out(
         _correct.launch(
             (num_rows * num_heads,),
             (
-                out, *out.stride(), lses, *lses.stride(), lse_out, *lse_out.stride(),
-                num_ranks, num_heads, head_dim, rank, next_power_of_2(num_ranks), _BLOCK_D,
+                out,
+                *out.stride(),
+                lses,
+                *lses.stride(),
+                lse_out,
+                *lse_out.stride(),
+                num_ranks,
+                num_heads,
+                head_dim,
+                rank,
+                next_power_of_2(num_ranks),
+                _BLOCK_D,
             ),
-        )  # fmt: skip
+        )
     else:
         _correct_torch(out, lses, rank, lse_out)
     return out, lse_out

@@ -128,8 +128,7 @@ def pack_seq(
     features = math.prod(x.shape[1:])
     if on_triton:
         grid = (num_seqs, triton.cdiv(max_len, _BLOCK_T))
-        _pack.launch(grid, (x, x.shape[0], features, lengths, out, max_len, pad,
-                            True, 256, _BLOCK_T, _BLOCK_F))  # fmt: skip
+        _pack.launch(grid, (x, x.shape[0], features, lengths, out, max_len, pad, True, 256, _BLOCK_T, _BLOCK_F))
         return out
     starts = torch.cumsum(lengths.long(), 0) - lengths.long()
     t = torch.arange(max_len, device=device)
@@ -190,8 +189,7 @@ def unpack_seq(
     features = math.prod(feat_shape)
     if on_triton:
         grid = (num_seqs, triton.cdiv(max_len, _BLOCK_T))
-        _pack.launch(grid, (out, num_tokens, features, lengths, packed, max_len, 0.0,
-                            False, 256, _BLOCK_T, _BLOCK_F))  # fmt: skip
+        _pack.launch(grid, (out, num_tokens, features, lengths, packed, max_len, 0.0, False, 256, _BLOCK_T, _BLOCK_F))
         return out
     starts = torch.cumsum(lengths.long(), 0) - lengths.long()
     t = torch.arange(max_len, device=device)

@@ -159,9 +159,18 @@ def prepare_position_slot_ids(
 # --------------------------------------------------------------------------------------------------
 @triton.jit
 def _slot_row(
-    table_ptr, table_stride, table_width, page_size, slot_ptr, slot_capacity, req, start, n, cache_len,
+    table_ptr,
+    table_stride,
+    table_width,
+    page_size,
+    slot_ptr,
+    slot_capacity,
+    req,
+    start,
+    n,
+    cache_len,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     row = table_ptr + req * table_stride
     for off in range(0, n, BLOCK):
         j = off + tl.arange(0, BLOCK)
@@ -191,14 +200,34 @@ def _slot_mapping_kernel(
     positions_capacity,
     num_rows,
     # Group g: persistent block table [R, W_g] (row stride, width), page size, slot mapping [S_g].
-    t0, ts0, tw0, ps0, o0, oc0,
-    t1, ts1, tw1, ps1, o1, oc1,
-    t2, ts2, tw2, ps2, o2, oc2,
-    t3, ts3, tw3, ps3, o3, oc3,
+    t0,
+    ts0,
+    tw0,
+    ps0,
+    o0,
+    oc0,
+    t1,
+    ts1,
+    tw1,
+    ps1,
+    o1,
+    oc1,
+    t2,
+    ts2,
+    tw2,
+    ps2,
+    o2,
+    oc2,
+    t3,
+    ts3,
+    tw3,
+    ps3,
+    o3,
+    oc3,
     NUM_GROUPS: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr,
     BLOCK: tl.constexpr,
-):  # fmt: skip
+):
     b = tl.program_id(0)
     g = tl.program_id(1)
     if b == num_rows:

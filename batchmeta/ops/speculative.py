@@ -177,8 +177,18 @@ def resolve_rows(
 def _resolve_args(src, dst, lens, page_sizes: torch.Tensor, rows_at: int, stride: int) -> tuple:
     """The resolve kernel's arguments (``page_sizes``: ``[num_groups]`` int32 on ``dst``'s device)."""
     num_groups = page_sizes.numel()
-    return (src, dst, lens, page_sizes, rows_at, stride, num_groups, triton.next_power_of_2(num_groups),
-            row_device_len(num_groups), _ROW_BLOCK)  # fmt: skip
+    return (
+        src,
+        dst,
+        lens,
+        page_sizes,
+        rows_at,
+        stride,
+        num_groups,
+        triton.next_power_of_2(num_groups),
+        row_device_len(num_groups),
+        _ROW_BLOCK,
+    )
 
 
 def bind_resolve_rows(

@@ -162,8 +162,15 @@ class StepLayout:
     def num_groups(self) -> int:
         return len(self.page_size)
 
-    def check(self, staging: torch.Tensor, tables: torch.Tensor, out32: torch.Tensor, out64: torch.Tensor,
-              max_rows: int, mirror: torch.Tensor | None = None) -> None:  # fmt: skip
+    def check(
+        self,
+        staging: torch.Tensor,
+        tables: torch.Tensor,
+        out32: torch.Tensor,
+        out64: torch.Tensor,
+        max_rows: int,
+        mirror: torch.Tensor | None = None,
+    ) -> None:
         """Raises ``ValueError`` unless every field of ``max_rows`` rows fits its buffer.
 
         ``staging`` is on the device of ``tables``, or pinned host memory when that is CUDA (the
@@ -172,40 +179,71 @@ class StepLayout:
         check_tensor("staging", staging, dtypes=(torch.int32,), ndim=1, contiguous=True)
         device = tables.device
         if staging.device != device and not (device.type == "cuda" and staging.is_pinned()):
-            raise ValueError(f"staging: expected a tensor on {device} or pinned host memory, got one on "
-                             f"{staging.device}{'' if staging.device.type != 'cpu' else ' (not pinned)'}")  # fmt: skip
+            raise ValueError(
+                f"staging: expected a tensor on {device} or pinned host memory, got one on "
+                f"{staging.device}{'' if staging.device.type != 'cpu' else ' (not pinned)'}"
+            )
         check_tensor("tables", tables, dtypes=(torch.int32,), ndim=1, contiguous=True)
         if mirror is not None:
             check_tensor("mirror", mirror, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
             if mirror.numel() < staging.numel():
-                raise ValueError(f"mirror: expected at least {staging.numel()} elements (staging's), "
-                                 f"got {mirror.numel()}")  # fmt: skip
+                raise ValueError(
+                    f"mirror: expected at least {staging.numel()} elements (staging's), got {mirror.numel()}"
+                )
         check_tensor("out32", out32, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
         check_tensor("out64", out64, dtypes=(torch.int64,), ndim=1, device=device, contiguous=True)
         g = self.num_groups
-        fields = ("width", "kv_indptr", "last_page_len", "step_width", "table", "held", "kv_indices", "kv_capacity",
-                  "step_table", "slot_mapping")  # fmt: skip
+        fields = (
+            "width",
+            "kv_indptr",
+            "last_page_len",
+            "step_width",
+            "table",
+            "held",
+            "kv_indices",
+            "kv_capacity",
+            "step_table",
+            "slot_mapping",
+        )
         for name in fields:
             if len(getattr(self, name)) != g:
                 raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
         r, rows = max_rows, self.num_table_rows
         ends = {
-            "staging": (staging, [self.idx + r, self.qo_indptr + r + 1, self.cache_lens + r, self.seq_lens + r,
-                                  self.logits + r, self.num_writes + 1, self.pairs + 2 * self.max_writes,
-                                  self.rows + (r + 1) * self.row_stride]
-                        + [o + r + 1 for o in self.kv_indptr] + [o + r for o in self.last_page_len]
-                        + [o + 1 for o in self.step_width]),
-            "tables": (tables, [t + rows * w for t, w in zip(self.table, self.width, strict=True)]
-                       + [h + rows for h in self.held]),
-            "out32": (out32, [k + c for k, c in zip(self.kv_indices, self.kv_capacity, strict=True)]
-                      + [s + r * w for s, w in zip(self.step_table, self.width, strict=True)]),
-            "out64": (out64, [self.positions + self.token_capacity]
-                      + [s + self.token_capacity for s in self.slot_mapping]
-                      + ([self.input_ids + self.token_capacity] if self.has_history else [])),
-        }  # fmt: skip
+            "staging": (
+                staging,
+                [
+                    self.idx + r,
+                    self.qo_indptr + r + 1,
+                    self.cache_lens + r,
+                    self.seq_lens + r,
+                    self.logits + r,
+                    self.num_writes + 1,
+                    self.pairs + 2 * self.max_writes,
+                    self.rows + (r + 1) * self.row_stride,
+                ]
+                + [o + r + 1 for o in self.kv_indptr]
+                + [o + r for o in self.last_page_len]
+                + [o + 1 for o in self.step_width],
+            ),
+            "tables": (
+                tables,
+                [t + rows * w for t, w in zip(self.table, self.width, strict=True)] + [h + rows for h in self.held],
+            ),
+            "out32": (
+                out32,
+                [k + c for k, c in zip(self.kv_indices, self.kv_capacity, strict=True)]
+                + [s + r * w for s, w in zip(self.step_table, self.width, strict=True)],
+            ),
+            "out64": (
+                out64,
+                [self.positions + self.token_capacity]
+                + [s + self.token_capacity for s in self.slot_mapping]
+                + ([self.input_ids + self.token_capacity] if self.has_history else []),
+            ),
+        }
         if self.has_history:
-            ends["staging"][1].extend([self.chunks + 4 * self.max_chunks,
-                                       self.prompt_tokens + self.max_prompt_tokens])  # fmt: skip
+            ends["staging"][1].extend([self.chunks + 4 * self.max_chunks, self.prompt_tokens + self.max_prompt_tokens])
         for name, (buf, stops) in ends.items():
             if max(stops) > buf.numel():
                 raise ValueError(f"{name}: the layout needs {max(stops)} elements, got {buf.numel()}")
@@ -226,8 +264,15 @@ def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, num_writes, PAIRS: tl.
 
 
 @triton.jit
-def _apply_prompts(staging_ptr, hist_ptr, num_chunks, CHUNKS: tl.constexpr, PROMPT: tl.constexpr,
-                   HLEN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _apply_prompts(
+    staging_ptr,
+    hist_ptr,
+    num_chunks,
+    CHUNKS: tl.constexpr,
+    PROMPT: tl.constexpr,
+    HLEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Writes every staged prompt span into the token history (the tail program: rows read spans
     of this step from staging, never from the history this writes)."""
     for c in range(0, num_chunks):
@@ -244,9 +289,23 @@ def _apply_prompts(staging_ptr, hist_ptr, num_chunks, CHUNKS: tl.constexpr, PROM
 
 
 @triton.jit
-def _gather_input_ids(staging_ptr, hist_ptr, out64_ptr, req, start, n, cache_len, num_chunks,
-                      CHUNKS: tl.constexpr, PROMPT: tl.constexpr, HLEN: tl.constexpr, IDS: tl.constexpr,
-                      TOKEN_CAP: tl.constexpr, PAD_ROW: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _gather_input_ids(
+    staging_ptr,
+    hist_ptr,
+    out64_ptr,
+    req,
+    start,
+    n,
+    cache_len,
+    num_chunks,
+    CHUNKS: tl.constexpr,
+    PROMPT: tl.constexpr,
+    HLEN: tl.constexpr,
+    IDS: tl.constexpr,
+    TOKEN_CAP: tl.constexpr,
+    PAD_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """``input_ids[t]`` of the row's tokens: the staged prompt span of its request where one covers
     the position, else the history (written by earlier launches); 0 for a padding row."""
     first = req * 0
@@ -281,12 +340,37 @@ def _field(v, ar, F: tl.constexpr):
 
 @triton.jit
 def _group_row(
-    staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
-    TOKEN_CAP: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
-    PS: tl.constexpr, W: tl.constexpr, TAB: tl.constexpr, HELD: tl.constexpr, INDPTR: tl.constexpr,
-    RF: tl.constexpr, KV: tl.constexpr, KV_CAP: tl.constexpr, STEP: tl.constexpr, SLOTS: tl.constexpr,
-    LAST: tl.constexpr, mirror_ptr, MIRROR: tl.constexpr, ch, COLS: tl.constexpr, PAD_ROW: tl.constexpr,
-):  # fmt: skip
+    staging_ptr,
+    tables_ptr,
+    out32_ptr,
+    out64_ptr,
+    b,
+    req,
+    start,
+    n,
+    cache_len,
+    v,
+    ar,
+    TOKEN_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PAIRS: tl.constexpr,
+    PS: tl.constexpr,
+    W: tl.constexpr,
+    TAB: tl.constexpr,
+    HELD: tl.constexpr,
+    INDPTR: tl.constexpr,
+    RF: tl.constexpr,
+    KV: tl.constexpr,
+    KV_CAP: tl.constexpr,
+    STEP: tl.constexpr,
+    SLOTS: tl.constexpr,
+    LAST: tl.constexpr,
+    mirror_ptr,
+    MIRROR: tl.constexpr,
+    ch,
+    COLS: tl.constexpr,
+    PAD_ROW: tl.constexpr,
+):
     # Program ``ch`` of the row writes its columns [ch * COLS, (ch + 1) * COLS); program 0 also its
     # slots and mirror fields. ``v`` is the row's packed staging (fields of this group from ``RF``).
     lo32 = _field(v, ar, RF + _F_KV_LO)
@@ -335,30 +419,80 @@ def _step_kernel(
     mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
     hist_ptr,  # int64 [R, HLEN]: the token history, when HIST
     rows_ptr,  # int32 [*]: the packed rows at ROWS: staging's, or the mirror's where resolve_rows rewrote them
-    IDX: tl.constexpr, QO_INDPTR: tl.constexpr, CACHE: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr,
-    POS: tl.constexpr, TOKEN_CAP: tl.constexpr, COUNT: tl.constexpr, PAIRS: tl.constexpr,
-    TABLES_NUMEL: tl.constexpr, WRITE_POSITIONS: tl.constexpr, NUM_GROUPS: tl.constexpr, BLOCK: tl.constexpr,
-    MIRROR: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, STRIDE: tl.constexpr, PAD_ROW: tl.constexpr,
+    IDX: tl.constexpr,
+    QO_INDPTR: tl.constexpr,
+    CACHE: tl.constexpr,
+    SEQ: tl.constexpr,
+    LOGITS: tl.constexpr,
+    POS: tl.constexpr,
+    TOKEN_CAP: tl.constexpr,
+    COUNT: tl.constexpr,
+    PAIRS: tl.constexpr,
+    TABLES_NUMEL: tl.constexpr,
+    WRITE_POSITIONS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MIRROR: tl.constexpr,
+    COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    STRIDE: tl.constexpr,
+    PAD_ROW: tl.constexpr,
     # Token history: on/off, the packed-row field of the span count, spans, their tokens, the
     # history's row length, input_ids in out64.
-    HIST: tl.constexpr, HF: tl.constexpr, CHUNKS: tl.constexpr, PROMPT: tl.constexpr, HLEN: tl.constexpr,
+    HIST: tl.constexpr,
+    HF: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    PROMPT: tl.constexpr,
+    HLEN: tl.constexpr,
     IDS: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
     # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length.
     # Unused argument sets repeat the first.
-    PS0: tl.constexpr, W0: tl.constexpr, TAB0: tl.constexpr, HELD0: tl.constexpr, INDPTR0: tl.constexpr,
-    RF0: tl.constexpr, KV0: tl.constexpr, KVCAP0: tl.constexpr, STEP0: tl.constexpr, SLOTS0: tl.constexpr,
+    PS0: tl.constexpr,
+    W0: tl.constexpr,
+    TAB0: tl.constexpr,
+    HELD0: tl.constexpr,
+    INDPTR0: tl.constexpr,
+    RF0: tl.constexpr,
+    KV0: tl.constexpr,
+    KVCAP0: tl.constexpr,
+    STEP0: tl.constexpr,
+    SLOTS0: tl.constexpr,
     LAST0: tl.constexpr,
-    PS1: tl.constexpr, W1: tl.constexpr, TAB1: tl.constexpr, HELD1: tl.constexpr, INDPTR1: tl.constexpr,
-    RF1: tl.constexpr, KV1: tl.constexpr, KVCAP1: tl.constexpr, STEP1: tl.constexpr, SLOTS1: tl.constexpr,
+    PS1: tl.constexpr,
+    W1: tl.constexpr,
+    TAB1: tl.constexpr,
+    HELD1: tl.constexpr,
+    INDPTR1: tl.constexpr,
+    RF1: tl.constexpr,
+    KV1: tl.constexpr,
+    KVCAP1: tl.constexpr,
+    STEP1: tl.constexpr,
+    SLOTS1: tl.constexpr,
     LAST1: tl.constexpr,
-    PS2: tl.constexpr, W2: tl.constexpr, TAB2: tl.constexpr, HELD2: tl.constexpr, INDPTR2: tl.constexpr,
-    RF2: tl.constexpr, KV2: tl.constexpr, KVCAP2: tl.constexpr, STEP2: tl.constexpr, SLOTS2: tl.constexpr,
+    PS2: tl.constexpr,
+    W2: tl.constexpr,
+    TAB2: tl.constexpr,
+    HELD2: tl.constexpr,
+    INDPTR2: tl.constexpr,
+    RF2: tl.constexpr,
+    KV2: tl.constexpr,
+    KVCAP2: tl.constexpr,
+    STEP2: tl.constexpr,
+    SLOTS2: tl.constexpr,
     LAST2: tl.constexpr,
-    PS3: tl.constexpr, W3: tl.constexpr, TAB3: tl.constexpr, HELD3: tl.constexpr, INDPTR3: tl.constexpr,
-    RF3: tl.constexpr, KV3: tl.constexpr, KVCAP3: tl.constexpr, STEP3: tl.constexpr, SLOTS3: tl.constexpr,
+    PS3: tl.constexpr,
+    W3: tl.constexpr,
+    TAB3: tl.constexpr,
+    HELD3: tl.constexpr,
+    INDPTR3: tl.constexpr,
+    RF3: tl.constexpr,
+    KV3: tl.constexpr,
+    KVCAP3: tl.constexpr,
+    STEP3: tl.constexpr,
+    SLOTS3: tl.constexpr,
     LAST3: tl.constexpr,
-):  # fmt: skip
+):
     b = tl.program_id(0)
     g = tl.program_id(1)
     ch = tl.program_id(2)  # column chunk: long rows are split over several programs
@@ -423,27 +557,157 @@ def _step_kernel(
                     tl.store(out64_ptr + POS + t, cache_len + j, mask=(j < n) & (t < TOKEN_CAP))
                 if HIST:
                     if ch == 0:
-                        _gather_input_ids(staging_ptr, hist_ptr, out64_ptr, req, start, n, cache_len,
-                                          _field(v, ar, HF), CHUNKS, PROMPT, HLEN, IDS, TOKEN_CAP, PAD_ROW,
-                                          BLOCK)  # fmt: skip
-            _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar, TOKEN_CAP,
-                       BLOCK, PAIRS, PS0, W0, TAB0, HELD0, INDPTR0, RF0, KV0, KVCAP0, STEP0, SLOTS0, LAST0,
-                       mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
+                        _gather_input_ids(
+                            staging_ptr,
+                            hist_ptr,
+                            out64_ptr,
+                            req,
+                            start,
+                            n,
+                            cache_len,
+                            _field(v, ar, HF),
+                            CHUNKS,
+                            PROMPT,
+                            HLEN,
+                            IDS,
+                            TOKEN_CAP,
+                            PAD_ROW,
+                            BLOCK,
+                        )
+            _group_row(
+                staging_ptr,
+                tables_ptr,
+                out32_ptr,
+                out64_ptr,
+                b,
+                req,
+                start,
+                n,
+                cache_len,
+                v,
+                ar,
+                TOKEN_CAP,
+                BLOCK,
+                PAIRS,
+                PS0,
+                W0,
+                TAB0,
+                HELD0,
+                INDPTR0,
+                RF0,
+                KV0,
+                KVCAP0,
+                STEP0,
+                SLOTS0,
+                LAST0,
+                mirror_ptr,
+                MIRROR,
+                ch,
+                COLS,
+                PAD_ROW,
+            )
         if NUM_GROUPS > 1:
             if g == 1:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
-                           TOKEN_CAP, BLOCK, PAIRS, PS1, W1, TAB1, HELD1, INDPTR1, RF1, KV1, KVCAP1,
-                           STEP1, SLOTS1, LAST1, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
+                _group_row(
+                    staging_ptr,
+                    tables_ptr,
+                    out32_ptr,
+                    out64_ptr,
+                    b,
+                    req,
+                    start,
+                    n,
+                    cache_len,
+                    v,
+                    ar,
+                    TOKEN_CAP,
+                    BLOCK,
+                    PAIRS,
+                    PS1,
+                    W1,
+                    TAB1,
+                    HELD1,
+                    INDPTR1,
+                    RF1,
+                    KV1,
+                    KVCAP1,
+                    STEP1,
+                    SLOTS1,
+                    LAST1,
+                    mirror_ptr,
+                    MIRROR,
+                    ch,
+                    COLS,
+                    PAD_ROW,
+                )
         if NUM_GROUPS > 2:
             if g == 2:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
-                           TOKEN_CAP, BLOCK, PAIRS, PS2, W2, TAB2, HELD2, INDPTR2, RF2, KV2, KVCAP2,
-                           STEP2, SLOTS2, LAST2, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
+                _group_row(
+                    staging_ptr,
+                    tables_ptr,
+                    out32_ptr,
+                    out64_ptr,
+                    b,
+                    req,
+                    start,
+                    n,
+                    cache_len,
+                    v,
+                    ar,
+                    TOKEN_CAP,
+                    BLOCK,
+                    PAIRS,
+                    PS2,
+                    W2,
+                    TAB2,
+                    HELD2,
+                    INDPTR2,
+                    RF2,
+                    KV2,
+                    KVCAP2,
+                    STEP2,
+                    SLOTS2,
+                    LAST2,
+                    mirror_ptr,
+                    MIRROR,
+                    ch,
+                    COLS,
+                    PAD_ROW,
+                )
         if NUM_GROUPS > 3:
             if g == 3:
-                _group_row(staging_ptr, tables_ptr, out32_ptr, out64_ptr, b, req, start, n, cache_len, v, ar,
-                           TOKEN_CAP, BLOCK, PAIRS, PS3, W3, TAB3, HELD3, INDPTR3, RF3, KV3, KVCAP3,
-                           STEP3, SLOTS3, LAST3, mirror_ptr, MIRROR, ch, COLS, PAD_ROW)  # fmt: skip
+                _group_row(
+                    staging_ptr,
+                    tables_ptr,
+                    out32_ptr,
+                    out64_ptr,
+                    b,
+                    req,
+                    start,
+                    n,
+                    cache_len,
+                    v,
+                    ar,
+                    TOKEN_CAP,
+                    BLOCK,
+                    PAIRS,
+                    PS3,
+                    W3,
+                    TAB3,
+                    HELD3,
+                    INDPTR3,
+                    RF3,
+                    KV3,
+                    KVCAP3,
+                    STEP3,
+                    SLOTS3,
+                    LAST3,
+                    mirror_ptr,
+                    MIRROR,
+                    ch,
+                    COLS,
+                    PAD_ROW,
+                )
 
 
 _step = cached_kernel(_step_kernel)
@@ -455,24 +719,61 @@ def _num_chunks(layout: StepLayout, max_cols: int | None) -> int:
     return max(1, -(-cols // _COLS))
 
 
-def _launch_args(layout: StepLayout, staging, tables, out32, out64, mirror=None, history=None,
-                 rows=None) -> list[tuple[int, tuple]]:  # fmt: skip
+def _launch_args(
+    layout: StepLayout, staging, tables, out32, out64, mirror=None, history=None, rows=None
+) -> list[tuple[int, tuple]]:
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each. ``rows``: where the
     packed rows are read (default ``staging``)."""
     launches = []
     lay = layout
     for n, arg_groups in group_launches(layout.num_groups):
-        args: list = [staging, tables, out32, out64, staging if mirror is None else mirror,
-                      out64 if history is None else history, staging if rows is None else rows, layout.idx,
-                      layout.qo_indptr, layout.cache_lens, layout.seq_lens, layout.logits, layout.positions,
-                      layout.token_capacity, layout.num_writes, layout.pairs, tables.numel(), arg_groups[0] == 0, n,
-                      _BLOCK, mirror is not None, _COLS, layout.rows, layout.row_stride,
-                      layout.num_table_rows - 1, lay.has_history, row_chunks(lay.num_groups), lay.chunks,
-                      lay.prompt_tokens, lay.history_len, max(lay.input_ids, 0)]  # fmt: skip
+        args: list = [
+            staging,
+            tables,
+            out32,
+            out64,
+            staging if mirror is None else mirror,
+            out64 if history is None else history,
+            staging if rows is None else rows,
+            layout.idx,
+            layout.qo_indptr,
+            layout.cache_lens,
+            layout.seq_lens,
+            layout.logits,
+            layout.positions,
+            layout.token_capacity,
+            layout.num_writes,
+            layout.pairs,
+            tables.numel(),
+            arg_groups[0] == 0,
+            n,
+            _BLOCK,
+            mirror is not None,
+            _COLS,
+            layout.rows,
+            layout.row_stride,
+            layout.num_table_rows - 1,
+            lay.has_history,
+            row_chunks(lay.num_groups),
+            lay.chunks,
+            lay.prompt_tokens,
+            lay.history_len,
+            max(lay.input_ids, 0),
+        ]
         for g in arg_groups:
-            args += [layout.page_size[g], layout.width[g], layout.table[g], layout.held[g], layout.kv_indptr[g],
-                     ROW_GROUP + ROW_PER_GROUP * g, layout.kv_indices[g], layout.kv_capacity[g], layout.step_table[g],
-                     layout.slot_mapping[g], layout.last_page_len[g]]  # fmt: skip
+            args += [
+                layout.page_size[g],
+                layout.width[g],
+                layout.table[g],
+                layout.held[g],
+                layout.kv_indptr[g],
+                ROW_GROUP + ROW_PER_GROUP * g,
+                layout.kv_indices[g],
+                layout.kv_capacity[g],
+                layout.step_table[g],
+                layout.slot_mapping[g],
+                layout.last_page_len[g],
+            ]
         launches.append((n, tuple(args)))
     return launches
 
@@ -487,8 +788,9 @@ def _apply_writes_torch(staging: torch.Tensor, dst: torch.Tensor, pairs_at: int,
     dst[pairs[keep, 0]] = pairs[keep, 1].to(dst.dtype)
 
 
-def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, start: int, end: int, total: int,
-                   num_spans: int) -> None:  # fmt: skip
+def _history_torch(
+    lay: StepLayout, staging, history, out64, idx, row, pos, start: int, end: int, total: int, num_spans: int
+) -> None:
     """Token history: input_ids of the step's tokens (from the staged spans or the history as it was),
     then every staged span written into the history."""
     cap = lay.token_capacity
@@ -507,8 +809,9 @@ def _history_torch(lay: StepLayout, staging, history, out64, idx, row, pos, star
         history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].long()
 
 
-def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None, history=None,
-                rows=None) -> None:  # fmt: skip
+def _fill_torch(
+    layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None, history=None, rows=None
+) -> None:
     """The kernel's work in torch, reading the same packed rows (from ``rows``, default ``staging``)."""
     lay, dev = layout, tables.device
     staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
@@ -519,8 +822,13 @@ def _fill_torch(layout: StepLayout, staging, tables, out32, out64, num_rows: int
     cache = packed[:num_rows, ROW_CACHE]
     per_group = [ROW_GROUP + ROW_PER_GROUP * g for g in range(lay.num_groups)]
     if mirror is not None:
-        copied = [(lay.idx, idx), (lay.qo_indptr, qo), (lay.cache_lens, cache),
-                  (lay.seq_lens, packed[:num_rows, ROW_SEQ]), (lay.logits, packed[:num_rows, ROW_LOGITS])]  # fmt: skip
+        copied = [
+            (lay.idx, idx),
+            (lay.qo_indptr, qo),
+            (lay.cache_lens, cache),
+            (lay.seq_lens, packed[:num_rows, ROW_SEQ]),
+            (lay.logits, packed[:num_rows, ROW_LOGITS]),
+        ]
         copied += [(lay.kv_indptr[g], packed[:, at + ROW_KV_LO]) for g, at in enumerate(per_group)]
         copied += [(lay.last_page_len[g], packed[:num_rows, at + ROW_LAST]) for g, at in enumerate(per_group)]
         for at, values in copied:
@@ -606,8 +914,10 @@ def fill_step_metadata(
     if rows is not None:
         check_tensor("rows", rows, dtypes=(torch.int32,), ndim=1, device=tables.device, contiguous=True)
         if rows.numel() < layout.rows + (num_rows + 1) * layout.row_stride:
-            raise ValueError(f"rows: expected at least {layout.rows + (num_rows + 1) * layout.row_stride} elements, "
-                             f"got {rows.numel()}")  # fmt: skip
+            raise ValueError(
+                f"rows: expected at least {layout.rows + (num_rows + 1) * layout.row_stride} elements, "
+                f"got {rows.numel()}"
+            )
     if use_triton(backend, tables):
         chunks = _num_chunks(layout, max_cols)
         for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history, rows):
@@ -652,11 +962,14 @@ def bind_step_metadata(
     use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
     if tables.is_cuda and backend != "torch":
         bound = {
-            resolved: [(n, _step.bind(args, num_warps=_NUM_WARPS))
-                       for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history,
-                                                   mirror if resolved else None)]
+            resolved: [
+                (n, _step.bind(args, num_warps=_NUM_WARPS))
+                for n, args in _launch_args(
+                    layout, staging, tables, out32, out64, mirror, history, mirror if resolved else None
+                )
+            ]
             for resolved in ((False, True) if mirror is not None else (False,))
-        }  # fmt: skip
+        }
         if len(bound[False]) == 1:
             ((n0, launch0),) = bound[False]
             launch_resolved = bound[True][0][1] if mirror is not None else None
@@ -678,8 +991,19 @@ def bind_step_metadata(
         return fill_many
 
     def fill_host(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
-        fill_step_metadata(layout, staging, tables, out32, out64, num_rows, mirror=mirror, max_cols=max_cols,
-                           backend=backend, history=history, rows=mirror if resolved else None)  # fmt: skip
+        fill_step_metadata(
+            layout,
+            staging,
+            tables,
+            out32,
+            out64,
+            num_rows,
+            mirror=mirror,
+            max_cols=max_cols,
+            backend=backend,
+            history=history,
+            rows=mirror if resolved else None,
+        )
 
     return fill_host
 
@@ -691,8 +1015,11 @@ def bind_step_metadata(
 def _scatter_pairs_kernel(
     staging_ptr,  # int32 [*]: num_writes at COUNT, then (offset, value) pairs from PAIRS
     dst_ptr,  # int32 [DST_NUMEL]
-    COUNT: tl.constexpr, PAIRS: tl.constexpr, DST_NUMEL: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    COUNT: tl.constexpr,
+    PAIRS: tl.constexpr,
+    DST_NUMEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # One program: only the rare writes beyond what one step's staging holds come here.
     _apply_writes(staging_ptr, dst_ptr, 0, DST_NUMEL, 0, tl.load(staging_ptr + COUNT), PAIRS, BLOCK)
 
@@ -700,8 +1027,9 @@ def _scatter_pairs_kernel(
 _scatter_pairs = cached_kernel(_scatter_pairs_kernel)
 
 
-def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int, max_writes: int,
-                       backend: str | None = None) -> Callable[[int], None]:  # fmt: skip
+def bind_scatter_pairs(
+    staging: torch.Tensor, dst: torch.Tensor, *, count: int, pairs: int, max_writes: int, backend: str | None = None
+) -> Callable[[int], None]:
     """``scatter(n)``: ``dst[staging[pairs + 2i]] = staging[pairs + 2i + 1]`` for
     ``i < staging[count]`` (``n`` is that count, known on the host; 0 launches nothing). Offsets
     outside ``dst`` are dropped; offsets must be unique (Triton gives writes no order).
@@ -716,8 +1044,9 @@ def bind_scatter_pairs(staging: torch.Tensor, dst: torch.Tensor, *, count: int, 
     check_tensor("staging", staging, dtypes=(torch.int32,), ndim=1, contiguous=True)
     check_tensor("dst", dst, dtypes=(torch.int32,), ndim=1, device=staging.device, contiguous=True)
     if max(count + 1, pairs + 2 * max_writes) > staging.numel():
-        raise ValueError(f"staging: {max_writes} pairs at {pairs} need {pairs + 2 * max_writes} elements, "
-                         f"got {staging.numel()}")  # fmt: skip
+        raise ValueError(
+            f"staging: {max_writes} pairs at {pairs} need {pairs + 2 * max_writes} elements, got {staging.numel()}"
+        )
     args = (staging, dst, count, pairs, dst.numel(), _BLOCK)
     on_triton = use_triton(backend, staging)
     if staging.is_cuda and on_triton:

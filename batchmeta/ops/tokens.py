@@ -110,11 +110,15 @@ def copy_next_input_ids_inplace(
         check_index_vector("idx_mapping", idx_mapping, device=device)
         check_host_index_range("idx_mapping", idx_mapping, all_input_ids.shape[0], "rows of all_input_ids")
         num_rows = idx_mapping.numel()
-    for name, t in (("cache_lengths", cache_lengths), ("input_lengths", input_lengths),
-                    ("prompt_lengths", prompt_lengths)):  # fmt: skip
+    for name, t in (
+        ("cache_lengths", cache_lengths),
+        ("input_lengths", input_lengths),
+        ("prompt_lengths", prompt_lengths),
+    ):
         check_index_vector(name, t, device=device, min_numel=num_rows)
-    check_tensor("next_input_ids", next_input_ids, dtypes=(all_input_ids.dtype,), ndim=1, device=device,
-                 contiguous=True)  # fmt: skip
+    check_tensor(
+        "next_input_ids", next_input_ids, dtypes=(all_input_ids.dtype,), ndim=1, device=device, contiguous=True
+    )
     check_index_vector("cu_accepted_ids", cu_accepted_ids, device=device, min_numel=num_rows + 1)
     if is_host(cu_accepted_ids) and num_rows:  # every input is on this device (checked above)
         cu = cu_accepted_ids[: num_rows + 1].long()
@@ -148,12 +152,20 @@ def copy_next_input_ids_inplace(
         _copy_next.launch(
             (num_rows,),
             (
-                all_input_ids, all_input_ids.stride(0), all_input_ids.shape[1],
-                cache_lengths, input_lengths, prompt_lengths,
-                next_input_ids, next_input_ids.numel(), cu_accepted_ids,
-                idx_mapping if idx_mapping is not None else cu_accepted_ids, idx_mapping is not None, _BLOCK,
+                all_input_ids,
+                all_input_ids.stride(0),
+                all_input_ids.shape[1],
+                cache_lengths,
+                input_lengths,
+                prompt_lengths,
+                next_input_ids,
+                next_input_ids.numel(),
+                cu_accepted_ids,
+                idx_mapping if idx_mapping is not None else cu_accepted_ids,
+                idx_mapping is not None,
+                _BLOCK,
             ),
-        )  # fmt: skip
+        )
         return
     cu = cu_accepted_ids[: num_rows + 1].long()
     counts = cu[1:] - cu[:-1]
