@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if decode_only:
             ctx = meta.prepare_decode(idx, clens, cuda_graph=use_graphs)
         else:
-            ctx = meta.prepare_prefill(idx, qlens, clens)
+            ctx = meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         with ctx as step:
             prepare_us.append((time.perf_counter() - t0) * 1e6)
             if step.cuda_graph:

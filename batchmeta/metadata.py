@@ -19,6 +19,7 @@ Decode steps may replay CUDA graphs (:mod:`batchmeta.cuda_graphs`, where the pad
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -283,8 +284,12 @@ class BatchMetadata:
     # ---------------------------------------------------------------------------------------------
     # Every step
     # ---------------------------------------------------------------------------------------------
-    def prepare_prefill(self, idx_mapping: Any, query_lens: Any, cache_lens: Any) -> Step:
+    def prepare_prefill(self, idx_mapping: Any, *lengths: Any, query_lens: Any = None, cache_lens: Any = None) -> Step:
         """Metadata for a prefill or mixed step (chunked prefill beside decodes).
+
+        ``meta.prepare_prefill(idx, query_lens=q, cache_lens=c)``: the two lengths are passed by
+        keyword (both are ``[B]`` ints: swapped, they would pass every check). Passing them by
+        position, ``prepare_prefill(idx, q, c)``, still works and warns (``DeprecationWarning``).
 
         Parameters
         ----------
@@ -302,6 +307,22 @@ class BatchMetadata:
             makes it ``batchmeta.current_step()`` for the body. A ``"ragged_prefill"`` step when
             nothing is cached, else ``"prefill"``.
         """
+        if lengths:
+            if len(lengths) != 2 or query_lens is not None or cache_lens is not None:
+                raise TypeError(
+                    "prepare_prefill: pass query_lens= and cache_lens= by keyword "
+                    f"(got {len(lengths)} positional length argument(s))"
+                )
+            warnings.warn(
+                "prepare_prefill(idx, query_lens, cache_lens) by position is deprecated: swapped lengths pass "
+                "every check; pass query_lens= and cache_lens= by keyword",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            query_lens, cache_lens = lengths
+        for name, value in (("query_lens", query_lens), ("cache_lens", cache_lens)):
+            if value is None:
+                raise TypeError(f"prepare_prefill: missing {name}= (a [B] int per row)")
         idx = host_ints("idx_mapping", idx_mapping)
         b = idx.shape[0]
         qlens = host_ints("query_lens", query_lens, length=b)

@@ -83,7 +83,7 @@ def main() -> int:
                 if scn.decode:
                     s = m.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
                 else:
-                    s = m.prepare_prefill(idx, qlens, cache)
+                    s = m.prepare_prefill(idx, query_lens=qlens, cache_lens=cache)
                 with s:
                     pass
 

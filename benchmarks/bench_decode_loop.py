@@ -385,7 +385,7 @@ def run_sync(eng: Engine, graph: bool) -> dict:
     eng.reset(meta)
     eng.ensure_pages(meta, prompt_lens)
     ids = torch.from_numpy(np.concatenate(eng.prompts)).to(eng.device)
-    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+    with meta.prepare_prefill(idx, query_lens=prompt_lens, cache_lens=np.zeros(b, np.int64)) as step:
         tokens = model.forward(ids, step, rows=step.logits_indices.long()).tolist()
     out = [tokens]
     clens = prompt_lens.copy()
@@ -470,7 +470,7 @@ def run_overlap(eng: Engine, graph: bool) -> dict:
     rb = Readback(1 + eng.decode_steps, b, cuda)
     prepared = torch.cuda.Event() if cuda else None
     fence = cuda and not args.no_plan_fence
-    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+    with meta.prepare_prefill(idx, query_lens=prompt_lens, cache_lens=np.zeros(b, np.int64)) as step:
         if prepared is not None:
             prepared.record()
         nxt = model.forward(step.input_ids, step, rows=step.logits_indices.long())
@@ -569,7 +569,7 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
         return acc.cache_lens
 
     # Prefill: one token per request, accepted with host counts (exact lengths), then the first drafts.
-    with meta.prepare_prefill(idx, prompt_lens, np.zeros(b, np.int64)) as step:
+    with meta.prepare_prefill(idx, query_lens=prompt_lens, cache_lens=np.zeros(b, np.int64)) as step:
         if prepared is not None:
             prepared.record()
         nxt = eng.model.forward(step.input_ids, step, rows=step.logits_indices.long())

@@ -200,7 +200,7 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     idx = np.arange(b)
     s = Setup(scn, meta, idx, noplan=noplan, prefill_backend=prefill_backend, num_pages=num_pages)
     # Host arrays for the stock plan, and device kv_indices, prepared once (not timed).
-    with meta.prepare_prefill(idx, scn.query_lens, scn.cache_lens) as step:
+    with meta.prepare_prefill(idx, query_lens=scn.query_lens, cache_lens=scn.cache_lens) as step:
         s.host = dict(
             qo=torch.from_numpy(step.qo_indptr_host.copy()),
             kv=torch.from_numpy(step.kv_indptr_host[0].copy()),
@@ -336,7 +336,7 @@ def impl_batchmeta(s: Setup, graph: bool, plan: bool = True, forward: ForwardPas
     else:
 
         def step():
-            with meta.prepare_prefill(idx, q, c):
+            with meta.prepare_prefill(idx, query_lens=q, cache_lens=c):
                 pass
 
     return step, nbytes

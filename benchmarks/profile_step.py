@@ -94,7 +94,7 @@ def main() -> int:
         if scn.decode:
             ctx = meta.prepare_decode(idx, cache, num_draft_tokens=scn.draft, cuda_graph=scn.graph)
         else:
-            ctx = meta.prepare_prefill(idx, query, cache)
+            ctx = meta.prepare_prefill(idx, query_lens=query, cache_lens=cache)
         t1 = time.perf_counter_ns()
         with ctx:
             pass

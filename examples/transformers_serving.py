@@ -388,7 +388,7 @@ class Runner:
                 if len(decodes) == b:
                     step = meta.prepare_decode(idx, clens, cuda_graph=self.use_graphs)
                 else:
-                    step = meta.prepare_prefill(idx, qlens, clens)
+                    step = meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
                 with step:
                     if step.cuda_graph:
                         meta.replay_decode_graph(step)
@@ -507,7 +507,9 @@ class Runner:
                         meta.stage_prompt(r.slot, r.prompt[r.cached : r.cached + n], r.cached)
                         hold(r, r.cached + n)
                     step = meta.prepare_prefill(
-                        [r.slot for r, _ in batch], [n for _, n in batch], [r.cached for r, _ in batch]
+                        [r.slot for r, _ in batch],
+                        query_lens=[n for _, n in batch],
+                        cache_lens=[r.cached for r, _ in batch],
                     )
                 else:  # every request past its prompt verifies k drafts: pages for its bound + 1 + k
                     batch = [(r, 1 + k) for r in running]

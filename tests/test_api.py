@@ -91,7 +91,7 @@ def test_prepare_returns_the_step_without_with(device):
     step = meta.prepare_decode([0], [5])
     assert type(step) is Step
     assert step.positions.cpu().tolist() == [5]
-    step2 = meta.prepare_prefill([0], [2], [3])
+    step2 = meta.prepare_prefill([0], query_lens=[2], cache_lens=[3])
     assert type(step2) is Step and step2.positions.cpu().tolist() == [3, 4]
     assert "Step" in inspect.signature(BatchMetadata.prepare_decode).return_annotation
 
@@ -148,7 +148,7 @@ def test_step_fields_use_flashinfer_names_with_host_twins(device):
     idx, qlens, clens = [2, 0], [3, 1], [5, 0]
     for r, c, q in zip(idx, clens, qlens, strict=True):
         pages.grow(r, c + q)
-    with meta.prepare_prefill(idx, qlens, clens) as step:
+    with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
         check_step(step, meta, pages.held, idx, qlens, clens)
         assert step.qo_indptr.cpu().tolist() == step.qo_indptr_host.tolist() == [0, 3, 4]
         for g in range(2):
@@ -206,7 +206,7 @@ def test_unknown_request_slot_says_it_holds_no_pages(device, kind):
     call = (
         (lambda: meta.prepare_decode([0, 3], [0, 0]))
         if kind == "decode"
-        else (lambda: meta.prepare_prefill([3], [2], [0]))
+        else (lambda: meta.prepare_prefill([3], query_lens=[2], cache_lens=[0]))
     )
     with pytest.raises(ValueError, match=r"request slot 3 holds no pages yet"):
         call()
@@ -244,7 +244,7 @@ def test_five_groups_are_correct_and_take_two_launches(device):
     idx, qlens, clens = [1, 4, 0], [5, 1, 2], [0, 11, 7]
     for r, c, q in zip(idx, clens, qlens, strict=True):
         pages.grow(r, c + q)
-    with meta.prepare_prefill(idx, qlens, clens) as step:
+    with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
         check_step(step, meta, pages.held, idx, qlens, clens)
     lay = meta._buffers.kernel_layout(meta.config, meta._layout, meta.block_tables)
     args = (meta._staging.dev, meta.block_tables.flat, meta._buffers.out32, meta._buffers.out64)

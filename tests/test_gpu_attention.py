@@ -174,7 +174,11 @@ def test_prefill_chunked_prefill_mixed_decode_against_dense(dtype, page_sizes, w
         for r, c, q in zip(idx, clens, qlens, strict=True):
             eng.grow(r, c + q)
         k, v = eng.new_kv(idx, qlens)
-        ctx = meta.prepare_prefill(idx, qlens, clens) if mode == "prefill" else meta.prepare_decode(idx, clens)
+        ctx = (
+            meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
+            if mode == "prefill"
+            else meta.prepare_decode(idx, clens)
+        )
         with ctx as step:
             kinds.append(step.kind)
             q, outs = eng.run_step(step, idx, qlens, k, v)
@@ -190,7 +194,7 @@ def test_speculative_decode_against_dense(dtype):
     for r, c in zip(idx, clens, strict=True):
         eng.grow(r, c + 4)
         eng.new_kv([r], [c])
-        with eng.meta.prepare_prefill([r], [c], [0]) as step:
+        with eng.meta.prepare_prefill([r], query_lens=[c], cache_lens=[0]) as step:
             for g, (kc, vc) in enumerate(eng.caches):
                 ops.store_kv(eng.dense_k[r], eng.dense_v[r], step.slot_mappings[g], kc, vc)
     k, v = eng.new_kv(idx, [4, 4])
@@ -226,7 +230,7 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
     for r, n in lens.items():
         eng.grow(r, n)
         k, v = eng.new_kv([r], [n])
-        with meta.prepare_prefill([r], [n], [0]) as step:
+        with meta.prepare_prefill([r], query_lens=[n], cache_lens=[0]) as step:
             for g, (kc, vc) in enumerate(eng.caches):
                 ops.store_kv(k, v, step.slot_mappings[g], kc, vc)
     for batch in ([0], [1, 2, 3], [4, 5, 6, 7, 0], [2, 7], [0, 1, 2, 3, 4, 5, 6, 7]):
@@ -273,9 +277,9 @@ def test_prepare_makes_no_host_sync():
     sampled = torch.arange(6, dtype=torch.int64, device="cuda")
 
     def steps():
-        with meta.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]):
+        with meta.prepare_prefill([0, 1, 2, 3], query_lens=[10, 1, 20, 1], cache_lens=[0, 5, 0, 9]):
             pass
-        with meta.prepare_prefill([0, 1], [10, 20], [0, 0]):
+        with meta.prepare_prefill([0, 1], query_lens=[10, 20], cache_lens=[0, 0]):
             pass
         with meta.prepare_decode([0, 1, 2], [30, 31, 32]):
             pass
@@ -304,7 +308,7 @@ def test_current_step_inside_a_layer():
     def layer():
         seen.append(batchmeta.current_step().num_tokens)
 
-    with eng.meta.prepare_prefill([0], [8], [0]):
+    with eng.meta.prepare_prefill([0], query_lens=[8], cache_lens=[0]):
         layer()
     assert seen == [8]
 
@@ -324,7 +328,7 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
         lens[r] = int(torch.randint(5, 90, ()).item())
         eng.grow(r, lens[r])
         k, v = eng.new_kv([r], [lens[r]])
-        with meta.prepare_prefill([r], [lens[r]], [0]) as step:
+        with meta.prepare_prefill([r], query_lens=[lens[r]], cache_lens=[0]) as step:
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     stock = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=heads[0] // heads[1] > 4)
@@ -399,7 +403,7 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, ba
             eng.grow(r, lens[r] + q)
         k, v = eng.new_kv(idx, qlens)
         q = torch.randn(sum(qlens), heads[0], eng.d, device="cuda").to(dtype)
-        with meta.prepare_prefill(idx, qlens, clens) as step:
+        with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
             fast = step.attention(q, kc, vc, k=k, v=v)
             if step.kind == "ragged_prefill":  # the first step: nothing cached, no paged plan
@@ -473,7 +477,7 @@ def test_fast_ragged_plan_equals_stock_plan(heads, window, dtype, backend):
             eng.grow(r, q)
         k, v = eng.new_kv(idx, qlens)
         q = torch.randn(sum(qlens), heads[0], eng.d, device="cuda").to(dtype)
-        with meta.prepare_prefill(idx, qlens, [0] * len(idx)) as step:
+        with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=[0] * len(idx)) as step:
             assert step.kind == "ragged_prefill"
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
             fast = step.attention(q, kc, vc, k=k, v=v)

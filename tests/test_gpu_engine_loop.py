@@ -42,7 +42,7 @@ def test_speculative_verify_under_cuda_graphs(heads):
         lens[r] = int(torch.randint(3, 60, (), generator=gen))
         eng.grow(r, lens[r])
         k, v = eng.new_kv([r], [lens[r]])
-        with meta.prepare_prefill([r], [lens[r]], [0]) as step:
+        with meta.prepare_prefill([r], query_lens=[lens[r]], cache_lens=[0]) as step:
             for g, (kc, vc) in enumerate(eng.caches):
                 ops.store_kv(k, v, step.slot_mappings[g], kc, vc)
     batches = ([0], [1, 2, 3], [4, 5, 6, 7, 0], [2, 7], list(range(8)), [6], [3, 1, 4])
@@ -243,7 +243,7 @@ def synchronous_loop(model, graphs):
 
         meta.capture_decode_graph(4, forward)
     lens = [len(p) for p in PROMPTS]
-    with meta.prepare_prefill(list(range(b)), lens, [0] * b) as step:
+    with meta.prepare_prefill(list(range(b)), query_lens=lens, cache_lens=[0] * b) as step:
         ids = torch.tensor([t for p in PROMPTS for t in p], device="cuda")
         tokens = model.logits(step, ids)[step.logits_indices].argmax(-1).tolist()
     out = [tokens]
@@ -283,7 +283,7 @@ def overlapped_loop(model, meta, graphs, check_syncs):
     if check_syncs:
         torch.cuda.set_sync_debug_mode("error")
     try:
-        step = meta.prepare_prefill(list(range(b)), lens, [0] * b)
+        step = meta.prepare_prefill(list(range(b)), query_lens=lens, cache_lens=[0] * b)
         for n in range(STEPS + 1):
             with step:
                 if step.cuda_graph:

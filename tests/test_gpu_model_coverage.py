@@ -34,7 +34,7 @@ def run_steps(eng, kinds):
             eng.grow(r, c + q)
         k, v = eng.new_kv(idx, qlens)
         if mode == "prefill":
-            step = eng.meta.prepare_prefill(idx, qlens, clens)
+            step = eng.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         else:
             step = eng.meta.prepare_decode(idx, clens, num_draft_tokens=qlens[0] - 1)
         with step:
@@ -127,7 +127,11 @@ def test_fast_plans_keep_scale_and_soft_cap(heads):
         k, v = eng.new_kv(idx, qlens)
         q = torch.randn(sum(qlens), heads[0], eng.d, device="cuda").to(torch.bfloat16)
         decode_step = all(n == 1 for n in qlens) and all(clens)
-        step = meta.prepare_decode(idx, clens) if decode_step else meta.prepare_prefill(idx, qlens, clens)
+        step = (
+            meta.prepare_decode(idx, clens)
+            if decode_step
+            else meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
+        )
         with step:
             ops.store_kv(k, v, step.slot_mappings[0], kc, vc)
             fast = step.attention(q, kc, vc, k=k, v=v)
@@ -280,7 +284,7 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
             eng.grow(r, c + n)
         ckv, kpe, q_nope, q_pe = eng.new_tokens(idx, qlens)
         if mode == "prefill":
-            step = meta.prepare_prefill(idx, qlens, clens)
+            step = meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         else:
             step = meta.prepare_decode(idx, clens, num_draft_tokens=qlens[0] - 1)
         with step:
@@ -378,8 +382,8 @@ def test_no_host_sync_with_scales_fp8_and_mla():
     def steps():
         for m in (eng.meta, mla.meta):
             prepares = (
-                lambda m=m: m.prepare_prefill([0, 1, 2, 3], [10, 1, 20, 1], [0, 5, 0, 9]),
-                lambda m=m: m.prepare_prefill([0, 1], [10, 20], [0, 0]),
+                lambda m=m: m.prepare_prefill([0, 1, 2, 3], query_lens=[10, 1, 20, 1], cache_lens=[0, 5, 0, 9]),
+                lambda m=m: m.prepare_prefill([0, 1], query_lens=[10, 20], cache_lens=[0, 0]),
                 lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32]),
                 lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], num_draft_tokens=2),
                 lambda m=m: m.prepare_decode([0, 1, 2], [30, 31, 32], cuda_graph=True),

@@ -144,7 +144,7 @@ def test_prefill_steps_match_naive(device, data):
         idx, qlens, clens = data.draw(batches())
         for r, c, q in zip(idx, clens, qlens, strict=True):
             pages.grow(r, c + q)
-        with meta.prepare_prefill(idx, qlens, clens) as step:
+        with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
             assert batchmeta.current_step() is step
             assert step.kind == ("ragged_prefill" if not any(clens) else "prefill")
             check_step(step, meta, pages.held, idx, qlens, clens)
@@ -178,7 +178,7 @@ def test_step_sequences_reusing_staging_slots_match_naive(device, data):
         mode = data.draw(st.sampled_from(["decode", "decode", "spec", "prefill"]))
         if mode == "prefill":
             qlens = [data.draw(st.integers(1, 4)) for _ in idx]
-            ctx = lambda: meta.prepare_prefill(idx, qlens, clens)  # noqa: B023
+            ctx = lambda: meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)  # noqa: B023
         else:
             k = 2 if mode == "spec" else 0
             qlens = [1 + k] * len(idx)
@@ -197,7 +197,7 @@ def test_mixed_step_prefill_chunk_beside_decodes(device):
     idx, qlens, clens = [3, 0, 5], [1, 17, 1], [9, 8, 0]  # decode, chunk over a cached prefix, decode
     for r, c, q in zip(idx, clens, qlens, strict=True):
         pages.grow(r, c + q)
-    with meta.prepare_prefill(idx, qlens, clens) as step:
+    with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
         assert step.kind == "prefill"
         assert step.window_lefts == (-1, 5)
         check_step(step, meta, pages.held, idx, qlens, clens)
@@ -245,7 +245,7 @@ def test_attention_torch_path_matches_dense_reference():
     kc = torch.randn(32, 4, 2, 64)
     vc = torch.randn(32, 4, 2, 64)
     q = torch.randn(6, 8, 64)
-    with meta.prepare_prefill(idx, qlens, clens) as step:
+    with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
         out = step.attention(q, kc, vc)
     t = 0
     for r, qn, c in zip(idx, qlens, clens, strict=True):
@@ -275,18 +275,26 @@ def snapshot(meta):
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda m: m.prepare_prefill([0] * 7, [1] * 7, [0] * 7), ValueError, "max_num_reqs"),
-        (lambda m: m.prepare_prefill([0, 0], [1, 1], [0, 0]), ValueError, "twice"),
-        (lambda m: m.prepare_prefill([6], [1], [0]), ValueError, "idx_mapping"),
-        (lambda m: m.prepare_prefill([-1], [1], [0]), ValueError, "idx_mapping"),
-        (lambda m: m.prepare_prefill([0], [97], [0]), ValueError, "max_num_tokens"),
-        (lambda m: m.prepare_prefill([0], [0], [0]), ValueError, "query_lens"),
-        (lambda m: m.prepare_prefill([0], [1], [-1]), ValueError, "cache_lens"),
-        (lambda m: m.prepare_prefill([0], [1, 2], [0]), ValueError, "query_lens"),
-        (lambda m: m.prepare_prefill([0], [1.5], [0]), TypeError, "query_lens"),
-        (lambda m: m.prepare_prefill([0], [1], [48]), ValueError, "max_model_len"),
-        (lambda m: m.prepare_prefill([0], [1], [8]), ValueError, "needs 3 pages"),  # lengths beyond pages held
-        (lambda m: m.prepare_prefill([1], [1], [0]), ValueError, "holds no pages yet"),  # slot 1 holds nothing
+        (lambda m: m.prepare_prefill([0] * 7, query_lens=[1] * 7, cache_lens=[0] * 7), ValueError, "max_num_reqs"),
+        (lambda m: m.prepare_prefill([0, 0], query_lens=[1, 1], cache_lens=[0, 0]), ValueError, "twice"),
+        (lambda m: m.prepare_prefill([6], query_lens=[1], cache_lens=[0]), ValueError, "idx_mapping"),
+        (lambda m: m.prepare_prefill([-1], query_lens=[1], cache_lens=[0]), ValueError, "idx_mapping"),
+        (lambda m: m.prepare_prefill([0], query_lens=[97], cache_lens=[0]), ValueError, "max_num_tokens"),
+        (lambda m: m.prepare_prefill([0], query_lens=[0], cache_lens=[0]), ValueError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], query_lens=[1], cache_lens=[-1]), ValueError, "cache_lens"),
+        (lambda m: m.prepare_prefill([0], query_lens=[1, 2], cache_lens=[0]), ValueError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], query_lens=[1.5], cache_lens=[0]), TypeError, "query_lens"),
+        (lambda m: m.prepare_prefill([0], query_lens=[1], cache_lens=[48]), ValueError, "max_model_len"),
+        (
+            lambda m: m.prepare_prefill([0], query_lens=[1], cache_lens=[8]),
+            ValueError,
+            "needs 3 pages",
+        ),  # lengths beyond pages held
+        (
+            lambda m: m.prepare_prefill([1], query_lens=[1], cache_lens=[0]),
+            ValueError,
+            "holds no pages yet",
+        ),  # slot 1 holds nothing
         (lambda m: m.prepare_decode([0], [0], num_draft_tokens=1), ValueError, "num_draft_tokens"),
         (lambda m: m.prepare_decode([0], [0], cuda_graph=True), ValueError, "cuda_graph"),
         (lambda m: m.block_tables.append(0, [1] * 12), ValueError, "new_pages"),  # past the table width
@@ -361,7 +369,7 @@ def test_kv_group_rejects_bad_window_and_page_size():
 
 def test_empty_batch_is_all_padding(device):
     meta = make_meta(device, page_sizes=(4,))
-    with meta.prepare_prefill([], [], []) as step:
+    with meta.prepare_prefill([], query_lens=[], cache_lens=[]) as step:
         assert step.num_tokens == 0
         assert (meta.slot_mappings[0] == -1).all()
         assert step.kv_indices[0].numel() == 0
@@ -435,7 +443,7 @@ def test_ragged_step_attention_needs_new_keys_on_every_path():
     meta = make_meta("cpu", page_sizes=(4,))
     meta.block_tables.append(0, [1])
     kc = torch.zeros(4, 4, 2, 64, dtype=torch.float16)
-    with meta.prepare_prefill([0], [2], [0]) as step, pytest.raises(ValueError, match="k, v"):
+    with meta.prepare_prefill([0], query_lens=[2], cache_lens=[0]) as step, pytest.raises(ValueError, match="k, v"):
         step.attention(torch.zeros(2, 8, 64, dtype=torch.float16), kc, kc)
 
 
@@ -451,8 +459,8 @@ def test_batch_block_tables_only_when_asked(device):
             pages.grow(r, n)
     before = off._buffers.out32.clone()
     with (
-        on.prepare_prefill([3, 0, 5], [4, 9, 2], [16, 0, 0]) as a,
-        off.prepare_prefill([3, 0, 5], [4, 9, 2], [16, 0, 0]) as b,
+        on.prepare_prefill([3, 0, 5], query_lens=[4, 9, 2], cache_lens=[16, 0, 0]) as a,
+        off.prepare_prefill([3, 0, 5], query_lens=[4, 9, 2], cache_lens=[16, 0, 0]) as b,
     ):
         for g in range(2):
             assert torch.equal(a.kv_indices[g], b.kv_indices[g])
@@ -481,7 +489,7 @@ def test_rows_split_over_small_column_programs(device, monkeypatch):
     for r, n in ((0, 9), (3, 30), (5, 2)):
         pages.grow(r, n)
     for idx, qlens, clens in (([3, 0, 5], [4, 9, 2], [26, 0, 0]), ([5, 3], [1, 1], [1, 29])):
-        with meta.prepare_prefill(idx, qlens, clens) as step:
+        with meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens) as step:
             check_step(step, meta, pages.held, idx, qlens, clens)
 
 
@@ -508,7 +516,7 @@ def test_kernel_reads_pinned_staging_after_the_host_moved_on():
             for r, n in grow:
                 pages.grow(r, n)
         torch.cuda._sleep(20_000_000)  # the step kernel runs long after the host has moved on
-        s = gpu.prepare_prefill(idx, qlens, clens)
+        s = gpu.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         snapshots.append(
             [
                 t.clone()
@@ -527,7 +535,7 @@ def test_kernel_reads_pinned_staging_after_the_host_moved_on():
         )
     torch.cuda.synchronize()
     for (idx, qlens, clens, _), got in zip(steps, snapshots, strict=True):
-        s = cpu.prepare_prefill(idx, qlens, clens)
+        s = cpu.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         want = (
             s.qo_indptr,
             s.seq_lens,

@@ -74,7 +74,7 @@ class CPUEngine:
         for r, c, n in zip(idx, clens, qlens, strict=True):
             self.grow(r, c + n)
         if mode == "prefill":
-            return self.meta.prepare_prefill(idx, qlens, clens)
+            return self.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         return self.meta.prepare_decode(idx, clens, num_draft_tokens=qlens[0] - 1)
 
 

@@ -95,8 +95,8 @@ def rejects(m, exc, match, call):
     "call",
     [
         lambda m: m.prepare_decode([0], [2**63 - 1]),
-        lambda m: m.prepare_prefill([0, 1], [2**63 - 1] * 2, [0, 0]),
-        lambda m: m.prepare_prefill([0], [2**62], [2**62]),
+        lambda m: m.prepare_prefill([0, 1], query_lens=[2**63 - 1] * 2, cache_lens=[0, 0]),
+        lambda m: m.prepare_prefill([0], query_lens=[2**62], cache_lens=[2**62]),
         lambda m: m.prepare_decode([0], [17]),
     ],
 )
@@ -129,7 +129,7 @@ def test_step_host_arrays_do_not_alias_the_callers(kind):
     m.block_tables.append(1, [3, 4])
     wrap = WRAPS[kind]
     idx, clens, qlens = wrap([0, 1]), wrap([3, 1]), wrap([2, 4])
-    step = m.prepare_prefill(idx, qlens, clens)
+    step = m.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
     idx[:] = wrap([1, 0])
     clens[:] = wrap([0, 0])
     qlens[:] = wrap([1, 1])
@@ -183,7 +183,9 @@ def test_accept_tokens_errors_name_public_arguments_only():
         lambda: m.accept_tokens(step, history[:1], torch.tensor([9]), [1], [0]),
         lambda: m.accept_tokens(step, history, torch.tensor([[[9]]]), [1], [0]),
         lambda: m.accept_tokens(step, history, torch.tensor([[9], [9]]), [1], [0]),  # a row per batch row
-        lambda: m.accept_tokens(meta().prepare_prefill([], [], []), history, torch.tensor([9]), [], []),
+        lambda: m.accept_tokens(
+            meta().prepare_prefill([], query_lens=[], cache_lens=[]), history, torch.tensor([9]), [], []
+        ),
     ]
     for call in bad:
         with pytest.raises((ValueError, TypeError)) as info:
@@ -256,7 +258,7 @@ def test_batch_inputs_are_checked_and_named(bad, exc, match):
     m = meta()
     m.block_tables.append(0, [1])
     rejects(m, exc, f"^{match}: ", lambda: m.prepare_decode(bad, [0]))
-    rejects(m, exc, f"^{match}: ", lambda: m.prepare_prefill(bad, [1], [0]))
+    rejects(m, exc, f"^{match}: ", lambda: m.prepare_prefill(bad, query_lens=[1], cache_lens=[0]))
 
 
 def test_uint64_lengths_beyond_int64_rejected():
@@ -330,7 +332,7 @@ def test_replay_rejects_what_is_not_its_step():
 def test_step_host_arrays_are_read_only():
     m = meta()
     m.block_tables.append(0, [1, 2])
-    step = m.prepare_prefill([0], [2], [3])
+    step = m.prepare_prefill([0], query_lens=[2], cache_lens=[3])
     for arr in (step.idx_mapping_host, step.cache_lens_host, step.query_lens_host):
         with pytest.raises(ValueError, match="read-only"):
             arr += 1

@@ -126,7 +126,7 @@ class Engine:
         for r in rows:
             if r in chunks and self.prefilled[r] == 0:
                 self.meta.stage_prompt(r, self.seq[r])
-        step = self.meta.prepare_prefill(rows, qlens, clens)
+        step = self.meta.prepare_prefill(rows, query_lens=qlens, cache_lens=clens)
         self.check_inputs(step, rows, qlens)
         self.finish(step, rows, qlens, k=0)
 
@@ -257,7 +257,7 @@ def test_worked_case_both_drafts_rejected(path):
         engine = Engine(backend, host, device_counts, 2)
         meta = engine.meta
         meta.stage_prompt(0, [100, 101, 102, 103, 104])
-        step = meta.prepare_prefill([0], [5], [0])
+        step = meta.prepare_prefill([0], query_lens=[5], cache_lens=[0])
         acc = meta.accept_tokens(step, None, torch.tensor([7], device=DEVICE), [1], [5])
         assert acc.cache_lens.tolist() == [5] and acc.exact.all()
         meta.write_drafts(step, torch.tensor([[50, 51]], device=DEVICE))
@@ -289,7 +289,7 @@ def test_host_counts_out_of_the_rule_are_rejected_before_anything_changes(num_ac
     engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
     meta = engine.meta
     meta.stage_prompt(0, [1, 2, 3])
-    step = meta.prepare_prefill([0], [3], [0])
+    step = meta.prepare_prefill([0], query_lens=[3], cache_lens=[0])
     meta.accept_tokens(step, None, torch.tensor([4], device=DEVICE), [1], [3])
     step = meta.prepare_decode([0], [3], num_draft_tokens=2)
     before = meta.token_ids.clone(), meta._spec.lens.clone()
@@ -303,7 +303,7 @@ def test_bounds_must_be_passed_back_and_reset_forgets_them():
     engine = Engine("torch", "compiled" if COMPILED else "numpy", True, 2)
     meta = engine.meta
     meta.stage_prompt(0, [1, 2, 3])
-    step = meta.prepare_prefill([0], [3], [0])
+    step = meta.prepare_prefill([0], query_lens=[3], cache_lens=[0])
     meta.accept_tokens(step, None, torch.tensor([4], device=DEVICE), [1], [3])
     step = meta.prepare_decode([0], [3], num_draft_tokens=2)
     acc = meta.accept_tokens(
@@ -315,7 +315,7 @@ def test_bounds_must_be_passed_back_and_reset_forgets_them():
     meta.block_tables.reset(0)  # a new request in slot 0 starts from the host's lengths
     meta.block_tables.append(0, [[1, 2], [1, 2, 3]])
     meta.stage_prompt(0, [9, 9])
-    step = meta.prepare_prefill([0], [2], [0])
+    step = meta.prepare_prefill([0], query_lens=[2], cache_lens=[0])
     assert step.rows_on_device.tolist() == [False]
 
 
@@ -323,7 +323,7 @@ def test_write_drafts_checks():
     engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
     meta = engine.meta
     meta.stage_prompt(0, [1, 2, 3])
-    step = meta.prepare_prefill([0], [3], [0])
+    step = meta.prepare_prefill([0], query_lens=[3], cache_lens=[0])
     with pytest.raises(ValueError, match="accept its tokens first"):
         meta.write_drafts(step, torch.zeros(1, 2, dtype=torch.int64, device=DEVICE))
     meta.accept_tokens(step, None, torch.tensor([4], device=DEVICE), [1], [3])
@@ -405,7 +405,7 @@ def test_attention_over_device_lengths_equals_exact_lengths(page_size, next_k, g
         for r in idx:
             meta.block_tables.append(r, [list(range(1 + r * pages_per_req, 1 + (r + 1) * pages_per_req))] * 2)
             meta.stage_prompt(r, rng.integers(0, 1000, int(prompts[r])).tolist())
-        step = meta.prepare_prefill(idx, prompts, [0] * b)
+        step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
         acc = meta.accept_tokens(step, None, torch.arange(b, device="cuda"), [1] * b, prompts)
         meta.write_drafts(step, torch.ones(b, 3, dtype=torch.int64, device="cuda"))
         step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=3)
@@ -481,7 +481,7 @@ def test_speculative_loop_on_the_gpu_without_host_syncs():
     for r in idx:
         meta.block_tables.append(r, [list(range(1 + 32 * r, 33 + 32 * r))] * 2)
         meta.stage_prompt(r, list(range(10 + r, 30 + r)))
-    step = meta.prepare_prefill(idx, [20] * b, [0] * b)
+    step = meta.prepare_prefill(idx, query_lens=[20] * b, cache_lens=[0] * b)
     acc = meta.accept_tokens(step, None, torch.arange(b, device="cuda"), [1] * b, [20] * b)
     meta.write_drafts(step, torch.ones(b, k, dtype=torch.int64, device="cuda"))
     with _no_sync():
@@ -501,7 +501,9 @@ def test_drafts_never_land_inside_a_prompt():
     engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
     meta = engine.meta
     meta.stage_prompt(1, [1, 2, 3, 4, 5, 6])
-    step = meta.prepare_prefill([1], [3], [0])  # the first chunk; the history holds the whole prompt
+    step = meta.prepare_prefill(
+        [1], query_lens=[3], cache_lens=[0]
+    )  # the first chunk; the history holds the whole prompt
     meta.accept_tokens(step, None, torch.tensor([9], device=DEVICE), [0], [6])
     meta.write_drafts(step, torch.tensor([[70, 71]], device=DEVICE))  # positions 4, 5: inside the prompt
     assert meta.token_ids[1, :7].tolist() == [1, 2, 3, 4, 5, 6, 0]

@@ -149,9 +149,9 @@ class MetadataMachine(RuleBasedStateMachine):
     def prefill(self, data):
         idx, qlens, clens = self.draw_batch(data)
         if not self.batch_ok(idx, qlens, clens):
-            self.rejected(lambda: self.meta.prepare_prefill(idx, qlens, clens))
+            self.rejected(lambda: self.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens))
             return
-        self.accepted(self.meta.prepare_prefill(idx, qlens, clens), idx, qlens, clens)
+        self.accepted(self.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens), idx, qlens, clens)
 
     @rule(data=st.data(), k=st.integers(0, K + 1))
     def decode(self, data, k):

@@ -98,7 +98,7 @@ def test_ragged_prefill_checks_the_new_keys_and_values():
     meta = make()
     q, k_cache, v_cache = good(5)
     kv = torch.randn(5, HKV, D, dtype=F16)
-    with meta.prepare_prefill([0, 1], [3, 2], [0, 0]) as step:
+    with meta.prepare_prefill([0, 1], query_lens=[3, 2], cache_lens=[0, 0]) as step:
         assert step.kind == "ragged_prefill"
         assert step.attention(q, k_cache, v_cache, k=kv, v=kv).shape == (5, H, D)
         with pytest.raises(ValueError, match=r"k: expected shape \[tokens, num_kv_heads, head_dim\] = \(5, 2, 64\)"):

@@ -76,7 +76,7 @@ class Model:
         if decode:
             step = self.meta.prepare_decode(idx, clens, num_draft_tokens=k)
         else:
-            step = self.meta.prepare_prefill(idx, qlens, clens)
+            step = self.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
         want = [self.hist[r][c + j] for r, q, c in zip(idx, qlens, clens, strict=True) for j in range(q)]
         assert step.input_ids.tolist() == want
         assert (self.meta._buffers.input_ids[len(want) :] == 0).all()  # 0 past the step's tokens
@@ -152,7 +152,7 @@ def test_a_rejected_step_keeps_the_staged_prompts(make):
     m.stage(0, [3, 1, 4, 1, 5], 0)
     m.grow(0, 5)
     with pytest.raises(ValueError):
-        meta.prepare_prefill([0, 0], [5, 5], [0, 0])  # a slot twice
+        meta.prepare_prefill([0, 0], query_lens=[5, 5], cache_lens=[0, 0])  # a slot twice
     m.step([0], [5], [0])
 
 
@@ -217,7 +217,7 @@ def test_without_history(make):
     with pytest.raises(ValueError, match="token_history=True"):
         meta.stage_prompt(0, [1])
     meta.block_tables.append(0, [[1], [1]])
-    step = meta.prepare_prefill([0], [1], [0])
+    step = meta.prepare_prefill([0], query_lens=[1], cache_lens=[0])
     with pytest.raises(ValueError, match=r"input_ids: not built; make the BatchMetadata with MetadataConfig"):
         _ = step.input_ids
     with pytest.raises(ValueError, match="token_ids: None names"):

@@ -121,3 +121,26 @@ def test_readme_says_reset_and_stage_per_chunk():
     readme = (ROOT / "README.md").read_text()
     assert "without `reset` keeps the old request's" in readme.replace("\n", " ")
     assert "Stage per chunk" in readme
+
+
+def test_prepare_prefill_takes_its_lengths_by_keyword():
+    """Swapped query and cache lengths pass every check: prefill's two lengths are named. By
+    position they still work, with a DeprecationWarning, and give the same step."""
+    meta, twin = make(), make()
+    twin.block_tables.append(1, [3])
+    meta.block_tables.append(1, [3])
+    step = meta.prepare_prefill([0, 1], query_lens=[3, 1], cache_lens=[4, 2])
+    with pytest.warns(DeprecationWarning, match="by keyword"):
+        old = twin.prepare_prefill([0, 1], [3, 1], [4, 2])
+    assert torch.equal(step.positions[:4], old.positions[:4]) and step.positions[:4].tolist() == [4, 5, 6, 2]
+    assert torch.equal(step.seq_lens[:2], old.seq_lens[:2])
+    with pytest.raises(TypeError, match="by keyword"):
+        meta.prepare_prefill([0], [1], cache_lens=[4])
+    with pytest.raises(TypeError, match="by keyword"):
+        meta.prepare_prefill([0], [1])
+    with pytest.raises(TypeError, match="missing cache_lens="):
+        meta.prepare_prefill([0], query_lens=[1])
+    with pytest.raises(TypeError, match="missing query_lens="):
+        meta.prepare_prefill([0], cache_lens=[1])
+    params = inspect.signature(BatchMetadata.prepare_prefill).parameters
+    assert params["query_lens"].kind is params["cache_lens"].kind is inspect.Parameter.KEYWORD_ONLY
