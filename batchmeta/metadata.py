@@ -378,60 +378,11 @@ class BatchMetadata:
     def _prepare(
         self, idx: np.ndarray, qlens: np.ndarray | int, clens: np.ndarray, kind: str, *, padded: int, graph: bool
     ) -> Step:
-        """The step: check, stage, launch, plan, and the ``Step``. ``qlens`` is an int for decode.
-
-        Nothing changes before every check has passed. The compiled host path checks and writes
-        the other host staging buffer in one call (writing nothing if the batch is invalid; the
-        numpy checker then raises the message); without numba, the numpy checks run first.
-        """
+        """The step: check and stage (:meth:`_stage`), launch, plan, and the ``Step``. ``qlens`` is
+        an int for decode."""
         lay, ring = self._layout, self._staging
         on_device = self._spec.rows_on_device(idx, clens)  # rows whose cache length is on the device (rare)
-        if self._host_path is not None:
-            h = ring.peek()
-            num_writes = min(self.block_tables.num_staged(), lay.max_writes)
-            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
-            if staged is None:
-                self._checker.check(idx, qlens, clens)  # raises the message
-                raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
-            offsets, values = self.block_tables.take_staged()
-            if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
-                offsets, values = self._apply_excess_writes(offsets, values)
-                h = ring.peek()  # the excess went through the ring: stage again
-                staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, len(offsets), on_device)
-            self._clock[0] += 1  # from here the buffers change: earlier steps are stale
-            ring.advance()
-            ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds
-            stage_writes(h, lay, offsets, values)
-            num_tokens, widths, max_seq = staged  # type: ignore[misc]
-            if self.token_ids is not None:
-                stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
-        else:
-            seq, pages, max_seq = self._checker.check(idx, qlens, clens)
-            offsets, values = self.block_tables.take_staged()
-            if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
-                offsets, values = self._apply_excess_writes(offsets, values)
-            self._clock[0] += 1  # from here the buffers change: earlier steps are stale
-            h = ring.next()
-            num_tokens, widths, max_seq = stage_step(
-                h,
-                lay,
-                ring,
-                self.config,
-                self._checker.rows,
-                idx,
-                qlens,
-                clens,
-                seq,
-                pages,
-                max_seq,
-                padded,
-                graph,
-                offsets,
-                values,
-                on_device,
-            )
-            if self.token_ids is not None:
-                stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
+        h, num_tokens, widths, max_seq = self._stage(idx, qlens, clens, padded, graph, on_device)
         try:
             # One launch: staged writes and every metadata field; its column programs cover the
             # longest row's pages in the group of smallest pages (and the per-step tables' width).
@@ -638,6 +589,66 @@ class BatchMetadata:
     # ---------------------------------------------------------------------------------------------
     # Internals
     # ---------------------------------------------------------------------------------------------
+    def _stage(
+        self,
+        idx: np.ndarray,
+        qlens: np.ndarray | int,
+        clens: np.ndarray,
+        padded: int,
+        graph: bool,
+        on_device: np.ndarray | None,
+    ) -> tuple[np.ndarray, int, tuple[int, ...], int]:
+        """Checks the batch, writes the other host staging buffer and makes it current; returns it
+        with ``(num_tokens, widths, max_seq)``.
+
+        Nothing changes before every check has passed: the numpy path checks first; the compiled
+        host path checks while it writes the buffer, which is not yet current (writing nothing if
+        the batch is invalid; the numpy checker then raises the message).
+        """
+        lay, ring = self._layout, self._staging
+        checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
+        num_writes = min(self.block_tables.num_staged(), lay.max_writes)
+        staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, num_writes, on_device)
+        offsets, values = self.block_tables.take_staged()
+        if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
+            offsets, values = self._apply_excess_writes(offsets, values)
+            # The excess went through the ring: stage again (the numpy path too: one flow, and rare).
+            staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, len(offsets), on_device)
+        self._clock[0] += 1  # from here the buffers change: earlier steps are stale
+        h = ring.peek()
+        ring.advance()
+        stage_writes(h, lay, offsets, values)
+        if self.token_ids is not None:
+            stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
+        return (h, *staged)
+
+    def _stage_rows(
+        self,
+        checked: tuple | None,
+        idx: np.ndarray,
+        qlens: np.ndarray | int,
+        clens: np.ndarray,
+        padded: int,
+        graph: bool,
+        num_writes: int,
+        on_device: np.ndarray | None,
+    ) -> tuple[int, tuple[int, ...], int]:
+        """Writes the step's rows into the other host buffer (``ring.peek()``): by the compiled host
+        path, which checks as it goes (``checked`` None), or by :func:`stage_step` from the numpy
+        checker's ``checked = (seq, pages, max_seq)``."""
+        ring = self._staging
+        h, slot = ring.peek(), ring.current ^ 1
+        if checked is None:
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
+            if staged is None:
+                self._checker.check(idx, qlens, clens)  # raises the message
+                raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
+            ring.memo[slot] = None  # the compiled path keeps no memo of what the buffer holds
+            return staged
+        rows = self._checker.rows
+        args = (idx, qlens, clens, *checked, padded, graph, num_writes, on_device)
+        return stage_step(h, self._layout, ring.memo, slot, self.config, rows, *args)
+
     def _apply_excess_writes(self, offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Applies the staged writes beyond what one step's staging holds through the pinned ring,
         one transfer and launch per ``max_writes``; returns the last ``max_writes`` for the step itself."""

@@ -259,7 +259,8 @@ class StepBuffers:
 def stage_step(
     h: np.ndarray,
     lay: StagingLayout,
-    ring: PinnedRing,
+    memo: list[Any],
+    slot: int,
     config: MetadataConfig,
     rows: np.ndarray,
     idx: np.ndarray,
@@ -270,11 +271,13 @@ def stage_step(
     max_seq: int,
     padded: int,
     graph: bool,
-    offsets: np.ndarray,
-    values: np.ndarray,
+    num_writes: int = 0,
     on_device: np.ndarray | None = None,
 ) -> tuple[int, tuple[int, ...], int]:
-    """Writes a step's host arrays into host staging buffer ``h``; returns ``(num_tokens, widths, max_seq)``.
+    """Writes a step's host arrays into host staging buffer ``h`` (ring slot ``slot``, whose
+    ``memo[slot]`` remembers a decode step's shape); returns ``(num_tokens, widths, max_seq)``.
+    The ``num_writes`` block-table writes themselves are the caller's (:func:`stage_writes`); the
+    packed rows carry their count, as the compiled host path's do.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
     ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
@@ -302,18 +305,18 @@ def stage_step(
         # remembers what it holds.
         num_tokens = qlens * b
         shape = (b, padded, qlens)
-        if ring.memo[ring.current] != shape:
+        if memo[slot] != shape:
             np.multiply(rows[: padded + 1], qlens, out=qo)
             if not pad_q:
                 qo[b + 1 :] = num_tokens
             np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
-            ring.memo[ring.current] = shape
+            memo[slot] = shape
     else:
         qo[0] = 0
         np.cumsum(qlens, out=qo[1 : b + 1])
         num_tokens = int(qo[b])
         np.subtract(qo[1 : b + 1], 1, out=h[lay.logits : lay.logits + b])
-        ring.memo[ring.current] = None
+        memo[slot] = None
     widths = []
     for g, grp in enumerate(config.kv_groups):
         ps = grp.page_size
@@ -337,15 +340,16 @@ def stage_step(
         else:
             widths.append(config.max_pages_per_req(g) if graph else -(-max_seq // ps))
         h[lay.step_width[g]] = widths[g]
-    stage_writes(h, lay, offsets, values)
-    pack_rows(h, lay, padded, on_device)
+    pack_rows(h, lay, padded, num_writes, on_device)
     return num_tokens, tuple(widths), max_seq
 
 
-def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int, on_device: np.ndarray | None = None) -> None:
+def pack_rows(
+    h: np.ndarray, lay: StagingLayout, padded: int, num_writes: int, on_device: np.ndarray | None = None
+) -> None:
     """Writes the step kernel's packed rows ``[0, padded]`` from the fields already in ``h``
-    (after the step's arrays and ``num_writes``) and the rows' on-device flags (``[B]`` or None):
-    the numpy reference of the compiled path."""
+    (after the step's arrays), the count of staged block-table writes the step applies and the
+    rows' on-device flags (``[B]`` or None): the numpy reference of the compiled path."""
     stride, n = lay.row_stride, padded
     rows = h[lay.rows : lay.rows + (n + 1) * stride].reshape(n + 1, stride)
     rows[:] = 0
@@ -357,7 +361,7 @@ def pack_rows(h: np.ndarray, lay: StagingLayout, padded: int, on_device: np.ndar
     rows[:n, ROW_CACHE] = h[lay.cache : lay.cache + n]
     rows[:n, ROW_SEQ] = h[lay.seq : lay.seq + n]
     rows[:n, ROW_LOGITS] = h[lay.logits : lay.logits + n]
-    rows[:, ROW_COUNT] = h[lay.num_writes]
+    rows[:, ROW_COUNT] = num_writes
     for g in range(len(lay.kv_indptr)):
         at = ROW_GROUP + ROW_PER_GROUP * g
         kv = h[lay.kv_indptr[g] : lay.kv_indptr[g] + n + 1]

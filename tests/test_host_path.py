@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig
 from batchmeta.batch import BatchChecker
 from batchmeta.host_path import COMPILED, HostPath
-from batchmeta.staging import PinnedRing, stage_step
+from batchmeta.staging import stage_step
 
 if not COMPILED:
     pytest.skip("compiled host path off (numba missing or BATCHMETA_HOST_PATH=numpy)", allow_module_level=True)
@@ -61,21 +61,28 @@ def hold(m: BatchMetadata, pages: dict[int, list[int]]) -> None:
 
 
 def reference(m: BatchMetadata, h: np.ndarray, idx, qlens, clens, padded: int, graph: bool, num_writes: int = 0):
-    """The numpy path into ``h``: check, then stage_step with a fresh ring (its decode memo writes
-    everything) and ``num_writes`` staged writes, whose count and pairs are then restored (HostPath
-    leaves them to the caller; only its packed rows carry the count)."""
-    lay = m._layout
+    """The numpy path into ``h``: check, then stage_step with a fresh memo (so it writes
+    everything). Both paths leave the staged block-table writes to the caller; the packed rows
+    carry their count, ``num_writes``."""
     checker = BatchChecker(m.config, m.block_tables.host_num_blocks())
     seq, pages, max_seq = checker.check(idx, qlens, clens)
-    ring = PinnedRing(lay.total, torch.device("cpu"))
-    keep = h[lay.num_writes : lay.pairs + 2 * num_writes].copy()
-    writes = np.arange(num_writes, dtype=np.int32)
-    ret = stage_step(
-        h, lay, ring, m.config, checker.rows, idx, qlens, clens, seq, pages, max_seq, padded, graph, writes, writes
+    return stage_step(
+        h,
+        m._layout,
+        [None],
+        0,
+        m.config,
+        checker.rows,
+        idx,
+        qlens,
+        clens,
+        seq,
+        pages,
+        max_seq,
+        padded,
+        graph,
+        num_writes,
     )
-    assert h[lay.num_writes] == num_writes
-    h[lay.num_writes : lay.pairs + 2 * num_writes] = keep
-    return ret
 
 
 def ints(values) -> np.ndarray:
