@@ -13,7 +13,16 @@ Implementations, A/B interleaved step by step:
 - ``batchmeta``: ``BatchMetadata.prepare_*`` (metadata kernels, one staging copy, plans), eager, and
   under CUDA graphs (plan for the graph wrappers) where the scenario allows;
 - ``batchmeta-noplan``: the same with ``plan_attention=False`` (engines whose attention reads block
-  tables and lengths directly): the metadata alone.
+  tables and lengths directly): the metadata alone;
+- ``fast-decode-plan`` (decode scenarios): FlashInfer's ``fast_decode_plan``, the planner SGLang calls on
+  its decode wrappers (the CUDA-graph wrapper under graphs), alone, fed arrays prepared beforehand: the
+  floor of the peers' decode path, no metadata built;
+- ``peer-glue``: the peers' whole per-step path, re-implemented from their published approach
+  (vLLM / SGLang, :class:`PeerGlue`): indptr, last-page lengths, query offsets, each token's request
+  row and position computed with numpy into one pinned buffer, one host→device copy, ``kv_indices``
+  gathered from the block table by a Triton kernel (one program per request, as SGLang's
+  ``create_flashinfer_kv_indices_triton``), slot mappings by torch ops on the device, then
+  ``fast_decode_plan`` (decode) or the stock prefill ``plan()`` (the rest).
 
 Scenarios whose steps also run attention (``S_graph``: S's batch under CUDA graphs) add, beside ``batchmeta``
 (eager prepare) and ``batchmeta-graph`` (prepare with ``cuda_graph=True``) on the same batch:
@@ -30,9 +39,8 @@ forward's kernels; the report adds a table of graph beside eager for such scenar
 
 Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
 step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
-implementation that syncs waits for the GPU, so its gaps count); host syncs (torch's sync debug
-mode, counted in a separate pass); and host→device bytes the implementation itself copies
-(FlashInfer's own plan copies are the same for all and not counted).
+implementation that syncs waits for the GPU, so its gaps count); and host syncs (torch's sync debug
+mode, counted in a separate pass).
 
 ``--prefill-backend`` (``fa2``, the default; ``fa3``; ``auto``) is FlashInfer's ``backend=`` for the prefill
 wrappers: batchmeta gets it as ``MetadataConfig.prefill_backend``, and ``stock-plan`` and ``eager-glue`` build
@@ -45,6 +53,11 @@ issue) with ✓ / ✗, and an overall pass / miss (``n/a`` where a target cannot
 without D1). A graph scenario's row also gives its host µs as a ratio of the eager step it is checked against
 (D2: D1's batchmeta; S_graph: batchmeta+fwd of the same batch). The json carries the same under ``summary``
 (and the graph-beside-eager table under ``graph_vs_eager``).
+
+A second summary sets batchmeta against the best peer of each scenario (:func:`against_peers`): host µs against
+the fastest of ``fast-decode-plan`` and ``peer-glue`` (at most ``PEER_TARGETS["host"]`` of it), GPU µs against
+``peer-glue``, the peer path that builds the whole step (``fast-decode-plan`` alone builds nothing on the device),
+at most ``PEER_TARGETS["gpu"]`` of it.
 """
 
 from __future__ import annotations
@@ -65,6 +78,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
 
@@ -153,6 +168,12 @@ TARGETS: dict[str, dict] = {
 }
 
 
+# Against the peers (the project's speed issue): batchmeta's host µs at most this × the best peer's, its GPU µs at
+# most this × peer-glue's.
+PEER_TARGETS = dict(host=0.5, gpu=1.2)
+PEERS = ("fast-decode-plan", "peer-glue")
+
+
 @dataclass
 class Setup:
     scn: Scenario
@@ -238,7 +259,6 @@ def impl_eager_glue(s: Setup):
     width = table.shape[1]
     cols = torch.arange(width, device="cuda")
     cache_l, query_l, idx_l = list(scn.cache_lens), list(scn.query_lens), s.idx.tolist()
-    nbytes = 4 * 3 * len(cache_l)
 
     def step():
         cache = torch.tensor(cache_l, dtype=torch.int32, device="cuda")
@@ -258,7 +278,7 @@ def impl_eager_glue(s: Setup):
         _plan(w, decode, qo_indptr, kv_indptr, kv_indices, last, ps)  # device indptrs: plan syncs
         return slots
 
-    return step, nbytes
+    return step
 
 
 def impl_stock_plan(s: Setup):
@@ -270,7 +290,185 @@ def impl_stock_plan(s: Setup):
     def step():
         _plan(w, decode, h["qo"], h["kv"], ind, h["last"], scn.page_size)
 
-    return step, 0
+    return step
+
+
+@triton.jit
+def _gather_kv_indices(
+    table_ptr,  # int32 [R, W]: the block table, row stride TABLE_STRIDE
+    idx_ptr,  # int32 [B]: each row's request slot
+    kv_indptr_ptr,  # int32 [B + 1]
+    out_ptr,  # int32 [kv_indptr[B]]: kv_indices
+    TABLE_STRIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per row copies its pages from the block table to ``kv_indices`` (SGLang's approach)."""
+    b = tl.program_id(0)
+    req = tl.load(idx_ptr + b).to(tl.int64)
+    lo = tl.load(kv_indptr_ptr + b)
+    n = tl.load(kv_indptr_ptr + b + 1) - lo
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        m = j < n
+        tl.store(out_ptr + lo + j, tl.load(table_ptr + req * TABLE_STRIDE + j, mask=m), mask=m)
+
+
+class PeerGlue:
+    """The metadata of one step the way vLLM and SGLang build it, re-implemented from their published
+    approach: numpy on the host, one pinned host→device copy, a Triton gather of ``kv_indices`` and torch
+    ops for the slot mappings; no host sync.
+
+    Parameters
+    ----------
+    table:
+        ``[R, W]`` int32 block table on the device (the request slots' pages).
+    page_size:
+        Tokens per page.
+    max_tokens:
+        Most new tokens in a step.
+
+    One pinned buffer is reused every step: the caller must not start a step before the last one's copy has
+    run (the benchmark synchronises between steps; an engine would keep two buffers).
+    """
+
+    def __init__(self, table: torch.Tensor, page_size: int, max_tokens: int):
+        r = table.shape[0]
+        self.table, self.ps = table, page_size
+        size = 4 * r + 2 + 2 * max_tokens
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=table.is_cuda)
+        self.h = self.host.numpy()
+        self.dev = torch.zeros(size, dtype=torch.int32, device=table.device)
+        self.kv_indices = torch.zeros(table.numel(), dtype=torch.int32, device=table.device)
+
+    def views(self, b: int, t: int) -> dict:
+        """Where a step of ``b`` rows and ``t`` tokens keeps each array in the buffers (host name: device tensor)."""
+        at = dict(kv_indptr=(0, b + 1), last=(b + 1, 2 * b + 1), qo=(2 * b + 1, 3 * b + 2), idx=(3 * b + 2, 4 * b + 2))
+        at.update(req=(4 * b + 2, 4 * b + 2 + t), pos=(4 * b + 2 + t, 4 * b + 2 + 2 * t))
+        return {k: (self.host[lo:hi], self.dev[lo:hi]) for k, (lo, hi) in at.items()}
+
+    def step(self, idx: np.ndarray, query_lens: np.ndarray, cache_lens: np.ndarray) -> dict:
+        """The step's arrays: host ``kv_indptr``, ``last``, ``qo`` (pinned, for the planner) and device
+        ``kv_indptr``, ``kv_indices``, ``last``, ``qo``, ``positions``, ``slots``."""
+        h, ps, b = self.h, self.ps, idx.shape[0]
+        t = int(query_lens.sum())
+        seq = cache_lens + query_lens
+        pages = -(-seq // ps)
+        o = 0
+        kv = h[o : o + b + 1]
+        kv[0] = 0
+        np.cumsum(pages, out=kv[1:])
+        o += b + 1
+        h[o : o + b] = seq - (pages - 1) * ps
+        o += b
+        qo = h[o : o + b + 1]
+        qo[0] = 0
+        np.cumsum(query_lens, out=qo[1:])
+        o += b + 1
+        h[o : o + b] = idx
+        o += b
+        rows = np.repeat(np.arange(b), query_lens)
+        h[o : o + t] = idx[rows]
+        o += t
+        h[o : o + t] = np.arange(t) - qo[rows] + cache_lens[rows]
+        o += t
+        self.dev[:o].copy_(self.host[:o], non_blocking=True)
+        v = self.views(b, t)
+        num_pages = int(kv[b])
+        kv_indices = self.kv_indices[:num_pages]
+        _gather_kv_indices[(b,)](self.table, v["idx"][1], v["kv_indptr"][1], kv_indices, self.table.stride(0), 128)
+        pos, req = v["pos"][1], v["req"][1].long()
+        slots = self.table[req, (pos // ps).long()].long() * ps + pos % ps
+        return dict(
+            kv_indptr_host=v["kv_indptr"][0],
+            last_host=v["last"][0],
+            qo_host=v["qo"][0],
+            kv_indptr=v["kv_indptr"][1],
+            kv_indices=kv_indices,
+            last=v["last"][1],
+            qo=v["qo"][1],
+            positions=pos,
+            slots=slots,
+        )
+
+
+def _fast_decode_plan(w, kv_indptr, kv_indices, last, kv_indptr_host, ps):
+    from flashinfer.decode import fast_decode_plan
+
+    fast_decode_plan(
+        w,
+        kv_indptr,
+        kv_indices,
+        last,
+        *HEADS,
+        ps,
+        q_data_type=torch.bfloat16,
+        kv_data_type=torch.bfloat16,
+        global_override_indptr_cpu=kv_indptr_host,
+    )
+
+
+def _graph_decode_wrapper(b: int, kv_indptr, kv_indices, last):
+    """A CUDA-graph decode wrapper over fixed buffers, as SGLang keeps one per captured batch size."""
+    import flashinfer
+
+    ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        ws,
+        "NHD",
+        use_cuda_graph=True,
+        use_tensor_cores=HEADS[0] // HEADS[1] > 4,
+        paged_kv_indptr_buffer=kv_indptr,
+        paged_kv_indices_buffer=kv_indices,
+        paged_kv_last_page_len_buffer=last,
+    )
+
+
+def impl_fast_decode_plan(s: Setup):
+    """``fast_decode_plan`` alone (decode scenarios), on arrays prepared beforehand; a CUDA-graph wrapper under
+    graphs. Its first plan is the stock one (the module it reuses)."""
+    scn = s.scn
+    if not (scn.decode and scn.draft == 0):
+        raise ValueError(f"{scn.name}: fast_decode_plan plans decode steps only")
+    h, ind, ps = s.host, s.dev["kv_indices"], scn.page_size
+    kv, last = h["kv"].cuda(), h["last"].cuda()
+    kv_host = h["kv"].pin_memory()
+    if scn.graph:
+        w = _graph_decode_wrapper(len(scn.cache_lens), kv, ind, last)
+    else:
+        w = _wrappers(True, s.prefill_backend)
+    _plan(w, True, None, kv_host, ind, h["last"], ps)
+
+    def step():
+        _fast_decode_plan(w, kv, ind, last, kv_host, ps)
+
+    return step
+
+
+def impl_peer_glue(s: Setup):
+    """:class:`PeerGlue`'s metadata, then ``fast_decode_plan`` (decode; a CUDA-graph wrapper over the glue's
+    own buffers under graphs) or the stock prefill ``plan()`` fed the pinned host arrays."""
+    scn = s.scn
+    decode = scn.decode and scn.draft == 0
+    ps, b = scn.page_size, len(scn.cache_lens)
+    idx, q, c = s.idx.astype(np.int32), np.array(scn.query_lens), np.array(scn.cache_lens)
+    glue = PeerGlue(s.dev["table"], ps, int(q.sum()))
+    if decode and scn.graph:
+        v = glue.views(b, int(q.sum()))
+        w = _graph_decode_wrapper(b, v["kv_indptr"][1], glue.kv_indices, v["last"][1])
+    else:
+        w = _wrappers(decode, s.prefill_backend)
+    first = glue.step(idx, q, c)
+    _plan(w, decode, first["qo_host"], first["kv_indptr_host"], first["kv_indices"], first["last_host"], ps)
+
+    def step():
+        a = glue.step(idx, q, c)
+        if decode:
+            _fast_decode_plan(w, a["kv_indptr"], a["kv_indices"], a["last"], a["kv_indptr_host"], ps)
+        else:
+            _plan(w, False, a["qo_host"], a["kv_indptr_host"], a["kv_indices"], a["last_host"], ps)
+        return a["slots"]
+
+    return step
 
 
 class ForwardPass:
@@ -310,7 +508,6 @@ def impl_batchmeta(s: Setup, graph: bool, plan: bool = True, forward: ForwardPas
     graph ``forward.capture`` made (``graph=True``)."""
     scn, meta = s.scn, (s.meta if plan else s.noplan)
     idx, q, c = s.idx, np.array(scn.query_lens), np.array(scn.cache_lens)
-    nbytes = 4 * meta._layout.fixed_end
 
     if forward is not None:
         if not scn.decode:
@@ -339,7 +536,7 @@ def impl_batchmeta(s: Setup, graph: bool, plan: bool = True, forward: ForwardPas
             with meta.prepare_prefill(idx, query_lens=q, cache_lens=c):
                 pass
 
-    return step, nbytes
+    return step
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,27 +554,26 @@ def _count_syncs(step) -> int:
 
 def measure(impls: dict, steps: int, progress) -> dict:
     res = {name: dict(host=[], gpu=[]) for name in impls}
-    for fn, _ in impls.values():  # warm up: kernels compiled, wrappers built, FlashInfer JIT loaded
+    for fn in impls.values():  # warm up: kernels compiled, wrappers built, FlashInfer JIT loaded
         for _ in range(3):
             fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for name, (fn, nbytes) in impls.items():
+    for name, fn in impls.items():
         res[name]["syncs"] = _count_syncs(fn)
-        res[name]["h2d_bytes"] = nbytes
     names = list(impls)
     shuffle = np.random.default_rng(1)
     for _ in range(steps):
         # Interleaved A/B in an order shuffled each step (seeded): the step run just before evicts
         # caches, and which one it is changes the figures, so no implementation always follows another.
         for name in shuffle.permutation(names):  # host time, GPU idle
-            fn = impls[name][0]
+            fn = impls[name]
             torch.cuda.synchronize()
             t0 = time.perf_counter_ns()
             fn()
             t1 = time.perf_counter_ns()
             res[name]["host"].append((t1 - t0) / 1e3)
-        for name, (fn, _) in impls.items():  # GPU time: the step is enqueued behind a sleeping kernel,
+        for name, fn in impls.items():  # GPU time: the step is enqueued behind a sleeping kernel,
             torch.cuda.synchronize()  # so the events time its device work, not the host's pace
             torch.cuda._sleep(2_000_000)
             start.record()
@@ -536,6 +732,72 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
+def against_peers(results: dict, targets: dict | None = None) -> dict:
+    """Per scenario where a peer ran: batchmeta (``batchmeta-graph`` under graphs) against the best peer, host µs
+    against the fastest of :data:`PEERS`, GPU µs against ``peer-glue``, each checked against ``targets``
+    (default :data:`PEER_TARGETS`); ``passed`` as in :func:`summarize`."""
+    targets = PEER_TARGETS if targets is None else targets
+    out = {}
+    for name, r in results.items():
+        impls = r["impls"]
+        peers = {p: impls[p] for p in PEERS if p in impls}
+        bm_name = "batchmeta-graph" if "batchmeta-graph" in impls else "batchmeta"
+        bm = impls.get(bm_name)
+        if not peers or bm is None:
+            continue
+        best = min(peers, key=lambda p: peers[p]["host_median"])
+        host_ratio = _ratio(bm["host_median"], peers[best]["host_median"])
+        glue = peers.get("peer-glue", {})
+        gpu_ratio = _ratio(bm["gpu_median"], glue.get("gpu_median"))
+        checks = [
+            _check("host", host_ratio, targets["host"], _shown(host_ratio, targets["host"]), f"{targets['host']:g}")
+            if host_ratio is not None
+            else dict(name="host", value=None, limit=None, ok=None, text="host n/a"),
+            _check(
+                "GPU", gpu_ratio, targets["gpu"], _shown(gpu_ratio, targets["gpu"], TIMES), f"{targets['gpu']:g}{TIMES}"
+            )
+            if gpu_ratio is not None
+            else dict(name="GPU", value=None, limit=None, ok=None, text="GPU n/a (no peer-glue)"),
+        ]
+        oks = [c["ok"] for c in checks]
+        out[name] = dict(
+            batchmeta_impl=bm_name,
+            best_peer=best,
+            best_peer_host_us=peers[best]["host_median"],
+            batchmeta_host_us=bm["host_median"],
+            host_ratio=host_ratio,
+            peer_glue_gpu_us=glue.get("gpu_median"),
+            batchmeta_gpu_us=bm["gpu_median"],
+            gpu_ratio=gpu_ratio,
+            checks=checks,
+            passed=False if False in oks else (None if None in oks else True),
+        )
+    return out
+
+
+def against_peers_lines(rows: dict) -> list[str]:
+    """The against-the-peers table, in markdown."""
+
+    def num(v, fmt, suffix=""):
+        return "—" if v is None else format(v, fmt) + suffix
+
+    lines = [
+        "| scenario | best peer (host) | its host µs | batchmeta host µs | ratio | peer-glue GPU µs | batchmeta GPU µs "
+        "| ratio | target | pass/miss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name, r in rows.items():
+        bm = "" if r["batchmeta_impl"] == "batchmeta" else f" ({r['batchmeta_impl']})"
+        verdict = {True: "**pass**", False: "**miss**", None: "n/a"}[r["passed"]]
+        lines.append(
+            f"| {name} | {r['best_peer']} | {num(r['best_peer_host_us'], '.1f')} | "
+            f"{num(r['batchmeta_host_us'], '.1f')}{bm} | {num(r['host_ratio'], '.3f')} | "
+            f"{num(r['peer_glue_gpu_us'], '.1f')} | {num(r['batchmeta_gpu_us'], '.1f')} | "
+            f"{num(r['gpu_ratio'], '.2f', TIMES)} | {'; '.join(c['text'] for c in r['checks'])} | {verdict} |"
+        )
+    return lines
+
+
 # What a graph scenario with a forward compares: (label, graph implementation, eager implementation).
 GRAPH_PAIRS = (
     ("prepare only", "batchmeta-graph", "batchmeta"),
@@ -657,6 +919,10 @@ def main() -> int:
                 "batchmeta": impl_batchmeta(s, graph=False),
                 "batchmeta-noplan": impl_batchmeta(s, graph=False, plan=False),
             }
+        if not scn.forward:  # the peers' own paths
+            if scn.decode and scn.draft == 0:
+                impls["fast-decode-plan"] = impl_fast_decode_plan(s)
+            impls["peer-glue"] = impl_peer_glue(s)
         results[scn.name] = dict(what=scn.what, impls=measure(impls, args.steps, progress))
         if scn.name == "D4":
             memory = memory_report(s)
@@ -675,14 +941,14 @@ def main() -> int:
         f"torch {torch.__version__}; heads {HEADS}; bf16; prefill backend {args.prefill_backend}; "
         f"{args.steps} interleaved steps per implementation.",
         "",
-        "| scenario | implementation | host µs median | host µs p90 | GPU µs median | syncs/step | H2D bytes/step |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| scenario | implementation | host µs median | host µs p90 | GPU µs median | syncs/step |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         for impl, m in r["impls"].items():
             lines.append(
                 f"| {name}: {r['what']} | {impl} | {m['host_median']:.1f} | {m['host_p90']:.1f} | "
-                f"{m['gpu_median']:.1f} | {m['syncs']} | {m['h2d_bytes']} |"
+                f"{m['gpu_median']:.1f} | {m['syncs']} |"
             )
     summary = summarize(results)
     lines += [
@@ -693,6 +959,15 @@ def main() -> int:
         "",
         *summary_lines(summary),
     ]
+    peers = against_peers(results)
+    if peers:
+        lines += [
+            "",
+            f"Against the best peer (host: the fastest of {', '.join(PEERS)}; GPU: peer-glue, the peer path that "
+            "builds the step's metadata; medians from this run):",
+            "",
+            *against_peers_lines(peers),
+        ]
     pairs = graph_vs_eager(results)
     if pairs:
         lines += [
@@ -721,6 +996,7 @@ def main() -> int:
                 memory=memory,
                 prefill_backend=args.prefill_backend,
                 summary=summary,
+                against_peers=peers,
                 graph_vs_eager=pairs,
             ),
             indent=1,

@@ -102,7 +102,7 @@ def main() -> int:
         current["context"] += (t2 - t1) / 1e3
         current["total"] += (t2 - t0) / 1e3
 
-    others = [bench_steps.impl_stock_plan(setup)[0], bench_steps.impl_eager_glue(setup)[0]] if args.interleave else []
+    others = [bench_steps.impl_stock_plan(setup), bench_steps.impl_eager_glue(setup)] if args.interleave else []
     for _ in range(20):
         step()
     for i in range(args.steps):
