@@ -195,3 +195,17 @@ def test_changelog_has_unreleased_above_0_1_0():
     text = (ROOT / "CHANGELOG.md").read_text()
     heads = [line for line in text.splitlines() if line.startswith("## ")]
     assert heads[:2] == ["## Unreleased", "## 0.1.0"]
+
+
+def test_the_formatter_decides_the_layout():
+    """``ruff format`` lays the code out (CI checks it); no statement keeps a hand layout with ``# fmt: skip``
+    or ``# fmt: off``."""
+    marks = tuple("# fmt: " + word for word in ("skip", "off"))  # spelt apart: this file holds no mark either
+    held = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for folder in ("batchmeta", "tests", "benchmarks", "examples")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if any(mark in line for mark in marks)
+    ]
+    assert held == []
