@@ -198,8 +198,8 @@ def test_changelog_has_unreleased_above_0_1_0():
 
 
 def test_the_formatter_decides_the_layout():
-    """``ruff format`` lays the code out (CI checks it); no statement keeps a hand layout with ``# fmt: skip``
-    or ``# fmt: off``."""
+    """``ruff format`` lays the code out (CI checks it); no statement keeps a hand layout with ruff's skip or
+    off comments."""
     marks = tuple("# fmt: " + word for word in ("skip", "off"))  # spelt apart: this file holds no mark either
     held = [
         f"{path.relative_to(ROOT)}:{n}"
