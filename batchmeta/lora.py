@@ -391,7 +391,8 @@ class LoraAdapters:
         """Writes the step's LoRA rows and segments into ``h`` (after its ``idx`` and ``qo_indptr``)."""
         lay = self.layout
         if compiled and _COMPILED:  # common case
-            _stage_lora_kernel(h, idx_at, qo_at, lay.rows, lay.segments, padded, self._adapter, self._rank, self._counts)
+            adapter, rank, counts = self._adapter, self._rank, self._counts
+            _stage_lora_kernel(h, idx_at, qo_at, lay.rows, lay.segments, padded, adapter, rank, counts)
         else:
             stage_lora(h, idx_at, qo_at, lay, padded, self._adapter, self._rank)
 

@@ -430,7 +430,9 @@ class Step:
         if self._generation != self._clock[0]:
             self._raise_stale("lora")
         if self._lora is None:
-            raise ValueError("lora: not built; make the BatchMetadata with MetadataConfig(max_loras=..., max_lora_rank=...)")
+            raise ValueError(
+                "lora: not built; make the BatchMetadata with MetadataConfig(max_loras=..., max_lora_rank=...)"
+            )
         return self._lora
 
     @property

@@ -136,7 +136,9 @@ class LoraLayout:
         check_tensor("out", out, dtypes=(torch.int32,), ndim=1, contiguous=True)
         device = out.device
         if staging.device != device and not (device.type == "cuda" and staging.is_pinned()):
-            raise ValueError(f"staging: expected a tensor on {device} or pinned host memory, got one on {staging.device}")
+            raise ValueError(
+                f"staging: expected a tensor on {device} or pinned host memory, got one on {staging.device}"
+            )
         if not 0 <= num_rows <= self.max_rows:
             raise ValueError(f"num_rows: expected 0..{self.max_rows} (layout.max_rows), got {num_rows}")
         need = max(self.rows + (self.max_rows + 1) * LORA_ROW_STRIDE, self.segments + self.segment_block)
@@ -443,7 +445,7 @@ def lora_segmented(
     backend:
         None, ``"triton"`` or ``"torch"``. The torch twin reads the segments on the host (a sync on CUDA).
     """
-    num_loras, rank, k, n = _check_lora_args(out, x, lora_a, lora_b, scalings)
+    _, rank, k, n = _check_lora_args(out, x, lora_a, lora_b, scalings)
     device = x.device
     check_tensor("token_perm", token_perm, dtypes=(torch.int32,), ndim=1, device=device, min_numel=x.shape[0])
     check_tensor("seg_indptr", seg_indptr, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
