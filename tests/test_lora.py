@@ -14,7 +14,7 @@ from batchmeta import KVGroup, MetadataConfig, StaleStepError
 from batchmeta.host_path import COMPILED
 from batchmeta.lora import _COMPILED, _stage_lora_kernel, stage_lora
 from batchmeta.metadata import BatchMetadata
-from batchmeta.ops.lora import LoraLayout, lora_per_token, lora_segmented
+from batchmeta.ops.lora import LoraLayout, fill_lora_metadata, lora_per_token, lora_segmented
 
 R, L, RANK, T, MML, PS = 6, 3, 16, 24, 32, 4
 HOST_PATHS = ["compiled", "numpy"] if COMPILED else ["numpy"]
@@ -349,6 +349,74 @@ def test_lora_off(device):
         step.lora  # noqa: B018
     # Off, the staging layout is today's: no LoRA region.
     assert meta._layout.lora == meta._layout.total
+
+
+def test_a_rejected_step_changes_nothing(device):
+    """A batch that fails its checks raises before the LoRA staging: the latest step keeps its
+    metadata and stays the latest."""
+    meta = make_meta(device)
+    meta.lora.set_adapter(0, 1, 2)
+    step = meta.prepare_decode([0, 1], [4, 4])
+    before = meta.lora.out.clone()
+    with pytest.raises(ValueError, match="idx_mapping"):
+        meta.prepare_decode([1, 1], [4, 4])  # a request slot twice
+    assert torch.equal(meta.lora.out, before)
+    assert step.lora.row_lora.tolist() == [1, -1]
+
+
+def _op_args(device):
+    a, b, scalings = lora_weights(device, 0)
+    x = torch.zeros(4, K, device=device)
+    out = torch.zeros(4, N, device=device)
+    i32 = {"dtype": torch.int32, "device": device}
+    segs = (
+        torch.arange(4, **i32),
+        torch.zeros(L + 2, **i32),
+        torch.full((L + 1,), -1, **i32),
+        torch.zeros(L + 1, **i32),
+    )
+    return [out, x, a, b, scalings, *segs]
+
+
+@pytest.mark.parametrize(
+    "at, bad, err, match",
+    [
+        (1, lambda t: t.double(), TypeError, "x: expected dtype"),
+        (0, lambda t: t[:, :-1].contiguous(), ValueError, "out: expected"),
+        (2, lambda t: t[:, :, :-1].contiguous(), ValueError, "x: expected"),
+        (3, lambda t: t[:, :, :-1].contiguous(), ValueError, "lora_b: expected"),
+        (4, lambda t: t[:-1], ValueError, "scalings: expected"),
+        (4, lambda t: t.half(), TypeError, "scalings: expected dtype"),
+        (5, lambda t: t[:2], ValueError, "token_perm: expected at least"),
+        (5, lambda t: t.long(), TypeError, "token_perm: expected dtype"),
+        (7, lambda t: t[:-1], ValueError, "seg_lora: expected"),
+        (8, lambda t: t.long(), TypeError, "seg_rank: expected dtype"),
+        (0, lambda t: [0.0], TypeError, "out: expected a torch.Tensor"),
+    ],
+)
+def test_lora_segmented_checks_its_arguments(device, at, bad, err, match):
+    args = _op_args(device)
+    args[at] = bad(args[at])
+    before = args[0].clone() if isinstance(args[0], torch.Tensor) else None
+    with pytest.raises(err, match=match):
+        lora_segmented(*args)
+    if before is not None:
+        assert torch.equal(args[0], before)
+
+
+def test_fill_lora_metadata_checks_its_buffers(device):
+    lay = LoraLayout(max_loras=L, max_rows=R, token_capacity=T, rows=0, segments=4 * (R + 1))
+    staging = torch.zeros(LoraLayout.staging_size(R, L), dtype=torch.int32, device=device)
+    out = torch.zeros(lay.out_size, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="staging: the layout needs"):
+        fill_lora_metadata(lay, staging[:-1], out, 2)
+    with pytest.raises(ValueError, match="out: the layout needs"):
+        fill_lora_metadata(lay, staging, out[:-1], 2)
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        fill_lora_metadata(lay, staging, out.long(), 2)
+    with pytest.raises(ValueError, match="num_rows"):
+        fill_lora_metadata(lay, staging, out, R + 1)
+    assert not out.any()
 
 
 @pytest.mark.parametrize(
