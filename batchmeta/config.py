@@ -245,6 +245,15 @@ class MetadataConfig:
         gathers its ``input_ids`` from it in the same launch, so an engine can prepare step N+1
         before it has seen step N's tokens. Off by default; it takes ``8 * max_num_reqs *
         max_model_len`` bytes of device memory (1 GiB for 1024 requests of 128K tokens).
+    max_loras:
+        Multi-LoRA: adapter slots (the rows of the engine's stacked LoRA weights), so also the most
+        adapters one batch uses. Each request slot uses one adapter or none
+        (``BatchMetadata.lora.set_adapter``) and every step builds ``step.lora``: the tokens sorted
+        by adapter and the segment metadata SGMV-, BGMV- and vLLM-style LoRA kernels read
+        (:mod:`batchmeta.lora`). 0 (default): off, and steps are exactly what they are without it.
+    max_lora_rank:
+        Largest LoRA rank of an adapter (the width of the engine's stacked ``A`` / ``B`` weights);
+        ``>= 1`` with ``max_loras > 0``, else 0.
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
@@ -267,6 +276,8 @@ class MetadataConfig:
     prefill_backend: str = attrs.field(default="fa2")
     batch_block_tables: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     token_history: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    max_loras: int = attrs.field(default=0, validator=_int_in(0, 2**16))
+    max_lora_rank: int = attrs.field(default=0, validator=_int_in(0, 2**16))
 
     @kv_groups.validator
     def _check_groups(self, attribute, value) -> None:
@@ -357,6 +368,13 @@ class MetadataConfig:
                 f"needs {value[-1] * (1 + self.max_draft_tokens)} tokens, more than max_num_tokens "
                 f"({self.max_num_tokens})"
             )
+
+    @max_lora_rank.validator
+    def _check_lora_rank(self, attribute, value) -> None:
+        if self.max_loras and not value:
+            raise ValueError(f"max_lora_rank: expected a rank >= 1 with max_loras={self.max_loras}, got 0")
+        if value and not self.max_loras:
+            raise ValueError(f"max_lora_rank: expected 0 with max_loras=0 (LoRA off), got {value}")
 
     @padding_page.validator
     def _check_padding_page(self, attribute, value) -> None:

@@ -33,6 +33,8 @@ from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
 from batchmeta.host_path import COMPILED, HostPath
+from batchmeta.lora import LoraAdapters
+from batchmeta.ops.lora import LoraLayout
 from batchmeta.ops.speculative import bind_resolve_rows
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
 from batchmeta.speculative import Acceptance, Speculation
@@ -74,6 +76,10 @@ class BatchMetadata:
         Per group ``[max_num_tokens]`` int64 device buffers (PAD past a step's tokens).
     kv_indices:
         Per group ``[(max_num_reqs + 1) * W_g]`` int32 device buffers.
+    lora:
+        Multi-LoRA (``config.max_loras > 0``): the adapter of each request slot
+        (:class:`~batchmeta.lora.LoraAdapters`: ``set_adapter``, ``clear``), staged for the next
+        step, which builds ``step.lora``; None when off.
     token_ids:
         ``[max_num_reqs, max_model_len]`` int64 device token history (``config.token_history``),
         else None: prompts staged with :meth:`stage_prompt`, tokens written by
@@ -104,6 +110,7 @@ class BatchMetadata:
                 max_writes,
                 max_chunks=r if hist else 0,
                 max_prompt_tokens=t + cfg.max_model_len if hist else 0,
+                lora_size=LoraLayout.staging_size(r, cfg.max_loras) if cfg.max_loras else 0,
             )
             self._staging = PinnedRing(self._layout.total, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
@@ -147,6 +154,10 @@ class BatchMetadata:
                 )
                 for host in self._staging.host
             ]
+            # Multi-LoRA (config.max_loras): adapters per request slot, segments per step.
+            self.lora = LoraAdapters(cfg, self._layout.lora, self._staging.host, dev) if cfg.max_loras else None
+            if self.lora is not None:
+                self.block_tables.on_reset(self.lora.clear)
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
@@ -383,6 +394,8 @@ class BatchMetadata:
         lay, ring = self._layout, self._staging
         on_device = self._spec.rows_on_device(idx, clens)  # rows whose cache length is on the device (rare)
         h, num_tokens, widths, max_seq = self._stage(idx, qlens, clens, padded, graph, on_device)
+        if self.lora is not None:  # multi-LoRA: the rows sorted by adapter, into the same staging buffer
+            self.lora.stage(h, lay.idx, lay.qo_indptr, padded, compiled=self._host_path is not None)
         try:
             # One launch: staged writes and every metadata field; its column programs cover the
             # longest row's pages in the group of smallest pages (and the per-step tables' width).
@@ -392,6 +405,8 @@ class BatchMetadata:
             else:  # exact lengths from the device first; the bounds above size the grid and the plan
                 self._resolves[ring.current](padded)
                 self._fills[ring.current](padded, max_cols, resolved=True)
+            if self.lora is not None:  # the LoRA launch: tokens sorted by adapter, segments
+                self.lora.fill(ring.current, padded)
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
             tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
@@ -415,7 +430,7 @@ class BatchMetadata:
                     # A graph wrapper's stock plan (its first, or every one without fast plans)
                     # copied the host arrays, upper bounds for these rows, over the exact ones.
                     self._fills[ring.current](padded, max_cols, resolved=True)
-            return Step(
+            step = Step(
                 kind,
                 b,
                 padded,
@@ -432,6 +447,9 @@ class BatchMetadata:
                 self.block_tables,
                 on_device,
             )
+            if self.lora is not None:
+                step._lora = self.lora.views(ring.current, h, padded, tokens_run)
+            return step
         finally:
             ring.done()  # the host buffer stays busy until what was enqueued from it has run
 

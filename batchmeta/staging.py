@@ -53,11 +53,18 @@ class StagingLayout:
     values, row by row: see :mod:`batchmeta.ops.step`), ``num_writes`` ``[1]``, then
     ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``), then (token
     history) staged prompt spans ``chunks`` ``[4 * max_chunks]`` (request slot, first position,
-    count, offset) and their tokens ``prompt_tokens`` ``[max_prompt_tokens]``.
+    count, offset) and their tokens ``prompt_tokens`` ``[max_prompt_tokens]``, then (multi-LoRA) the
+    ``lora`` region ``[lora_size]`` (:class:`batchmeta.ops.lora.LoraLayout`).
     """
 
     def __init__(
-        self, max_reqs: int, num_groups: int, max_writes: int, max_chunks: int = 0, max_prompt_tokens: int = 0
+        self,
+        max_reqs: int,
+        num_groups: int,
+        max_writes: int,
+        max_chunks: int = 0,
+        max_prompt_tokens: int = 0,
+        lora_size: int = 0,
     ):
         r = max_reqs
         pos = 0
@@ -86,6 +93,7 @@ class StagingLayout:
         self.chunks = take(4 * max_chunks)
         self.max_prompt_tokens = max_prompt_tokens
         self.prompt_tokens = take(max_prompt_tokens)
+        self.lora = take(lora_size)
         self.total = pos
 
 

@@ -278,6 +278,7 @@ class Step:
         "_block_tables",
         "_clock",
         "_generation",
+        "_lora",
         "_num_kv_pages",
         "_prompt_lens",
         "_query_lens",
@@ -347,6 +348,7 @@ class Step:
         self._rows_on_device = rows_on_device
         self._accepted = False  # accept_tokens ran on it (once per step)
         self._prompt_lens: np.ndarray | None = None  # given to accept_tokens (write_drafts reads them)
+        self._lora: Any = None  # LoraViews, set by BatchMetadata when config.max_loras > 0
 
     # Context manager: the active step --------------------------------------------------------------
     def __enter__(self) -> Step:
@@ -419,6 +421,19 @@ class Step:
         if ids is None:
             raise ValueError("input_ids: not built; make the BatchMetadata with MetadataConfig(token_history=True)")
         return ids
+
+    @property
+    def lora(self) -> Any:
+        """The step's multi-LoRA metadata (:class:`~batchmeta.lora.LoraViews`): tokens sorted by
+        adapter, segments (SGMV form), adapter per token and row (BGMV form), vLLM's names. Built
+        only with ``MetadataConfig(max_loras=...)``."""
+        if self._generation != self._clock[0]:
+            self._raise_stale("lora")
+        if self._lora is None:
+            raise ValueError(
+                "lora: not built; make the BatchMetadata with MetadataConfig(max_loras=..., max_lora_rank=...)"
+            )
+        return self._lora
 
     @property
     def batch_block_tables(self) -> tuple[torch.Tensor, ...]:

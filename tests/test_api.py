@@ -227,7 +227,8 @@ def test_reprs_are_short_whatever_numpy_prints(device):
         torch.set_printoptions(profile="full")
         for obj in (meta, meta.block_tables, step, meta.config):
             text = repr(obj)
-            assert len(text) < 600, (type(obj).__name__, len(text))
+            # A config of two KV groups shows every field (~610 characters); arrays would show thousands.
+            assert len(text) < 700, (type(obj).__name__, len(text))
             assert not re.search(r"(^|[(, ])_\w+=", text), text
             assert "tensor(" not in text and "array(" not in text
         assert repr(step).startswith("Step(kind='decode', num_reqs=1")
