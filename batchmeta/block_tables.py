@@ -156,6 +156,18 @@ class BlockTables:
         self._staged.clear()
         return offsets, values
 
+    def rows_of(self, offsets: np.ndarray) -> np.ndarray:
+        """The table row (request slot; ``max_num_reqs`` for the padding row) each write at
+        ``offsets`` (into :attr:`flat`, as :meth:`take_staged` gives them) goes to: one of its
+        tables' columns, or its held count. ``[n]`` int64."""
+        rows = self.config.max_num_reqs + 1
+        off = offsets.astype(np.int64)
+        out = np.mod(off - self.num_blocks_offset, rows)  # held counts: group after group, a row each
+        for start, table in zip(self.table_offsets, self.tables, strict=True):
+            inside = (off >= start) & (off < start + table.numel())
+            np.floor_divide(off - start, table.shape[1], out=out, where=inside)
+        return out
+
     # Internals ----------------------------------------------------------------------------------------
     def _check_slot(self, req_idx: object) -> int:
         if isinstance(req_idx, bool) or not isinstance(req_idx, (int, np.integer)):

@@ -372,8 +372,8 @@ class HostPath:
             A CUDA-graph step: the per-batch tables' widths are the full table widths (0 without
             ``config.batch_block_tables``, as in an eager step).
         num_writes:
-            The staged block-table writes the caller will write into ``h`` (their count goes into
-            the packed rows).
+            The packed rows' count of the staged block-table writes the caller will write into
+            ``h`` (:func:`~batchmeta.staging.packed_write_count`: ``-1 - n`` when bucketed by row).
         on_device:
             ``[B]`` int64, 1 for rows whose cache length is on the device (``clens`` holds their
             bounds), or None.

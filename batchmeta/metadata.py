@@ -38,7 +38,15 @@ from batchmeta.ops.lora import LoraLayout
 from batchmeta.ops.speculative import bind_resolve_rows
 from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
 from batchmeta.speculative import Acceptance, Speculation
-from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, stage_prompts, stage_step, stage_writes
+from batchmeta.staging import (
+    PinnedRing,
+    StagingLayout,
+    StepBuffers,
+    packed_write_count,
+    stage_prompts,
+    stage_step,
+    stage_writes,
+)
 from batchmeta.step import Step, StepViews
 
 __all__ = ["BatchMetadata"]
@@ -625,17 +633,19 @@ class BatchMetadata:
         """
         lay, ring = self._layout, self._staging
         checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
-        num_writes = min(self.block_tables.num_staged(), lay.max_writes)
-        staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, num_writes, on_device)
+        count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
+        staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, count, on_device)
         offsets, values = self.block_tables.take_staged()
         if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
             offsets, values = self._apply_excess_writes(offsets, values)
             # The excess went through the ring: stage again (the numpy path too: one flow, and rare).
-            staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, len(offsets), on_device)
+            count = packed_write_count(len(offsets))
+            staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, count, on_device)
         self._clock[0] += 1  # from here the buffers change: earlier steps are stale
         h = ring.peek()
         ring.advance()
-        stage_writes(h, lay, offsets, values)
+        rows = self.block_tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
+        stage_writes(h, lay, offsets, values, rows)
         if self.token_ids is not None:
             stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         return (h, *staged)

@@ -38,7 +38,17 @@ from batchmeta.ops.step import (
     row_stride,
 )
 
-__all__ = ["PinnedRing", "StagingLayout", "StepBuffers", "pack_rows", "stage_prompts", "stage_step", "stage_writes"]
+__all__ = [
+    "BUCKET_MIN_WRITES",
+    "PinnedRing",
+    "StagingLayout",
+    "StepBuffers",
+    "pack_rows",
+    "packed_write_count",
+    "stage_prompts",
+    "stage_step",
+    "stage_writes",
+]
 
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
@@ -51,7 +61,8 @@ class StagingLayout:
     ``logits`` ``[R]``, per group ``kv_indptr`` ``[R + 1]``, ``last_page_len`` ``[R]`` and
     ``step_width`` ``[1]``, the step kernel's packed ``rows`` ``[R + 1, row_stride]`` (the same
     values, row by row: see :mod:`batchmeta.ops.step`), ``num_writes`` ``[1]``, then
-    ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``), then (token
+    ``(offset, value)`` pairs of staged block-table writes (``[2 * max_writes]``) and, when they
+    are many, their CSR over the table rows ``write_rows`` ``[R + 2]`` (:func:`stage_writes`), then (token
     history) staged prompt spans ``chunks`` ``[4 * max_chunks]`` (request slot, first position,
     count, offset) and their tokens ``prompt_tokens`` ``[max_prompt_tokens]``, then (multi-LoRA) the
     ``lora`` region ``[lora_size]`` (:class:`batchmeta.ops.lora.LoraLayout`).
@@ -89,6 +100,9 @@ class StagingLayout:
         self.fixed_end = pos
         self.max_writes = max_writes
         self.pairs = take(2 * max_writes)
+        # Staged writes bucketed by table row: their CSR over the rows (the padding row included).
+        self.num_table_rows = r + 1
+        self.write_rows = take(r + 2)
         self.max_chunks = max_chunks
         self.chunks = take(4 * max_chunks)
         self.max_prompt_tokens = max_prompt_tokens
@@ -247,6 +261,7 @@ class StepBuffers:
             num_writes=staging.num_writes,
             pairs=staging.pairs,
             max_writes=staging.max_writes,
+            write_rows=staging.write_rows,
             table=block_tables.table_offsets,
             held=[block_tables.num_blocks_offset + g * (r + 1) for g in range(groups)],
             kv_indices=self.kv_offsets,
@@ -284,8 +299,9 @@ def stage_step(
 ) -> tuple[int, tuple[int, ...], int]:
     """Writes a step's host arrays into host staging buffer ``h`` (ring slot ``slot``, whose
     ``memo[slot]`` remembers a decode step's shape); returns ``(num_tokens, widths, max_seq)``.
-    The ``num_writes`` block-table writes themselves are the caller's (:func:`stage_writes`); the
-    packed rows carry their count, as the compiled host path's do.
+    The block-table writes themselves are the caller's (:func:`stage_writes`); the packed rows
+    carry ``num_writes``, their count as :func:`packed_write_count` gives it, as the compiled host
+    path's do.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
     ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
@@ -382,12 +398,35 @@ def pack_rows(
         rows[: on_device.shape[0], lay.row_device_len] = on_device
 
 
-def stage_writes(h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values: np.ndarray) -> None:
+# Staged writes beyond this many are bucketed by table row (sorted, with their CSR), so that each
+# row's program reads only its own: below it, every program scanning them all costs less on the
+# GPU than the sort costs on the host.
+BUCKET_MIN_WRITES = 64
+
+
+def packed_write_count(n: int) -> int:
+    """The packed rows' count field for ``n`` staged writes: ``n``, or ``-1 - n`` when they are
+    bucketed by row (more than :data:`BUCKET_MIN_WRITES`)."""
+    return -1 - n if n > BUCKET_MIN_WRITES else n
+
+
+def stage_writes(
+    h: np.ndarray, lay: StagingLayout, offsets: np.ndarray, values: np.ndarray, rows: np.ndarray | None = None
+) -> None:
     """Writes the staged block-table writes (``offsets`` into the tables, ``values``; at most
-    ``lay.max_writes``) and their count into host staging buffer ``h``."""
+    ``lay.max_writes``) and their count into host staging buffer ``h``. With ``rows`` (the table
+    row of each write, :meth:`~batchmeta.block_tables.BlockTables.rows_of`) they are bucketed:
+    sorted by row, with their CSR over the rows at ``lay.write_rows`` (the step's packed rows
+    then hold the count as ``-1 - n``: :func:`packed_write_count`)."""
     n = len(offsets)
     h[lay.num_writes] = n
     if n:
+        if rows is not None:
+            order = np.argsort(rows, kind="stable")
+            offsets, values = offsets[order], values[order]
+            csr = h[lay.write_rows : lay.write_rows + lay.num_table_rows + 1]
+            csr[0] = 0
+            np.cumsum(np.bincount(rows, minlength=lay.num_table_rows), out=csr[1:])
         pairs = h[lay.pairs : lay.pairs + 2 * n]
         pairs[0::2] = offsets
         pairs[1::2] = values

@@ -549,3 +549,56 @@ def test_kernel_reads_pinned_staging_after_the_host_moved_on():
         )
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a.cpu(), b)
+
+
+@pytest.mark.parametrize("numpy_host_path", [False, True], ids=["compiled", "numpy"])
+def test_many_staged_writes_are_bucketed_by_row(device, backend, numpy_host_path):
+    """More staged writes than BUCKET_MIN_WRITES: sorted by table row with their CSR, each row's program
+    applies its own (the step reads its rows after them); rows outside the batch get theirs too."""
+    from batchmeta.ops.step import ROW_COUNT
+    from batchmeta.staging import BUCKET_MIN_WRITES
+
+    meta = make_meta(device, page_sizes=(1, 4), backend=backend)
+    if numpy_host_path:
+        meta._host_path = None
+    pages = Pages(meta)
+    lens = {0: 40, 3: 33, 5: 47, 2: 21}
+    for r in (5, 0, 3, 2):  # appended out of slot order: the staged writes are not sorted by row
+        pages.grow(r, lens[r])
+    assert meta.block_tables.num_staged() > BUCKET_MIN_WRITES
+    lay, ring = meta._layout, meta._staging
+    idx, qlens = [3, 0, 5], [1, 2, 1]
+    clens = [lens[r] - q for r, q in zip(idx, qlens, strict=True)]
+    step = meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens)
+    h = ring.host_np[ring.current]
+    n = int(h[lay.num_writes])
+    assert h[lay.rows + ROW_COUNT] == -1 - n  # the packed rows say: bucketed
+    csr = h[lay.write_rows : lay.write_rows + lay.num_table_rows + 1]
+    rows = meta.block_tables.rows_of(h[lay.pairs : lay.pairs + 2 * n : 2])
+    assert (np.diff(rows) >= 0).all() and csr[-1] == n
+    assert np.bincount(rows, minlength=lay.num_table_rows).tolist() == np.diff(csr).tolist()
+    with step:
+        check_step(step, meta, {r: pages.held[r] for r in pages.held}, idx, qlens, clens)
+    for g in range(2):  # slot 2, not in the batch: its writes were applied by the tail program
+        assert meta.block_tables.tables[g][2].cpu().tolist() == meta.block_tables.host_table(g)[2].tolist()
+        assert meta.block_tables.num_blocks[g].cpu().tolist() == meta.block_tables.host_num_blocks()[g].tolist()
+
+
+@given(data=st.data())
+def test_rows_of_names_each_writes_table_row(data):
+    """BlockTables.rows_of against the table each staged write's offset falls in."""
+    meta = make_meta("cpu", page_sizes=(1, 4, 2))
+    bt = meta.block_tables
+    bt.take_staged()  # the padding row's writes at construction
+    expected = {}
+    for r in data.draw(st.lists(st.integers(0, 5), min_size=1, max_size=8), label="slots"):
+        before = set(bt._staged)
+        new = [data.draw(st.lists(st.integers(1, 99), max_size=4), label="pages") for _ in range(3)]
+        try:
+            bt.append(r, new)
+        except ValueError:  # past max_model_len: nothing staged
+            continue
+        for off in set(bt._staged) - before:
+            expected[off] = r
+    offsets, _ = bt.take_staged()
+    assert bt.rows_of(offsets).tolist() == [expected[int(o)] for o in offsets]

@@ -49,7 +49,8 @@ _COLS = 4096  # columns of a row per program: a row of 32K pages takes 8 program
 # A step's packed rows: row b of ``[Bp + 1, row_stride]`` int32 holds everything program b reads,
 # so it reads one contiguous block (one bus transaction when staging is pinned host memory, where
 # eleven scattered 4-byte reads per program cost 5x the kernel). Per row: request slot, qo_indptr[b],
-# qo_indptr[b + 1], cache_len, seq_len, logits index, num_writes, then per group g at
+# qo_indptr[b + 1], cache_len, seq_len, logits index, num_writes (-1 - num_writes: bucketed by row,
+# see StepLayout.write_rows), then per group g at
 # ROW_GROUP + ROW_PER_GROUP * g: kv_indptr[b], kv_indptr[b + 1], last page length, step width.
 # After the groups: the number of staged prompt spans (:func:`row_chunks`), then 1 where the row's
 # cache length is on the device (:func:`row_device_len`: speculative acceptance left it there; the
@@ -101,7 +102,12 @@ class StepLayout:
     (only copied to the mirror), per group ``kv_indptr`` ``[Bp + 1]``, ``last_page_len`` ``[Bp]``
     (only copied) and ``step_width`` ``[1]`` (columns of the per-step table to write,
     ``<= width``), and the staged table writes: their count ``num_writes`` ``[1]`` and
-    ``(offset, value)`` ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique). The
+    ``(offset, value)`` ``pairs`` ``[2 * max_writes]`` (offsets into ``tables``, unique). With
+    ``write_rows >= 0`` they may come bucketed: sorted by the table row they write, with
+    ``write_rows`` ``[num_table_rows + 1]`` their CSR over the rows (pairs ``[w[r], w[r + 1])``
+    write row ``r``, the table's columns or its held count; writes to no row after
+    ``w[num_table_rows]``), which the packed rows' count field says by holding ``-1 - num_writes``:
+    each row's program then applies its own writes only, instead of scanning every one. The
     ``mirror`` buffer, when given, has the same layout: the launch copies the step's rows of
     ``idx``, ``qo_indptr``, ``seq_lens``, ``cache_lens``, ``logits``, ``kv_indptr`` and
     ``last_page_len`` into it.
@@ -139,6 +145,7 @@ class StepLayout:
     num_writes: int
     pairs: int
     max_writes: int
+    write_rows: int = -1
     table: tuple[int, ...] = attrs.field(converter=_ints)
     held: tuple[int, ...] = attrs.field(converter=_ints)
     kv_indices: tuple[int, ...] = attrs.field(converter=_ints)
@@ -253,11 +260,23 @@ class StepLayout:
 # Kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _num_writes(count):
+    """The staged writes' count from a packed row's count field (``-1 - n`` when bucketed by row)."""
+    return tl.where(count < 0, -1 - count, count)
+
+
+@triton.jit
 def _apply_writes(staging_ptr, tables_ptr, lo, hi, extra, num_writes, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
     """Applies the first ``num_writes`` staged writes whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
-    for off in range(0, num_writes, BLOCK):
+    _apply_write_range(staging_ptr, tables_ptr, lo, hi, extra, num_writes * 0, num_writes, PAIRS, BLOCK)
+
+
+@triton.jit
+def _apply_write_range(staging_ptr, tables_ptr, lo, hi, extra, first, end, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+    """Applies staged writes ``[first, end)`` whose offsets fall in ``[lo, hi)`` or equal ``extra``."""
+    for off in range(first, end, BLOCK):
         i = off + tl.arange(0, BLOCK)
-        m = i < num_writes
+        m = i < end
         dst = tl.load(staging_ptr + PAIRS + 2 * i, mask=m, other=-1).to(tl.int64)
         v = tl.load(staging_ptr + PAIRS + 2 * i + 1, mask=m)
         tl.store(tables_ptr + dst, v, mask=m & (((dst >= lo) & (dst < hi)) | (dst == extra)))
@@ -354,6 +373,7 @@ def _group_row(
     TOKEN_CAP: tl.constexpr,
     BLOCK: tl.constexpr,
     PAIRS: tl.constexpr,
+    WROWS: tl.constexpr,
     PS: tl.constexpr,
     W: tl.constexpr,
     TAB: tl.constexpr,
@@ -376,7 +396,15 @@ def _group_row(
     lo32 = _field(v, ar, RF + _F_KV_LO)
     hi = _field(v, ar, RF + _F_KV_HI).to(tl.int64)
     width = _field(v, ar, RF + _F_SWIDTH).to(tl.int64)
-    num_writes = _field(v, ar, _F_COUNT)
+    count = _field(v, ar, _F_COUNT)
+    first = count * 0
+    end = _num_writes(count)
+    if WROWS >= 0:
+        # Bucketed by row: this row's own writes only (two reads instead of every pair, which on
+        # pinned staging all cross the bus, once per row program).
+        bucketed = count < 0
+        first = tl.load(staging_ptr + WROWS + req, mask=bucketed, other=0)
+        end = tl.where(bucketed, tl.load(staging_ptr + WROWS + req + 1, mask=bucketed, other=0), end)
     if MIRROR:
         if ch == 0:
             tl.store(mirror_ptr + INDPTR + b, lo32)
@@ -384,7 +412,9 @@ def _group_row(
     # This step's staged writes to the row (new pages, the held count) first, by this program: its
     # reads below then see them. The tail program applies every write (rows not in the batch too);
     # where several write, they write the same value.
-    _apply_writes(staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, num_writes, PAIRS, BLOCK)
+    _apply_write_range(
+        staging_ptr, tables_ptr, TAB + req * W, TAB + (req + 1) * W, HELD + req, first, end, PAIRS, BLOCK
+    )
     tl.debug_barrier()
     row = tables_ptr + TAB + req * W
     # Slot ids in 64 bits: page * page_size passes 2^31 on large caches. The tokens of a padding
@@ -428,6 +458,7 @@ def _step_kernel(
     TOKEN_CAP: tl.constexpr,
     COUNT: tl.constexpr,
     PAIRS: tl.constexpr,
+    WROWS: tl.constexpr,
     TABLES_NUMEL: tl.constexpr,
     WRITE_POSITIONS: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -515,7 +546,8 @@ def _step_kernel(
                 if MIRROR:
                     tl.store(mirror_ptr + QO_INDPTR + num_rows, num_tokens32)
                 # Every staged write, including those to request slots not in this batch.
-                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, _field(v, ar, _F_COUNT), PAIRS, BLOCK)
+                num_writes = _num_writes(_field(v, ar, _F_COUNT))
+                _apply_writes(staging_ptr, tables_ptr, 0, TABLES_NUMEL, 0, num_writes, PAIRS, BLOCK)
                 if HIST:
                     _pad_tail(out64_ptr + IDS, num_tokens, TOKEN_CAP, 0, BLOCK)
                     _apply_prompts(staging_ptr, hist_ptr, _field(v, ar, HF), CHUNKS, PROMPT, HLEN, BLOCK)
@@ -589,6 +621,7 @@ def _step_kernel(
                 TOKEN_CAP,
                 BLOCK,
                 PAIRS,
+                WROWS,
                 PS0,
                 W0,
                 TAB0,
@@ -623,6 +656,7 @@ def _step_kernel(
                     TOKEN_CAP,
                     BLOCK,
                     PAIRS,
+                    WROWS,
                     PS1,
                     W1,
                     TAB1,
@@ -657,6 +691,7 @@ def _step_kernel(
                     TOKEN_CAP,
                     BLOCK,
                     PAIRS,
+                    WROWS,
                     PS2,
                     W2,
                     TAB2,
@@ -691,6 +726,7 @@ def _step_kernel(
                     TOKEN_CAP,
                     BLOCK,
                     PAIRS,
+                    WROWS,
                     PS3,
                     W3,
                     TAB3,
@@ -744,6 +780,7 @@ def _launch_args(
             layout.token_capacity,
             layout.num_writes,
             layout.pairs,
+            layout.write_rows,
             tables.numel(),
             arg_groups[0] == 0,
             n,
@@ -833,7 +870,8 @@ def _fill_torch(
         copied += [(lay.last_page_len[g], packed[:num_rows, at + ROW_LAST]) for g, at in enumerate(per_group)]
         for at, values in copied:
             mirror[at : at + values.numel()] = values.to(mirror.dtype)
-    _apply_writes_torch(staging, tables, lay.pairs, int(packed[num_rows, ROW_COUNT]))
+    count = int(packed[num_rows, ROW_COUNT])
+    _apply_writes_torch(staging, tables, lay.pairs, -1 - count if count < 0 else count)
     cap = lay.token_capacity
     start, total = int(qo[0]), int(qo[-1])
     row = torch.repeat_interleave(torch.arange(num_rows, device=dev), qo[1:] - qo[:-1])
