@@ -498,13 +498,14 @@ def _step_buffers(step) -> tuple[torch.Tensor, ...]:
 
 class _GpuDrafter:
     """A drafter on the device: q, k, v from embeddings of the input ids, KV stored at the step's slots,
-    attention over both groups, the next token an argmax of the outputs. Records each step's queries
-    and outputs in fixed buffers (so a replayed round can be checked against a reference)."""
+    attention over both groups; the next token an argmax over the outputs (``choose="attention"``) or
+    a function of the input ids alone (``"ids"``: the same drafts whichever way FlashInfer splits the
+    KV). Records each step's queries and outputs in fixed buffers, for a reference afterwards."""
 
-    def __init__(self, k: int, page_size: int):
+    def __init__(self, k: int, page_size: int, choose: str = "attention"):
         from batchmeta import ops
 
-        self.ops = ops
+        self.ops, self.k, self.choose = ops, k, choose
         gen = torch.Generator(device="cuda").manual_seed(0)
         self.embed = torch.randn(1000, 3, 8, 64, generator=gen, device="cuda").to(torch.bfloat16)
         self.proj = torch.randn(8 * 64, 1000, generator=gen, device="cuda").to(torch.bfloat16)
@@ -512,7 +513,6 @@ class _GpuDrafter:
             [torch.randn(4096, page_size, 2, 64, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
             for _ in range(2)
         ]
-        self.k = k
         self.calls = 0
         self.q = torch.zeros(k, 8, 8, 64, dtype=torch.bfloat16, device="cuda")
         self.out = torch.zeros(2, k, 8, 8, 64, dtype=torch.bfloat16, device="cuda")
@@ -522,46 +522,74 @@ class _GpuDrafter:
         j = self.calls % self.k  # every round calls the drafter k times, in order
         self.calls += 1
         n = step.padded_num_reqs
-        emb = self.embed[step.input_ids[:n]]  # [n, 3, 8, 64]
-        q, kv = emb[:, 0], emb[:, 1:, :2]
+        ids = step.input_ids[:n]
+        emb = self.embed[ids]  # [n, 3, 8, 64]: q (8 heads), k and v (2 heads each)
+        q = emb[:, 0].contiguous()
         self.q[j, :n] = q
         for g in range(2):
-            self.ops.store_kv(kv[:, 0], kv[:, 1], step.slot_mappings[g][:n], *self.caches[g])
+            k_new, v_new = emb[:, 1, :2].contiguous(), emb[:, 2, :2].contiguous()
+            self.ops.store_kv(k_new, v_new, step.slot_mappings[g][:n], *self.caches[g])
             self.out[g, j, :n] = step.attention(q, *self.caches[g], group=g)
-        logits = (self.out[0, j, :n] + self.out[1, j, :n]).reshape(n, -1) @ self.proj
-        self.tokens[:n] = logits.argmax(-1)
+        if self.choose == "attention":
+            logits = (self.out[0, j, :n] + self.out[1, j, :n]).reshape(n, -1) @ self.proj
+            self.tokens[:n] = logits.argmax(-1)
+        else:
+            self.tokens[:n] = (ids * 7 + 3) % 1000
         return self.tokens
+
+
+def _reference(drafter: _GpuDrafter, step, j: int, g: int, b: int) -> torch.Tensor:
+    """Dense float32 attention of draft step ``j``'s real rows over group ``g`` (exact device metadata)."""
+    from batchmeta.attention.torch_ref import paged_attention_torch
+
+    indptr = step.kv_indptr[g][: b + 1].cpu().numpy()
+    return paged_attention_torch(
+        drafter.q[j, :b].float(),
+        drafter.caches[g][0].float(),
+        drafter.caches[g][1].float(),
+        np.arange(b + 1),
+        indptr,
+        step._views.kv_indices_full[g][: int(indptr[b])],
+        step.kv_last_page_len[g][:b].cpu().numpy(),
+        causal=True,
+        window_left=(-1, 31)[g],
+        sm_scale=64**-0.5,
+    )
+
+
+def _admit(meta: BatchMetadata, prompts: list[list[int]], page_size: int):
+    """Pages for the whole model length and a prefill of every prompt; returns its acceptance."""
+    b = len(prompts)
+    for r, prompt in enumerate(prompts):
+        pages = list(range(1 + r * (512 // page_size), 1 + (r + 1) * (512 // page_size)))
+        meta.block_tables.append(r, [pages, pages])
+        meta.stage_prompt(r, prompt)
+    lens = [len(p) for p in prompts]
+    step = meta.prepare_prefill(list(range(b)), query_lens=lens, cache_lens=[0] * b)
+    return meta.accept_tokens(step, None, torch.arange(b, device="cuda") + 1, [1] * b, lens)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(page_size):
-    from batchmeta.attention.torch_ref import paged_attention_torch
-
+    """Three rounds replayed as one graph each, against the same rounds run step by step (the same
+    graph-planned rounds, so the same kernels and plans): the same drafts, bit for bit; attention
+    of every step within bf16 tolerance of dense float32; no host sync; no buffer moves."""
     k, b = 3, 5
-    metas = {mode: _gpu_meta(page_size, k) for mode in ("eager", "graph")}
     rng = np.random.default_rng(page_size)
-    prompts = rng.integers(20, 200, b)
+    prompts = [rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(20, 200, b)]
     results = {}
-    for mode, meta in metas.items():
+    for mode in ("eager", "graph"):
+        meta = _gpu_meta(page_size, k)
         drafter = _GpuDrafter(k, page_size)
         if mode == "graph":
             meta.capture_draft_graph(8, k, drafter)
             drafter.calls = 0
-        idx = list(range(b))
-        for r in idx:
-            pages = list(range(1 + r * (512 // page_size), 1 + (r + 1) * (512 // page_size)))
-            meta.block_tables.append(r, [pages, pages])
-            meta.stage_prompt(r, rng.integers(0, 1000, int(prompts[r])).tolist())
-        rng = np.random.default_rng(page_size)  # the same prompts for both modes
-        rng.integers(20, 200, b)
-        step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
-        acc = meta.accept_tokens(step, None, torch.arange(b, device="cuda") + 1, [1] * b, prompts)
-        addresses = None
-        rounds = []
-        for i in range(3):
+        acc = _admit(meta, prompts, page_size)
+        addresses, drafts = None, []
+        for i in range(3):  # rounds from lengths one further each time (drafts of the last round accepted)
             with _no_sync():
-                round_ = meta.prepare_draft(idx, acc.cache_lens + i, num_steps=k, cuda_graph=mode == "graph")
+                round_ = meta.prepare_draft(list(range(b)), acc.cache_lens + i, num_steps=k, cuda_graph=True)
                 if mode == "graph":
                     meta.replay_draft_graph(round_)
                 else:
@@ -569,54 +597,51 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
             ptrs = [[t.data_ptr() for t in _step_buffers(s)] for s in round_.steps]
             assert addresses is None or ptrs == addresses, "a draft step's buffer moved"
             addresses = ptrs
-            torch.cuda.synchronize()
-            rounds.append(round_.draft_token_ids.clone())
-        results[mode] = (rounds, drafter, round_)
+            drafts.append(round_.draft_token_ids.clone())
+        torch.cuda.synchronize()
+        for j, step in enumerate(round_.steps):  # the last round
+            assert step.positions[:b].tolist() == (acc.cache_lens + 2 + j).tolist()
+            for g in range(2):
+                ref = _reference(drafter, step, j, g, b)
+                torch.testing.assert_close(drafter.out[g, j, :b].float(), ref, atol=2e-2, rtol=2e-2)
+        history = meta.token_ids[:b].clone()
+        results[mode] = (drafts, history)
     for x, y in zip(results["eager"][0], results["graph"][0], strict=True):
         assert torch.equal(x, y)
-    drafter, round_ = results["graph"][1], results["graph"][2]
-    for j, step in enumerate(round_.steps):  # the last round's attention against a dense float32 reference
-        for g in range(2):
-            ref = paged_attention_torch(
-                drafter.q[j, :b].float(),
-                drafter.caches[g][0].float(),
-                drafter.caches[g][1].float(),
-                np.arange(b + 1),
-                step.kv_indptr_host[g][: b + 1].copy(),
-                step.kv_indices[g][: int(step.kv_indptr_host[g][b])],
-                step.kv_last_page_len_host[g][:b].copy(),
-                causal=True,
-                window_left=(-1, 31)[g],
-                sm_scale=64**-0.5,
-            )
-            torch.testing.assert_close(drafter.out[g, j, :b].float(), ref, atol=2e-2, rtol=2e-2)
+    assert torch.equal(results["eager"][1], results["graph"][1])
 
 
 @pytest.mark.gpu
 def test_graph_round_over_device_lengths_matches_exact_lengths():
-    """A round after device acceptance (bounds on the host) replays the same drafts as one after host
-    acceptance of the same counts."""
+    """A replayed round after device acceptance (the host plans from bounds) has the metadata of one
+    after host acceptance of the same counts, and attention within bf16 tolerance of it."""
     k, b = 2, 3
-    drafts = {}
+    prompts = [list(range(10 + r, 40 + r)) for r in range(b)]
+    results = {}
     for mode in ("device", "host"):
         meta = _gpu_meta(16, k)
-        drafter = _GpuDrafter(k, 16)
+        drafter = _GpuDrafter(k, 16, choose="ids")
         meta.capture_draft_graph(4, k, drafter)
         drafter.calls = 0
+        acc = _admit(meta, prompts, 16)
         idx = list(range(b))
-        for r in idx:
-            meta.block_tables.append(r, [list(range(1 + 32 * r, 33 + 32 * r))] * 2)
-            meta.stage_prompt(r, list(range(10 + r, 40 + r)))
-        step = meta.prepare_prefill(idx, query_lens=[30] * b, cache_lens=[0] * b)
-        acc = meta.accept_tokens(step, None, torch.arange(b, device="cuda"), [1] * b, [30] * b)
         step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=k)
         counts = [1, 2, 3]
         num = torch.tensor(counts, device="cuda") if mode == "device" else counts
         acc = meta.accept_tokens(step, None, torch.full((b, 1 + k), 7, device="cuda"), num, [30] * b)
+        assert acc.exact.all() == (mode == "host")
         with _no_sync() if mode == "device" else contextlib.nullcontext():
             round_ = meta.prepare_draft(idx, acc.cache_lens, num_steps=k, cuda_graph=True)
             meta.replay_draft_graph(round_)
         torch.cuda.synchronize()
-        drafts[mode] = (round_.draft_token_ids.clone(), [s.positions[:b].tolist() for s in round_.steps])
-    assert torch.equal(drafts["device"][0], drafts["host"][0])
-    assert drafts["device"][1] == drafts["host"][1]
+        fields = []
+        for step in round_.steps:
+            fields += [step.positions[:b], step.seq_lens[:b], step.input_ids[:b]]
+            fields += [x[:b] for x in step.slot_mappings + step.kv_last_page_len]
+            fields += [x[: b + 1] for x in step.kv_indptr]
+            fields += [step._views.kv_indices_full[g][: int(step.kv_indptr[g][b])] for g in range(2)]
+        results[mode] = (round_.draft_token_ids.clone(), [f.clone() for f in fields], drafter.out[:, :, :b].clone())
+    assert torch.equal(results["device"][0], results["host"][0])
+    for x, y in zip(results["device"][1], results["host"][1], strict=True):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(results["device"][2].float(), results["host"][2].float(), atol=2e-2, rtol=2e-2)
