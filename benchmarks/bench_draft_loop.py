@@ -143,12 +143,12 @@ class Bench:
         meta, clens = self.meta, self.cache_lens + i % 4
         if mode == "decode x k":
             out = torch.empty(len(self.idx), k, dtype=torch.int64, device=self.device)
-            base = torch.as_tensor(clens, device=self.device)
             for j in range(k):
                 step = meta.prepare_decode(self.idx, clens + j)
                 with step:
                     tokens = self.model.forward(step)[: len(self.idx)]
-                meta.token_ids[self.idx_dev, base + j + 1] = tokens
+                    # The drafted token after each row's position, where the next call gathers it.
+                    meta.token_ids[self.idx_dev, step.positions + 1] = tokens
                 out[:, j] = tokens
             return out
         if mode == "loop":
