@@ -255,7 +255,8 @@ class DraftLoop:
         # The owner's layout without prompt spans: every field up to the staged writes at the same
         # offset, which the owner's compiled host path writes.
         self._layout = StagingLayout(cfg.max_num_reqs, len(cfg.kv_groups), layout.max_writes)
-        assert self._layout.fixed_end == layout.fixed_end and self._layout.pairs == layout.pairs
+        if (self._layout.fixed_end, self._layout.pairs) != (layout.fixed_end, layout.pairs):
+            raise RuntimeError("batchmeta: the draft steps' staging layout differs from the owner's")
         self._slots: list[_DraftSlot] = []
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
