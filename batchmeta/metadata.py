@@ -14,6 +14,8 @@ A step, as :meth:`BatchMetadata.prepare_prefill` / :meth:`~BatchMetadata.prepare
 6. hand back a :class:`~batchmeta.step.Step` of views (:mod:`batchmeta.step`).
 
 Decode steps may replay CUDA graphs (:mod:`batchmeta.cuda_graphs`, where the padding policy is).
+Speculative acceptance and drafts live in :mod:`batchmeta.speculative`; a drafter's rounds of ``k``
+single-token steps, prepared at once and replayable as one graph, in :mod:`batchmeta.draft`.
 """
 
 from __future__ import annotations
