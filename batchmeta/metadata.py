@@ -633,6 +633,10 @@ class BatchMetadata:
             )
         if type(num_steps) is not int:
             raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
+        if not cfg.max_draft_tokens:
+            raise ValueError(
+                "num_steps: draft rounds need MetadataConfig(max_draft_tokens=k) with k >= num_steps (it is 0)"
+            )
         if not 1 <= num_steps <= cfg.max_draft_tokens:
             raise ValueError(
                 f"num_steps: expected 1..{cfg.max_draft_tokens} (config.max_draft_tokens), got {num_steps}"

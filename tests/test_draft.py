@@ -16,6 +16,7 @@ attention equals a dense float32 reference, no host sync, no address moves.
 
 import contextlib
 
+import attrs
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -295,6 +296,9 @@ def test_prepare_draft_rejects_bad_input_before_anything_changes():
     )
     with pytest.raises(ValueError, match="token_history=True"):
         no_hist.prepare_draft([0], [1], num_steps=1)
+    no_drafts = BatchMetadata(attrs.evolve(hist.config, max_draft_tokens=0))
+    with pytest.raises(ValueError, match=r"max_draft_tokens=k\) with k >= num_steps \(it is 0\)"):
+        no_drafts.prepare_draft([0], [1], num_steps=1)
     with pytest.raises(ValueError, match="another BatchMetadata"):
         hist.replay_draft_graph(round_)
 
