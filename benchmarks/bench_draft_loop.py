@@ -27,7 +27,8 @@ Figures per round (medians over ``--repeats`` alternated passes):
 - GPU idle µs: the GPU's period per round when rounds run back to back (events recorded before each round's first
   ``prepare_*`` and after its last work; ``(last end - first start) / rounds``) minus the round's device time,
   measured by enqueueing one round behind a sleeping kernel (``torch.cuda._sleep``) long enough for the host to
-  enqueue all of it, so its kernels run back to back. Clamped at 0.
+  enqueue all of it, so its kernels run back to back (``decode x k``: each step alone, summed, since a third
+  ``prepare_decode`` behind the sleep would wait for the first one's pinned staging buffer). Clamped at 0.
 
 Checks: every way drafts the same tokens as ``decode x k`` from the same state (history and caches restored
 before each way); a graph's drafts may differ where FlashInfer's graph plan splits KV differently (reported, not
@@ -138,12 +139,13 @@ class Bench:
         for dst, src in zip(now, self.snapshot, strict=True):
             dst.copy_(src)
 
-    def enqueue(self, mode: str, k: int, i: int) -> torch.Tensor:
-        """One round from cache length ``c + i % 4``; returns its ``[B, k]`` drafts (a device tensor)."""
+    def enqueue(self, mode: str, k: int, i: int, steps: range | None = None) -> torch.Tensor:
+        """One round from cache length ``c + i % 4``; returns its ``[B, k]`` drafts (a device tensor).
+        ``steps``: with ``decode x k``, only these of the round's steps."""
         meta, clens = self.meta, self.cache_lens + i % 4
         if mode == "decode x k":
-            out = torch.empty(len(self.idx), k, dtype=torch.int64, device=self.device)
-            for j in range(k):
+            out = torch.zeros(len(self.idx), k, dtype=torch.int64, device=self.device)
+            for j in range(k) if steps is None else steps:
                 step = meta.prepare_decode(self.idx, clens + j)
                 with step:
                     tokens = self.model.forward(step)[: len(self.idx)]
@@ -193,16 +195,23 @@ class Bench:
             ends[i].record()
         self.sync()
         period = starts[0].elapsed_time(ends[-1]) * 1e3 / n
+        # One round's work back to back: enqueued behind a sleeping kernel, so the host is ahead. The
+        # k plain decode steps go one at a time (summed): a third prepare_decode behind the sleep
+        # would wait for the first one's pinned buffer, leaving the GPU idle in the measurement.
+        parts = [range(j, j + 1) for j in range(k)] if mode == "decode x k" else [None]
         busy = []
-        for i in range(3):  # one round behind a sleeping kernel: its work back to back
-            self.sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(50_000_000)
-            start.record()
-            self.enqueue(mode, k, i)
-            end.record()
-            self.sync()
-            busy.append(start.elapsed_time(end) * 1e3)
+        for i in range(3):
+            total = 0.0
+            for part in parts:
+                self.sync()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(50_000_000)
+                start.record()
+                self.enqueue(mode, k, i, part)
+                end.record()
+                self.sync()
+                total += start.elapsed_time(end) * 1e3
+            busy.append(total)
         return max(0.0, period - min(busy))
 
 
