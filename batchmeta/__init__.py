@@ -3,6 +3,7 @@
 from batchmeta import ops
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MLA, KVGroup, MetadataConfig
+from batchmeta.draft import DraftRound
 from batchmeta.metadata import BatchMetadata
 from batchmeta.ops import PAD_SLOT_ID, has_triton
 from batchmeta.step import StaleStepError, Step, current_step
@@ -14,6 +15,7 @@ __all__ = [
     "PAD_SLOT_ID",
     "BatchMetadata",
     "BlockTables",
+    "DraftRound",
     "KVGroup",
     "MetadataConfig",
     "StaleStepError",

@@ -14,6 +14,8 @@ A step, as :meth:`BatchMetadata.prepare_prefill` / :meth:`~BatchMetadata.prepare
 6. hand back a :class:`~batchmeta.step.Step` of views (:mod:`batchmeta.step`).
 
 Decode steps may replay CUDA graphs (:mod:`batchmeta.cuda_graphs`, where the padding policy is).
+Speculative acceptance and drafts live in :mod:`batchmeta.speculative`; a drafter's rounds of ``k``
+single-token steps, prepared at once and replayable as one graph, in :mod:`batchmeta.draft`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
+from batchmeta.draft import DraftLoop, DraftRound
 from batchmeta.host_path import COMPILED, HostPath
 from batchmeta.lora import LoraAdapters
 from batchmeta.ops.lora import LoraLayout
@@ -198,6 +201,7 @@ class BatchMetadata:
         self._views: dict[tuple, StepViews] = {}
         self._clock = [0]  # number of the latest step: older steps' views are stale
         self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
+        self._draft: DraftLoop | None = None  # made by the first prepare_draft
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -521,6 +525,139 @@ class BatchMetadata:
             raise ValueError("step: prepared by another BatchMetadata")
         with self._on_device():
             self._graphs.replay(step)
+
+    # ---------------------------------------------------------------------------------------------
+    # Draft loops (batchmeta.draft)
+    # ---------------------------------------------------------------------------------------------
+    def prepare_draft(
+        self, idx_mapping: Any, cache_lens: Any, *, num_steps: int, cuda_graph: bool = False
+    ) -> DraftRound:
+        """A drafter's round of ``num_steps`` single-token steps (EAGLE, MTP), prepared and planned at once.
+
+        Step ``j`` of the round is the decode step ``prepare_decode(idx_mapping, cache_lens + j)``
+        would give (every field), written into buffers of its own by a launch enqueued now, and
+        planned now. Between steps only the drafted token moves: ``round.run(forward)`` (or
+        ``round.advance(j, tokens)`` after each forward) writes it into the next step's
+        ``input_ids`` and the token history at ``c + j + 1``, where the next
+        ``prepare_decode(..., num_draft_tokens=num_steps)`` gathers the drafts. Under a CUDA graph
+        the whole round replays with :meth:`replay_draft_graph`. Needs ``config.token_history``.
+
+        The drafter's KV caches may be tensors of its own over the request's pages (pass the
+        target's group to ``step.attention(..., group=g)`` and write at ``step.slot_mappings[g]``)
+        or a KV-cache group of its own (``config.kv_groups``); see the README.
+
+        Parameters
+        ----------
+        idx_mapping:
+            ``[B]`` request slot of each row (host data), each past its prompt.
+        cache_lens:
+            ``[B]`` each row's next cache length as ``accept_tokens`` returned it (the upper bound
+            where ``exact`` is False: those rows are resolved on the device). The engine must hold
+            pages for ``cache_lens + num_steps`` tokens.
+        num_steps:
+            ``k``, in ``[1, config.max_draft_tokens]``.
+        cuda_graph:
+            Pad the batch to the next size in ``config.cuda_graph_batch_sizes`` and plan the
+            CUDA-graph wrappers of each step, for :meth:`replay_draft_graph`.
+
+        Returns
+        -------
+        DraftRound
+            ``round.steps`` (``k`` Steps), ``round.run(forward)``, ``round.advance(j, tokens)``,
+            ``round.draft_token_ids`` (``[B, k]``). Valid until the next ``prepare_draft``.
+        """
+        num_steps, cuda_graph = self._check_draft_args(num_steps, cuda_graph)
+        idx = host_ints("idx_mapping", idx_mapping)
+        b = idx.shape[0]
+        clens = host_ints("cache_lens", cache_lens, length=b)
+        padded = self.graph_batch_size(b) if cuda_graph else b
+        with self._on_device():
+            return self._draft_loop().prepare(
+                idx, clens, num_steps, padded=padded, graph=cuda_graph, staged_prompts=self._prompts
+            )
+
+    def capture_draft_graph(
+        self, batch_size: int, num_steps: int, forward: Callable[[Step], torch.Tensor], *, warmup: int = 2
+    ) -> Any:
+        """Captures a whole draft round as one CUDA graph: for each of ``num_steps`` steps,
+        ``token_ids = forward(step)`` (the drafter's forward and its greedy or sampled choice, ``[>=
+        batch_size]`` on the device) and the advance that hands the tokens to the next step.
+
+        ``forward`` must read and write only fixed buffers (the step's views, the engine's static
+        tensors), as for :meth:`capture_decode_graph`. Later rounds are prepared with
+        ``prepare_draft(..., num_steps=num_steps, cuda_graph=True)`` and replayed with
+        :meth:`replay_draft_graph`. The capture prepares a round of padding rows (which makes any
+        earlier round stale).
+
+        Parameters
+        ----------
+        batch_size:
+            One of ``config.cuda_graph_batch_sizes``.
+        num_steps:
+            ``k``, in ``[1, config.max_draft_tokens]``.
+        """
+        cfg = self.config
+        if cfg.device.type != "cuda":
+            raise ValueError(
+                f"capture_draft_graph: CUDA graphs need a CUDA device; this BatchMetadata is on "
+                f"{cfg.device} (config.device)"
+            )
+        if batch_size not in cfg.cuda_graph_batch_sizes:
+            raise ValueError(
+                f"batch_size: expected one of config.cuda_graph_batch_sizes "
+                f"{cfg.cuda_graph_batch_sizes}, got {batch_size}"
+            )
+        num_steps, _ = self._check_draft_args(num_steps, True)
+        self.graph_batch_size(batch_size)  # raises without FlashInfer planning
+        with self._on_device():
+            return self._draft_loop().capture(batch_size, num_steps, forward, warmup=warmup)
+
+    def replay_draft_graph(self, round: DraftRound) -> None:
+        """Replays the graph captured for ``round.padded_num_reqs`` and ``round.num_steps`` (``round``:
+        the latest ``prepare_draft(..., cuda_graph=True)``); raises if none was captured for them."""
+        if not isinstance(round, DraftRound):
+            raise TypeError(f"round: expected the DraftRound of a prepare_draft call, got {type(round).__name__}")
+        if self._draft is None or round._loop is not self._draft:
+            raise ValueError("round: prepared by another BatchMetadata")
+        with self._on_device():
+            self._draft.replay(round)
+
+    def _check_draft_args(self, num_steps: Any, cuda_graph: Any) -> tuple[int, bool]:
+        cfg = self.config
+        if self.token_ids is None:
+            raise ValueError(
+                "prepare_draft: draft rounds read and write the token history; make the BatchMetadata with "
+                "MetadataConfig(token_history=True)"
+            )
+        if type(num_steps) is not int:
+            raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
+        if not cfg.max_draft_tokens:
+            raise ValueError(
+                "num_steps: draft rounds need MetadataConfig(max_draft_tokens=k) with k >= num_steps (it is 0)"
+            )
+        if not 1 <= num_steps <= cfg.max_draft_tokens:
+            raise ValueError(
+                f"num_steps: expected 1..{cfg.max_draft_tokens} (config.max_draft_tokens), got {num_steps}"
+            )
+        if not isinstance(cuda_graph, (bool, np.bool_)):
+            raise TypeError(f"cuda_graph: expected a bool, got {type(cuda_graph).__name__}")
+        return num_steps, bool(cuda_graph)
+
+    def _draft_loop(self) -> DraftLoop:
+        if self._draft is None:
+            self._draft = DraftLoop(
+                self.config,
+                self._buffers.positions.device,
+                self._layout,
+                self.block_tables,
+                self.token_ids,
+                self._spec,
+                self._checker,
+                self._host_path,
+                self._planned,
+                self._apply_excess_writes,
+            )
+        return self._draft
 
     # ---------------------------------------------------------------------------------------------
     # After sampling

@@ -192,6 +192,16 @@ class PinnedRing:
 class StepBuffers:
     """The device outputs of the step kernel, allocated once (addresses never change).
 
+    Parameters
+    ----------
+    config, device:
+        What the buffers are sized for, and where they live.
+    token_capacity:
+        Tokens per step the token buffers hold (default ``config.max_num_tokens``).
+    history:
+        ``[max_num_reqs, max_model_len]`` int64 token history to read ``input_ids`` from (with
+        ``config.token_history``); default: a new one.
+
     Attributes
     ----------
     positions:
@@ -205,9 +215,19 @@ class StepBuffers:
         None unless ``config.batch_block_tables``.
     """
 
-    def __init__(self, config: MetadataConfig, device: torch.device):
+    def __init__(
+        self,
+        config: MetadataConfig,
+        device: torch.device,
+        *,
+        token_capacity: int | None = None,
+        history: torch.Tensor | None = None,
+    ):
         cfg = config
-        r, t, groups = cfg.max_num_reqs, cfg.max_num_tokens, len(cfg.kv_groups)
+        r, groups = cfg.max_num_reqs, len(cfg.kv_groups)
+        # A draft step (batchmeta.draft) runs one token per row: it sizes its token buffers by the
+        # rows and reads the token history of the BatchMetadata it belongs to.
+        t = self.token_capacity = cfg.max_num_tokens if token_capacity is None else token_capacity
         self.widths = [cfg.max_pages_per_req(g) for g in range(groups)]
         # int32 outputs: per group kv_indices [(r + 1) * W] then the per-batch table [r, W]. Without
         # config.batch_block_tables every step stages a table width of 0, so the kernel writes no
@@ -231,7 +251,9 @@ class StepBuffers:
         self.slot_mappings = tuple(self.out64[(1 + g) * t : (2 + g) * t] for g in range(groups))
         self.input_ids_offset = (1 + groups) * t if hist else -1
         self.input_ids = self.out64[(1 + groups) * t :].zero_() if hist else None
-        self.token_ids = torch.zeros(r, cfg.max_model_len, dtype=torch.int64, device=device) if hist else None
+        if hist and history is None:
+            history = torch.zeros(r, cfg.max_model_len, dtype=torch.int64, device=device)
+        self.token_ids = history if hist else None
         self.kv_indices = tuple(
             self.out32[at : at + (r + 1) * w] for at, w in zip(self.kv_offsets, self.widths, strict=True)
         )
@@ -243,7 +265,7 @@ class StepBuffers:
 
     def kernel_layout(self, config: MetadataConfig, staging: StagingLayout, block_tables: BlockTables) -> StepLayout:
         """Where the step kernel finds its inputs (staging, block tables) and writes its outputs."""
-        r, t, groups = config.max_num_reqs, config.max_num_tokens, len(config.kv_groups)
+        r, t, groups = config.max_num_reqs, self.token_capacity, len(config.kv_groups)
         return StepLayout(
             page_size=[grp.page_size for grp in config.kv_groups],
             width=self.widths,

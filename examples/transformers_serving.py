@@ -19,8 +19,13 @@ With ``--spec K`` (speculative decoding), every decode step verifies ``K`` draft
 drafter (:func:`ngram_drafts`, torch ops over the token history on the device): the target's argmax
 at each token accepts drafts up to the first mismatch, ``accept_tokens`` writes the accepted tokens
 (with host counts, ``--accept host``, or device counts, ``--accept device``: nothing read in a
-step's path) and ``write_drafts`` the next drafts (:meth:`Runner._serve_spec`). In float32,
-:func:`greedy_check` then compares the tokens with plain greedy decoding, token for token.
+step's path) and ``write_drafts`` the next drafts (:meth:`Runner._serve_spec`). With ``--drafter
+layers`` the drafter is the model's first ``--draft-layers`` layers (with the final norm and head)
+instead, drafting through batchmeta's draft loop: after each verify step one
+``prepare_draft(..., num_steps=K)`` round of ``K`` single-token steps (one CUDA graph per round on a
+GPU), its layers' KV caches tensors of their own over the target's pages, which the target's forward
+also writes. In float32, :func:`greedy_check` then compares the tokens with plain greedy decoding,
+token for token.
 
 Afterwards, :func:`teacher_forced_check` runs the same model with transformers' own attention
 (``"eager"``) over every prompt plus its generated tokens and checks each generated token against
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextvars
 import dataclasses
 import time
 
@@ -155,12 +161,21 @@ def batchmeta_attention(module, query, key, value, attention_mask, **kwargs):
     step = batchmeta.current_step()
     # [1, H, T, D] -> [T, H, D]; rotary embeddings left q and k head-major, so these are copies.
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    draft_kv = getattr(module, "batchmeta_draft_kv", None)  # a layer of the drafter (--drafter layers)
+    if draft_kv is not None:
+        if DRAFTING.get():  # a draft step: the drafter's own caches, over the same pages
+            k_cache, v_cache = draft_kv
+        else:  # the target's forward computes the drafter's layers' keys and values too
+            ops.store_kv(k, v, step.slot_mappings[group], *draft_kv)
     ops.store_kv(k, v, step.slot_mappings[group], k_cache, v_cache)  # PAD slots (graph padding) write nothing
     out = step.attention(q, k_cache, v_cache, group=group, k=k, v=v)  # k, v: a ragged prefill's whole KV
     return out.unsqueeze(0), None
 
 
 transformers.AttentionInterface.register(ATTN_IMPLEMENTATION, batchmeta_attention)
+
+# True while the drafter (the model's first layers, --drafter layers) runs a draft step.
+DRAFTING: contextvars.ContextVar[bool] = contextvars.ContextVar("drafting", default=False)
 
 
 def set_attention(model, name: str) -> None:
@@ -216,8 +231,12 @@ class Runner:
     cuda_graphs:
         Replay decode-only steps as CUDA graphs (needs CUDA and FlashInfer).
     spec:
-        Draft tokens per verify step (speculative decoding with an n-gram drafter, :func:`ngram_drafts`);
-        0: plain decoding.
+        Draft tokens per verify step (speculative decoding); 0: plain decoding.
+    drafter:
+        With ``spec``: ``"ngram"`` (prompt lookup, :func:`ngram_drafts`, through ``write_drafts``) or
+        ``"layers"`` (the model's first ``draft_layers`` layers, through batchmeta's draft loop:
+        ``prepare_draft`` / ``capture_draft_graph``; their KV caches are tensors of their own over the
+        target's pages, written by the target's forward too).
     """
 
     def __init__(
@@ -230,15 +249,24 @@ class Runner:
         page_sizes: tuple[int, int] = (16, 8),
         cuda_graphs: bool = False,
         spec: int = 0,
+        drafter: str = "ngram",
+        draft_layers: int = 2,
     ):
         if spec < 0:
             raise ValueError(f"spec: expected >= 0 draft tokens, got {spec}")
+        if drafter not in ("ngram", "layers"):
+            raise ValueError(f"drafter: expected 'ngram' or 'layers', got {drafter!r}")
+        num_layers = model.config.num_hidden_layers
+        if drafter == "layers" and not 1 <= draft_layers <= num_layers:
+            raise ValueError(f"draft_layers: expected 1..{num_layers} (the model's layers), got {draft_layers}")
         if token_budget < max_num_reqs * (1 + spec):
             raise ValueError(
                 f"token_budget: expected >= max_num_reqs * (1 + spec) ({max_num_reqs * (1 + spec)}), "
                 f"one decode or verify row per request"
             )
         self.spec = spec
+        self.drafter = drafter if spec else "none"
+        self.draft_layers = draft_layers
         self.model = model
         dev = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -295,17 +323,23 @@ class Runner:
                 torch.zeros(shape, dtype=dtype, device=dev),
                 torch.zeros(shape, dtype=dtype, device=dev),
             )
+        if self.drafter == "layers":  # the drafter's layers: KV caches of their own over the same pages
+            for spec in layers[:draft_layers]:
+                spec.module.batchmeta_draft_kv = tuple(torch.zeros_like(c) for c in spec.module.batchmeta_kv[1:])
         set_attention(model, ATTN_IMPLEMENTATION)
         # The token history (prompt + sampled tokens) of each request slot is batchmeta's own
         # (token_history=True): every step's launch gathers its input ids from it (step.input_ids).
         self.token_ids = self.meta.token_ids
         self.vocab = cfg.vocab_size
         self.graph_logits = None
+        self.draft_tokens = torch.zeros(max_num_reqs, dtype=torch.int64, device=dev)
         if cuda_graphs:  # decode graphs, or with spec only verify graphs (every decode step verifies drafts)
             self.graph_logits = torch.zeros(max_num_reqs * (1 + self.spec), self.vocab, dtype=dtype, device=dev)
             with torch.no_grad():
                 for s in graph_sizes:
                     self.meta.capture_decode_graph(s, self._graph_forward, num_draft_tokens=self.spec)
+                    if self.drafter == "layers":  # a whole draft round: k drafter steps and their advances
+                        self.meta.capture_draft_graph(s, self.spec, self._draft_forward)
 
     # The forward passes --------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor, step, logits_to_keep) -> torch.Tensor:
@@ -322,6 +356,21 @@ class Runner:
         """Decode or verify over fixed buffers only (captured): ``1 + k`` tokens per row, padding rows included."""
         n = step.padded_num_reqs * step.query_len
         self.graph_logits[:n] = self._logits(step.input_ids, step, 0)
+
+    def _draft_forward(self, step) -> torch.Tensor:
+        """One draft step (``--drafter layers``): the model's first layers, the final norm and head over
+        one token per row; the greedy draft of each row (``[Bp]``, a fixed buffer: captured too)."""
+        config = self.model.config
+        num_layers, token = config.num_hidden_layers, DRAFTING.set(True)
+        config.num_hidden_layers = self.draft_layers  # the decoder runs layers[:num_hidden_layers]
+        try:
+            logits = self._logits(step.input_ids, step, 0)
+        finally:
+            config.num_hidden_layers = num_layers
+            DRAFTING.reset(token)
+        n = step.padded_num_reqs
+        self.draft_tokens[:n] = logits[:n].argmax(-1)
+        return self.draft_tokens
 
     # The serving loop ----------------------------------------------------------------------------
     def serve(
@@ -474,6 +523,22 @@ class Runner:
                 r.pages[g] += new[-1]
             meta.block_tables.append(r.slot, new)
 
+        def draft_round(rows: list[Request]) -> None:
+            """``--drafter layers``: a draft round of ``k`` steps for the rows still running, from their
+            next cache lengths (bounds with device counts), its drafts left in the token history."""
+            rows = [r for r in rows if r in running] if self.drafter == "layers" else []
+            if not rows:
+                return
+            for r in rows:
+                hold(r, r.cached + 1 + k)  # the round reaches cached + k, the next verify step one further
+            round_ = meta.prepare_draft(
+                [r.slot for r in rows], [r.cached for r in rows], num_steps=k, cuda_graph=self.use_graphs
+            )
+            if round_.cuda_graph:
+                meta.replay_draft_graph(round_)
+            else:
+                round_.run(self._draft_forward)
+
         def generated(r: Request, n: int) -> None:  # r has n more tokens: finished ones free their slot
             r.generated += n
             if r.generated >= r.max_new_tokens and r in running:
@@ -533,7 +598,7 @@ class Runner:
                 if prefill:  # one sampled token per row (dropped inside a prompt); drafts after the last ones
                     acc = meta.accept_tokens(step, None, logits.argmax(-1), [1] * b, prompt_lens)
                     ends = [row for row, (r, n) in enumerate(batch) if r.cached + n == len(r.prompt)]
-                    if ends:
+                    if ends and self.drafter == "ngram":
                         last = torch.tensor([len(batch[row][0].prompt) for row in ends], device=dev)
                         slots = torch.tensor([batch[row][0].slot for row in ends], device=dev)
                         drafts = ngram_drafts(self.token_ids, slots, last, k)
@@ -544,6 +609,7 @@ class Runner:
                         r.cached = int(acc.cache_lens[row])
                     for row in ends:
                         generated(batch[row][0], 1)
+                    draft_round([batch[row][0] for row in ends])
                 else:  # verify: greedy targets at the 1 + k tokens, drafts accepted up to the first mismatch
                     target = logits.argmax(-1).view(b, 1 + k)
                     rows = step.input_ids[: b * (1 + k)].view(b, 1 + k)
@@ -554,9 +620,10 @@ class Runner:
                     proposed += b * k
                     # Next drafts after each row's last accepted token, at its exact position: the
                     # row's first position (exact on the device, where the host has a bound) + count.
-                    last = step.positions[: b * (1 + k)].view(b, 1 + k)[:, 0] + num
-                    drafts = ngram_drafts(self.token_ids, step.idx_mapping[:b].long(), last, k)
-                    meta.write_drafts(step, drafts)
+                    if self.drafter == "ngram":
+                        last = step.positions[: b * (1 + k)].view(b, 1 + k)[:, 0] + num
+                        drafts = ngram_drafts(self.token_ids, step.idx_mapping[:b].long(), last, k)
+                        meta.write_drafts(step, drafts)
                     verified = [r for r, _ in batch]
                     for row, r in enumerate(verified):
                         r.cached = int(acc.cache_lens[row])  # the bound, with device counts
@@ -565,6 +632,7 @@ class Runner:
                             generated(r, n)
                     else:  # a copy of the counts, read once the next step is launched
                         fresh = (verified, *_copy_to_host(num))
+                    draft_round(verified)
                 # Device acceptance: the counts of the verify step before this one (already queued, so
                 # the device keeps working); requests that have their tokens stop, one step late.
                 if pending is not None:
@@ -843,6 +911,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --spec: acceptance counts read on the host after each verify step, or kept on the device (default)",
     )
     parser.add_argument(
+        "--drafter",
+        choices=("ngram", "layers"),
+        default="ngram",
+        help="with --spec: prompt-lookup drafts, or the model's first --draft-layers layers through the draft loop",
+    )
+    parser.add_argument("--draft-layers", type=int, default=2, help="with --drafter layers: the drafter's layers")
+    parser.add_argument(
         "--prompts",
         choices=("random", "periodic"),
         default="random",
@@ -866,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=16 * -(-need // 16),
         cuda_graphs=graphs,
         spec=spec,
+        drafter=args.drafter,
+        draft_layers=args.draft_layers,
     )
     runner.serve(prompts[:1], 2, accept=args.accept)  # warm-up: lazy initialisation, FlashInfer modules, autotuning
     result = runner.serve(prompts, args.max_new_tokens, record_logits=not spec, accept=args.accept)
@@ -887,8 +964,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if spec:
         rate = result.drafts_accepted / max(result.drafts_proposed, 1)
+        drafter = "n-gram" if args.drafter == "ngram" else f"draft-loop (first {args.draft_layers} layers)"
         print(
-            f"speculative decoding, {spec} n-gram drafts per verify step, {args.accept} acceptance: "
+            f"speculative decoding, {spec} {drafter} drafts per verify step, {args.accept} acceptance: "
             f"{result.drafts_accepted}/{result.drafts_proposed} drafts accepted ({100 * rate:.1f}%)"
         )
     print(check)

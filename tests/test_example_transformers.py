@@ -205,3 +205,53 @@ def test_gpu_bf16_speculative_cuda_graphs_match_the_models_own_forward(accept):
     check = ts.teacher_forced_check(model, prompts, result)  # bf16: near-ties allowed
     print(check, result.drafts_accepted, result.drafts_proposed)
     assert check.ok, (str(check), check.failures)
+
+
+# --drafter layers: the model's first layers draft through batchmeta's draft loop (prepare_draft).
+@pytest.mark.parametrize(
+    "draft_layers, accept", [(2, "host"), (4, "device")], ids=["first-2-layers-host", "whole-model-device"]
+)
+def test_cpu_draft_loop_tokens_equal_plain_greedy_decoding(draft_layers, accept, capsys):
+    """Drafts from the draft loop never change a greedy token; with every layer as the drafter (the
+    target itself) every draft is accepted, which fails if any draft step's positions, slots, pages
+    or input ids are wrong."""
+    args = [*SPEC_ARGS, "--spec", "2", "--accept", accept, "--drafter", "layers", "--draft-layers", str(draft_layers)]
+    assert ts.main(args) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "greedy check passed: 30/30 tokens equal plain greedy decoding" in out, out
+    drafter = re.escape(f"2 draft-loop (first {draft_layers} layers) drafts per verify step, {accept} acceptance: ")
+    rate = re.search(drafter + r"(\d+)/(\d+) drafts accepted", out)
+    accepted, proposed = int(rate[1]), int(rate[2])
+    assert proposed > 0 and proposed % 2 == 0, out
+    if draft_layers == 4:
+        assert accepted == proposed, out
+    else:
+        assert 0 < accepted < proposed, out
+
+
+def test_draft_layers_are_checked():
+    model = ts.build_model("llama", seed=0)
+    with pytest.raises(ValueError, match=r"draft_layers: expected 1\.\.4"):
+        ts.Runner(model, spec=2, drafter="layers", draft_layers=5)
+    with pytest.raises(ValueError, match="drafter: expected"):
+        ts.Runner(model, spec=2, drafter="eagle")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flashinfer_available(), reason="CUDA-graph draft rounds need CUDA and FlashInfer")
+@pytest.mark.parametrize("accept", ["host", "device"])
+def test_gpu_bf16_draft_loop_graphs_match_the_models_own_forward(accept):
+    """bf16 on a GPU: verify steps and whole draft rounds (the first 2 layers) replayed as CUDA graphs."""
+    model = ts.build_model("llama", seed=0, dtype=torch.bfloat16, device="cuda")
+    prompts = ts.periodic_prompts(5, model.config.vocab_size, (6, 40), 0)
+    max_len = 16 * -(-ts.max_len_needed(40, NEW_TOKENS, 3, accept) // 16)
+    runner = ts.Runner(
+        model, max_num_reqs=3, token_budget=32, max_model_len=max_len, cuda_graphs=True, spec=3, drafter="layers"
+    )
+    result = runner.serve(prompts, NEW_TOKENS, accept=accept)
+    assert result.step_kinds["graph_verify"] > 0 and result.step_kinds["verify"] == 0, result.step_kinds
+    assert result.drafts_proposed > 0
+    check = ts.teacher_forced_check(model, prompts, result)  # bf16: near-ties allowed
+    print(check, result.drafts_accepted, result.drafts_proposed)
+    assert check.ok, (str(check), check.failures)
