@@ -239,12 +239,12 @@ class MetadataConfig:
         default: FlashInfer reads ``kv_indices``, and writing a second copy of every row's pages
         doubles the step kernel's writes. Turn it on for attention kernels that read block tables.
     token_history:
-        Own a device token history ``[max_num_reqs, max_model_len]`` int64
-        (``BatchMetadata.token_ids``): prompts staged with ``stage_prompt`` are written into it by
+        Own a device token history ``[max_num_reqs, max_model_len]`` int32
+        (``BatchMetadata.token_ids``; token ids fit int32): prompts staged with ``stage_prompt`` are written into it by
         the next step's launch, ``accept_tokens`` writes sampled tokens into it, and every step
         gathers its ``input_ids`` from it in the same launch, so an engine can prepare step N+1
-        before it has seen step N's tokens. Off by default; it takes ``8 * max_num_reqs *
-        max_model_len`` bytes of device memory (1 GiB for 1024 requests of 128K tokens).
+        before it has seen step N's tokens. Off by default; it takes ``4 * max_num_reqs *
+        max_model_len`` bytes of device memory (512 MiB for 1024 requests of 128K tokens).
     max_loras:
         Multi-LoRA: adapter slots (the rows of the engine's stacked LoRA weights), so also the most
         adapters one batch uses. Each request slot uses one adapter or none

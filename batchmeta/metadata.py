@@ -92,7 +92,7 @@ class BatchMetadata:
         (:class:`~batchmeta.lora.LoraAdapters`: ``set_adapter``, ``clear``), staged for the next
         step, which builds ``step.lora``; None when off.
     token_ids:
-        ``[max_num_reqs, max_model_len]`` int64 device token history (``config.token_history``),
+        ``[max_num_reqs, max_model_len]`` int32 device token history (``config.token_history``),
         else None: prompts staged with :meth:`stage_prompt`, tokens written by
         :meth:`accept_tokens`; each step's ``input_ids`` are gathered from it.
     """
@@ -695,9 +695,9 @@ class BatchMetadata:
             :attr:`token_ids` (``config.token_history``), which the next steps gather ``input_ids``
             from.
         next_input_ids:
-            The accepted tokens (same dtype as ``token_ids``), on the device: ``[B, W]`` (row ``b``'s first
-            ``num_accepted[b]``; a verifier's ``[B, 1 + k]`` target tokens) or ``[sum(num_accepted)]``
-            back to back.
+            The accepted tokens (int32 or int64, stored as ``token_ids``' dtype), on the device:
+            ``[B, W]`` (row ``b``'s first ``num_accepted[b]``; a verifier's ``[B, 1 + k]`` target
+            tokens) or ``[sum(num_accepted)]`` back to back.
         num_accepted:
             ``[B]`` counts: host ints (list, numpy), checked against the rule; or a tensor on
             ``config.device`` (a verifier's output, never read on the host: counts outside the rule's
@@ -736,7 +736,7 @@ class BatchMetadata:
         step:
             The step just accepted.
         draft_token_ids:
-            On the device, the token history's dtype: ``[B, k]`` (``k <= config.max_draft_tokens``
+            On the device, int32 or int64: ``[B, k]`` (``k <= config.max_draft_tokens``
             drafts per row), or ragged ``[N]``, row ``b``'s ``num_drafts[b]`` back to back.
         num_drafts:
             With ragged drafts, ``[B]`` counts: host ints, or a tensor on ``config.device`` (clamped

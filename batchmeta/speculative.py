@@ -223,7 +223,7 @@ class Speculation:
                 i = int(np.argmax(bad))
                 what = f"1..{1 + k} (1 + num_draft_tokens)" if ends[i] else "0 or 1 (still inside its prompt)"
                 raise ValueError(f"num_accepted: batch row {i} accepts {what} tokens, got {int(accepted[i])}")
-        check_tensor("next_input_ids", next_input_ids, dtypes=(token_ids.dtype,), device=device)
+        check_tensor("next_input_ids", next_input_ids, dtypes=(torch.int32, torch.int64), device=device)
         if next_input_ids.ndim == 1:
             if not next_input_ids.is_contiguous():
                 raise ValueError("next_input_ids: expected a contiguous tensor")
@@ -334,14 +334,7 @@ class Speculation:
             )
         b = step.num_reqs
         device = self.lens.device
-        check_tensor(
-            "draft_token_ids", draft_token_ids, dtypes=(self.history.dtype, torch.int32, torch.int64), device=device
-        )
-        if draft_token_ids.dtype != self.history.dtype:
-            raise TypeError(
-                f"draft_token_ids: expected dtype {self.history.dtype} (the token history's), "
-                f"got {draft_token_ids.dtype}"
-            )
+        check_tensor("draft_token_ids", draft_token_ids, dtypes=(torch.int32, torch.int64), device=device)
         k_max = cfg.max_draft_tokens
         counts = cu = None
         host_counts = None

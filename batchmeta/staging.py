@@ -199,7 +199,7 @@ class StepBuffers:
     token_capacity:
         Tokens per step the token buffers hold (default ``config.max_num_tokens``).
     history:
-        ``[max_num_reqs, max_model_len]`` int64 token history to read ``input_ids`` from (with
+        ``[max_num_reqs, max_model_len]`` int32 token history to read ``input_ids`` from (with
         ``config.token_history``); default: a new one.
 
     Attributes
@@ -252,7 +252,9 @@ class StepBuffers:
         self.input_ids_offset = (1 + groups) * t if hist else -1
         self.input_ids = self.out64[(1 + groups) * t :].zero_() if hist else None
         if hist and history is None:
-            history = torch.zeros(r, cfg.max_model_len, dtype=torch.int64, device=device)
+            # Token ids fit int32 (vocabularies < 2^31): half the bytes of int64, the largest buffer
+            # batchmeta keeps (max_num_reqs x max_model_len).
+            history = torch.zeros(r, cfg.max_model_len, dtype=torch.int32, device=device)
         self.token_ids = history if hist else None
         self.kv_indices = tuple(
             self.out32[at : at + (r + 1) * w] for at, w in zip(self.kv_offsets, self.widths, strict=True)

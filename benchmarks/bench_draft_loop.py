@@ -150,7 +150,7 @@ class Bench:
                 with step:
                     tokens = self.model.forward(step)[: len(self.idx)]
                     # The drafted token after each row's position, where the next call gathers it.
-                    meta.token_ids[self.idx_dev, step.positions + 1] = tokens
+                    meta.token_ids[self.idx_dev, step.positions + 1] = tokens.to(meta.token_ids.dtype)
                 out[:, j] = tokens
             return out
         if mode == "loop":

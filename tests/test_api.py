@@ -176,13 +176,16 @@ def test_kv_indices_host_refuses_after_a_reset(device):
 def test_accept_tokens_signature_and_next_input_ids_dtype(device):
     params = list(inspect.signature(BatchMetadata.accept_tokens).parameters)
     assert params == ["self", "step", "token_ids", "next_input_ids", "num_accepted", "prompt_lens"]
-    assert "same dtype as" in BatchMetadata.accept_tokens.__doc__
+    assert "int32 or int64, stored as" in BatchMetadata.accept_tokens.__doc__
     meta = make_meta(device, page_sizes=(4,))
     meta.block_tables.append(0, [1, 2])
-    history = torch.zeros(6, 16, dtype=torch.int64, device=device)
+    history = torch.zeros(6, 16, dtype=torch.int32, device=device)
     with meta.prepare_decode([0], [3]) as step:
         with pytest.raises(TypeError, match="next_input_ids"):
-            meta.accept_tokens(step, history, torch.tensor([7], dtype=torch.int32, device=device), [1], [0])
+            meta.accept_tokens(step, history, torch.tensor([7.0], device=device), [1], [0])
+        # A sampler's int64 tokens go into an int32 history.
+        meta.accept_tokens(step, history, torch.tensor([7], dtype=torch.int64, device=device), [1], [0])
+        assert history[0, 4].item() == 7  # after the step's token at position 3
         with pytest.raises(TypeError, match=r"^step: "):
             meta.accept_tokens("not a step", history, torch.tensor([7], device=device), [1], [0])
 

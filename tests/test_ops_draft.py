@@ -36,7 +36,8 @@ def test_advance_matches_the_naive_rule(backend, device, data):
     dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="dtype")
     column = data.draw(st.integers(0, k - 1), label="column")
     with_next = data.draw(st.booleans(), label="next")
-    history = torch.arange(num_slots * width, device=device).view(num_slots, width) * -1
+    hist_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="history dtype")
+    history = (torch.arange(num_slots * width, device=device).view(num_slots, width) * -1).to(hist_dtype)
     next_ids = torch.full((rows + 1,), -5, dtype=torch.int64, device=device) if with_next else None
     drafts = torch.full((num_slots + 2, k), -9, dtype=torch.int64, device=device)
     idx_t = torch.tensor(idx, dtype=torch.int32, device=device)
@@ -60,7 +61,7 @@ def test_advance_rejects_bad_input_before_writing(device):
         (dict(chosen=tok.float()), TypeError, "chosen"),
         (dict(idx_mapping=idx.long()), TypeError, "idx_mapping"),
         (dict(positions=pos[:1]), ValueError, "positions"),
-        (dict(history=history.int()), TypeError, "history"),
+        (dict(history=history.float()), TypeError, "history"),
         (dict(drafts=drafts[:1]), ValueError, "drafts"),
         (dict(drafts=drafts.t()), ValueError, "drafts"),
         (dict(column=2), ValueError, "column"),

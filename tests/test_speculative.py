@@ -330,7 +330,7 @@ def test_write_drafts_checks():
     bad = [
         (lambda: meta.write_drafts(step, torch.zeros(1, K + 1, dtype=torch.int64, device=DEVICE)), ValueError),
         (lambda: meta.write_drafts(step, torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)), ValueError),
-        (lambda: meta.write_drafts(step, torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)), TypeError),
+        (lambda: meta.write_drafts(step, torch.zeros(1, 2, dtype=torch.float32, device=DEVICE)), TypeError),
         (lambda: meta.write_drafts(step, torch.zeros(3, dtype=torch.int64, device=DEVICE)), ValueError),
         (lambda: meta.write_drafts(step, torch.zeros(3, dtype=torch.int64, device=DEVICE), [K + 1]), ValueError),
         (lambda: meta.write_drafts(step, torch.zeros(1, dtype=torch.int64, device=DEVICE), [2]), ValueError),

@@ -51,7 +51,7 @@ def _advance_kernel(
     real = in_grid & (req >= 0) & (req < num_slots)  # a padding row (the reserved slot) writes nothing
     tok = tl.load(chosen_ptr + b, mask=real, other=0).to(tl.int64)
     pos = tl.load(pos_ptr + b, mask=real, other=0) + 1
-    tl.store(hist_ptr + req * hist_stride + pos, tok, mask=real & (pos < width))
+    tl.store(hist_ptr + req * hist_stride + pos, tok.to(hist_ptr.dtype.element_ty), mask=real & (pos < width))
     if HAS_NEXT:
         tl.store(next_ptr + b, tok, mask=real)
     tl.store(drafts_ptr + b.to(tl.int64) * drafts_stride + column, tok, mask=real)
@@ -63,12 +63,12 @@ _advance = cached_kernel(_advance_kernel)
 def _advance_torch(chosen, idx, positions, history, next_input_ids, drafts, column: int, num_rows: int) -> None:
     req = idx[:num_rows].long()
     real = (req >= 0) & (req < history.shape[0])
-    tok = chosen[:num_rows].to(history.dtype)
+    tok = chosen[:num_rows].long()
     pos = positions[:num_rows] + 1
     keep = real & (pos < history.shape[1])
-    history[req[keep], pos[keep]] = tok[keep]
+    history[req[keep], pos[keep]] = tok[keep].to(history.dtype)
     if next_input_ids is not None:
-        next_input_ids[:num_rows][real] = tok[real]
+        next_input_ids[:num_rows][real] = tok[real].to(next_input_ids.dtype)
     drafts[:num_rows, column][real] = tok[real].to(drafts.dtype)
 
 
@@ -101,7 +101,7 @@ def advance_draft(
     positions:
         ``[>= Bp]`` int64: the step's positions (one token per row: row ``b``'s is ``positions[b]``).
     history:
-        ``[R, L]`` int64 token history, contiguous.
+        ``[R, L]`` int32 or int64 token history, contiguous.
     next_input_ids:
         ``[>= Bp]`` int64: the next draft step's ``input_ids``, or None after the round's last step.
     drafts:
@@ -109,7 +109,7 @@ def advance_draft(
         ``column < K``.
     """
     device = history.device
-    check_tensor("history", history, dtypes=(torch.int64,), ndim=2, device=device, contiguous=True)
+    check_tensor("history", history, dtypes=(torch.int32, torch.int64), ndim=2, device=device, contiguous=True)
     check_tensor("idx_mapping", idx_mapping, dtypes=(torch.int32,), ndim=1, device=device, contiguous=True)
     num_rows = idx_mapping.numel()
     check_tensor("chosen", chosen, dtypes=(torch.int32, torch.int64), ndim=1, device=device, contiguous=True)

@@ -275,7 +275,7 @@ def _accept_kernel(
         j = off + tl.arange(0, BLOCK)
         pos = base + j
         m = (j < a) & (pos >= prompt) & (pos >= 0) & (pos < width) & (j < ids_cols) & (src + j < ids_numel)
-        tl.store(row + pos, tl.load(ids_ptr + src + j, mask=m), mask=m)
+        tl.store(row + pos, tl.load(ids_ptr + src + j, mask=m).to(row.dtype.element_ty), mask=m)
     tl.store(lens_ptr + req, tl.where((a >= 1) & ends, cache + query - k + a - 1, cache + query))
 
 
@@ -423,7 +423,7 @@ def _drafts_kernel(
         j = off + tl.arange(0, BLOCK)
         pos = first + j
         m = (j < count) & (pos >= prompt) & (pos < width) & (src + j < drafts_numel)
-        tl.store(row + pos, tl.load(drafts_ptr + src + j, mask=m), mask=m)
+        tl.store(row + pos, tl.load(drafts_ptr + src + j, mask=m).to(row.dtype.element_ty), mask=m)
 
 
 _drafts = cached_kernel(_drafts_kernel)

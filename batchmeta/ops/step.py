@@ -122,7 +122,7 @@ class StepLayout:
     ``[token_capacity]``; with a token history, ``input_ids`` ``[token_capacity]``.
 
     Token history (``input_ids >= 0``): a ``history`` tensor ``[num_table_rows - 1, history_len]``
-    int64, staged prompt spans in ``staging``: ``chunks`` ``[4 * n]`` (request slot, first
+    int32 or int64, staged prompt spans in ``staging``: ``chunks`` ``[4 * n]`` (request slot, first
     position, count, offset into ``prompt_tokens``) with ``n`` in every packed row's
     :func:`row_chunks` field, and their tokens ``prompt_tokens`` (int32).
 
@@ -304,7 +304,7 @@ def _apply_prompts(
             j = off + tl.arange(0, BLOCK)
             m = j < count
             tok = tl.load(staging_ptr + PROMPT + src + j, mask=m, other=0)
-            tl.store(hist_ptr + req * HLEN + first + j, tok.to(tl.int64), mask=m)
+            tl.store(hist_ptr + req * HLEN + first + j, tok.to(hist_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -347,7 +347,7 @@ def _gather_input_ids(
         from_span = tl.load(staging_ptr + PROMPT + src + pos - first, mask=m & staged, other=0).to(tl.int64)
         # A padding row (the reserved slot past the history's rows) reads nothing: its ids are 0.
         row_ok = (pos * 0 + req) < PAD_ROW
-        from_hist = tl.load(hist_ptr + req * HLEN + pos, mask=m & outside & row_ok & (pos < HLEN), other=0)
+        from_hist = tl.load(hist_ptr + req * HLEN + pos, mask=m & outside & row_ok & (pos < HLEN), other=0).to(tl.int64)
         tl.store(out64_ptr + IDS + t, tl.where(staged, from_span, from_hist), mask=m)
 
 
@@ -447,7 +447,7 @@ def _step_kernel(
     out32_ptr,  # int32 [*]: kv_indices, per-step block tables
     out64_ptr,  # int64 [*]: positions, slot mappings
     mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
-    hist_ptr,  # int64 [R, HLEN]: the token history, when HIST
+    hist_ptr,  # int32/int64 [R, HLEN]: the token history, when HIST
     rows_ptr,  # int32 [*]: the packed rows at ROWS: staging's, or the mirror's where resolve_rows rewrote them
     IDX: tl.constexpr,
     QO_INDPTR: tl.constexpr,
@@ -836,14 +836,16 @@ def _history_torch(
     req = idx[row]
     got = torch.zeros_like(pos)
     real = (req < lay.num_table_rows - 1) & (pos < lay.history_len)
-    got[real] = history[req[real], pos[real]]
+    got[real] = history[req[real], pos[real]].long()
     for r, first, count, src in spans:
         hit = (req == r) & (pos >= first) & (pos < first + count)
         got[hit] = staging[lay.prompt_tokens + src + pos[hit] - first].long()
     ids[start:end] = got[: end - start]
     ids[total:] = 0
     for r, first, count, src in spans:
-        history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].long()
+        history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].to(
+            history.dtype
+        )
 
 
 def _fill_torch(
@@ -969,7 +971,7 @@ def _check_history(layout: StepLayout, history: torch.Tensor | None, device: tor
         if history is not None:
             raise ValueError("history: given, but the layout has no input_ids (layout.input_ids < 0)")
         return
-    check_tensor("history", history, dtypes=(torch.int64,), ndim=2, device=device, contiguous=True)
+    check_tensor("history", history, dtypes=(torch.int32, torch.int64), ndim=2, device=device, contiguous=True)
     want = (layout.num_table_rows - 1, layout.history_len)
     if tuple(history.shape) != want:  # type: ignore[union-attr]
         raise ValueError(f"history: expected shape {want}, got {tuple(history.shape)}")  # type: ignore[union-attr]
