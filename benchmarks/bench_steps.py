@@ -605,8 +605,13 @@ def memory_report(s: Setup) -> dict:
     pages = int(sum(-(-seq // s.scn.page_size)))
     width = meta.block_tables.tables[0].shape[1]
     needed = 4 * (b * width + pages + 3 * (b + 1)) + 8 * 2 * int(sum(s.scn.query_lens))
+    # With MetadataConfig(token_history=True) the history adds int32 [max_num_reqs, max_model_len] (what
+    # StepBuffers allocates; this configuration has none, so it is computed, not measured).
+    history = 4 * meta.config.max_num_reqs * meta.config.max_model_len
     return dict(
         buffers_bytes=held,
+        token_history_bytes=history,
+        buffers_with_history_bytes=held + history,
         workspace_bytes=meta.config.workspace_bytes,
         graph_pool_bytes=0,
         strictly_needed_bytes=needed,
