@@ -178,11 +178,8 @@ class BatchMetadata:
         self._num_prompt_tokens = 0
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
-        # Context parallelism with a sharded group stages through the numpy path: the compiled one
-        # computes global page counts only (batchmeta.context_parallel).
-        sharded = any(cfg.sharded(g) for g in range(groups))
-        compiled = COMPILED and not sharded
-        self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if compiled else None
+        self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
+        sharded = any(cfg.sharded(g) for g in range(groups))  # context parallelism (batchmeta.context_parallel)
         # Nor is FlashInfer planned under sharding yet: attention across the ranks is not built.
         self._planned = dev.type == "cuda" and cfg.plan_attention and not sharded and flashinfer_planning_available()
         if self._planned:

@@ -291,14 +291,16 @@ def rank_metas(n, i, page_sizes, backend, numpy_host_path=False):
     return out
 
 
+@pytest.mark.parametrize("numpy_host_path", [False, True], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("page_sizes", [(16, 1), (1, 16)], ids=["full16-win1", "full1-win16"])
 @pytest.mark.parametrize("interleave", [1, 16])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_each_ranks_step_matches_naive_and_stores_each_token_once(world_size, interleave, page_sizes, backend):
-    metas = rank_metas(world_size, interleave, page_sizes, backend)
+def test_each_ranks_step_matches_naive_and_stores_each_token_once(
+    world_size, interleave, page_sizes, backend, numpy_host_path
+):
+    metas = rank_metas(world_size, interleave, page_sizes, backend, numpy_host_path)
     for meta, _ in metas:
-        # A sharded group stages through the numpy host path (the compiled one has no local lengths).
-        assert meta._host_path is None
+        assert (meta._host_path is not None) == (COMPILED and not numpy_host_path)
     for steps, idx, qlens, clens in run_scenario(metas):
         for (meta, pages), step in zip(metas, steps, strict=True):
             check_rank_step(step, meta, pages, idx, qlens, clens)
@@ -382,16 +384,13 @@ def test_world_size_one_or_unsharded_groups_equal_no_context_parallel(cp, backen
     assert torch.equal(metas[0][0].block_tables.flat, metas[1][0].block_tables.flat)
 
 
-def test_compiled_host_path_is_off_only_where_a_group_is_sharded():
-    assert BatchMetadata(config(ContextParallel(2, 0)))._host_path is None
-    meta = BatchMetadata(config(ContextParallel(2, 0), kv_groups=(KVGroup(page_size=4, window_left=8),)))
-    assert (meta._host_path is not None) == COMPILED
-
-
-def test_page_counts_are_checked_against_local_lengths():
+@pytest.mark.parametrize("numpy_host_path", [False, True], ids=["compiled", "numpy"])
+def test_page_counts_are_checked_against_local_lengths(numpy_host_path):
     """A rank needs pages for its own tokens only (vLLM #48003: never the global count); one short raises."""
     cp = ContextParallel(4, 1, interleave=16)
     meta = BatchMetadata(config(cp, (16, 16)))
+    if numpy_host_path:
+        meta._host_path = None
     # 100 tokens: rank 1 owns positions 16..31 and 80..95, 32 tokens: 2 pages of 16 (7 globally).
     assert local_len(100, cp) == 32
     meta.block_tables.append(0, [[1], [1, 2, 3, 4, 5, 6, 7]])
