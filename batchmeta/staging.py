@@ -331,7 +331,9 @@ def stage_step(
     path's do.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
-    ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
+    ``ceil(seq / page_size)`` (in a group context parallelism shards, of this rank's ``local_len(seq)``
+    tokens, which its ``last_page_len`` counts too: 0 in a row it holds none of); ``rows`` is
+    ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
     use the reserved table row and hold one cached token; in a plain decode step they add no new
     token, in a speculative one (``qlens > 1``) as many as a real row, whose slots the step kernel
     makes PAD (a graph of uniform rows: FlashInfer's prefill wrapper plans it with a fixed row
