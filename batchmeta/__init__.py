@@ -3,6 +3,7 @@
 from batchmeta import ops
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MLA, KVGroup, MetadataConfig
+from batchmeta.context_parallel import ContextParallel
 from batchmeta.draft import DraftRound
 from batchmeta.metadata import BatchMetadata
 from batchmeta.ops import PAD_SLOT_ID, has_triton
@@ -15,6 +16,7 @@ __all__ = [
     "PAD_SLOT_ID",
     "BatchMetadata",
     "BlockTables",
+    "ContextParallel",
     "DraftRound",
     "KVGroup",
     "MetadataConfig",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from batchmeta.config import MetadataConfig
+from batchmeta.context_parallel import local_len
 
 __all__ = ["BatchChecker", "host_ints"]
 
@@ -128,13 +129,17 @@ class BatchChecker:
                 f"cache_lens: a row reaches {self._reach(seq)} tokens, more than max_model_len ({cfg.max_model_len})"
             )
         pages = []
+        local = None  # context parallelism: this rank's share of each row's tokens, in sharded groups
         for g, grp in enumerate(cfg.kv_groups):
             ps = grp.page_size
-            need = seq if ps == 1 else (seq + (ps - 1)) // ps
+            kv = seq
+            if cfg.sharded(g):  # page counts from local lengths, never global ones (vLLM #48003)
+                kv = local = local_len(seq, cfg.context_parallel) if local is None else local
+            need = kv if ps == 1 else (kv + (ps - 1)) // ps
             held = self._held[g, idx]
             short = held < need
             if short.any():
-                self._raise_short(g, idx, seq, need, held, int(np.argmax(short)))
+                self._raise_short(g, idx, seq, kv, need, held, int(np.argmax(short)))
             pages.append(need)
         return seq, pages, max_seq
 
@@ -143,14 +148,18 @@ class BatchChecker:
         """The longest row's tokens, for a message (``beyond int64`` where the sum overflowed)."""
         return "beyond int64" if seq.min() < 0 else str(int(seq.max()))
 
-    def _raise_short(self, g: int, idx, seq, need, held, k: int) -> None:
+    def _raise_short(self, g: int, idx, seq, kv, need, held, k: int) -> None:
         req = int(idx[k])
         if not self._held[:, req].any():
             raise ValueError(
                 f"idx_mapping: request slot {req} holds no pages yet (never given any, or reset); "
                 f"meta.block_tables.append({req}, pages) before its first step"
             )
+        cp = self.config.context_parallel
+        tokens = (
+            f"{seq[k]} tokens" if kv is seq else f"its {kv[k]} of {seq[k]} tokens on context-parallel rank {cp.rank}"
+        )
         raise ValueError(
-            f"cache_lens: request slot {req} needs {need[k]} pages in group {g} for {seq[k]} tokens "
+            f"cache_lens: request slot {req} needs {need[k]} pages in group {g} for {tokens} "
             f"but holds {held[k]}; append its pages first"
         )

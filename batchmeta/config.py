@@ -11,6 +11,8 @@ import math
 import attrs
 import torch
 
+from batchmeta.context_parallel import ContextParallel, is_sharded
+
 __all__ = ["MLA", "KVGroup", "MetadataConfig"]
 
 # float32 only where FlashInfer plans nothing (the torch attention); BatchMetadata checks that when made.
@@ -254,6 +256,15 @@ class MetadataConfig:
     max_lora_rank:
         Largest LoRA rank of an adapter (the width of the engine's stacked ``A`` / ``B`` weights);
         ``>= 1`` with ``max_loras > 0``, else 0.
+    context_parallel:
+        This rank's place in a context-parallel group (:class:`~batchmeta.ContextParallel`), whose
+        ranks each store a share of every request's KV (:mod:`batchmeta.context_parallel`); each
+        step is then this rank's: slot mappings PAD for the tokens it does not own, KV lengths,
+        page counts, ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` its local ones, in
+        every full-attention group (sliding-window groups are not sharded). None (default) or
+        ``world_size=1``: no sharding. Not yet with sharding: attention across the ranks
+        (``step.attention``), CUDA-graph decode, the token history (so draft loops), MLA groups,
+        multi-LoRA, speculative acceptance counts on the device.
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
@@ -278,6 +289,7 @@ class MetadataConfig:
     token_history: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     max_loras: int = attrs.field(default=0, validator=_int_in(0, 2**16))
     max_lora_rank: int = attrs.field(default=0, validator=_int_in(0, 2**16))
+    context_parallel: ContextParallel | None = attrs.field(default=None)
 
     @kv_groups.validator
     def _check_groups(self, attribute, value) -> None:
@@ -376,6 +388,27 @@ class MetadataConfig:
         if value and not self.max_loras:
             raise ValueError(f"max_lora_rank: expected 0 with max_loras=0 (LoRA off), got {value}")
 
+    @context_parallel.validator
+    def _check_context_parallel(self, attribute, value) -> None:
+        if value is not None and not isinstance(value, ContextParallel):
+            raise TypeError(f"context_parallel: expected a ContextParallel or None, got {type(value).__name__}")
+        sharded = [g for g, grp in enumerate(self.kv_groups) if is_sharded(value, grp)]
+        if not sharded:
+            return
+        # Not built yet under sharding: each rejected here rather than accepted untested.
+        unsupported = [
+            (any(self.kv_groups[g].mla is not None for g in sharded), "an MLA group"),
+            (bool(self.cuda_graph_batch_sizes), f"cuda_graph_batch_sizes={self.cuda_graph_batch_sizes}"),
+            (self.token_history, "token_history=True (and so draft loops)"),
+            (bool(self.max_loras), f"max_loras={self.max_loras}"),
+        ]
+        for bad, what in unsupported:
+            if bad:
+                raise ValueError(
+                    f"context_parallel: world_size {value.world_size} shards groups {sharded}, which batchmeta "
+                    f"does not support yet with {what}"
+                )
+
     @padding_page.validator
     def _check_padding_page(self, attribute, value) -> None:
         if self.num_kv_pages and value >= self.num_kv_pages:
@@ -389,6 +422,11 @@ class MetadataConfig:
         """Softmax scale of group ``group``: its ``sm_scale``, or ``1 / sqrt(head_dim)``."""
         scale = self.kv_groups[group].sm_scale
         return float(scale) if scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def sharded(self, group: int) -> bool:
+        """Whether group ``group``'s KV is spread over the context-parallel ranks
+        (:func:`~batchmeta.context_parallel.is_sharded`)."""
+        return is_sharded(self.context_parallel, self.kv_groups[group])
 
     def max_pages_per_req(self, group: int) -> int:
         """Width of group ``group``'s block table: ``ceil(max_model_len / page_size)``."""

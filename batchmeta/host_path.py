@@ -14,7 +14,8 @@ What is checked (the verdict of ``BatchChecker.check``, not its messages):
 - the step's tokens ``<= max_num_tokens`` (each row's query length bounded first, so the sum
   cannot overflow int64);
 - every row's ``cache_len + query_len <= max_model_len`` (no overflow: both terms bounded);
-- in every KV-cache group, each row's slot holds at least ``ceil(seq_len / page_size)`` pages.
+- in every KV-cache group, each row's slot holds at least ``ceil(seq_len / page_size)`` pages
+  (under context parallelism, in a sharded group, ``seq_len`` is this rank's share: ``local_len``).
 
 On any failure nothing is written and :meth:`HostPath.stage` returns ``None``: the caller then
 runs ``BatchChecker.check`` on the same input, which raises the precise message. Query lengths
@@ -78,12 +79,16 @@ COMPILED: bool = numba is not None and os.environ.get("BATCHMETA_HOST_PATH", "")
     _PACKED,
     _STRIDE,
     _ROW_DEVICE,
+    _CP_SIZE,
+    _CP_RANK,
+    _CP_INTERLEAVE,
     _GROUPS,
-) = range(18)
+) = range(21)
 # then per group g, _PER_GROUP entries from _GROUPS + g * _PER_GROUP (_SHIFT: log2 of a power-of-two
-# page size, else -1: a shift is cheaper than a division, and page sizes are powers of two in practice):
-_KV_INDPTR, _LAST, _STEP_WIDTH, _PAGE, _SHIFT, _MAX_PAGES = range(6)
-_PER_GROUP = 6
+# page size, else -1: a shift is cheaper than a division, and page sizes are powers of two in practice;
+# _SHARDED: 1 where context parallelism shards the group, whose KV lengths are then this rank's):
+_KV_INDPTR, _LAST, _STEP_WIDTH, _PAGE, _SHIFT, _MAX_PAGES, _SHARDED = range(7)
+_PER_GROUP = 7
 # At ws[_OUT]: max_seq, then each group's table width ([1 + G]). At ws[_SEEN]: the row number of
 # each request slot ([R], for duplicates). At ws[_ROWS]: ``[1 + G, R]``, each row's seq_len, then
 # per group its pages, kept by the checks for the writes.
@@ -91,6 +96,14 @@ _PER_GROUP = 6
 # Kernel statuses (its return value when negative; else the step's num_tokens).
 _INVALID = -1  # the batch fails a check: the caller's BatchChecker.check raises the message
 _MISUSE = -2  # padded outside [b, max_num_reqs], a short staging buffer or mismatched arrays
+
+
+def _local_len(seq_len, ws):
+    """This rank's tokens of positions ``[0, seq_len)`` (:func:`batchmeta.context_parallel.local_len`)."""
+    interleave = ws[_CP_INTERLEAVE]
+    span = interleave * ws[_CP_SIZE]
+    rest = seq_len % span - ws[_CP_RANK] * interleave
+    return (seq_len // span) * interleave + min(max(rest, 0), interleave)
 
 
 def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes, on_device):
@@ -156,10 +169,12 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
         for g in range(groups):
             ps = ws[_GROUPS + g * _PER_GROUP + _PAGE]
             shift = ws[_GROUPS + g * _PER_GROUP + _SHIFT]
+            sharded = ws[_GROUPS + g * _PER_GROUP + _SHARDED]
             held_g = held[g]
             pages = ws[o_rows + (1 + g) * r : o_rows + (2 + g) * r]
             for i in range(b):
-                need = (seq[i] + ps - 1) >> shift if shift >= 0 else (seq[i] + ps - 1) // ps
+                kv = _local_len(seq[i], ws) if sharded else seq[i]  # context parallelism: local pages
+                need = (kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps
                 if held_g[idx[i]] < need:
                     return _INVALID
                 pages[i] = need
@@ -210,8 +225,12 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
         for i in range(b):
             acc += pages[i]
             indptr[1 + i] = acc
-        for i in range(b):
-            last[i] = seq[i] - (pages[i] - 1) * ps  # 1 when ps == 1, as stage_step writes it
+        if ws[base + _SHARDED]:  # this rank's tokens: 0 in a row it holds none of
+            for i in range(b):
+                last[i] = _local_len(seq[i], ws) - max(pages[i] - 1, 0) * ps
+        else:  # common case
+            for i in range(b):
+                last[i] = seq[i] - (pages[i] - 1) * ps  # 1 when ps == 1, as stage_step writes it
         n_pad = (1 + pad_q + ps - 1) // ps  # padding rows: the padding page, as often as their tokens need
         for j in range(padded - b):
             indptr[b + 1 + j] = acc + (j + 1) * n_pad
@@ -272,6 +291,7 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
 
 
 if COMPILED:
+    _local_len = numba.njit(cache=True)(_local_len)
     _stage_kernel = numba.njit(cache=True)(_stage_kernel)
 
 
@@ -320,6 +340,8 @@ class HostPath:
         n = _GROUPS + groups * _PER_GROUP
         params += [n, n + 1 + groups, n + 1 + groups + r]  # _OUT, _SEEN, _ROWS
         params += [layout.rows, layout.row_stride, layout.row_device_len]  # _PACKED, _STRIDE, _ROW_DEVICE
+        cp = config.context_parallel
+        params += [cp.world_size, cp.rank, cp.interleave] if cp else [1, 0, 1]  # _CP_SIZE, _CP_RANK, _CP_INTERLEAVE
         assert len(params) == _GROUPS
         for g, grp in enumerate(config.kv_groups):
             ps = grp.page_size
@@ -331,6 +353,7 @@ class HostPath:
                 ps,
                 shift,
                 config.max_pages_per_req(g),
+                config.sharded(g),
             ]
         self._ws = np.zeros(n + 1 + groups + r + (1 + groups) * r, np.int64)
         self._ws[:n] = params

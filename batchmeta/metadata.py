@@ -179,7 +179,9 @@ class BatchMetadata:
         self._checker = BatchChecker(cfg, self.block_tables.host_num_blocks())
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
-        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
+        sharded = any(cfg.sharded(g) for g in range(groups))  # context parallelism (batchmeta.context_parallel)
+        # Nor is FlashInfer planned under sharding yet: attention across the ranks is not built.
+        self._planned = dev.type == "cuda" and cfg.plan_attention and not sharded and flashinfer_planning_available()
         if self._planned:
             if torch.float32 in (cfg.q_dtype, cfg.kv_dtype):
                 raise TypeError(
@@ -202,6 +204,7 @@ class BatchMetadata:
         self._clock = [0]  # number of the latest step: older steps' views are stale
         self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
         self._draft: DraftLoop | None = None  # made by the first prepare_draft
+        self._sharded = sharded  # context parallelism shards a group: see batchmeta.context_parallel
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -719,6 +722,11 @@ class BatchMetadata:
             raise TypeError(f"step: expected the Step of a prepare_* call, got {type(step).__name__}")
         if step._clock is not self._clock:
             raise ValueError("step: prepared by another BatchMetadata")
+        if self._sharded and isinstance(num_accepted, torch.Tensor):
+            raise ValueError(
+                "context_parallel: acceptance counts on the device are not supported yet with a sharded "
+                "KV-cache group; pass num_accepted as host ints"
+            )
         with self._on_device():
             return self._spec.accept(step, token_ids, next_input_ids, num_accepted, prompt_lens)
 

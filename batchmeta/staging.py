@@ -18,6 +18,7 @@ import torch
 
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
+from batchmeta.context_parallel import local_len
 from batchmeta.ops.step import (
     ROW_CACHE,
     ROW_COUNT,
@@ -268,6 +269,7 @@ class StepBuffers:
     def kernel_layout(self, config: MetadataConfig, staging: StagingLayout, block_tables: BlockTables) -> StepLayout:
         """Where the step kernel finds its inputs (staging, block tables) and writes its outputs."""
         r, t, groups = config.max_num_reqs, self.token_capacity, len(config.kv_groups)
+        cp = config.context_parallel
         return StepLayout(
             page_size=[grp.page_size for grp in config.kv_groups],
             width=self.widths,
@@ -300,6 +302,9 @@ class StepBuffers:
             prompt_tokens=staging.prompt_tokens,
             max_prompt_tokens=staging.max_prompt_tokens,
             history_len=config.max_model_len if config.token_history else 0,
+            cp_size=[cp.world_size if config.sharded(g) else 1 for g in range(groups)] if cp else [],
+            cp_rank=cp.rank if cp else 0,
+            cp_interleave=cp.interleave if cp else 1,
         )
 
 
@@ -328,7 +333,9 @@ def stage_step(
     path's do.
 
     ``qlens`` is an int for decode (every row has that many new tokens); ``pages`` per group
-    ``ceil(seq / page_size)``; ``rows`` is ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
+    ``ceil(seq / page_size)`` (in a group context parallelism shards, of this rank's ``local_len(seq)``
+    tokens, which its ``last_page_len`` counts too: 0 in a row it holds none of); ``rows`` is
+    ``arange(max_num_reqs + 1)``. Padding rows (graph steps)
     use the reserved table row and hold one cached token; in a plain decode step they add no new
     token, in a speculative one (``qlens > 1``) as many as a real row, whose slots the step kernel
     makes PAD (a graph of uniform rows: FlashInfer's prefill wrapper plans it with a fixed row
@@ -372,7 +379,10 @@ def stage_step(
         indptr[0] = 0
         np.cumsum(pages[g], out=indptr[1 : b + 1])
         last = h[lay.last_page_len[g] : lay.last_page_len[g] + padded]
-        if ps == 1:
+        if config.sharded(g):  # context parallelism: this rank's tokens, 0 in a row it holds none of
+            local = local_len(seq, config.context_parallel)
+            np.subtract(local, np.maximum(pages[g] - 1, 0) * ps, out=last[:b])
+        elif ps == 1:
             last[:b] = 1
         else:
             np.subtract(seq, (pages[g] - 1) * ps, out=last[:b])

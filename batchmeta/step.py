@@ -91,6 +91,7 @@ class StepViews:
         "qo_indptr_pinned",
         "seq_lens",
         "seq_lens_pinned",
+        "sharded",
         "slot_mappings",
         "sm_scales",
         "window_lefts",
@@ -159,6 +160,7 @@ class StepViews:
             sm_scales=tuple(config.sm_scale(g) for g in range(ng)),
             logits_soft_caps=tuple(float(grp.logits_soft_cap) for grp in config.kv_groups),
             mla=tuple(grp.mla for grp in config.kv_groups),
+            sharded=tuple(config.sharded(g) for g in range(ng)),
             q_shapes=tuple(q_shapes),
             cache_shapes=tuple(cache_shapes),
             min_pages=config.num_kv_pages,
@@ -403,7 +405,11 @@ class Step:
     # Views of the shared buffers (checked) ----------------------------------------------------------
     idx_mapping = _view("idx_mapping", "``[Bp]`` int32 device: request slot of each batch row.")
     qo_indptr = _view("qo_indptr", "``[Bp + 1]`` int32 device: prefix sum of new tokens per row.")
-    seq_lens = _view("seq_lens", "``[Bp]`` int32 device: cached + new tokens per row.")
+    seq_lens = _view(
+        "seq_lens",
+        "``[Bp]`` int32 device: cached + new tokens per row (global lengths also under context parallelism: "
+        "a rank's local KV lengths are in kv_indptr / kv_last_page_len).",
+    )
     positions = _view("positions", "``[Tp]`` int64 device: position of each new token (0 past ``T``).")
     logits_indices = _view("logits_indices", "``[B]`` int32 device: last new token of each real row.")
     slot_mappings = _view("slot_mappings", "Per group ``[Tp]`` int64 device: KV slot of each token (PAD past T).")
@@ -516,6 +522,12 @@ class Step:
         if mla != (groups[group] is not None):
             what = "an MLA group: call step.mla_attention" if groups[group] is not None else "not an MLA group"
             raise ValueError(f"group: KV-cache group {group} is {what}")
+        if self._views.sharded[group]:
+            raise ValueError(
+                f"context_parallel: KV-cache group {group} is sharded over the context-parallel ranks; "
+                f"batchmeta does not attend across ranks yet (each rank's metadata is built: attend over "
+                f"kv_indptr / kv_indices / kv_last_page_len and merge with batchmeta.distributed.cp_lse_ag_out_rs)"
+            )
         return int(group)
 
     def attention(

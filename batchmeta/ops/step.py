@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from batchmeta.context_parallel import ContextParallel, local_position, owner
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import check_tensor, group_launches, use_triton
 from batchmeta.ops.positions import _pad_tail
@@ -126,6 +127,11 @@ class StepLayout:
     position, count, offset into ``prompt_tokens``) with ``n`` in every packed row's
     :func:`row_chunks` field, and their tokens ``prompt_tokens`` (int32).
 
+    Context parallelism (:mod:`batchmeta.context_parallel`): group ``g`` is sharded over
+    ``cp_size[g]`` ranks (1, or ``cp_size`` empty: not sharded), this one ``cp_rank``, ``cp_interleave``
+    tokens at a time: a token is given its slot only on the rank that owns its position, at its local
+    position (PAD elsewhere); the staged ``kv_indptr`` / ``last_page_len`` are the rank's own.
+
     Per-group tuples have one entry per group.
     """
 
@@ -160,6 +166,13 @@ class StepLayout:
     prompt_tokens: int = 0
     max_prompt_tokens: int = 0
     history_len: int = 0
+    cp_size: tuple[int, ...] = attrs.field(default=(), converter=_ints)
+    cp_rank: int = 0
+    cp_interleave: int = 1
+
+    def group_cp_size(self, g: int) -> int:
+        """Ranks group ``g``'s KV is sharded over (1: not sharded; ``cp_size`` empty: none is)."""
+        return self.cp_size[g] if self.cp_size else 1
 
     @property
     def has_history(self) -> bool:
@@ -212,6 +225,8 @@ class StepLayout:
             "step_table",
             "slot_mapping",
         )
+        if self.cp_size and len(self.cp_size) != g:
+            raise ValueError(f"layout.cp_size: expected {g} entries (one per group) or none, got {len(self.cp_size)}")
         for name in fields:
             if len(getattr(self, name)) != g:
                 raise ValueError(f"layout.{name}: expected {g} entries (one per group), got {len(getattr(self, name))}")
@@ -390,6 +405,9 @@ def _group_row(
     ch,
     COLS: tl.constexpr,
     PAD_ROW: tl.constexpr,
+    CPN: tl.constexpr,
+    CPR: tl.constexpr,
+    CPI: tl.constexpr,
 ):
     # Program ``ch`` of the row writes its columns [ch * COLS, (ch + 1) * COLS); program 0 also its
     # slots and mirror fields. ``v`` is the row's packed staging (fields of this group from ``RF``).
@@ -424,8 +442,15 @@ def _group_row(
         t = start + j
         m = (j < n) & (t < TOKEN_CAP)
         pos = cache_len + j
-        page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
-        tl.store(out64_ptr + SLOTS + t, tl.where(req < PAD_ROW, page * PS + pos % PS, -1), mask=m)
+        if CPN > 1:
+            # Context parallelism: only the rank owning the position writes it, at its local position.
+            mine = ((pos // CPI) % CPN) == CPR
+            loc = (pos // (CPI * CPN)) * CPI + pos % CPI
+            page = tl.load(row + loc // PS, mask=m & mine, other=0).to(tl.int64)
+            tl.store(out64_ptr + SLOTS + t, tl.where((req < PAD_ROW) & mine, page * PS + loc % PS, -1), mask=m)
+        else:  # common case
+            page = tl.load(row + pos // PS, mask=m, other=0).to(tl.int64)
+            tl.store(out64_ptr + SLOTS + t, tl.where(req < PAD_ROW, page * PS + pos % PS, -1), mask=m)
     # One pass over the row's columns feeds both the ragged kv_indices and the per-step table.
     lo = lo32.to(tl.int64)
     cnt = hi - lo
@@ -476,8 +501,12 @@ def _step_kernel(
     PROMPT: tl.constexpr,
     HLEN: tl.constexpr,
     IDS: tl.constexpr,
+    # Context parallelism: this rank and the interleave (each group's rank count is in its set).
+    CPR: tl.constexpr,
+    CPI: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
-    # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length.
+    # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length, ranks
+    # its KV is sharded over (1: not sharded).
     # Unused argument sets repeat the first.
     PS0: tl.constexpr,
     W0: tl.constexpr,
@@ -490,6 +519,7 @@ def _step_kernel(
     STEP0: tl.constexpr,
     SLOTS0: tl.constexpr,
     LAST0: tl.constexpr,
+    CPN0: tl.constexpr,
     PS1: tl.constexpr,
     W1: tl.constexpr,
     TAB1: tl.constexpr,
@@ -501,6 +531,7 @@ def _step_kernel(
     STEP1: tl.constexpr,
     SLOTS1: tl.constexpr,
     LAST1: tl.constexpr,
+    CPN1: tl.constexpr,
     PS2: tl.constexpr,
     W2: tl.constexpr,
     TAB2: tl.constexpr,
@@ -512,6 +543,7 @@ def _step_kernel(
     STEP2: tl.constexpr,
     SLOTS2: tl.constexpr,
     LAST2: tl.constexpr,
+    CPN2: tl.constexpr,
     PS3: tl.constexpr,
     W3: tl.constexpr,
     TAB3: tl.constexpr,
@@ -523,6 +555,7 @@ def _step_kernel(
     STEP3: tl.constexpr,
     SLOTS3: tl.constexpr,
     LAST3: tl.constexpr,
+    CPN3: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -638,6 +671,9 @@ def _step_kernel(
                 ch,
                 COLS,
                 PAD_ROW,
+                CPN0,
+                CPR,
+                CPI,
             )
         if NUM_GROUPS > 1:
             if g == 1:
@@ -673,6 +709,9 @@ def _step_kernel(
                     ch,
                     COLS,
                     PAD_ROW,
+                    CPN1,
+                    CPR,
+                    CPI,
                 )
         if NUM_GROUPS > 2:
             if g == 2:
@@ -708,6 +747,9 @@ def _step_kernel(
                     ch,
                     COLS,
                     PAD_ROW,
+                    CPN2,
+                    CPR,
+                    CPI,
                 )
         if NUM_GROUPS > 3:
             if g == 3:
@@ -743,6 +785,9 @@ def _step_kernel(
                     ch,
                     COLS,
                     PAD_ROW,
+                    CPN3,
+                    CPR,
+                    CPI,
                 )
 
 
@@ -796,6 +841,8 @@ def _launch_args(
             lay.prompt_tokens,
             lay.history_len,
             max(lay.input_ids, 0),
+            lay.cp_rank,
+            lay.cp_interleave,
         ]
         for g in arg_groups:
             args += [
@@ -810,6 +857,7 @@ def _launch_args(
                 layout.step_table[g],
                 layout.slot_mapping[g],
                 layout.last_page_len[g],
+                layout.group_cp_size(g),
             ]
         launches.append((n, tuple(args)))
     return launches
@@ -846,6 +894,16 @@ def _history_torch(
         history[r, first : first + count] = staging[lay.prompt_tokens + src : lay.prompt_tokens + src + count].to(
             history.dtype
         )
+
+
+def _rank_positions(lay: StepLayout, g: int, pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(owned, local)``: which positions this rank owns (None: all, group ``g`` not sharded) and where
+    they lie in its share (:mod:`batchmeta.context_parallel`)."""
+    n = lay.group_cp_size(g)
+    if n == 1:
+        return None, pos
+    cp = ContextParallel(n, lay.cp_rank, interleave=lay.cp_interleave)
+    return owner(pos, cp) == cp.rank, local_position(pos, cp)
 
 
 def _fill_torch(
@@ -890,8 +948,10 @@ def _fill_torch(
         table = tables[lay.table[g] : lay.table[g] + lay.num_table_rows * w].view(lay.num_table_rows, w)
         held = tables[lay.held[g] : lay.held[g] + lay.num_table_rows].long()[idx]
         slots = out64[lay.slot_mapping[g] : lay.slot_mapping[g] + cap]
-        page = table[idx[row], pos // ps].long() if pos.numel() else pos
-        slot = torch.where(idx[row] < lay.num_table_rows - 1, page * ps + pos % ps, -1)  # padding rows: PAD
+        mine, loc = _rank_positions(lay, g, pos)
+        page = table[idx[row], loc // ps].long() if pos.numel() else pos
+        keep = idx[row] < lay.num_table_rows - 1  # padding rows: PAD
+        slot = torch.where(keep if mine is None else keep & mine, page * ps + loc % ps, -1)
         slots[start:end] = slot[: end - start]
         slots[total:] = -1
         width = int(packed[num_rows, at + ROW_SWIDTH])
