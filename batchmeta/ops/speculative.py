@@ -211,10 +211,19 @@ def bind_resolve_rows(
 
         return resolve
 
-    def resolve_host(num_rows: int) -> None:
-        resolve_rows(src, dst, lens, sizes, num_rows, rows_at=rows_at, stride=stride, backend=backend)
+    if use_triton(backend, dst):  # the interpreter
 
-    return resolve_host
+        def resolve_interpreted(num_rows: int) -> None:
+            resolve_rows(src, dst, lens, sizes, num_rows, rows_at=rows_at, stride=stride, backend=backend)
+
+        return resolve_interpreted
+
+    sizes_host = [int(p) for p in page_sizes]  # the torch twin takes them from the host: no read of ``sizes``
+
+    def resolve_torch(num_rows: int) -> None:
+        _resolve_rows_torch(src, dst, lens, sizes_host, num_rows, rows_at, stride)
+
+    return resolve_torch
 
 
 # --------------------------------------------------------------------------------------------------
