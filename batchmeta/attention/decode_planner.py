@@ -176,9 +176,7 @@ class DecodePlanner:
         if views is None:
             views = self._qo_views[b] = (self._qo_host[: b + 1], self._qo_dev[: b + 1])
         if not w.is_cuda_graph_enabled:
-            w._paged_kv_indptr_buf = kv_indptr
-            w._paged_kv_indices_buf = kv_indices
-            w._paged_kv_last_page_len_buf = kv_last_page_len
+            bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
             w._qo_indptr_buf = views[1]
         w._batch_size = b
         hq, hkv, d, ps = self._static

@@ -201,19 +201,17 @@ def path_reproduced(wrapper: Any, check: Callable[[], bool]) -> bool:
 def bind_device_arrays(
     wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor
 ) -> None:
-    """Points an eager paged decode or prefill wrapper, just planned by its stock ``plan()``, at
-    the step's device arrays ``kv_indptr`` ``[B + 1]``, ``kv_indices``, ``kv_last_page_len`` ``[B]``.
+    """Points an eager paged decode or prefill wrapper at the step's device arrays ``kv_indptr``
+    ``[B + 1]``, ``kv_indices``, ``kv_last_page_len`` ``[B]``: what its kernels read.
 
-    The stock plan copies the pinned host arrays to buffers of its own. Those hold the same values
-    as the step kernel's arrays, except for rows whose cache lengths are on the device
-    (speculative acceptance): there the host arrays are upper bounds, and the kernels must read
-    the step kernel's exact arrays, as the fast path has them do. A wrapper without these buffers
-    (another FlashInfer) is left as it is.
+    The fast plans do it every step. After a stock ``plan()``, which copies the pinned host arrays
+    to buffers of its own, it matters for rows whose cache lengths are on the device (speculative
+    acceptance): there the host arrays are upper bounds, and the kernels must read the step
+    kernel's exact arrays.
     """
-    if hasattr(wrapper, "_paged_kv_indptr_buf") and hasattr(wrapper, "_paged_kv_last_page_len_buf"):
-        wrapper._paged_kv_indptr_buf = kv_indptr
-        wrapper._paged_kv_indices_buf = kv_indices
-        wrapper._paged_kv_last_page_len_buf = kv_last_page_len
+    wrapper._paged_kv_indptr_buf = kv_indptr
+    wrapper._paged_kv_indices_buf = kv_indices
+    wrapper._paged_kv_last_page_len_buf = kv_last_page_len
 
 
 def verify_fast_plan(

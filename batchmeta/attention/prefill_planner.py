@@ -242,9 +242,7 @@ class PrefillPlanner:
             w._max_q_len = max_query_len
             w._max_kv_len = max_seq_len
             if not self._graph:  # a graph wrapper's buffers are already these (checked once)
-                w._paged_kv_indptr_buf = kv_indptr
-                w._paged_kv_indices_buf = kv_indices
-                w._paged_kv_last_page_len_buf = kv_last_page_len
+                bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
             page_size = self._page_size
         # A graph wrapper plans for the row count fixed at its first plan (its capture).
         total_rows = w._max_total_num_rows if self._graph else num_tokens
