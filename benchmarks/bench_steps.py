@@ -1,7 +1,7 @@
 """Per-step metadata cost: batchmeta against the glue engines write today, measured in one run.
 
 Run on a machine with CUDA and FlashInfer:  python benchmarks/bench_steps.py [--prefill-backend fa2|fa3|auto]
-Writes ``benchmarks/results/<device>-<date>.{md,json,png}`` (and copies them to ``$OUT`` if set).
+Writes ``benchmarks/results/<device>-<date>-flashinfer-<version>.{md,json,png}`` (and copies them to ``$OUT`` if set).
 
 Implementations, A/B interleaved step by step:
 
@@ -939,11 +939,20 @@ def main() -> int:
     stamp = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / f"{device}-{stamp}"
+    import flashinfer
+
+    fi_version = flashinfer.__version__
+    # Two FlashInfer releases measured on one day get a report each.
+    stem = f"{device}-{stamp}-flashinfer-{fi_version}"
+
+    def base(suffix: str) -> Path:  # not Path.with_suffix: the version's dots would read as a suffix
+        return out / (stem + suffix)
+
     lines = [
         f"# batchmeta per-step cost on {torch.cuda.get_device_name()} ({stamp})",
         "",
-        f"torch {torch.__version__}; heads {HEADS}; bf16; prefill backend {args.prefill_backend}; "
+        f"torch {torch.__version__}; FlashInfer {fi_version}; heads {HEADS}; bf16; "
+        f"prefill backend {args.prefill_backend}; "
         f"{args.steps} interleaved steps per implementation.",
         "",
         "| scenario | implementation | host µs median | host µs p90 | GPU µs median | syncs/step |",
@@ -989,17 +998,18 @@ def main() -> int:
         ]
     text = "\n".join(lines) + "\n"
     print(text)
-    base.with_suffix(".md").write_text(text)
+    base(".md").write_text(text)
     raw = {
         k: dict(what=v["what"], impls={i: {kk: vv for kk, vv in m.items()} for i, m in v["impls"].items()})
         for k, v in results.items()
     }
-    base.with_suffix(".json").write_text(
+    base(".json").write_text(
         json.dumps(
             dict(
                 results=raw,
                 memory=memory,
                 prefill_backend=args.prefill_backend,
+                flashinfer=fi_version,
                 summary=summary,
                 against_peers=peers,
                 graph_vs_eager=pairs,
@@ -1026,13 +1036,13 @@ def main() -> int:
         ax.set_title(f"batchmeta per-step host cost, {torch.cuda.get_device_name()}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(base.with_suffix(".png"), dpi=120)
+        fig.savefig(base(".png"), dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot written", file=sys.stderr)
     if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.resolve():  # --out $OUT: written there
         for suffix in (".md", ".json", ".png"):
-            if base.with_suffix(suffix).exists():
-                shutil.copy(base.with_suffix(suffix), os.environ["OUT"])
+            if base(suffix).exists():
+                shutil.copy(base(suffix), os.environ["OUT"])
     return 0
 
 

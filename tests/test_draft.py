@@ -477,7 +477,7 @@ def _no_sync():
 def _gpu_meta(page_size: int, k: int) -> BatchMetadata:
     cfg = MetadataConfig(
         max_num_reqs=8,
-        max_num_tokens=512,
+        max_num_tokens=1024,  # five prompts of up to 200 tokens in one prefill
         max_model_len=512,
         kv_groups=(KVGroup(page_size=page_size), KVGroup(page_size=page_size, window_left=31)),
         num_qo_heads=8,
