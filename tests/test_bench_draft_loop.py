@@ -30,5 +30,9 @@ def test_draft_rounds_draft_identical_tokens_on_cpu(tmp_path):
         assert set(per_mode) == {"decode x k", "loop"}  # no graph without CUDA
         assert per_mode["loop"]["drafts_equal_decode_x_k"] is True
         assert all(r["host_us_median"] > 0 and r["gpu_idle_us"] is None for r in per_mode.values())
+    assert data["prepare_decode_us"] > 0
+    for k, t in data["round_vs_one_prepare_decode"].items():
+        assert t["ratio"] == data["results"][k]["loop"]["host_us_median"] / data["prepare_decode_us"]
     (md,) = tmp_path.glob("*-draft-loop.md")
-    assert "| 2 | loop |" in md.read_text()
+    text = md.read_text()
+    assert "| 2 | loop |" in text and "less than one `prepare_decode`" in text
