@@ -7,10 +7,11 @@ per step); LoRAX's ``find_segments`` with ``.cpu().tolist()``. Here the host alr
 row's adapter (the engine said so with :meth:`LoraAdapters.set_adapter`) and query length (it
 stages ``qo_indptr`` every step), so a counting sort over the step's rows (``O(B + max_loras)``, in
 the compiled host path or numpy) writes the rows' sorted positions and the segment block into the
-step's pinned staging buffer, and one small launch (:func:`batchmeta.ops.lora.fill_lora_metadata`)
-expands them to tokens on the device. No sync, no ``torch.unique``; every array has a fixed shape
-(``max_num_tokens``, ``max_num_reqs``, ``max_loras + 1`` segments), so a CUDA graph captured for a
-batch size replays with any mix of adapters.
+step's pinned staging buffer, and the step's own launch (:mod:`batchmeta.ops.step`, with the
+programs of :mod:`batchmeta.ops.lora`) expands them to tokens on the device. No sync, no
+``torch.unique``, no launch of its own; every array has a fixed shape (``max_num_tokens``,
+``max_num_reqs``, ``max_loras + 1`` segments), so a CUDA graph captured for a batch size replays
+with any mix of adapters.
 
 The forms the common LoRA kernels read (``step.lora``, a :class:`LoraViews`):
 
@@ -30,7 +31,7 @@ import torch
 
 from batchmeta.config import MetadataConfig
 from batchmeta.host_path import COMPILED
-from batchmeta.ops.lora import LORA_ROW_STRIDE, LoraLayout, bind_lora_metadata
+from batchmeta.ops.lora import LORA_ROW_STRIDE, LoraLayout
 
 try:
     import numba
@@ -294,13 +295,18 @@ class LoraAdapters:
     staging_offset:
         Where the LoRA region starts in the step's staging buffers
         (``LoraLayout.staging_size(max_num_reqs, max_loras)`` int32 elements).
-    staging:
-        The step's host staging buffers (``PinnedRing.host``): one bound launch each.
     device:
         Where the output buffer lives.
+
+    Attributes
+    ----------
+    layout:
+        The :class:`~batchmeta.ops.lora.LoraLayout` of the staged rows and of ``out``.
+    out:
+        ``[layout.out_size]`` int32 device buffer the step's launch expands the rows into.
     """
 
-    def __init__(self, config: MetadataConfig, staging_offset: int, staging: list[torch.Tensor], device: torch.device):
+    def __init__(self, config: MetadataConfig, staging_offset: int, device: torch.device):
         cfg = config
         if not cfg.max_loras:
             raise ValueError("config: max_loras is 0 (LoRA off); make the config with max_loras >= 1")
@@ -314,7 +320,6 @@ class LoraAdapters:
             segments=staging_offset + (r + 1) * LORA_ROW_STRIDE,
         )
         self.out = torch.zeros(lay.out_size, dtype=torch.int32, device=device)
-        self._fills = [bind_lora_metadata(lay, host, self.out, backend=cfg.backend) for host in staging]
         self._adapter = np.full(r + 1, -1, np.int64)  # row r: the padding rows' reserved slot
         self._rank = np.zeros(num_loras, np.int64)
         self._users = np.zeros(num_loras, np.int64)
@@ -395,10 +400,6 @@ class LoraAdapters:
             _stage_lora_kernel(h, idx_at, qo_at, lay.rows, lay.segments, padded, adapter, rank, counts)
         else:
             stage_lora(h, idx_at, qo_at, lay, padded, self._adapter, self._rank)
-
-    def fill(self, current: int, padded: int) -> None:
-        """The step's LoRA launch, reading host staging buffer ``current`` in place."""
-        self._fills[current](padded)
 
     def views(self, current: int, h: np.ndarray, padded: int, num_tokens_run: int) -> LoraViews:
         """The step's :class:`LoraViews` (cached per shape and staging buffer)."""

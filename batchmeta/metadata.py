@@ -126,6 +126,10 @@ class BatchMetadata:
             self._staging = PinnedRing(self._layout.total, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
             kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
+            # Multi-LoRA (config.max_loras): adapters per request slot; the step's launch sorts its tokens.
+            self.lora = LoraAdapters(cfg, self._layout.lora, dev) if cfg.max_loras else None
+            if self.lora is not None:
+                self.block_tables.on_reset(self.lora.clear)
             # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
             self._fills = [
                 bind_step_metadata(
@@ -138,6 +142,8 @@ class BatchMetadata:
                     mirror=self._staging.dev,
                     backend=cfg.backend,
                     history=buf.token_ids,
+                    lora=None if self.lora is None else self.lora.layout,
+                    lora_out=None if self.lora is None else self.lora.out,
                 )
                 for host in self._staging.host
             ]
@@ -165,10 +171,6 @@ class BatchMetadata:
                 )
                 for host in self._staging.host
             ]
-            # Multi-LoRA (config.max_loras): adapters per request slot, segments per step.
-            self.lora = LoraAdapters(cfg, self._layout.lora, self._staging.host, dev) if cfg.max_loras else None
-            if self.lora is not None:
-                self.block_tables.on_reset(self.lora.clear)
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices
@@ -409,7 +411,7 @@ class BatchMetadata:
         lay, ring = self._layout, self._staging
         on_device = self._spec.rows_on_device(idx, clens)  # rows whose cache length is on the device (rare)
         h, num_tokens, widths, max_seq = self._stage(idx, qlens, clens, padded, graph, on_device)
-        if self.lora is not None:  # multi-LoRA: the rows sorted by adapter, into the same staging buffer
+        if self.lora is not None:  # multi-LoRA: the rows sorted by adapter, which the launch expands
             self.lora.stage(h, lay.idx, lay.qo_indptr, padded, compiled=self._host_path is not None)
         try:
             # One launch: staged writes and every metadata field; its column programs cover the
@@ -420,8 +422,6 @@ class BatchMetadata:
             else:  # exact lengths from the device first; the bounds above size the grid and the plan
                 self._resolves[ring.current](padded)
                 self._fills[ring.current](padded, max_cols, resolved=True)
-            if self.lora is not None:  # the LoRA launch: tokens sorted by adapter, segments
-                self.lora.fill(ring.current, padded)
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
             tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]

@@ -7,11 +7,12 @@ CPU smoke run (torch fallbacks, host µs only):  python benchmarks/bench_lora_me
 A decode batch of ``--batch`` rows, each request slot on one of ``A`` adapters (round robin) for A
 in ``--adapters``, with ``max_loras`` = the largest A.
 
-- batchmeta: the LoRA part of a step, as ``BatchMetadata._prepare`` runs it: the host counting
-  sort into the (pinned) staging buffer (:meth:`~batchmeta.lora.LoraAdapters.stage`, compiled host
-  path) and the LoRA launch that expands it on the device (:meth:`~batchmeta.lora.LoraAdapters.fill`).
-  Host µs: wall time of both calls (nothing waits for the device). GPU µs: the launch, by CUDA
-  events over ``--iters`` steps.
+- batchmeta: the LoRA part of a step, as ``BatchMetadata._prepare`` runs it. Host µs: the host
+  counting sort into the (pinned) staging buffer (:meth:`~batchmeta.lora.LoraAdapters.stage`,
+  compiled host path), the only host work LoRA adds (the step's own launch expands the rows; nothing
+  waits for the device). GPU µs: the step's launch with LoRA, and the same launch of a
+  ``BatchMetadata`` without LoRA on the same batch, by CUDA events over ``--iters`` launches; their
+  difference is LoRA's share.
 - baseline (vLLM's ``LoRAKernelMeta.prepare_tensors``, re-implemented): the per-token adapter ids
   copied host→device, ``torch.sort(stable=True)``, ``torch.unique(sorted=True,
   return_counts=True)``, the count of active adapters read on the host (the sync), then the
@@ -116,6 +117,7 @@ def run(device: str, batch: int, adapter_counts: list[int], rank: int, iters: in
     max_loras = max(adapter_counts)
     meta = _meta(device, batch, max_loras, rank)
     plain = _meta(device, batch, 0, rank)
+    plain.prepare_decode(np.arange(batch), np.full(batch, 100))  # the batch in its staging buffer
     dev = meta.config.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     baseline = UniqueBaseline(max_loras, meta.config.max_num_tokens, dev)
@@ -132,10 +134,8 @@ def run(device: str, batch: int, adapter_counts: list[int], rank: int, iters: in
 
         def ours_host(h: np.ndarray = h) -> None:
             lora.stage(h, lay.idx, lay.qo_indptr, batch, compiled=meta._host_path is not None)
-            lora.fill(ring.current, batch)
 
-        def ours_device() -> None:
-            lora.fill(ring.current, batch)
+        fill, plain_fill = meta._fills[ring.current], plain._fills[plain._staging.current]
 
         def base(token_lora: np.ndarray = token_lora) -> None:
             baseline.prepare(token_lora)
@@ -143,11 +143,16 @@ def run(device: str, batch: int, adapter_counts: list[int], rank: int, iters: in
         for fn in (ours_host, base):
             for _ in range(warmup):
                 fn()
+        cuda = dev.type == "cuda"
+        launch_lora = _gpu_us(lambda f=fill: f(batch), iters) if cuda else None
+        launch_plain = _gpu_us(lambda f=plain_fill: f(batch), iters) if cuda else None
         row = {
             "batch": batch,
             "adapters": num_adapters,
             "ours_host_us": _host_us(ours_host, iters, sync),
-            "ours_gpu_us": _gpu_us(ours_device, iters) if dev.type == "cuda" else None,
+            "step_launch_lora_gpu_us": launch_lora,
+            "step_launch_plain_gpu_us": launch_plain,
+            "ours_gpu_us": None if launch_lora is None else launch_lora - launch_plain,
             "baseline_host_us": _host_us(base, iters, sync),
             "baseline_gpu_us": _gpu_us(base, iters) if dev.type == "cuda" else None,
             "prepare_decode_lora_us": _host_us(lambda: meta.prepare_decode(idx, clens), iters, sync),
@@ -186,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if args.device != "cpu" else platform.processor() or "cpu"
     print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}")
     print()
-    print("| B | adapters | batchmeta host µs | batchmeta GPU µs | unique/sort host µs | unique/sort GPU µs |", end="")
+    print("| B | adapters | batchmeta host µs | step launch GPU µs, LoRA / none |", end="")
+    print(" batchmeta GPU µs (LoRA's share) | unique/sort host µs | unique/sort GPU µs |", end="")
     print(" prepare_decode LoRA µs | prepare_decode no LoRA µs |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        launches = f"{_fmt(r['step_launch_lora_gpu_us'])} / {_fmt(r['step_launch_plain_gpu_us'])}"
         print(
-            f"| {r['batch']} | {r['adapters']} | {_fmt(r['ours_host_us'])} | {_fmt(r['ours_gpu_us'])} | "
+            f"| {r['batch']} | {r['adapters']} | {_fmt(r['ours_host_us'])} | {launches} | {_fmt(r['ours_gpu_us'])} | "
             f"{_fmt(r['baseline_host_us'])} | {_fmt(r['baseline_gpu_us'])} | "
             f"{_fmt(r['prepare_decode_lora_us'])} | {_fmt(r['prepare_decode_plain_us'])} |"
         )

@@ -26,4 +26,5 @@ def test_bench_runs_on_cpu_and_agrees_with_the_unique_baseline(tmp_path, capsys)
     for r in rows:
         assert r["ours_host_us"] > 0 and r["baseline_host_us"] > 0
         assert r["ours_gpu_us"] is None and r["baseline_gpu_us"] is None  # no GPU numbers on a CPU
+        assert r["step_launch_lora_gpu_us"] is None and r["step_launch_plain_gpu_us"] is None
     assert "| 12 | 5 |" in capsys.readouterr().out

@@ -1,10 +1,12 @@
-"""Multi-LoRA: the per-step adapter-segment launch, and a segmented LoRA matmul that reads its output.
+"""Multi-LoRA: the per-step adapter segments, and a segmented LoRA matmul that reads them.
 
 A step's LoRA metadata is computed on the host, where each row's adapter and query length are
 already known (:mod:`batchmeta.lora` stages them, sorted by adapter, into the step's pinned staging
-buffer), and expanded to tokens on the device by :func:`fill_lora_metadata`: one small launch that
-reads the staging in place, like the step kernel. Its outputs, in one int32 device buffer whose
-addresses never change (so CUDA graphs read them):
+buffer), and expanded to tokens on the device: in a ``BatchMetadata`` step by the step kernel's own
+launch (:mod:`batchmeta.ops.step` runs :func:`lora_row_program` in each row's program and
+:func:`lora_tail_program` in its tail program), or alone by :func:`fill_lora_metadata` (the same
+programs, one small launch). Both read the staging in place. The outputs, in one int32 device buffer
+whose addresses never change (so CUDA graphs read them):
 
 - ``token_lora`` ``[token_capacity]``: the adapter of each token (BGMV / per-token form); -1 for a
   token without one, and for every token past the step's;
@@ -24,8 +26,6 @@ with any mix of adapters; :func:`lora_per_token` is the per-token (BGMV-form) to
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import attrs
 import torch
 import triton
@@ -37,7 +37,6 @@ from batchmeta.ops._common import check_tensor, use_triton
 __all__ = [
     "LORA_ROW_STRIDE",
     "LoraLayout",
-    "bind_lora_metadata",
     "fill_lora_metadata",
     "lora_per_token",
     "lora_segmented",
@@ -149,8 +148,72 @@ class LoraLayout:
 
 
 # --------------------------------------------------------------------------------------------------
-# The per-step launch
+# The per-step expansion: in the step kernel's own launch (batchmeta.ops.step), or alone
 # --------------------------------------------------------------------------------------------------
+@triton.jit
+def lora_row_program(
+    staging_ptr,  # int32: the staged rows at ROWS (pinned host memory on CUDA)
+    out_ptr,  # int32: token_lora, token_perm, token_perm_inv [TOKEN_CAP] each, row_lora [MAX_ROWS]
+    b,
+    ROWS: tl.constexpr,
+    TOKEN_CAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row ``b``'s tokens: their adapter, sorted positions, and the row's adapter."""
+    ar = tl.arange(0, 4)
+    v = tl.load(staging_ptr + ROWS + b * 4 + ar)  # the row, in one read
+    start = tl.sum(tl.where(ar == _L_START, v, 0), axis=0)
+    n = tl.sum(tl.where(ar == _L_END, v, 0), axis=0) - start
+    dst = tl.sum(tl.where(ar == _L_DST, v, 0), axis=0)
+    adapter = tl.sum(tl.where(ar == _L_ADAPTER, v, 0), axis=0)
+    perm = out_ptr + TOKEN_CAP
+    inv = out_ptr + 2 * TOKEN_CAP
+    tl.store(out_ptr + 3 * TOKEN_CAP + b, adapter)
+    for off in range(0, n, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        t = start + j
+        d = dst + j
+        m = (j < n) & (t < TOKEN_CAP) & (d < TOKEN_CAP)
+        tl.store(out_ptr + t, adapter + j * 0, mask=m)
+        tl.store(inv + t, d, mask=m)
+        tl.store(perm + d, t, mask=m)
+
+
+@triton.jit
+def lora_tail_program(
+    staging_ptr,  # int32: the staged rows at ROWS, the segment block at SEGS (pinned host memory on CUDA)
+    out_ptr,  # int32: as lora_row_program's, then the segment block
+    num_rows,
+    ROWS: tl.constexpr,
+    SEGS: tl.constexpr,
+    SEG_BLOCK: tl.constexpr,
+    TOKEN_CAP: tl.constexpr,
+    MAX_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The segment block as staged; every token past the step's without an adapter and sorted to
+    itself; every row past the batch without an adapter."""
+    ar = tl.arange(0, 4)
+    v = tl.load(staging_ptr + ROWS + num_rows * 4 + ar)
+    start = tl.sum(tl.where(ar == _L_START, v, 0), axis=0)  # the step's token count
+    perm = out_ptr + TOKEN_CAP
+    inv = out_ptr + 2 * TOKEN_CAP
+    row_lora = out_ptr + 3 * TOKEN_CAP
+    for off in range(0, SEG_BLOCK, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        m = i < SEG_BLOCK
+        tl.store(row_lora + MAX_ROWS + i, tl.load(staging_ptr + SEGS + i, mask=m), mask=m)
+    for off in range(start, TOKEN_CAP, BLOCK):
+        t = off + tl.arange(0, BLOCK)
+        m = t < TOKEN_CAP
+        tl.store(out_ptr + t, -1, mask=m)
+        tl.store(perm + t, t, mask=m)
+        tl.store(inv + t, t, mask=m)
+    for off in range(num_rows, MAX_ROWS, BLOCK):
+        r = off + tl.arange(0, BLOCK)
+        tl.store(row_lora + r, -1, mask=r < MAX_ROWS)
+
+
 @triton.jit
 def _lora_meta_kernel(
     staging_ptr,  # int32: the staged rows at ROWS, the segment block at SEGS (pinned host memory on CUDA)
@@ -164,41 +227,10 @@ def _lora_meta_kernel(
 ):
     b = tl.program_id(0)
     num_rows = tl.num_programs(0) - 1
-    ar = tl.arange(0, 4)
-    v = tl.load(staging_ptr + ROWS + b * 4 + ar)  # the row, in one read
-    start = tl.sum(tl.where(ar == _L_START, v, 0), axis=0)
-    perm = out_ptr + TOKEN_CAP
-    inv = out_ptr + 2 * TOKEN_CAP
-    row_lora = out_ptr + 3 * TOKEN_CAP
     if b == num_rows:
-        # The tail program: the segment block as staged, then every token past the step's is
-        # without an adapter and sorts to itself, every row past the batch without an adapter.
-        for off in range(0, SEG_BLOCK, BLOCK):
-            i = off + tl.arange(0, BLOCK)
-            m = i < SEG_BLOCK
-            tl.store(row_lora + MAX_ROWS + i, tl.load(staging_ptr + SEGS + i, mask=m), mask=m)
-        for off in range(start, TOKEN_CAP, BLOCK):
-            t = off + tl.arange(0, BLOCK)
-            m = t < TOKEN_CAP
-            tl.store(out_ptr + t, -1, mask=m)
-            tl.store(perm + t, t, mask=m)
-            tl.store(inv + t, t, mask=m)
-        for off in range(num_rows, MAX_ROWS, BLOCK):
-            r = off + tl.arange(0, BLOCK)
-            tl.store(row_lora + r, -1, mask=r < MAX_ROWS)
+        lora_tail_program(staging_ptr, out_ptr, num_rows, ROWS, SEGS, SEG_BLOCK, TOKEN_CAP, MAX_ROWS, BLOCK)
     else:
-        n = tl.sum(tl.where(ar == _L_END, v, 0), axis=0) - start
-        dst = tl.sum(tl.where(ar == _L_DST, v, 0), axis=0)
-        adapter = tl.sum(tl.where(ar == _L_ADAPTER, v, 0), axis=0)
-        tl.store(row_lora + b, adapter)
-        for off in range(0, n, BLOCK):
-            j = off + tl.arange(0, BLOCK)
-            t = start + j
-            d = dst + j
-            m = (j < n) & (t < TOKEN_CAP) & (d < TOKEN_CAP)
-            tl.store(out_ptr + t, adapter + j * 0, mask=m)
-            tl.store(inv + t, d, mask=m)
-            tl.store(perm + d, t, mask=m)
+        lora_row_program(staging_ptr, out_ptr, b, ROWS, TOKEN_CAP, BLOCK)
 
 
 _lora_meta = cached_kernel(_lora_meta_kernel)
@@ -217,8 +249,9 @@ def _launch_args(layout: LoraLayout, staging: torch.Tensor, out: torch.Tensor) -
     )
 
 
-def _fill_torch(layout: LoraLayout, staging: torch.Tensor, out: torch.Tensor, num_rows: int) -> None:
-    """The kernel's work in torch, vectorised: the CPU fallback and the oracle."""
+def fill_lora_torch(layout: LoraLayout, staging: torch.Tensor, out: torch.Tensor, num_rows: int) -> None:
+    """:func:`fill_lora_metadata`'s work in torch, vectorised: the CPU fallback and the oracle (the step
+    kernel's torch twin calls it too)."""
     lay, dev = layout, out.device
     staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
     rows = staging[lay.rows : lay.rows + (num_rows + 1) * LORA_ROW_STRIDE].view(num_rows + 1, LORA_ROW_STRIDE).long()
@@ -272,36 +305,9 @@ def fill_lora_metadata(
     if use_triton(backend, out):
         _lora_meta.launch((num_rows + 1,), _launch_args(layout, staging, out), num_warps=_NUM_WARPS)
         return
-    _fill_torch(layout, staging, out, num_rows)
+    fill_lora_torch(layout, staging, out, num_rows)
 
 
-def bind_lora_metadata(
-    layout: LoraLayout, staging: torch.Tensor, out: torch.Tensor, *, backend: str | None = None
-) -> Callable[[int], None]:
-    """``fill(num_rows)``: :func:`fill_lora_metadata` over these buffers, checked once here (on CUDA
-    a bound launch: a call costs the driver launch and little else)."""
-    layout.check(staging, out, layout.max_rows)
-    on_triton = use_triton(backend, out)
-    if out.is_cuda and on_triton:
-        bound = _lora_meta.bind(_launch_args(layout, staging, out), num_warps=_NUM_WARPS)
-
-        def fill(num_rows: int) -> None:
-            bound((num_rows + 1,))
-
-        return fill
-
-    def fill_host(num_rows: int) -> None:
-        if on_triton:
-            _lora_meta.launch((num_rows + 1,), _launch_args(layout, staging, out), num_warps=_NUM_WARPS)
-        else:
-            _fill_torch(layout, staging, out, num_rows)
-
-    return fill_host
-
-
-# --------------------------------------------------------------------------------------------------
-# Applying LoRA: segmented (SGMV form, Triton + torch twin) and per token (BGMV form, torch)
-# --------------------------------------------------------------------------------------------------
 def _check_lora_args(out, x, lora_a, lora_b, scalings) -> tuple[int, int, int, int]:
     check_tensor("x", x, dtypes=(torch.float16, torch.bfloat16, torch.float32), ndim=2, contiguous=True)
     device = x.device

@@ -31,6 +31,7 @@ import triton.language as tl
 from batchmeta.context_parallel import ContextParallel, local_position, owner
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import check_tensor, group_launches, use_triton
+from batchmeta.ops.lora import LoraLayout, fill_lora_torch, lora_row_program, lora_tail_program
 from batchmeta.ops.positions import _pad_tail
 
 __all__ = [
@@ -474,6 +475,7 @@ def _step_kernel(
     mirror_ptr,  # int32 [*]: device copy of the step's staging fields (same layout), when MIRROR
     hist_ptr,  # int32/int64 [R, HLEN]: the token history, when HIST
     rows_ptr,  # int32 [*]: the packed rows at ROWS: staging's, or the mirror's where resolve_rows rewrote them
+    lora_ptr,  # int32 [*]: the multi-LoRA outputs (batchmeta.ops.lora.LoraLayout), when LORA
     IDX: tl.constexpr,
     QO_INDPTR: tl.constexpr,
     CACHE: tl.constexpr,
@@ -504,6 +506,14 @@ def _step_kernel(
     # Context parallelism: this rank and the interleave (each group's rank count is in its set).
     CPR: tl.constexpr,
     CPI: tl.constexpr,
+    # Multi-LoRA (first launch only): on/off, the staged LoRA rows and segment block, their size, the
+    # outputs' token capacity and rows (batchmeta.ops.lora.LoraLayout).
+    LORA: tl.constexpr,
+    LROWS: tl.constexpr,
+    LSEGS: tl.constexpr,
+    LSEG_BLOCK: tl.constexpr,
+    LTOKEN_CAP: tl.constexpr,
+    LMAX_ROWS: tl.constexpr,
     # Group argument set g: page size, table width, offsets of table, held, kv_indptr, its fields in
     # a packed row, kv_indices (and its capacity), step table, slot mapping, last page length, ranks
     # its KV is sharded over (1: not sharded).
@@ -584,6 +594,10 @@ def _step_kernel(
                 if HIST:
                     _pad_tail(out64_ptr + IDS, num_tokens, TOKEN_CAP, 0, BLOCK)
                     _apply_prompts(staging_ptr, hist_ptr, _field(v, ar, HF), CHUNKS, PROMPT, HLEN, BLOCK)
+                if LORA:
+                    lora_tail_program(
+                        staging_ptr, lora_ptr, num_rows, LROWS, LSEGS, LSEG_BLOCK, LTOKEN_CAP, LMAX_ROWS, BLOCK
+                    )
         if NUM_GROUPS > 1:
             if g == 1:
                 _pad_tail(out64_ptr + SLOTS1, num_tokens, TOKEN_CAP, -1, BLOCK)
@@ -639,6 +653,9 @@ def _step_kernel(
                             PAD_ROW,
                             BLOCK,
                         )
+                if LORA:
+                    if ch == 0:
+                        lora_row_program(staging_ptr, lora_ptr, b, LROWS, LTOKEN_CAP, BLOCK)
             _group_row(
                 staging_ptr,
                 tables_ptr,
@@ -801,13 +818,23 @@ def _num_chunks(layout: StepLayout, max_cols: int | None) -> int:
 
 
 def _launch_args(
-    layout: StepLayout, staging, tables, out32, out64, mirror=None, history=None, rows=None
+    layout: StepLayout,
+    staging,
+    tables,
+    out32,
+    out64,
+    mirror=None,
+    history=None,
+    rows=None,
+    lora: LoraLayout | None = None,
+    lora_out=None,
 ) -> list[tuple[int, tuple]]:
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each. ``rows``: where the
-    packed rows are read (default ``staging``)."""
+    packed rows are read (default ``staging``). The first launch expands the LoRA rows (``lora``)."""
     launches = []
     lay = layout
     for n, arg_groups in group_launches(layout.num_groups):
+        first = arg_groups[0] == 0
         args: list = [
             staging,
             tables,
@@ -816,6 +843,7 @@ def _launch_args(
             staging if mirror is None else mirror,
             out64 if history is None else history,
             staging if rows is None else rows,
+            out32 if lora_out is None else lora_out,
             layout.idx,
             layout.qo_indptr,
             layout.cache_lens,
@@ -827,7 +855,7 @@ def _launch_args(
             layout.pairs,
             layout.write_rows,
             tables.numel(),
-            arg_groups[0] == 0,
+            first,
             n,
             _BLOCK,
             mirror is not None,
@@ -844,6 +872,10 @@ def _launch_args(
             lay.cp_rank,
             lay.cp_interleave,
         ]
+        if lora is not None and first:
+            args += [True, lora.rows, lora.segments, lora.segment_block, lora.token_capacity, lora.max_rows]
+        else:
+            args += [False, 0, 0, 1, 1, 1]
         for g in arg_groups:
             args += [
                 layout.page_size[g],
@@ -982,6 +1014,8 @@ def fill_step_metadata(
     backend: str | None = None,
     history: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    lora: LoraLayout | None = None,
+    lora_out: torch.Tensor | None = None,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
 
@@ -1008,9 +1042,13 @@ def fill_step_metadata(
     The kernel reads every per-row value from the packed rows (``layout.rows``), in ``staging``
     or, when given, in ``rows`` (a device buffer of staging's layout, for rows
     :func:`batchmeta.ops.speculative.resolve_rows` rewrote from device lengths).
+    With ``lora`` (a :class:`~batchmeta.ops.lora.LoraLayout` over the same ``staging``) and
+    ``lora_out``, the same launch also expands the staged multi-LoRA rows into ``lora_out``, as
+    :func:`batchmeta.ops.lora.fill_lora_metadata` does.
     """
     layout.check(staging, tables, out32, out64, num_rows, mirror)
     _check_history(layout, history, tables.device)
+    _check_lora(lora, lora_out, staging, num_rows)
     if rows is not None:
         check_tensor("rows", rows, dtypes=(torch.int32,), ndim=1, device=tables.device, contiguous=True)
         if rows.numel() < layout.rows + (num_rows + 1) * layout.row_stride:
@@ -1020,10 +1058,19 @@ def fill_step_metadata(
             )
     if use_triton(backend, tables):
         chunks = _num_chunks(layout, max_cols)
-        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history, rows):
+        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history, rows, lora, lora_out):
             _step.launch((num_rows + 1, n, chunks), args, num_warps=_NUM_WARPS)
         return
     _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history, rows)
+    if lora is not None:
+        fill_lora_torch(lora, staging, lora_out, num_rows)  # type: ignore[arg-type]
+
+
+def _check_lora(lora: LoraLayout | None, lora_out: torch.Tensor | None, staging: torch.Tensor, num_rows: int) -> None:
+    if (lora is None) != (lora_out is None):
+        raise ValueError("lora, lora_out: give both (multi-LoRA expanded in the launch) or neither")
+    if lora is not None:
+        lora.check(staging, lora_out, num_rows)  # type: ignore[arg-type]
 
 
 def _check_history(layout: StepLayout, history: torch.Tensor | None, device: torch.device) -> None:
@@ -1048,10 +1095,13 @@ def bind_step_metadata(
     mirror: torch.Tensor | None = None,
     backend: str | None = None,
     history: torch.Tensor | None = None,
+    lora: LoraLayout | None = None,
+    lora_out: torch.Tensor | None = None,
 ) -> Callable[..., None]:
     """``fill(num_rows, max_cols=None, resolved=False)``: :func:`fill_step_metadata` over these
     buffers, checked once here. ``resolved``: read the packed rows from ``mirror`` (where
-    :func:`batchmeta.ops.speculative.resolve_rows` wrote them) instead of ``staging``.
+    :func:`batchmeta.ops.speculative.resolve_rows` wrote them) instead of ``staging``. With ``lora``
+    and ``lora_out``, the launch also expands the staged multi-LoRA rows.
 
     On CUDA (``backend`` None or ``"triton"``) the launches are bound
     (:meth:`~batchmeta.launch.CachedKernel.bind`): a call costs the driver launch and little else.
@@ -1059,13 +1109,14 @@ def bind_step_metadata(
     """
     layout.check(staging, tables, out32, out64, max_rows, mirror)
     _check_history(layout, history, tables.device)
+    _check_lora(lora, lora_out, staging, max_rows)
     use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
     if tables.is_cuda and backend != "torch":
         bound = {
             resolved: [
                 (n, _step.bind(args, num_warps=_NUM_WARPS))
                 for n, args in _launch_args(
-                    layout, staging, tables, out32, out64, mirror, history, mirror if resolved else None
+                    layout, staging, tables, out32, out64, mirror, history, mirror if resolved else None, lora, lora_out
                 )
             ]
             for resolved in ((False, True) if mirror is not None else (False,))
@@ -1103,6 +1154,8 @@ def bind_step_metadata(
             backend=backend,
             history=history,
             rows=mirror if resolved else None,
+            lora=lora,
+            lora_out=lora_out,
         )
 
     return fill_host
