@@ -356,7 +356,10 @@ class BatchMetadata:
         if b and qlens.min() < 1:
             raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
         kind = "prefill" if clens.any() else "ragged_prefill"
-        with self._on_device():
+        index = self._device_index
+        if index is None or _current_device() == index:  # common case: no device to switch to (no `with`)
+            return self._prepare(idx, qlens, clens, kind, padded=b, graph=False)
+        with torch.cuda.device(index):
             return self._prepare(idx, qlens, clens, kind, padded=b, graph=False)
 
     def prepare_decode(
@@ -399,7 +402,10 @@ class BatchMetadata:
         clens = host_ints("cache_lens", cache_lens, length=b)
         padded = self.graph_batch_size(b) if cuda_graph else b
         kind = "spec_decode" if num_draft_tokens else "decode"
-        with self._on_device():
+        index = self._device_index
+        if index is None or _current_device() == index:  # common case: no device to switch to (no `with`)
+            return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
+        with torch.cuda.device(index):
             return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
 
     def _prepare(
@@ -844,7 +850,8 @@ class BatchMetadata:
         return offsets[cut:], values[cut:]
 
     def _on_device(self) -> contextlib.AbstractContextManager:
-        """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it."""
+        """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it.
+        (``prepare_*`` test the common case themselves, without a ``with``.)"""
         index = self._device_index
         if index is None or _current_device() == index:
             return _NULL_CONTEXT
