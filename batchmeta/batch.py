@@ -20,6 +20,7 @@ __all__ = ["BatchChecker", "host_ints"]
 
 
 _I64_MAX = 2**63 - 1
+_INT64 = np.dtype(np.int64)  # the canonical instance: `is` tells native int64 arrays in one compare
 
 
 def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndarray:
@@ -30,6 +31,11 @@ def host_ints(name: str, value: object, *, length: int | None = None) -> np.ndar
     wrong number of elements; ``TypeError`` for non-integer data (a float list must not be
     truncated), bool, sparse tensors.
     """
+    # Common case (an engine's int64 numpy arrays): nothing to convert or bound, only a copy to make.
+    if type(value) is np.ndarray and value.dtype is _INT64 and value.ndim == 1:
+        if length is not None and value.shape[0] != length:
+            raise ValueError(f"{name}: expected {length} elements (one per batch row), got {value.shape[0]}")
+        return value.copy()
     owned = False  # whether ``value`` becomes an array nobody else holds
     if type(value) is not np.ndarray:
         if isinstance(value, torch.Tensor):

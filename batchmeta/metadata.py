@@ -358,7 +358,10 @@ class BatchMetadata:
         if b and qlens.min() < 1:
             raise ValueError(f"query_lens: expected >= 1 new token per row, got {qlens.min()}")
         kind = "prefill" if clens.any() else "ragged_prefill"
-        with self._on_device():
+        index = self._device_index
+        if index is None or _current_device() == index:  # common case: no device to switch to (no `with`)
+            return self._prepare(idx, qlens, clens, kind, padded=b, graph=False)
+        with torch.cuda.device(index):
             return self._prepare(idx, qlens, clens, kind, padded=b, graph=False)
 
     def prepare_decode(
@@ -385,9 +388,10 @@ class BatchMetadata:
             :meth:`prepare_prefill`).
         """
         cfg = self.config
-        if not isinstance(cuda_graph, (bool, np.bool_)):
-            raise TypeError(f"cuda_graph: expected a bool, got {type(cuda_graph).__name__}")
-        cuda_graph = bool(cuda_graph)  # one compiled specialisation of the host path, not one per type
+        if cuda_graph is not False and cuda_graph is not True:  # common case: a bool, nothing to check
+            if not isinstance(cuda_graph, (bool, np.bool_)):
+                raise TypeError(f"cuda_graph: expected a bool, got {type(cuda_graph).__name__}")
+            cuda_graph = bool(cuda_graph)  # one compiled specialisation of the host path, not one per type
         if type(num_draft_tokens) is not int:
             raise TypeError(f"num_draft_tokens: expected an int, got {type(num_draft_tokens).__name__}")
         if not 0 <= num_draft_tokens <= cfg.max_draft_tokens:
@@ -400,7 +404,10 @@ class BatchMetadata:
         clens = host_ints("cache_lens", cache_lens, length=b)
         padded = self.graph_batch_size(b) if cuda_graph else b
         kind = "spec_decode" if num_draft_tokens else "decode"
-        with self._on_device():
+        index = self._device_index
+        if index is None or _current_device() == index:  # common case: no device to switch to (no `with`)
+            return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
+        with torch.cuda.device(index):
             return self._prepare(idx, 1 + num_draft_tokens, clens, kind, padded=padded, graph=cuda_graph)
 
     def _prepare(
@@ -433,7 +440,7 @@ class BatchMetadata:
                 views = self._views[key] = StepViews.build(
                     self.config, lay, ring, self._buffers, b, padded, tokens_run, widths
                 )
-            num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
+            num_kv_pages = tuple([h.item(at + padded) for at in lay.kv_indptr])  # each group's kv_indptr[padded]
             wrappers = None
             if self._planned and padded:
                 ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
@@ -776,20 +783,21 @@ class BatchMetadata:
         host path checks while it writes the buffer, which is not yet current (writing nothing if
         the batch is invalid; the numpy checker then raises the message).
         """
-        lay, ring = self._layout, self._staging
+        lay, ring, tables = self._layout, self._staging, self.block_tables
         checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
-        count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
-        staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, count, on_device)
-        offsets, values = self.block_tables.take_staged()
+        count = packed_write_count(min(tables.num_staged(), lay.max_writes))
+        h = ring.peek()
+        staged = self._stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
+        offsets, values = tables.take_staged()
         if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
             offsets, values = self._apply_excess_writes(offsets, values)
             # The excess went through the ring: stage again (the numpy path too: one flow, and rare).
             count = packed_write_count(len(offsets))
-            staged = self._stage_rows(checked, idx, qlens, clens, padded, graph, count, on_device)
+            h = ring.peek()
+            staged = self._stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
         self._clock[0] += 1  # from here the buffers change: earlier steps are stale
-        h = ring.peek()
         ring.advance()
-        rows = self.block_tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
+        rows = tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
         stage_writes(h, lay, offsets, values, rows)
         if self.token_ids is not None:
             stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
@@ -797,6 +805,7 @@ class BatchMetadata:
 
     def _stage_rows(
         self,
+        h: np.ndarray,
         checked: tuple | None,
         idx: np.ndarray,
         qlens: np.ndarray | int,
@@ -806,21 +815,20 @@ class BatchMetadata:
         num_writes: int,
         on_device: np.ndarray | None,
     ) -> tuple[int, tuple[int, ...], int]:
-        """Writes the step's rows into the other host buffer (``ring.peek()``): by the compiled host
-        path, which checks as it goes (``checked`` None), or by :func:`stage_step` from the numpy
+        """Writes the step's rows into ``h``, the other host buffer (``ring.peek()``): by the compiled
+        host path, which checks as it goes (``checked`` None), or by :func:`stage_step` from the numpy
         checker's ``checked = (seq, pages, max_seq)``."""
         ring = self._staging
-        h, slot = ring.peek(), ring.current ^ 1
-        if checked is None:
+        if checked is None:  # common case
             staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
             if staged is None:
                 self._checker.check(idx, qlens, clens)  # raises the message
                 raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
-            ring.memo[slot] = None  # the compiled path keeps no memo of what the buffer holds
+            ring.memo[ring.current ^ 1] = None  # the compiled path keeps no memo of what the buffer holds
             return staged
         rows = self._checker.rows
         args = (idx, qlens, clens, *checked, padded, graph, num_writes, on_device)
-        return stage_step(h, self._layout, ring.memo, slot, self.config, rows, *args)
+        return stage_step(h, self._layout, ring.memo, ring.current ^ 1, self.config, rows, *args)
 
     def _apply_excess_writes(self, offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Applies the staged writes beyond what one step's staging holds through the pinned ring,
@@ -842,7 +850,8 @@ class BatchMetadata:
         return offsets[cut:], values[cut:]
 
     def _on_device(self) -> contextlib.AbstractContextManager:
-        """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it."""
+        """Makes the config's CUDA device current: Triton launches, events, streams and graphs use it.
+        (``prepare_*`` test the common case themselves, without a ``with``.)"""
         index = self._device_index
         if index is None or _current_device() == index:
             return _NULL_CONTEXT

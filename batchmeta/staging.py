@@ -53,6 +53,8 @@ __all__ = [
 
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _record_event = getattr(getattr(torch._C, "_CudaEventBase", None), "record", None) or torch.cuda.Event.record
+# Event.query() is a Python method around the C one: call that directly (every step queries an event).
+_query_event = getattr(getattr(torch._C, "_CudaEventBase", None), "query", None) or torch.cuda.Event.query
 
 
 class StagingLayout:
@@ -145,7 +147,7 @@ class PinnedRing:
         """The other host buffer, free to write (waiting for its last use if needed), without
         switching to it: a caller that may still reject the step writes it, then :meth:`advance`."""
         ev = self.events[self.current ^ 1]
-        if ev is not None and not ev.query():
+        if ev is not None and not _query_event(ev):
             ev.synchronize()  # the step of two uses ago is still pending: never in steady state
         return self.host_np[self.current ^ 1]
 
@@ -162,7 +164,7 @@ class PinnedRing:
         here with step N's forward still queued, which this does not wait for.
         """
         ev = self.events[self.current ^ 1]
-        if ev is not None and not ev.query():
+        if ev is not None and not _query_event(ev):
             ev.synchronize()
 
     def upload(self, end: int, start: int = 0) -> torch.Tensor:

@@ -175,7 +175,8 @@ class DecodePlanner:
         views = self._qo_views.get(b)
         if views is None:
             views = self._qo_views[b] = (self._qo_host[: b + 1], self._qo_dev[: b + 1])
-        if not w.is_cuda_graph_enabled:
+        graph = w.is_cuda_graph_enabled  # a property: read once
+        if not graph:
             bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
             w._qo_indptr_buf = views[1]
         w._batch_size = b
@@ -194,7 +195,7 @@ class DecodePlanner:
                 hq,
                 hkv,
                 ps,
-                w.is_cuda_graph_enabled,
+                graph,
                 d,
                 d,
                 False,
@@ -211,7 +212,7 @@ class DecodePlanner:
                 hq,
                 hkv,
                 ps,
-                w.is_cuda_graph_enabled,
+                graph,
                 self._window_left,
                 self._logits_soft_cap,
                 d,

@@ -1124,9 +1124,12 @@ def bind_step_metadata(
         if len(bound[False]) == 1:
             ((n0, launch0),) = bound[False]
             launch_resolved = bound[True][0][1] if mirror is not None else None
+            widest = max(layout.width)
 
             def fill(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
-                grid = (num_rows + 1, n0, _num_chunks(layout, max_cols))
+                # _num_chunks(layout, max_cols), written out: this runs every step.
+                cols = widest if max_cols is None or max_cols > widest else max_cols
+                grid = (num_rows + 1, n0, 1 if cols <= _COLS else -(-cols // _COLS))
                 if resolved:  # rare: speculative acceptance on the device
                     launch_resolved(grid)  # type: ignore[misc]
                 else:  # common case
