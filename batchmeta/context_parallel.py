@@ -384,12 +384,14 @@ def partial_attention(
     logits_soft_cap: float,
     k_scale: float | None,
     v_scale: float | None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's partial attention of one sharded group's layer: part A over its cached context,
     merged (``with_new``) with part B over the step's new tokens.
 
     Returns ``(out, lse)``: ``[T, Hq, D]`` in ``q``'s dtype and ``[T, Hq]`` float32, natural log
-    (-inf where this rank's partial saw no key; ``out`` is 0 there).
+    (-inf where this rank's partial saw no key; ``out`` is 0 there). ``backend``: the merge's
+    (``config.backend``).
     """
     from batchmeta.attention.torch_ref import paged_attention_torch
     from batchmeta.ops import correct_attn_out
@@ -446,6 +448,6 @@ def partial_attention(
     if out_a is None:
         return out_b, lse_b  # type: ignore[return-value]
     lses = torch.stack((lse_a, lse_b))  # type: ignore[arg-type]
-    correct_attn_out(out_a, lses, 0)
-    _, merged = correct_attn_out(out_b, lses, 1)
+    correct_attn_out(out_a, lses, 0, backend=backend)
+    _, merged = correct_attn_out(out_b, lses, 1, backend=backend)
     return out_a.add_(out_b), merged

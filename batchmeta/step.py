@@ -703,6 +703,7 @@ class Step:
             logits_soft_cap=views.logits_soft_caps[group],
             k_scale=k_scale,
             v_scale=v_scale,
+            backend=self._cp[0].config.backend,
         )
 
     def _check_attention_args(self, q, k_cache, v_cache, group: object, k, v, out) -> int:

@@ -121,7 +121,7 @@ def dense_reference(q, keys, values, idx, qlens, clens, window_left):
     return out
 
 
-def run_case(ranks, merge, seed=0, dtype=torch.float32):
+def run_case(ranks, merge, seed=0, dtype=torch.float32, backend="torch"):
     """Runs SCENARIO on ``ranks`` (every rank, or only this process's one under gloo, all with the
     same data): each stores its step's k/v, ``merge(rank, step, q, caches, k, v, g)`` gives the
     attention output of group ``g``; yields (step number, group, output, reference)."""
@@ -147,7 +147,7 @@ def run_case(ranks, merge, seed=0, dtype=torch.float32):
             k_new = torch.stack([keys[g][r, p] for r, p in pos]).to(dev, dtype)
             v_new = torch.stack([values[g][r, p] for r, p in pos]).to(dev, dtype)
             for rank, step in zip(ranks, steps, strict=True):
-                ops.store_kv(k_new, v_new, step.slot_mappings[g], *rank.caches[g])
+                ops.store_kv(k_new, v_new, step.slot_mappings[g], *rank.caches[g], backend=backend)
             got = merge(ranks, steps, q_t.to(dev, dtype), k_new, v_new, g)
             ref = dense_reference(q_t, keys[g], values[g], idx, qlens, clens, [-1, WINDOW][g])
             yield n, g, got, ref
@@ -168,7 +168,7 @@ def run_case(ranks, merge, seed=0, dtype=torch.float32):
                 assert torch.equal(v[held], values[g][r, :length][held].to(dtype).float())
 
 
-def merge_simulated(ranks, steps, q, k, v, g):
+def merge_simulated(ranks, steps, q, k, v, g, backend="torch"):
     """Every rank's ``cp_partial_attention`` merged with ``ops.correct_attn_out`` and summed (sharded
     group); rank 0's ``attention`` (window group, the same on every rank)."""
     if not ranks[0].meta.config.sharded(g):
@@ -180,7 +180,7 @@ def merge_simulated(ranks, steps, q, k, v, g):
     lses = torch.stack([lse for _, lse in parts])
     total = torch.zeros_like(q, dtype=torch.float32)
     for rank, (out, _) in enumerate(parts):
-        total += ops.correct_attn_out(out.clone(), lses, rank)[0].float()
+        total += ops.correct_attn_out(out.clone(), lses, rank, backend=backend)[0].float()
     return total
 
 
@@ -305,14 +305,19 @@ def test_gloo_ranks_attention_equals_dense_reference(world_size, tmp_path):
     the single-rank dense reference, and the union of the ranks' stored KV the single-rank cache."""
     ctx = multiprocessing.get_context("spawn")
     errors = ctx.Queue()
-    env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "")}
-    os.environ.update(env)
     procs = [
         ctx.Process(target=_gloo_worker, args=(r, world_size, str(tmp_path / "init"), errors))
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    # The ranks run as a CPU engine does: torch, not Triton's interpreter (which they would inherit
+    # from conftest, at up to seconds a launch).
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     for p in procs:
         p.join(timeout=300)
     for p in procs:
