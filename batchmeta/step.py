@@ -494,7 +494,9 @@ class Step:
     @property
     def wrappers(self) -> tuple[Any, ...] | None:
         """The planned FlashInfer wrapper of each group, or None where FlashInfer does not plan (no CUDA, no
-        FlashInfer, or ``plan_attention=False``). :meth:`attention` works either way."""
+        FlashInfer, or ``plan_attention=False``). :meth:`attention` works either way. A group sharded
+        over context-parallel ranks has None here: its attention runs in two parts, each planned
+        per step (:class:`~batchmeta.context_parallel.CPGroupStep`)."""
         if self._generation != self._clock[0]:
             self._raise_stale("wrappers")
         return self._wrappers
