@@ -567,8 +567,9 @@ class Step:
         k_cache, v_cache:
             ``[num_pages, page_size, Hkv, D]`` of this layer (NHD).
         k, v:
-            ``[T, Hkv, D]``: the step's new keys and values, in ``q``'s dtype (or the cache's). Used
-            by ``"ragged_prefill"`` steps and by sharded groups; ignored otherwise.
+            ``[T, Hkv, D]``: the step's new keys and values, in ``q``'s dtype (or, outside sharded
+            groups, the cache's). Used by ``"ragged_prefill"`` steps and by sharded groups; ignored
+            otherwise.
         k_scale, v_scale:
             This layer's dequantization scales of a float8 cache: the ones ``store_kv`` quantized
             with (FlashInfer folds ``k_scale`` into the logit scale and multiplies the output by
@@ -732,8 +733,11 @@ class Step:
                 raise ValueError(f"k, v: {why}; pass both")
             kv_shape = (q_shape[0], *page_shape[1:])
             what = "[tokens, num_kv_heads, head_dim]"
-            # The new keys and values, unquantized (q's dtype) or in the cache's.
+            # The new keys and values, unquantized (q's dtype) or in the cache's; a sharded group's
+            # attend beside the cache with no scale (its part over them is planned in q's dtype).
             k_dtype = k.dtype if getattr(k, "dtype", None) in (views.q_dtype, views.kv_dtype) else views.q_dtype
+            if sharded:
+                k_dtype = views.q_dtype
             _check_arg("k", k, kv_shape, k_dtype, dev, what)
             _check_arg("v", v, kv_shape, k_dtype, dev, what)
         return group
