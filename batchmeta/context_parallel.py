@@ -268,16 +268,16 @@ class CPAttention:
             ps = self.config.kv_groups[g].page_size
             host, host_t, dev = self._host[g][slot], self._host_t[g][slot], self._dev[g]
             pages = -(-local // ps)
-            indptr, last = host["indptr"][: b + 1], host["last"][:b]
+            indptr, last = host["indptr"][: b + 1], host["last"][:b]  # [B + 1], [B] int32
             indptr[0] = 0
             np.cumsum(pages, out=indptr[1:])
             np.copyto(last, np.where(local > 0, (local - 1) % ps + 1, 0))
             total = int(indptr[b])
             # A row's cached pages are the first of its pages in kv_indices: gather them from there
-            # on the device (the step kernel's own pages, no host copy of the table).
-            src = host["src"][:total]
+            # on the device (the step kernel's own pages); the host sends only where each one is.
+            src = host["src"][:total]  # [total] int64 index into kv_indices
             src[:] = np.repeat(kv_indptr_host[g][:b].astype(np.int64) - indptr[:b], pages) + np.arange(total)
-            empty = host["empty"][:num_tokens]
+            empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
             empty[:] = np.repeat(local == 0, query_lens)
             dev["src"][:total].copy_(host_t["src"][:total], non_blocking=True)
             indices = dev["indices"][:total]
