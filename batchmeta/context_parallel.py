@@ -26,13 +26,15 @@ splits in two parts merged by their log-sum-exp:
   ``qo_indptr``), and folds it into its partial;
 
 then the ranks' partials merge through the process group (:func:`~batchmeta.distributed.cp_lse_ag_out_ar`:
-every rank gets every head). The alternatives cost more: one causal pass over each rank's local
-KV *including* the new tokens needs a mask per rank (its new tokens sit at interleaved positions,
-so FlashInfer's causal mask, which assumes the queries are the last keys, is wrong for them), and
-gathering the new tokens' owners' KV is a collective per layer before attention. Here part B
-runs once, where it is cheap (``T`` keys), and part A is a plain unmasked paged attention, for
-which FlashInfer's decode and prefill kernels are the fastest it has. A step with nothing cached
-(``"ragged_prefill"``) has no part A: every rank computes part B and no collective runs.
+every rank gets every head). Why this split rather than the alternatives considered (reasoned,
+not yet measured on a GPU): one causal pass over each rank's local KV *including* its new tokens
+needs a custom mask per rank (its new tokens sit at interleaved positions, so FlashInfer's causal
+mask, which takes the queries to be the last keys, is wrong for them; a packed custom mask costs
+``T x L`` bits per step and the slower masked kernels), and gathering every new token's KV onto
+every rank first is a collective per layer before attention. Here part B runs once, over ``T``
+keys only, and part A is a plain unmasked paged attention (FlashInfer's decode or prefill
+kernels). A step with nothing cached (``"ragged_prefill"``) has no part A: every rank computes
+part B itself and no collective runs.
 
 Not yet under context parallelism: CUDA-graph decode, draft loops, speculative acceptance on the
 device, MLA groups and multi-LoRA (each rejected with a ``ValueError`` naming ``context_parallel``).

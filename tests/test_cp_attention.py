@@ -371,3 +371,21 @@ def test_gloo_ranks_attention_equals_dense_reference(world_size, tmp_path):
         msgs.append(errors.get())
     assert not msgs, "\n".join(msgs)
     assert [p.exitcode for p in procs] == [0] * world_size
+
+
+def test_a_process_group_that_does_not_match_context_parallel_is_rejected(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        meta = BatchMetadata(make_config(ContextParallel(2, 0), (16, 1)))
+        rank = Rank(meta)
+        rank.grow(0, 10)
+        step = meta.prepare_decode([0], [7])
+        q, k = torch.zeros(1, HQ, D), torch.zeros(1, HKV, D)
+        with pytest.raises(ValueError, match=r"^cp_group: expected a process group of context_parallel.world_size 2"):
+            step.attention(q, *rank.caches[0], group=0, k=k, v=k)  # the world: one rank
+    finally:
+        dist.destroy_process_group()
