@@ -12,15 +12,38 @@ The trap (vLLM #47181): a rank's local count of ``G - k`` tokens is not its loca
 minus ``k``; and page counts must come from local lengths, never global ones (vLLM #48003). Every
 local length here is computed from a global length by :func:`local_len`.
 
-Built so far: each rank's metadata. Not yet: attention merged across ranks for every step kind
-(``step.attention`` raises for a sharded group), CUDA-graph decode, draft loops, speculative
-acceptance on the device, MLA groups and multi-LoRA under context parallelism (each rejected with
-a ``ValueError`` naming ``context_parallel``).
+Attention across the ranks (:class:`CPAttention`, what ``step.attention`` runs for a sharded group)
+is exact for every step kind without a custom mask. Every query of a step comes after all of its
+row's *cached* tokens and the step's *new* tokens are the same on every rank, so a row's attention
+splits in two parts merged by their log-sum-exp:
+
+- (A) each rank attends over its share of the cached context (positions ``< c``, ``local_len(c)``
+  local tokens) with no mask: paged arrays over those tokens alone (``kv_indptr`` /
+  ``kv_indices`` / ``kv_last_page_len`` of the cached context, built per step from the host's
+  cache lengths and gathered from the step's ``kv_indices`` on the device, no sync);
+- (B) one rank (rank 0) attends over the step's new keys and values ``k`` / ``v`` ``[T, Hkv, D]``,
+  which the model holds before ``store_kv``, causally (a ragged prefill: queries and keys share
+  ``qo_indptr``), and folds it into its partial;
+
+then the ranks' partials merge through the process group (:func:`~batchmeta.distributed.cp_lse_ag_out_ar`:
+every rank gets every head). Why this split rather than the alternatives considered (reasoned,
+not yet measured on a GPU): one causal pass over each rank's local KV *including* its new tokens
+needs a custom mask per rank (its new tokens sit at interleaved positions, so FlashInfer's causal
+mask, which takes the queries to be the last keys, is wrong for them; a packed custom mask costs
+``T x L`` bits per step and the slower masked kernels), and gathering every new token's KV onto
+every rank first is a collective per layer before attention. Here part B runs once, over ``T``
+keys only, and part A is a plain unmasked paged attention (FlashInfer's decode or prefill
+kernels). A step with nothing cached (``"ragged_prefill"``) has no part A: every rank computes
+part B itself and no collective runs.
+
+Not yet under context parallelism: CUDA-graph decode, draft loops, speculative acceptance on the
+device, MLA groups and multi-LoRA (each rejected with a ``ValueError`` naming ``context_parallel``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
@@ -29,7 +52,7 @@ import torch
 if TYPE_CHECKING:
     from batchmeta.config import KVGroup
 
-__all__ = ["ContextParallel", "is_sharded", "local_len", "local_position", "owner"]
+__all__ = ["CPAttention", "ContextParallel", "cp_process_group", "is_sharded", "local_len", "local_position", "owner"]
 
 _MAX_INT32 = 2**31 - 1
 
@@ -101,3 +124,332 @@ def local_len(lens, cp: ContextParallel):
     else:
         extra = np.clip(rest, 0, i)
     return (lens // span) * i + extra
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention across the ranks
+# --------------------------------------------------------------------------------------------------
+_LN2 = math.log(2.0)
+
+
+def cp_process_group(group: Any, cp: ContextParallel) -> Any:
+    """The process group a sharded group's attention merges over: ``group``, or the world when None.
+
+    Raises
+    ------
+    ValueError
+        Naming ``cp_group``: ``torch.distributed`` is not initialised and no group was given, or
+        the group's size or this process's rank in it differ from ``cp``'s ``world_size`` / ``rank``.
+    """
+    import torch.distributed as dist
+
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "cp_group: torch.distributed is not initialised and no process group was given "
+                "(BatchMetadata(config, cp_group=...) or step.attention(..., cp_group=...)); "
+                "step.cp_partial_attention returns this rank's partial without a collective"
+            )
+        group = dist.group.WORLD
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (size, rank) != (cp.world_size, cp.rank):
+        raise ValueError(
+            f"cp_group: expected a process group of context_parallel.world_size {cp.world_size} ranks in "
+            f"which this process is rank {cp.rank}, got {size} ranks with this process at rank {rank}"
+        )
+    return group
+
+
+class CPGroupStep:
+    """One sharded KV-cache group's context-parallel arrays and wrappers for one step.
+
+    Attributes
+    ----------
+    kv_indptr_cached:
+        ``[B + 1]`` int32 numpy: this rank's pages of each row's cached context, prefix-summed.
+    kv_last_page_len_cached:
+        ``[B]`` int32 numpy: tokens in the last of those pages (0 for a row with none).
+    kv_indices_cached:
+        ``[kv_indptr_cached[B]]`` int32 device: those pages, back to back (the first pages of each
+        row's ``kv_indices``: a rank's local positions only grow).
+    no_cached:
+        ``[T]`` bool device: tokens whose row has none of its cached context on this rank.
+    cached_wrapper, new_wrapper:
+        FlashInfer wrappers planned for part A (paged, no mask) and part B (ragged, causal), or
+        None where that part does not run on this rank or nothing plans FlashInfer.
+    """
+
+    __slots__ = (
+        "cached_wrapper",
+        "kv_indices_cached",
+        "kv_indptr_cached",
+        "kv_last_page_len_cached",
+        "new_wrapper",
+        "no_cached",
+    )
+
+    def __init__(self, **fields: Any):
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+    @property
+    def num_cached_pages(self) -> int:
+        return int(self.kv_indptr_cached[-1])
+
+
+class CPAttention:
+    """A ``BatchMetadata``'s context-parallel attention: per step, the cached-context arrays of each
+    sharded group (and their FlashInfer plans); per layer, the partial and merged attention.
+
+    Parameters
+    ----------
+    config:
+        The :class:`~batchmeta.MetadataConfig`; its ``context_parallel`` shards at least one group.
+    kv_indices:
+        Per group, the ``kv_indices`` buffer the step kernel writes (device).
+    device:
+        Where the step's tensors live.
+    cp_group:
+        The process group ``attention`` merges over (None: the world, looked up when attending).
+
+    Note
+    ----
+    Buffers are made once: per group and per host staging buffer (two, used in turn with the
+    step's) pinned host arrays on CUDA, and device arrays the size of ``kv_indices``. A step writes
+    them and copies them asynchronously; the staging ring's events keep a host buffer from being
+    rewritten before its copies ran.
+    """
+
+    def __init__(self, config: Any, kv_indices: tuple[torch.Tensor, ...], device: torch.device, cp_group: Any = None):
+        self.config = config
+        self.cp: ContextParallel = config.context_parallel
+        self.cp_group = cp_group
+        self.groups = tuple(g for g in range(len(config.kv_groups)) if config.sharded(g))
+        self._kv_indices = kv_indices
+        self._device = device
+        pin = device.type == "cuda"
+        r, t = config.max_num_reqs, config.max_num_tokens
+        self._host: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._host_t: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._dev: dict[int, dict[str, torch.Tensor]] = {}
+        for g in self.groups:
+            cap = kv_indices[g].numel()
+            sizes = {"indptr": (r + 1, torch.int32), "last": (r, torch.int32), "src": (cap, torch.int64)}
+            sizes["empty"] = (t, torch.bool)
+            self._host_t[g] = [
+                {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()} for _ in range(2)
+            ]
+            self._host[g] = [{k: v.numpy() for k, v in bufs.items()} for bufs in self._host_t[g]]
+            self._dev[g] = {
+                "src": torch.zeros(cap, dtype=torch.int64, device=device),
+                "indices": torch.zeros(cap, dtype=torch.int32, device=device),
+                "empty": torch.zeros(t, dtype=torch.bool, device=device),
+            }
+        self._wrappers: dict[tuple[str, int], Any] = {}
+
+    def prepare(
+        self,
+        kind: str,
+        cache_lens: np.ndarray,
+        query_lens: np.ndarray,
+        kv_indptr_host: tuple[np.ndarray, ...],
+        qo_indptr_pinned: torch.Tensor,
+        slot: int,
+        *,
+        plan: bool,
+    ) -> dict[int, CPGroupStep]:
+        """Each sharded group's :class:`CPGroupStep` for a step of ``B`` rows: ``cache_lens`` and
+        ``query_lens`` ``[B]`` (host, global), ``kv_indptr_host`` per group ``[B + 1]`` (this rank's
+        pages of the whole sequence), ``qo_indptr_pinned`` ``[B + 1]``; ``slot``: the staging ring's
+        current host buffer. With ``plan``, FlashInfer's wrappers are planned from host arrays."""
+        cp, b = self.cp, cache_lens.shape[0]
+        num_tokens = int(qo_indptr_pinned[b]) if b else 0
+        local = local_len(cache_lens, cp)  # never the step's local lengths minus its new tokens (#47181)
+        out = {}
+        for g in self.groups:
+            ps = self.config.kv_groups[g].page_size
+            host, host_t, dev = self._host[g][slot], self._host_t[g][slot], self._dev[g]
+            pages = -(-local // ps)
+            indptr, last = host["indptr"][: b + 1], host["last"][:b]  # [B + 1], [B] int32
+            indptr[0] = 0
+            np.cumsum(pages, out=indptr[1:])
+            np.copyto(last, np.where(local > 0, (local - 1) % ps + 1, 0))
+            total = int(indptr[b])
+            # A row's cached pages are the first of its pages in kv_indices: gather them from there
+            # on the device (the step kernel's own pages); the host sends only where each one is.
+            src = host["src"][:total]  # [total] int64 index into kv_indices
+            src[:] = np.repeat(kv_indptr_host[g][:b].astype(np.int64) - indptr[:b], pages) + np.arange(total)
+            empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
+            empty[:] = np.repeat(local == 0, query_lens)
+            dev["src"][:total].copy_(host_t["src"][:total], non_blocking=True)
+            indices = dev["indices"][:total]
+            torch.index_select(self._kv_indices[g], 0, dev["src"][:total], out=indices)
+            no_cached = dev["empty"][:num_tokens]
+            no_cached.copy_(host_t["empty"][:num_tokens], non_blocking=True)
+            part = CPGroupStep(
+                kv_indptr_cached=indptr,
+                kv_last_page_len_cached=last,
+                kv_indices_cached=indices,
+                no_cached=no_cached,
+                cached_wrapper=None,
+                new_wrapper=None,
+            )
+            if plan and b:
+                self._plan(g, kind, part, host_t, qo_indptr_pinned, b, total)
+            out[g] = part
+        return out
+
+    def _plan(
+        self, g: int, kind: str, part: CPGroupStep, host_t: dict, qo_indptr: torch.Tensor, b: int, total: int
+    ) -> None:
+        """Plans part A (when this rank holds cached pages) and part B (on rank 0, or on every rank of
+        a step with nothing cached) of group ``g`` from host arrays: no device→host sync."""
+        from batchmeta.attention.wrappers import (
+            get_workspace,
+            new_decode_wrapper,
+            new_paged_prefill_wrapper,
+            new_ragged_prefill_wrapper,
+        )
+
+        cfg, grp = self.config, self.config.kv_groups[g]
+        heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
+        scales = dict(sm_scale=cfg.sm_scale(g), logits_soft_cap=float(grp.logits_soft_cap))
+        ws = get_workspace(cfg.device, cfg.workspace_bytes)
+        indptr, last = host_t["indptr"][: b + 1], host_t["last"][:b]
+        if kind != "ragged_prefill" and total:
+            if kind == "decode":  # one query per row: the decode kernels
+                key = ("decode", g)
+                w = self._wrappers.get(key)
+                if w is None:
+                    w = self._wrappers[key] = new_decode_wrapper(ws, use_tensor_cores=cfg.gqa_ratio > 4)
+                w.plan(
+                    indptr,
+                    part.kv_indices_cached,
+                    last,
+                    *heads,
+                    grp.page_size,
+                    window_left=-1,
+                    q_data_type=cfg.q_dtype,
+                    kv_data_type=cfg.kv_dtype,
+                    **scales,
+                )
+            else:  # several queries per row, none masked: every one comes after the whole cached context
+                key = ("paged", g)
+                w = self._wrappers.get(key)
+                if w is None:
+                    w = self._wrappers[key] = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend)
+                w.plan(
+                    qo_indptr,
+                    indptr,
+                    part.kv_indices_cached,
+                    last,
+                    *heads,
+                    grp.page_size,
+                    causal=False,
+                    window_left=-1,
+                    q_data_type=cfg.q_dtype,
+                    kv_data_type=cfg.kv_dtype,
+                    **scales,
+                )
+            part.cached_wrapper = w
+        if kind == "ragged_prefill" or self.cp.rank == 0:
+            key = ("ragged", g)
+            w = self._wrappers.get(key)
+            if w is None:
+                w = self._wrappers[key] = new_ragged_prefill_wrapper(ws, backend=cfg.prefill_backend)
+            # The new keys and values arrive unquantized, in the queries' dtype.
+            w.plan(
+                qo_indptr,
+                qo_indptr,
+                *heads,
+                causal=True,
+                window_left=-1,
+                q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.q_dtype,
+                **scales,
+            )
+            part.new_wrapper = w
+
+
+def partial_attention(
+    part: CPGroupStep,
+    kind: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qo_indptr_host: np.ndarray,
+    *,
+    with_new: bool,
+    sm_scale: float,
+    logits_soft_cap: float,
+    k_scale: float | None,
+    v_scale: float | None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's partial attention of one sharded group's layer: part A over its cached context,
+    merged (``with_new``) with part B over the step's new tokens.
+
+    Returns ``(out, lse)``: ``[T, Hq, D]`` in ``q``'s dtype and ``[T, Hq]`` float32, natural log
+    (-inf where this rank's partial saw no key; ``out`` is 0 there). ``backend``: the merge's
+    (``config.backend``).
+    """
+    from batchmeta.attention.torch_ref import paged_attention_torch
+    from batchmeta.ops import correct_attn_out
+
+    planned = part.cached_wrapper is not None or part.new_wrapper is not None
+    out_a = lse_a = out_b = lse_b = None
+    if kind != "ragged_prefill" and part.num_cached_pages:
+        if part.cached_wrapper is not None:
+            out_a, lse_a = part.cached_wrapper.run(
+                q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale, return_lse=True
+            )
+            # FlashInfer's lse is base 2, and a row with no key on this rank may hold any value: -inf there.
+            lse_a = lse_a.mul_(_LN2).masked_fill_(part.no_cached[:, None], float("-inf"))
+        elif not planned:
+            out_a, lse_a = paged_attention_torch(
+                q,
+                k_cache,
+                v_cache,
+                qo_indptr_host,
+                part.kv_indptr_cached,
+                part.kv_indices_cached,
+                part.kv_last_page_len_cached,
+                causal=False,
+                sm_scale=sm_scale,
+                logits_soft_cap=logits_soft_cap,
+                k_scale=k_scale,
+                v_scale=v_scale,
+                return_lse=True,
+            )
+    if with_new:
+        if part.new_wrapper is not None:
+            out_b, lse_b = part.new_wrapper.run(q, k, v, return_lse=True)
+            lse_b = lse_b.mul_(_LN2)
+        else:
+            # The new tokens as a cache of one-token pages; queries and keys share qo_indptr (causal).
+            num_tokens = k.shape[0]
+            out_b, lse_b = paged_attention_torch(
+                q,
+                k.unsqueeze(1),
+                v.unsqueeze(1),
+                qo_indptr_host,
+                qo_indptr_host,
+                torch.arange(num_tokens, device=q.device),
+                np.ones(len(qo_indptr_host) - 1, np.int32),
+                causal=True,
+                sm_scale=sm_scale,
+                logits_soft_cap=logits_soft_cap,
+                return_lse=True,
+            )
+    if out_a is None and out_b is None:
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    if out_b is None:
+        return out_a, lse_a  # type: ignore[return-value]
+    if out_a is None:
+        return out_b, lse_b  # type: ignore[return-value]
+    lses = torch.stack((lse_a, lse_b))  # type: ignore[arg-type]
+    correct_attn_out(out_a, lses, 0, backend=backend)
+    _, merged = correct_attn_out(out_b, lses, 1, backend=backend)
+    return out_a.add_(out_b), merged

@@ -33,6 +33,7 @@ from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
+from batchmeta.context_parallel import CPAttention
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
 from batchmeta.draft import DraftLoop, DraftRound
 from batchmeta.host_path import COMPILED, HostPath
@@ -73,6 +74,9 @@ class BatchMetadata:
     ----------
     config:
         What the buffers are sized for (:class:`~batchmeta.MetadataConfig`).
+    cp_group:
+        The ``torch.distributed`` process group over which ``step.attention`` merges a group sharded
+        by ``config.context_parallel`` (NCCL on GPUs, gloo on CPUs); None: the world.
 
     Attributes
     ----------
@@ -97,7 +101,7 @@ class BatchMetadata:
         :meth:`accept_tokens`; each step's ``input_ids`` are gathered from it.
     """
 
-    def __init__(self, config: MetadataConfig):
+    def __init__(self, config: MetadataConfig, *, cp_group: Any = None):
         if not isinstance(config, MetadataConfig):
             raise TypeError(f"config: expected a MetadataConfig, got {type(config).__name__}")
         self.config = cfg = config
@@ -182,8 +186,7 @@ class BatchMetadata:
         # The compiled host path (numba), or None: the numpy checks and stage_step, the reference.
         self._host_path = HostPath(cfg, self._layout, self.block_tables.host_num_blocks()) if COMPILED else None
         sharded = any(cfg.sharded(g) for g in range(groups))  # context parallelism (batchmeta.context_parallel)
-        # Nor is FlashInfer planned under sharding yet: attention across the ranks is not built.
-        self._planned = dev.type == "cuda" and cfg.plan_attention and not sharded and flashinfer_planning_available()
+        self._planned = dev.type == "cuda" and cfg.plan_attention and flashinfer_planning_available()
         if self._planned:
             if torch.float32 in (cfg.q_dtype, cfg.kv_dtype):
                 raise TypeError(
@@ -207,6 +210,7 @@ class BatchMetadata:
         self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
         self._draft: DraftLoop | None = None  # made by the first prepare_draft
         self._sharded = sharded  # context parallelism shards a group: see batchmeta.context_parallel
+        self._cp = CPAttention(cfg, buf.kv_indices, dev, cp_group) if sharded else None
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -471,6 +475,12 @@ class BatchMetadata:
             )
             if self.lora is not None:
                 step._lora = self.lora.views(ring.current, h, padded, tokens_run)
+            if self._cp is not None:  # the sharded groups' cached-context arrays and plans
+                lens = (clens, np.full(b, query_len) if query_len else qlens, views.kv_indptr_host)
+                step._cp = (
+                    self._cp,
+                    self._cp.prepare(kind, *lens, views.qo_indptr_pinned, ring.current, plan=bool(wrappers)),
+                )
             return step
         finally:
             ring.done()  # the host buffer stays busy until what was enqueued from it has run

@@ -20,6 +20,8 @@ import torch
 
 from batchmeta.attention.mla import mla_run
 from batchmeta.attention.torch_ref import mla_attention_torch, paged_attention_torch
+from batchmeta.context_parallel import cp_process_group, partial_attention
+from batchmeta.distributed import cp_lse_ag_out_ar
 
 __all__ = ["StaleStepError", "Step", "StepViews", "current_step"]
 
@@ -279,6 +281,7 @@ class Step:
         "_accepted",
         "_block_tables",
         "_clock",
+        "_cp",
         "_generation",
         "_lora",
         "_num_kv_pages",
@@ -351,6 +354,9 @@ class Step:
         self._accepted = False  # accept_tokens ran on it (once per step)
         self._prompt_lens: np.ndarray | None = None  # given to accept_tokens (write_drafts reads them)
         self._lora: Any = None  # LoraViews, set by BatchMetadata when config.max_loras > 0
+        # Context parallelism (batchmeta.context_parallel): (CPAttention, {group: CPGroupStep}), set by
+        # BatchMetadata when a group is sharded.
+        self._cp: Any = None
 
     # Context manager: the active step --------------------------------------------------------------
     def __enter__(self) -> Step:
@@ -488,7 +494,9 @@ class Step:
     @property
     def wrappers(self) -> tuple[Any, ...] | None:
         """The planned FlashInfer wrapper of each group, or None where FlashInfer does not plan (no CUDA, no
-        FlashInfer, or ``plan_attention=False``). :meth:`attention` works either way."""
+        FlashInfer, or ``plan_attention=False``). :meth:`attention` works either way. A group sharded
+        over context-parallel ranks has None here: its attention runs in two parts, each planned
+        per step (:class:`~batchmeta.context_parallel.CPGroupStep`)."""
         if self._generation != self._clock[0]:
             self._raise_stale("wrappers")
         return self._wrappers
@@ -522,12 +530,6 @@ class Step:
         if mla != (groups[group] is not None):
             what = "an MLA group: call step.mla_attention" if groups[group] is not None else "not an MLA group"
             raise ValueError(f"group: KV-cache group {group} is {what}")
-        if self._views.sharded[group]:
-            raise ValueError(
-                f"context_parallel: KV-cache group {group} is sharded over the context-parallel ranks; "
-                f"batchmeta does not attend across ranks yet (each rank's metadata is built: attend over "
-                f"kv_indptr / kv_indices / kv_last_page_len and merge with batchmeta.distributed.cp_lse_ag_out_rs)"
-            )
         return int(group)
 
     def attention(
@@ -542,6 +544,7 @@ class Step:
         k_scale: float | None = None,
         v_scale: float | None = None,
         out: torch.Tensor | None = None,
+        cp_group: Any = None,
     ) -> torch.Tensor:
         """Attention of this step's queries over one layer of KV-cache group ``group``.
 
@@ -551,18 +554,31 @@ class Step:
         ``"ragged_prefill"`` step attends over ``k`` / ``v`` (the new tokens, ``[T, Hkv, D]``,
         unquantized) instead of the cache.
 
+        A group sharded over context-parallel ranks (:mod:`batchmeta.context_parallel`) needs
+        ``k`` / ``v`` at every step kind: each rank attends over its share of the cached context,
+        rank 0 also over the new tokens (causally), and the partials merge by log-sum-exp through
+        the process group; every rank returns the whole merged output. A collective: every rank
+        calls it for the same layers in the same order.
+
         Parameters
         ----------
         q:
             ``[Tp, Hq, D]``.
         k_cache, v_cache:
             ``[num_pages, page_size, Hkv, D]`` of this layer (NHD).
+        k, v:
+            ``[T, Hkv, D]``: the step's new keys and values, in ``q``'s dtype (or, outside sharded
+            groups, the cache's). Used by ``"ragged_prefill"`` steps and by sharded groups; ignored
+            otherwise.
         k_scale, v_scale:
             This layer's dequantization scales of a float8 cache: the ones ``store_kv`` quantized
             with (FlashInfer folds ``k_scale`` into the logit scale and multiplies the output by
             ``v_scale``). None: 1.
         out:
             Optional ``[Tp, Hq, D]`` output.
+        cp_group:
+            A sharded group's process group (NCCL on GPUs, gloo on CPUs); None: the one given to
+            ``BatchMetadata(config, cp_group=...)``, else the world.
 
         Returns ``[Tp, Hq, D]`` in ``q``'s dtype.
 
@@ -571,29 +587,32 @@ class Step:
         TypeError, ValueError
             Before any work, naming the argument, when a tensor's shape, dtype or device differs
             from what the config and the step say (``q``: ``config.q_dtype``; caches:
-            ``config.kv_dtype``, the group's ``page_size``, at least ``config.num_kv_pages`` pages).
+            ``config.kv_dtype``, the group's ``page_size``, at least ``config.num_kv_pages`` pages),
+            when ``k`` / ``v`` are missing where needed, or (``cp_group``) when the process group
+            does not match ``config.context_parallel``.
         """
         if self._generation != self._clock[0]:
             self._raise_stale("attention")
-        group = self._check_group(group, mla=False)
+        group = self._check_attention_args(q, k_cache, v_cache, group, k, v, out)
         views = self._views
-        q_shape, dev = views.q_shapes[group], views.device
-        _check_arg("q", q, q_shape, views.q_dtype, dev, "[tokens, num_qo_heads, head_dim]")
-        page_shape, min_pages = views.cache_shapes[group], views.min_pages
-        what = "[num_pages, page_size, num_kv_heads, head_dim]"
-        _check_cache("k_cache", k_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
-        _check_cache("v_cache", v_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
-        if out is not None:
-            _check_arg("out", out, q_shape, q.dtype, dev, "[tokens, num_qo_heads, head_dim]")
-        if self.kind == "ragged_prefill":
-            if k is None or v is None:
-                raise ValueError("k, v: a ragged_prefill step attends over the new keys and values; pass both")
-            kv_shape = (q_shape[0], *page_shape[1:])
-            what = "[tokens, num_kv_heads, head_dim]"
-            # The new keys and values, unquantized (q's dtype) or in the cache's.
-            k_dtype = k.dtype if getattr(k, "dtype", None) in (views.q_dtype, views.kv_dtype) else views.q_dtype
-            _check_arg("k", k, kv_shape, k_dtype, dev, what)
-            _check_arg("v", v, kv_shape, k_dtype, dev, what)
+        if views.sharded[group]:
+            ragged = self.kind == "ragged_prefill"
+            cp_state = self._cp[0]
+            # Nothing cached: every rank attends over the new tokens alone, and no collective runs.
+            pg = (
+                None
+                if ragged
+                else cp_process_group(cp_group if cp_group is not None else cp_state.cp_group, cp_state.cp)
+            )
+            res, lse = self._cp_partial(
+                group, q, k_cache, v_cache, k, v, k_scale, v_scale, ragged or cp_state.cp.rank == 0
+            )
+            if not ragged:
+                res = cp_lse_ag_out_ar(res, lse, pg)
+            if out is not None:
+                out.copy_(res)
+                return out
+            return res
         if self._wrappers is not None:
             w = self._wrappers[group]
             if self.kind == "ragged_prefill":
@@ -630,6 +649,98 @@ class Step:
             out.copy_(res)
             return out
         return res
+
+    def cp_partial_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        group: int = 0,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        k_scale: float | None = None,
+        v_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's partial attention of a sharded group, without any collective.
+
+        Part A (this rank's share of the cached context, no mask) and, on rank 0, part B (the new
+        tokens ``k`` / ``v``, causal), merged: ``ops.correct_attn_out`` over every rank's partial and
+        a sum give :meth:`attention`'s output (what ``cp_lse_ag_out_ar`` does through the group).
+        One process can so simulate the ranks, a ``BatchMetadata`` per rank. Arguments as for
+        :meth:`attention`.
+
+        Returns
+        -------
+        ``(out, lse)``: ``[T, Hq, D]`` in ``q``'s dtype and ``[T, Hq]`` float32, natural log; -inf
+        (and ``out`` 0) for a token that saw no key on this rank.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`attention`; ``group`` when the group is not sharded.
+        """
+        if self._generation != self._clock[0]:
+            self._raise_stale("cp_partial_attention")
+        group = self._check_attention_args(q, k_cache, v_cache, group, k, v, None)
+        if not self._views.sharded[group]:
+            raise ValueError(f"group: KV-cache group {group} is not sharded over context-parallel ranks")
+        rank0 = self._cp[0].cp.rank == 0
+        return self._cp_partial(group, q, k_cache, v_cache, k, v, k_scale, v_scale, rank0)
+
+    def _cp_partial(
+        self, group: int, q, k_cache, v_cache, k, v, k_scale, v_scale, with_new: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        views = self._views
+        return partial_attention(
+            self._cp[1][group],
+            self.kind,
+            q,
+            k_cache,
+            v_cache,
+            k,
+            v,
+            views.qo_indptr_host,
+            with_new=with_new,
+            sm_scale=views.sm_scales[group],
+            logits_soft_cap=views.logits_soft_caps[group],
+            k_scale=k_scale,
+            v_scale=v_scale,
+            backend=self._cp[0].config.backend,
+        )
+
+    def _check_attention_args(self, q, k_cache, v_cache, group: object, k, v, out) -> int:
+        """Checks :meth:`attention`'s tensors (see there); returns the group."""
+        group = self._check_group(group, mla=False)
+        views = self._views
+        q_shape, dev = views.q_shapes[group], views.device
+        _check_arg("q", q, q_shape, views.q_dtype, dev, "[tokens, num_qo_heads, head_dim]")
+        page_shape, min_pages = views.cache_shapes[group], views.min_pages
+        what = "[num_pages, page_size, num_kv_heads, head_dim]"
+        _check_cache("k_cache", k_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
+        _check_cache("v_cache", v_cache, page_shape, min_pages, views.kv_dtype, dev, what, group)
+        if out is not None:
+            _check_arg("out", out, q_shape, q.dtype, dev, "[tokens, num_qo_heads, head_dim]")
+        sharded = views.sharded[group]
+        if self.kind == "ragged_prefill" or sharded:
+            if k is None or v is None:
+                why = (
+                    f"KV-cache group {group} is sharded over context-parallel ranks: its attention needs the "
+                    f"step's new keys and values beside the cached context"
+                    if sharded
+                    else "a ragged_prefill step attends over the new keys and values"
+                )
+                raise ValueError(f"k, v: {why}; pass both")
+            kv_shape = (q_shape[0], *page_shape[1:])
+            what = "[tokens, num_kv_heads, head_dim]"
+            # The new keys and values, unquantized (q's dtype) or in the cache's; a sharded group's
+            # attend beside the cache with no scale (its part over them is planned in q's dtype).
+            k_dtype = k.dtype if getattr(k, "dtype", None) in (views.q_dtype, views.kv_dtype) else views.q_dtype
+            if sharded:
+                k_dtype = views.q_dtype
+            _check_arg("k", k, kv_shape, k_dtype, dev, what)
+            _check_arg("v", v, kv_shape, k_dtype, dev, what)
+        return group
 
     def mla_attention(
         self,

@@ -404,14 +404,15 @@ def test_page_counts_are_checked_against_local_lengths(numpy_host_path):
     assert step.kv_indptr_host[1].tolist() == [0, 7] and step.kv_last_page_len_host[1].tolist() == [4]
 
 
-def test_attention_over_a_sharded_group_and_device_acceptance_counts_are_rejected():
+def test_attention_over_a_sharded_group_without_new_kv_and_device_acceptance_counts_are_rejected():
+    """Attention across the ranks is tested in tests/test_cp_attention.py; it needs the new k / v."""
     meta = BatchMetadata(config(ContextParallel(2, 0)))
     pages = RankPages(meta, first_page=1)
     pages.grow(0, 10)
     step = meta.prepare_decode([0], [7], num_draft_tokens=2)
     q = torch.zeros(3, 4, 16)
     cache = torch.zeros(64, 16, 2, 16)
-    with pytest.raises(ValueError, match=r"^context_parallel: KV-cache group 0 is sharded"):
+    with pytest.raises(ValueError, match=r"^k, v: KV-cache group 0 is sharded"):
         step.attention(q, cache, cache, group=0)
     history = torch.zeros(6, MAX_LEN, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"^context_parallel: acceptance counts on the device"):

@@ -80,6 +80,9 @@ class StepPlanner:
         out = []
         self.graph_stock_planned = False
         for g, grp in enumerate(cfg.kv_groups):
+            if cfg.sharded(g):  # context parallelism: planned by batchmeta.context_parallel.CPAttention
+                out.append(None)
+                continue
             if grp.mla is not None:  # every step kind: the MLA kernels read the paged cache
                 planner = self._mla_planner(g, padded, graph, views, max_query_len)
                 rows_tokens = padded * max_query_len if graph else num_tokens  # a graph's padding rows' too

@@ -26,10 +26,10 @@ def _row_pages(
     return kv_indices[p0:p1].long(), (p1 - p0 - 1) * page_size + int(kv_last_page_len[b])
 
 
-def _softmax_weights(
+def _masked_logits(
     scores: torch.Tensor, num_q: int, kv_len: int, *, causal: bool, window_left: int, logits_soft_cap: float
 ) -> torch.Tensor:
-    """``[H, n, L]`` scaled logits → attention weights (soft cap, masks, softmax; rows with no key → 0)."""
+    """``[H, n, L]`` scaled logits → soft-capped logits, -inf where a mask hides the key."""
     if logits_soft_cap > 0:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     qpos = torch.arange(kv_len - num_q, kv_len, device=scores.device)[:, None]
@@ -39,8 +39,17 @@ def _softmax_weights(
         mask &= kpos <= qpos
     if window_left >= 0:
         mask &= kpos >= qpos - window_left
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def _softmax_weights(
+    scores: torch.Tensor, num_q: int, kv_len: int, *, causal: bool, window_left: int, logits_soft_cap: float
+) -> torch.Tensor:
+    """``[H, n, L]`` scaled logits → attention weights (soft cap, masks, softmax; rows with no key → 0)."""
+    logits = _masked_logits(
+        scores, num_q, kv_len, causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap
+    )
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
 def paged_attention_torch(
@@ -58,7 +67,8 @@ def paged_attention_torch(
     logits_soft_cap: float = 0.0,
     k_scale: float | None = None,
     v_scale: float | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a paged KV cache in float32, one request at a time (CPU fallback, reference).
 
     Query ``i`` of request ``b`` (``n_b`` queries, ``L_b`` keys) sits at position ``L_b - n_b + i``
@@ -82,8 +92,12 @@ def paged_attention_torch(
         ``cap * tanh(logit / cap)`` after scaling when ``> 0``.
     k_scale, v_scale:
         Dequantization scales of the caches (None: 1).
+    return_lse:
+        Also return each query's log-sum-exp of its (capped, masked) logits: ``[T, Hq]`` float32,
+        natural log (FlashInfer's is base 2), -inf for a query that sees no key. What merging
+        partial attentions (:func:`batchmeta.ops.correct_attn_out`) needs.
 
-    Returns ``[T, Hq, D]`` in ``q``'s dtype.
+    Returns ``[T, Hq, D]`` in ``q``'s dtype (and the lse with ``return_lse``).
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -91,6 +105,7 @@ def paged_attention_torch(
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     rep = num_q_heads // num_kv_heads
     out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     for b in range(len(qo_indptr) - 1):
         q0, q1 = int(qo_indptr[b]), int(qo_indptr[b + 1])
         row = _row_pages(kv_indices, kv_indptr, kv_last_page_len, page_size, b)
@@ -106,11 +121,14 @@ def paged_attention_torch(
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
-        probs = _softmax_weights(
+        logits = _masked_logits(
             scores, q1 - q0, kv_len, causal=causal, window_left=window_left, logits_soft_cap=logits_soft_cap
         )
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-    return out
+        if lse is not None:
+            lse[q0:q1] = torch.logsumexp(logits, dim=-1).transpose(0, 1)
+    return out if lse is None else (out, lse)
 
 
 def mla_attention_torch(
