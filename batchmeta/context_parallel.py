@@ -36,8 +36,9 @@ keys only, and part A is a plain unmasked paged attention (FlashInfer's decode o
 kernels). A step with nothing cached (``"ragged_prefill"``) has no part A: every rank computes
 part B itself and no collective runs.
 
-Not yet under context parallelism: CUDA-graph decode, draft loops, speculative acceptance on the
-device, MLA groups and multi-LoRA (each rejected with a ``ValueError`` naming ``context_parallel``).
+The token history works as on one rank (its positions are global). Not yet under context
+parallelism: CUDA-graph decode, draft loops, speculative acceptance on the device, MLA groups and
+multi-LoRA (each rejected with a ``ValueError`` naming ``context_parallel``).
 """
 
 from __future__ import annotations

@@ -649,6 +649,11 @@ class BatchMetadata:
                 "prepare_draft: draft rounds read and write the token history; make the BatchMetadata with "
                 "MetadataConfig(token_history=True)"
             )
+        if self._sharded:  # a draft step's attention over a sharded group is not built
+            raise ValueError(
+                f"context_parallel: draft rounds are not supported yet with a KV-cache group sharded over "
+                f"{cfg.context_parallel.world_size} ranks"  # type: ignore[union-attr]
+            )
         if type(num_steps) is not int:
             raise TypeError(f"num_steps: expected an int, got {type(num_steps).__name__}")
         if not cfg.max_draft_tokens:

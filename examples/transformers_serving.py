@@ -27,6 +27,14 @@ GPU), its layers' KV caches tensors of their own over the target's pages, which 
 also writes. In float32, :func:`greedy_check` then compares the tokens with plain greedy decoding,
 token for token.
 
+With ``--context-parallel N`` the KV cache of every request is spread over ``N`` ranks, one process
+each (``torch.multiprocessing``; gloo on the CPU, NCCL with a GPU per rank): each rank's
+``BatchMetadata`` has ``MetadataConfig(context_parallel=ContextParallel(N, rank))``, holds pages for
+its own share of each request's tokens (``batchmeta.context_parallel.local_len``), runs the same
+model and scheduler, stores the KV of the tokens it owns, and ``step.attention`` merges the ranks'
+partial attention through the process group. Every rank must produce the tokens of one rank
+(:func:`run_context_parallel`).
+
 Afterwards, :func:`teacher_forced_check` runs the same model with transformers' own attention
 (``"eager"``) over every prompt plus its generated tokens and checks each generated token against
 that forward pass's argmax, allowing only near-ties.
@@ -38,6 +46,8 @@ import argparse
 import collections
 import contextvars
 import dataclasses
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -45,8 +55,9 @@ import torch
 import transformers
 
 import batchmeta
-from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
+from batchmeta import BatchMetadata, ContextParallel, KVGroup, MetadataConfig, ops
 from batchmeta.attention import flashinfer_available
+from batchmeta.context_parallel import local_len
 
 ATTN_IMPLEMENTATION = "batchmeta"
 MODELS = ("llama", "gemma2")
@@ -237,6 +248,9 @@ class Runner:
         ``"layers"`` (the model's first ``draft_layers`` layers, through batchmeta's draft loop:
         ``prepare_draft`` / ``capture_draft_graph``; their KV caches are tensors of their own over the
         target's pages, written by the target's forward too).
+    context_parallel:
+        This rank's :class:`~batchmeta.ContextParallel` (``torch.distributed`` initialised, the
+        world its group), or None: one rank. Plain decoding without CUDA graphs only.
     """
 
     def __init__(
@@ -251,7 +265,13 @@ class Runner:
         spec: int = 0,
         drafter: str = "ngram",
         draft_layers: int = 2,
+        context_parallel: ContextParallel | None = None,
     ):
+        if context_parallel is not None and context_parallel.world_size > 1 and (spec or cuda_graphs):
+            raise ValueError(
+                "context_parallel: this runner spreads the KV cache over ranks for plain eager decoding only "
+                "(batchmeta has no CUDA-graph decode or draft loops under context parallelism yet)"
+            )
         if spec < 0:
             raise ValueError(f"spec: expected >= 0 draft tokens, got {spec}")
         if drafter not in ("ngram", "layers"):
@@ -313,6 +333,7 @@ class Runner:
             token_history=True,
             plan_attention=plan,
             max_draft_tokens=self.spec,
+            context_parallel=context_parallel,
         )
         self.meta = BatchMetadata(self.meta_config)
         hkv, d = cfg.num_key_value_heads, layers[0].module.head_dim
@@ -340,6 +361,12 @@ class Runner:
                     self.meta.capture_decode_graph(s, self._graph_forward, num_draft_tokens=self.spec)
                     if self.drafter == "layers":  # a whole draft round: k drafter steps and their advances
                         self.meta.capture_draft_graph(s, self.spec, self._draft_forward)
+
+    def _held_tokens(self, group: int, seq_len: int) -> int:
+        """Tokens of a request of ``seq_len`` this rank keeps in ``group``: its share where context
+        parallelism shards the group (never the global count), else all."""
+        cfg = self.meta_config
+        return int(local_len(seq_len, cfg.context_parallel)) if cfg.sharded(group) else seq_len
 
     # The forward passes --------------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor, step, logits_to_keep) -> torch.Tensor:
@@ -426,7 +453,7 @@ class Runner:
                         meta.stage_prompt(r.slot, r.prompt[r.cached : r.cached + n], r.cached)
                     new = []
                     for g, grp in enumerate(groups):
-                        need = -(-(r.cached + n) // grp.page_size) - len(r.pages[g])
+                        need = -(-self._held_tokens(g, r.cached + n) // grp.page_size) - len(r.pages[g])
                         new.append([free_pages[g].pop() for _ in range(need)])
                         r.pages[g] += new[-1]
                     meta.block_tables.append(r.slot, new)
@@ -879,6 +906,87 @@ def periodic_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) 
 # -------------------------------------------------------------------------------------------------
 # CLI
 # -------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
+# Context parallelism: one process per rank
+# -------------------------------------------------------------------------------------------------
+def _cp_rank(rank: int, world: int, init_method: str, job: dict, results) -> None:
+    """One rank of :func:`run_context_parallel`: its process group, model, runner and tokens."""
+    import torch.distributed as dist
+
+    cuda = job["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+    try:
+        device = f"cuda:{rank}" if cuda else "cpu"
+        model = build_model(job["model"], seed=job["seed"], dtype=job["dtype"], device=device)
+        runner = Runner(
+            model, **job["runner"], context_parallel=ContextParallel(world, rank, interleave=job["interleave"])
+        )
+        result = runner.serve(job["prompts"], job["max_new_tokens"])
+        results.put((rank, result.tokens, dict(result.step_kinds), result.steps))
+    except BaseException:
+        import traceback
+
+        results.put((rank, traceback.format_exc(), None, None))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_context_parallel(
+    world: int,
+    *,
+    model: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    interleave: int = 1,
+    **runner,
+) -> list[tuple[list[list[int]], dict, int]]:
+    """Serves ``prompts`` on ``world`` context-parallel ranks, a process each (spawned; gloo on the
+    CPU, NCCL on ``cuda``, one GPU per rank); returns each rank's ``(tokens, step kinds, steps)``.
+    ``runner``: :class:`Runner`'s keyword arguments (the same on every rank)."""
+    import torch.multiprocessing as mp
+
+    if world < 2:
+        raise ValueError(f"world: expected at least 2 ranks, got {world}")
+    if device == "cuda" and torch.cuda.device_count() < world:
+        raise ValueError(f"world: {world} ranks need {world} GPUs, {torch.cuda.device_count()} visible")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    job = dict(
+        model=model,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        interleave=interleave,
+        runner=runner,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = f"file://{os.path.join(tmp, 'rendezvous')}"
+        procs = [ctx.Process(target=_cp_rank, args=(r, world, init_method, job, results)) for r in range(world)]
+        for p in procs:
+            p.start()
+        got = {}
+        try:
+            for _ in range(world):
+                rank, tokens, kinds, steps = results.get(timeout=900)
+                if kinds is None:
+                    raise RuntimeError(f"context-parallel rank {rank} failed:\n{tokens}")
+                got[rank] = (tokens, kinds, steps)
+        finally:
+            for p in procs:
+                p.join(timeout=60)
+                if p.is_alive():
+                    p.kill()
+    return [got[r] for r in range(world)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="llama")
@@ -918,6 +1026,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--draft-layers", type=int, default=2, help="with --drafter layers: the drafter's layers")
     parser.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="spread every request's KV cache over N ranks, a process each (gloo on cpu, NCCL with N GPUs); "
+        "plain eager decoding: every rank must give one rank's tokens",
+    )
+    parser.add_argument("--interleave", type=int, default=1, help="with --context-parallel: tokens per rank in turn")
+    parser.add_argument(
         "--prompts",
         choices=("random", "periodic"),
         default="random",
@@ -934,6 +1051,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(args.requests, model.config.vocab_size, tuple(args.prompt_len), args.seed)
     spec = args.spec
     need = max_len_needed(args.prompt_len[1], args.max_new_tokens, spec, args.accept)
+    if args.context_parallel > 1:
+        if spec:
+            parser.error("--context-parallel: plain decoding only (no --spec)")
+        return _main_context_parallel(args, model, prompts, dtype, 16 * -(-need // 16))
     runner = Runner(
         model,
         max_num_reqs=args.max_num_reqs,
@@ -973,6 +1094,39 @@ def main(argv: list[str] | None = None) -> int:
     for i, pos, got, want, gap in (check.divergences if isinstance(check, GreedyCheck) else check.failures)[:10]:
         print(f"  prompt {i}, position {pos}: served {got}, reference {want} (top-2 gap {gap:.3g})")
     return 0 if check.ok else 1
+
+
+def _main_context_parallel(args, model, prompts: list[list[int]], dtype: torch.dtype, max_model_len: int) -> int:
+    """``--context-parallel N``: serve on N ranks; each rank's tokens against one rank's and the check."""
+    world = args.context_parallel
+    runner = dict(max_num_reqs=args.max_num_reqs, token_budget=args.token_budget, max_model_len=max_model_len)
+    t0 = time.perf_counter()
+    ranks = run_context_parallel(
+        world,
+        model=args.model,
+        prompts=prompts,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        dtype=dtype,
+        seed=args.seed,
+        interleave=args.interleave,
+        **runner,
+    )
+    seconds = time.perf_counter() - t0
+    single = Runner(model, **runner).serve(prompts, args.max_new_tokens)
+    tokens, kinds, steps = ranks[0]
+    same = [r for r, (t, _, _) in enumerate(ranks) if t == single.tokens]
+    served = ServeResult(tokens, None, collections.Counter(kinds), steps, 0, seconds)
+    check = teacher_forced_check(model, prompts, served, tolerance=args.tolerance)
+    print(
+        f"{args.model}, {args.device}, {str(dtype).removeprefix('torch.')}, context parallel over {world} ranks "
+        f"(interleave {args.interleave}): {args.requests} requests, {steps} steps {dict(sorted(kinds.items()))}, "
+        f"{seconds:.1f} s with process start-up"
+    )
+    agree = all(t == tokens for t, _, _ in ranks)
+    print(f"ranks with one rank's tokens: {len(same)}/{world}; every rank the same: {agree}")
+    print(check)
+    return 0 if check.ok and len(same) == world else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import traceback
 
+import attrs
 import numpy as np
 import pytest
 import torch
@@ -389,3 +390,74 @@ def test_a_process_group_that_does_not_match_context_parallel_is_rejected(tmp_pa
             step.attention(q, *rank.caches[0], group=0, k=k, v=k)  # the world: one rank
     finally:
         dist.destroy_process_group()
+
+
+def attrs_of(cfg):
+    return attrs.asdict(cfg, recurse=False)
+
+
+@pytest.mark.parametrize("interleave", [1, 16])
+def test_token_history_under_context_parallelism_feeds_back_as_on_one_rank(interleave):
+    """With ``token_history=True`` every rank gathers the step's ``input_ids`` from its own history,
+    fed by ``accept_tokens``: prompts staged in chunks, prefill, mixed, decode and verify steps; every
+    rank's ``input_ids``, ``positions`` and history equal one rank's (they are global, like the
+    queries), and each rank's slots are its own share."""
+    world = 2
+
+    def meta_of(cp):
+        return BatchMetadata(
+            MetadataConfig(**{**attrs_of(make_config(cp, (16, 1))), "token_history": True, "max_num_reqs": 4})
+        )
+
+    single = Rank(meta_of(ContextParallel(1, 0)))
+    ranks = [Rank(meta_of(ContextParallel(world, r, interleave=interleave))) for r in range(world)]
+    everyone = [single, *ranks]
+    gen = np.random.default_rng(interleave)
+    prompts = {r: gen.integers(1, 1000, int(n)).tolist() for r, n in enumerate([45, 3, 70])}
+    lens = dict.fromkeys(prompts, 0)
+    for r, p in prompts.items():
+        for rank in everyone:
+            rank.meta.stage_prompt(r, p)
+    plan = [([0, 1, 2], [30, 3, 40], "prefill"), ([0, 2, 1], [15, 30, 1], "prefill"), ([0, 1, 2], 1, "decode")]
+    plan += [([2, 0], 3, "spec"), ([1, 0, 2], 1, "decode")]
+    for idx, q, kind in plan:
+        clens = [lens[r] for r in idx]
+        qlens = list(q) if kind == "prefill" else [q] * len(idx)
+        steps = []
+        for rank in everyone:
+            for r, c, n in zip(idx, clens, qlens, strict=True):
+                rank.grow(r, c + n)
+            if kind == "prefill":
+                steps.append(rank.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=clens))
+            else:
+                steps.append(rank.meta.prepare_decode(idx, clens, num_draft_tokens=q - 1))
+        for step in steps[1:]:
+            assert torch.equal(step.input_ids, steps[0].input_ids), (kind, idx)
+            assert torch.equal(step.positions, steps[0].positions), (kind, idx)
+        # Each token's slot is on exactly one rank (the sharded group), as on one rank overall.
+        owned = torch.stack([s.slot_mappings[0][: s.num_tokens] >= 0 for s in steps[1:]])
+        assert torch.equal(owned.sum(0), torch.ones(steps[0].num_tokens, dtype=torch.int64))
+        # The same "model": next tokens from the input ids; a verify step accepts a count per row.
+        num_rows = len(idx)
+        width = q if kind == "spec" else 1
+        sampled = (steps[0].input_ids[: steps[0].num_tokens].view(-1)[-num_rows * width :] * 7 + 3) % 1000
+        sampled = sampled.view(num_rows, width) if kind == "spec" else sampled
+        counts = [1 + (r % width) for r in idx] if kind == "spec" else [1] * num_rows
+        prompt_lens = [len(prompts[r]) for r in idx]
+        new_lens = [
+            rank.meta.accept_tokens(step, None, sampled, counts, prompt_lens).cache_lens
+            for rank, step in zip(everyone, steps, strict=True)
+        ]
+        for got in new_lens[1:]:
+            assert np.array_equal(got, new_lens[0])
+        for r, c in zip(idx, new_lens[0].tolist(), strict=True):
+            lens[r] = c
+        for rank in ranks:
+            assert torch.equal(rank.meta.token_ids, single.meta.token_ids)
+
+
+def test_draft_rounds_are_rejected_under_context_parallelism():
+    cfg = MetadataConfig(**{**attrs_of(make_config(ContextParallel(2, 0), (16, 1))), "token_history": True})
+    meta = BatchMetadata(cfg)
+    with pytest.raises(ValueError, match=r"^context_parallel: draft rounds are not supported yet"):
+        meta.prepare_draft([0], [4], num_steps=2)

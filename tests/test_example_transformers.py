@@ -255,3 +255,39 @@ def test_gpu_bf16_draft_loop_graphs_match_the_models_own_forward(accept):
     check = ts.teacher_forced_check(model, prompts, result)  # bf16: near-ties allowed
     print(check, result.drafts_accepted, result.drafts_proposed)
     assert check.ok, (str(check), check.failures)
+
+
+@pytest.mark.parametrize(
+    ("name", "world", "interleave"), [("llama", 2, 1), ("gemma2", 3, 4)], ids=["llama-2-ranks", "gemma2-3-ranks"]
+)
+def test_cpu_context_parallel_ranks_give_one_ranks_tokens(name, world, interleave):
+    """``--context-parallel N``: N processes over gloo, each rank holding its share of every request's
+    KV (Gemma 2's sliding-window group unsharded beside it); every rank serves one rank's tokens
+    through ragged, chunked, mixed and decode steps, and they pass the model's own check."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as the README runs it
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    args = ["--model", name, "--context-parallel", str(world), "--interleave", str(interleave), "--requests", "4"]
+    args += ["--max-new-tokens", "8", "--prompt-len", "8", "60", "--token-budget", "32", "--max-num-reqs", "3"]
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "transformers_serving.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"ranks with one rank's tokens: {world}/{world}; every rank the same: True" in run.stdout
+    kinds = re.search(r"steps (\{.*\})", run.stdout).group(1)
+    for kind in ("ragged_prefill", "chunked_prefill", "mixed", "decode"):
+        assert f"'{kind}'" in kinds
+    assert "teacher-forced check passed" in run.stdout
+
+
+def test_context_parallel_runner_rejects_graphs_and_drafts():
+    model = ts.build_model("llama", seed=0)
+    cp = ts.ContextParallel(2, 0)
+    with pytest.raises(ValueError, match=r"^context_parallel: "):
+        ts.Runner(model, spec=1, context_parallel=cp)
