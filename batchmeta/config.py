@@ -399,7 +399,6 @@ class MetadataConfig:
         unsupported = [
             (any(self.kv_groups[g].mla is not None for g in sharded), "an MLA group"),
             (bool(self.cuda_graph_batch_sizes), f"cuda_graph_batch_sizes={self.cuda_graph_batch_sizes}"),
-            (bool(self.max_loras), f"max_loras={self.max_loras}"),
         ]
         for bad, what in unsupported:
             if bad:

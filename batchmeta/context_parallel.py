@@ -36,9 +36,9 @@ keys only, and part A is a plain unmasked paged attention (FlashInfer's decode o
 kernels). A step with nothing cached (``"ragged_prefill"``) has no part A: every rank computes
 part B itself and no collective runs.
 
-The token history works as on one rank (its positions are global). Not yet under context
-parallelism: CUDA-graph decode, draft loops, speculative acceptance on the device, MLA groups and
-multi-LoRA (each rejected with a ``ValueError`` naming ``context_parallel``).
+The token history and multi-LoRA work as on one rank (positions and adapter segments are per
+token). Not yet under context parallelism: CUDA-graph decode, draft loops, speculative acceptance
+on the device and MLA groups (each rejected with a ``ValueError`` naming ``context_parallel``).
 """
 
 from __future__ import annotations

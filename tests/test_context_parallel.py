@@ -96,10 +96,9 @@ def test_metadata_config_context_parallel_field():
     "kw",
     [
         {"cuda_graph_batch_sizes": (1, 2)},
-        {"max_loras": 2, "max_lora_rank": 8},
         {"kv_groups": (KVGroup(page_size=1, sm_scale=0.1, mla=MLA(num_heads=4, head_dim_ckv=64, head_dim_kpe=16)),)},
     ],
-    ids=["cuda_graphs", "lora", "mla"],
+    ids=["cuda_graphs", "mla"],
 )
 def test_unsupported_features_with_sharding_are_rejected(kw):
     with pytest.raises(ValueError, match=r"^context_parallel: world_size 2 shards groups"):

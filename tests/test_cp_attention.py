@@ -461,3 +461,32 @@ def test_draft_rounds_are_rejected_under_context_parallelism():
     meta = BatchMetadata(cfg)
     with pytest.raises(ValueError, match=r"^context_parallel: draft rounds are not supported yet"):
         meta.prepare_draft([0], [4], num_steps=2)
+
+
+def test_lora_metadata_under_context_parallelism_is_one_ranks():
+    """Multi-LoRA segments are per token, whatever rank holds its KV: every rank's ``step.lora``
+    equals one rank's, for a prefill and a decode step over a mix of adapters."""
+
+    def meta_of(cp):
+        fields = {**attrs_of(make_config(cp, (16, 1))), "max_loras": 3, "max_lora_rank": 8}
+        return BatchMetadata(MetadataConfig(**fields))
+
+    everyone = [Rank(meta_of(ContextParallel(1, 0)))] + [Rank(meta_of(ContextParallel(2, r))) for r in range(2)]
+    for rank in everyone:
+        for req, adapter in [(0, 2), (1, None), (2, 0), (3, 2)]:
+            rank.meta.lora.set_adapter(req, adapter, None if adapter is None else 8)
+    idx, qlens = [0, 1, 2, 3], [30, 5, 17, 1]
+    fields = ("token_lora", "token_perm", "token_perm_inv", "row_lora", "seg_indptr", "seg_lora", "seg_rank")
+    for kind in ("prefill", "decode"):
+        steps = []
+        for rank in everyone:
+            for r, q in zip(idx, qlens, strict=True):
+                rank.grow(r, q + (kind == "decode"))
+            if kind == "prefill":
+                steps.append(rank.meta.prepare_prefill(idx, query_lens=qlens, cache_lens=[0] * 4))
+            else:
+                steps.append(rank.meta.prepare_decode(idx, qlens))
+        for step in steps[1:]:
+            for name in fields:
+                assert torch.equal(getattr(step.lora, name), getattr(steps[0].lora, name)), (kind, name)
+            assert step.lora.num_active == steps[0].lora.num_active == 2
