@@ -262,9 +262,9 @@ class MetadataConfig:
         step is then this rank's: slot mappings PAD for the tokens it does not own, KV lengths,
         page counts, ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` its local ones, in
         every full-attention group (sliding-window groups are not sharded). None (default) or
-        ``world_size=1``: no sharding. Not yet with sharding: attention across the ranks
-        (``step.attention``), CUDA-graph decode, the token history (so draft loops), MLA groups,
-        multi-LoRA, speculative acceptance counts on the device.
+        ``world_size=1``: no sharding. ``step.attention`` merges the ranks' partial attention
+        through the process group. Not yet with sharding: CUDA-graph decode, draft loops, MLA
+        groups, speculative acceptance counts on the device.
     """
 
     max_num_reqs: int = attrs.field(validator=_int_in(1, _MAX_INT32 - 1))  # + the padding row
