@@ -36,13 +36,12 @@ from batchmeta.batch import BatchChecker
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.ops.draft import advance_draft
-from batchmeta.ops.speculative import bind_resolve_rows
-from batchmeta.ops.step import bind_step_metadata
 from batchmeta.speculative import Speculation
 from batchmeta.staging import (
     PinnedRing,
     StagingLayout,
     StepBuffers,
+    bind_ring_launches,
     packed_write_count,
     stage_prompts,
     stage_step,
@@ -178,37 +177,10 @@ class _DraftSlot:
         self.ring = PinnedRing(layout.total, device)
         # One token per row: the token buffers hold max_num_reqs tokens (a graph's padding rows too).
         self.buffers = buf = StepBuffers(config, device, token_capacity=r, history=history)
-        kernel_layout = buf.kernel_layout(config, layout, block_tables)
-        self.fills = [
-            bind_step_metadata(
-                kernel_layout,
-                host,
-                block_tables.flat,
-                buf.out32,
-                buf.out64,
-                max_rows=r,
-                mirror=self.ring.dev,
-                backend=config.backend,
-                history=buf.token_ids,
-            )
-            for host in self.ring.host
-        ]
-        # Device-length rows: step j's cache length is the slot's device length + j.
+        # Device-length rows: step j's cache length is the slot's device length + j (into self.lens).
         self.spec_lens = spec_lens
         self.lens = torch.zeros_like(spec_lens)
-        page_sizes = tuple(grp.page_size for grp in config.kv_groups)
-        self.resolves = [
-            bind_resolve_rows(
-                host,
-                self.ring.dev,
-                self.lens,
-                page_sizes,
-                rows_at=layout.rows,
-                stride=layout.row_stride,
-                backend=config.backend,
-            )
-            for host in self.ring.host
-        ]
+        self.fills, self.resolves = bind_ring_launches(config, layout, self.ring, buf, block_tables, self.lens)
         self.planner = StepPlanner(config, buf.kv_indices)
         self.views: dict[tuple, StepViews] = {}
 

@@ -39,13 +39,13 @@ from batchmeta.draft import DraftLoop, DraftRound
 from batchmeta.host_path import COMPILED, HostPath
 from batchmeta.lora import LoraAdapters
 from batchmeta.ops.lora import LoraLayout
-from batchmeta.ops.speculative import bind_resolve_rows
-from batchmeta.ops.step import bind_scatter_pairs, bind_step_metadata
+from batchmeta.ops.step import bind_scatter_pairs
 from batchmeta.speculative import Acceptance, Speculation
 from batchmeta.staging import (
     PinnedRing,
     StagingLayout,
     StepBuffers,
+    bind_ring_launches,
     packed_write_count,
     stage_prompts,
     stage_step,
@@ -129,28 +129,24 @@ class BatchMetadata:
             )
             self._staging = PinnedRing(self._layout.total, dev)
             self._buffers = buf = StepBuffers(cfg, dev)
-            kernel_layout = buf.kernel_layout(cfg, self._layout, self.block_tables)
             # Multi-LoRA (config.max_loras): adapters per request slot; the step's launch sorts its tokens.
             self.lora = LoraAdapters(cfg, self._layout.lora, dev) if cfg.max_loras else None
             if self.lora is not None:
                 self.block_tables.on_reset(self.lora.clear)
-            # One bound launch per pinned host buffer: the kernel reads the step's staging in place.
-            self._fills = [
-                bind_step_metadata(
-                    kernel_layout,
-                    host,
-                    self.block_tables.flat,
-                    buf.out32,
-                    buf.out64,
-                    max_rows=r,
-                    mirror=self._staging.dev,
-                    backend=cfg.backend,
-                    history=buf.token_ids,
-                    lora=None if self.lora is None else self.lora.layout,
-                    lora_out=None if self.lora is None else self.lora.out,
-                )
-                for host in self._staging.host
-            ]
+            # Speculative decoding: acceptance, drafts, and the request slots whose lengths are on the
+            # device; a step with such rows first rewrites its packed rows into the mirror from them.
+            self._spec = Speculation(cfg, dev, self.block_tables, buf.token_ids)
+            # One bound launch per pinned host buffer (the kernel reads the step's staging in place),
+            # and one rewriting its packed rows from device lengths.
+            self._fills, self._resolves = bind_ring_launches(
+                cfg,
+                self._layout,
+                self._staging,
+                buf,
+                self.block_tables,
+                self._spec.lens,
+                lora=None if self.lora is None else (self.lora.layout, self.lora.out),
+            )
             self._scatter = bind_scatter_pairs(
                 self._staging.dev,
                 self.block_tables.flat,
@@ -159,22 +155,6 @@ class BatchMetadata:
                 max_writes=max_writes,
                 backend=cfg.backend,
             )
-            # Speculative decoding: acceptance, drafts, and the request slots whose lengths are on the
-            # device; a step with such rows first rewrites its packed rows into the mirror from them.
-            self._spec = Speculation(cfg, dev, self.block_tables, buf.token_ids)
-            page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
-            self._resolves = [
-                bind_resolve_rows(
-                    host,
-                    self._staging.dev,
-                    self._spec.lens,
-                    page_sizes,
-                    rows_at=self._layout.rows,
-                    stride=self._layout.row_stride,
-                    backend=cfg.backend,
-                )
-                for host in self._staging.host
-            ]
         self.positions = buf.positions
         self.slot_mappings = buf.slot_mappings
         self.kv_indices = buf.kv_indices

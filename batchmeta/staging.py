@@ -11,6 +11,7 @@ FlashInfer and CUDA graphs read (``PinnedRing.dev``); none of their addresses ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.context_parallel import local_len
+from batchmeta.ops.lora import LoraLayout
+from batchmeta.ops.speculative import bind_resolve_rows
 from batchmeta.ops.step import (
     ROW_CACHE,
     ROW_COUNT,
@@ -34,6 +37,7 @@ from batchmeta.ops.step import (
     ROW_START,
     ROW_SWIDTH,
     StepLayout,
+    bind_step_metadata,
     row_chunks,
     row_device_len,
     row_stride,
@@ -44,6 +48,7 @@ __all__ = [
     "PinnedRing",
     "StagingLayout",
     "StepBuffers",
+    "bind_ring_launches",
     "pack_rows",
     "packed_write_count",
     "stage_prompts",
@@ -308,6 +313,56 @@ class StepBuffers:
             cp_rank=cp.rank if cp else 0,
             cp_interleave=cp.interleave if cp else 1,
         )
+
+
+def bind_ring_launches(
+    config: MetadataConfig,
+    layout: StagingLayout,
+    ring: PinnedRing,
+    buffers: StepBuffers,
+    block_tables: BlockTables,
+    lens: torch.Tensor,
+    *,
+    lora: tuple[LoraLayout, torch.Tensor] | None = None,
+) -> tuple[list[Callable[..., None]], list[Callable[[int], None]]]:
+    """The bound launches of a step's buffers, one per pinned host buffer of ``ring`` (each reads
+    that buffer's staging in place): the step kernel (:func:`~batchmeta.ops.step.bind_step_metadata`:
+    into ``buffers``, mirroring into ``ring.dev``, expanding ``lora = (layout, out)``'s rows) and
+    :func:`~batchmeta.ops.speculative.bind_resolve_rows` (packed rows into ``ring.dev`` from the
+    per-slot device lengths ``lens``, ``[max_num_reqs + 1]`` int32). Returns ``(fills, resolves)``.
+    """
+    kernel_layout = buffers.kernel_layout(config, layout, block_tables)
+    lora_layout, lora_out = lora if lora is not None else (None, None)
+    fills = [
+        bind_step_metadata(
+            kernel_layout,
+            host,
+            block_tables.flat,
+            buffers.out32,
+            buffers.out64,
+            max_rows=config.max_num_reqs,
+            mirror=ring.dev,
+            backend=config.backend,
+            history=buffers.token_ids,
+            lora=lora_layout,
+            lora_out=lora_out,
+        )
+        for host in ring.host
+    ]
+    page_sizes = tuple(grp.page_size for grp in config.kv_groups)
+    resolves = [
+        bind_resolve_rows(
+            host,
+            ring.dev,
+            lens,
+            page_sizes,
+            rows_at=layout.rows,
+            stride=layout.row_stride,
+            backend=config.backend,
+        )
+        for host in ring.host
+    ]
+    return fills, resolves
 
 
 def stage_step(
