@@ -904,9 +904,6 @@ def periodic_prompts(num: int, vocab: int, lengths: tuple[int, int], seed: int) 
 
 
 # -------------------------------------------------------------------------------------------------
-# CLI
-# -------------------------------------------------------------------------------------------------
-# -------------------------------------------------------------------------------------------------
 # Context parallelism: one process per rank
 # -------------------------------------------------------------------------------------------------
 def _cp_rank(rank: int, world: int, init_method: str, job: dict, results) -> None:
@@ -987,6 +984,9 @@ def run_context_parallel(
     return [got[r] for r in range(world)]
 
 
+# -------------------------------------------------------------------------------------------------
+# CLI
+# -------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=MODELS, default="llama")
