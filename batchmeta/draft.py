@@ -31,23 +31,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchmeta.attention import StepPlanner
 from batchmeta.batch import BatchChecker
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
+from batchmeta.launcher import StepLauncher
 from batchmeta.ops.draft import advance_draft
 from batchmeta.speculative import Speculation
 from batchmeta.staging import (
     PinnedRing,
     StagingLayout,
     StepBuffers,
-    bind_ring_launches,
     packed_write_count,
     stage_prompts,
-    stage_step,
     stage_writes,
 )
-from batchmeta.step import StaleStepError, Step, StepViews
+from batchmeta.step import StaleStepError, Step
 
 __all__ = ["DraftLoop", "DraftRound"]
 
@@ -157,32 +155,34 @@ class DraftRound:
             with step:
                 token_ids = forward(step)
             self.advance(j, token_ids)
-        return self._loop.drafts[: self.num_reqs, : self.num_steps]
+        return self.draft_token_ids
 
 
 class _DraftSlot:
     """The buffers of draft step ``j`` (every round's step ``j``): its own staging (two pinned host
-    buffers and the device mirror), outputs, bound launches and FlashInfer wrappers."""
+    buffers and the device mirror), outputs, and its :class:`~batchmeta.launcher.StepLauncher`
+    (bound launches, views, FlashInfer wrappers)."""
 
-    def __init__(
-        self,
-        config: MetadataConfig,
-        device: torch.device,
-        layout: StagingLayout,
-        block_tables: BlockTables,
-        history: torch.Tensor | None,
-        spec_lens: torch.Tensor,
-    ):
+    def __init__(self, loop: DraftLoop):
+        config = loop.config
         r = config.max_num_reqs
-        self.ring = PinnedRing(layout.total, device)
+        self.ring = PinnedRing(loop._layout.total, loop.device)
         # One token per row: the token buffers hold max_num_reqs tokens (a graph's padding rows too).
-        self.buffers = buf = StepBuffers(config, device, token_capacity=r, history=history)
+        self.buffers = buf = StepBuffers(config, loop.device, token_capacity=r, history=loop.history)
         # Device-length rows: step j's cache length is the slot's device length + j (into self.lens).
-        self.spec_lens = spec_lens
-        self.lens = torch.zeros_like(spec_lens)
-        self.fills, self.resolves = bind_ring_launches(config, layout, self.ring, buf, block_tables, self.lens)
-        self.planner = StepPlanner(config, buf.kv_indices)
-        self.views: dict[tuple, StepViews] = {}
+        self.spec_lens = loop._spec.lens
+        self.lens = torch.zeros_like(self.spec_lens)
+        self.launcher = StepLauncher(
+            config,
+            loop._layout,
+            self.ring,
+            buf,
+            loop.block_tables,
+            self.lens,
+            checker=loop._checker,
+            host_path=loop._host_path,
+            planned=loop._planned,
+        )
 
 
 class DraftLoop:
@@ -240,15 +240,12 @@ class DraftLoop:
         self._slots: list[_DraftSlot] = []
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
-        self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def _slot(self, j: int) -> _DraftSlot:
         """Step ``j``'s buffers, made on first use (once per step index, never per round)."""
         while len(self._slots) <= j:
-            self._slots.append(
-                _DraftSlot(self.config, self.device, self._layout, self.block_tables, self.history, self._spec.lens)
-            )
+            self._slots.append(_DraftSlot(self))
         return self._slots[j]
 
     # ---------------------------------------------------------------------------------------------
@@ -279,11 +276,8 @@ class DraftLoop:
         staged: list[Any] = []
         for j, slot in enumerate(slots):  # check (and, compiled, stage) every step into a free buffer
             if self._host_path is not None:  # common case
-                h = slot.ring.peek()
-                out = self._host_path.stage(h, idx, 1, lens[j], padded, graph, counts[j], on_device)
-                if out is None:
-                    self._checker.check(idx, 1, lens[j])  # raises the message
-                    raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
+                args = (slot.ring.peek(), None, idx, 1, lens[j], padded, graph, counts[j], on_device)
+                out = slot.launcher.stage_rows(*args)
             else:
                 out = self._checker.check(idx, 1, lens[j])
             staged.append(out)
@@ -298,15 +292,12 @@ class DraftLoop:
                 ring = slot.ring
                 writes = (offsets, values, rows) if j == 0 else (_NO_WRITES, _NO_WRITES, None)
                 h = ring.peek()
-                ring.advance()
                 if self._host_path is not None:
-                    ring.memo[ring.current] = None  # the compiled path keeps no memo of what the buffer holds
-                    num_tokens, widths, max_seq = staged[j]
+                    num_tokens, widths, max_seq = staged[j]  # staged above
                 else:
-                    args = (idx, 1, lens[j], *staged[j], padded, graph, counts[j], on_device)
-                    num_tokens, widths, max_seq = stage_step(
-                        h, lay, ring.memo, ring.current, cfg, self._checker.rows, *args
-                    )
+                    args = (h, staged[j], idx, 1, lens[j], padded, graph, counts[j], on_device)
+                    num_tokens, widths, max_seq = slot.launcher.stage_rows(*args)
+                ring.advance()
                 stage_writes(h, lay, *writes)
                 if self.history is not None:
                     stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
@@ -330,30 +321,12 @@ class DraftLoop:
         on_device: np.ndarray | None,
     ) -> Step:
         """Step ``j``'s launch (after resolving device-length rows), views, plan and ``Step``."""
-        lay, ring, h = self._layout, slot.ring, slot.ring.host_np[slot.ring.current]
-        max_cols = max(-(-max_seq // self._min_page_size), *widths)
-        if on_device is None:  # common case
-            slot.fills[ring.current](padded, max_cols)
-        else:  # the exact lengths, j positions further, from the device; the bounds size grid and plan
+        if on_device is not None:  # the exact lengths, j positions further, from the device
             torch.add(slot.spec_lens, j, out=slot.lens)
-            slot.resolves[ring.current](padded)
-            slot.fills[ring.current](padded, max_cols, resolved=True)
         b = idx.shape[0]
-        tokens_run = padded if graph else num_tokens
-        key = (ring.current, b, padded, tokens_run, widths)
-        views = slot.views.get(key)
-        if views is None:
-            views = slot.views[key] = StepViews.build(
-                self.config, lay, ring, slot.buffers, b, padded, tokens_run, widths
-            )
-        num_kv_pages = tuple(int(h[at + padded]) for at in lay.kv_indptr)
-        wrappers = None
-        if self._planned and padded:
-            ring.wait_previous()  # the last round's plan copies have read FlashInfer's pinned buffers
-            wrappers = slot.planner.plan("decode", padded, graph, views, max_seq, num_kv_pages, num_tokens, 1)
-            if on_device is not None and slot.planner.graph_stock_planned:
-                # A graph wrapper's stock plan copied the host bounds over the exact device arrays.
-                slot.fills[ring.current](padded, max_cols, resolved=True)
+        views, num_kv_pages, wrappers, _ = slot.launcher.launch(
+            "decode", b, padded, graph, 1, num_tokens, widths, max_seq, on_device
+        )
         return Step(
             "decode",
             b,

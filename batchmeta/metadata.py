@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchmeta.attention import StepPlanner, flashinfer_planning_available
+from batchmeta.attention import flashinfer_planning_available
 from batchmeta.attention.mla import check_mla_shape
 from batchmeta.batch import BatchChecker, host_ints
 from batchmeta.block_tables import BlockTables
@@ -37,6 +37,7 @@ from batchmeta.context_parallel import CPAttention
 from batchmeta.cuda_graphs import DecodeGraphs, graph_batch_size
 from batchmeta.draft import DraftLoop, DraftRound
 from batchmeta.host_path import COMPILED, HostPath
+from batchmeta.launcher import StepLauncher
 from batchmeta.lora import LoraAdapters
 from batchmeta.ops.lora import LoraLayout
 from batchmeta.ops.step import bind_scatter_pairs
@@ -45,13 +46,11 @@ from batchmeta.staging import (
     PinnedRing,
     StagingLayout,
     StepBuffers,
-    bind_ring_launches,
     packed_write_count,
     stage_prompts,
-    stage_step,
     stage_writes,
 )
-from batchmeta.step import Step, StepViews
+from batchmeta.step import Step
 
 __all__ = ["BatchMetadata"]
 
@@ -136,17 +135,6 @@ class BatchMetadata:
             # Speculative decoding: acceptance, drafts, and the request slots whose lengths are on the
             # device; a step with such rows first rewrites its packed rows into the mirror from them.
             self._spec = Speculation(cfg, dev, self.block_tables, buf.token_ids)
-            # One bound launch per pinned host buffer (the kernel reads the step's staging in place),
-            # and one rewriting its packed rows from device lengths.
-            self._fills, self._resolves = bind_ring_launches(
-                cfg,
-                self._layout,
-                self._staging,
-                buf,
-                self.block_tables,
-                self._spec.lens,
-                lora=None if self.lora is None else (self.lora.layout, self.lora.out),
-            )
             self._scatter = bind_scatter_pairs(
                 self._staging.dev,
                 self.block_tables.flat,
@@ -183,11 +171,23 @@ class BatchMetadata:
                         f"head_dim: FlashInfer's kernels take head_dim {_FLASHINFER_HEAD_DIMS}, got "
                         f"{cfg.head_dim}; plan_attention=False plans no attention"
                     )
-        self._planner = StepPlanner(cfg, buf.kv_indices)
+        with self._on_device():
+            # The steps' launches (one bound per pinned host buffer: the kernel reads the step's
+            # staging in place; and one rewriting its packed rows from device lengths), views and plans.
+            self._launcher = StepLauncher(
+                cfg,
+                self._layout,
+                self._staging,
+                buf,
+                self.block_tables,
+                self._spec.lens,
+                checker=self._checker,
+                host_path=self._host_path,
+                planned=self._planned,
+                lora=None if self.lora is None else (self.lora.layout, self.lora.out),
+            )
         self._graphs = DecodeGraphs()
-        self._views: dict[tuple, StepViews] = {}
         self._clock = [0]  # number of the latest step: older steps' views are stale
-        self._min_page_size = min(grp.page_size for grp in cfg.kv_groups)
         self._draft: DraftLoop | None = None  # made by the first prepare_draft
         self._sharded = sharded  # context parallelism shards a group: see batchmeta.context_parallel
         self._cp = CPAttention(cfg, buf.kv_indices, dev, cp_group) if sharded else None
@@ -405,37 +405,11 @@ class BatchMetadata:
         if self.lora is not None:  # multi-LoRA: the rows sorted by adapter, which the launch expands
             self.lora.stage(h, lay.idx, lay.qo_indptr, padded, compiled=self._host_path is not None)
         try:
-            # One launch: staged writes and every metadata field; its column programs cover the
-            # longest row's pages in the group of smallest pages (and the per-step tables' width).
-            max_cols = max(-(-max_seq // self._min_page_size), *widths)
-            if on_device is None:  # common case
-                self._fills[ring.current](padded, max_cols)
-            else:  # exact lengths from the device first; the bounds above size the grid and the plan
-                self._resolves[ring.current](padded)
-                self._fills[ring.current](padded, max_cols, resolved=True)
             b = idx.shape[0]
             query_len = qlens if type(qlens) is int else None
-            tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
-            key = (ring.current, b, padded, tokens_run, widths)
-            views = self._views.get(key)
-            if views is None:
-                if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
-                    self._views.clear()
-                views = self._views[key] = StepViews.build(
-                    self.config, lay, ring, self._buffers, b, padded, tokens_run, widths
-                )
-            num_kv_pages = tuple([h.item(at + padded) for at in lay.kv_indptr])  # each group's kv_indptr[padded]
-            wrappers = None
-            if self._planned and padded:
-                ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
-                max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
-                wrappers = self._planner.plan(
-                    kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len
-                )
-                if on_device is not None and self._planner.graph_stock_planned:
-                    # A graph wrapper's stock plan (its first, or every one without fast plans)
-                    # copied the host arrays, upper bounds for these rows, over the exact ones.
-                    self._fills[ring.current](padded, max_cols, resolved=True)
+            views, num_kv_pages, wrappers, tokens_run = self._launcher.launch(
+                kind, b, padded, graph, qlens, num_tokens, widths, max_seq, on_device
+            )
             step = Step(
                 kind,
                 b,
@@ -782,14 +756,14 @@ class BatchMetadata:
         checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
         count = packed_write_count(min(tables.num_staged(), lay.max_writes))
         h = ring.peek()
-        staged = self._stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
+        staged = self._launcher.stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
         offsets, values = tables.take_staged()
         if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
             offsets, values = self._apply_excess_writes(offsets, values)
             # The excess went through the ring: stage again (the numpy path too: one flow, and rare).
             count = packed_write_count(len(offsets))
             h = ring.peek()
-            staged = self._stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
+            staged = self._launcher.stage_rows(h, checked, idx, qlens, clens, padded, graph, count, on_device)
         self._clock[0] += 1  # from here the buffers change: earlier steps are stale
         ring.advance()
         rows = tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
@@ -797,33 +771,6 @@ class BatchMetadata:
         if self.token_ids is not None:
             stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         return (h, *staged)
-
-    def _stage_rows(
-        self,
-        h: np.ndarray,
-        checked: tuple | None,
-        idx: np.ndarray,
-        qlens: np.ndarray | int,
-        clens: np.ndarray,
-        padded: int,
-        graph: bool,
-        num_writes: int,
-        on_device: np.ndarray | None,
-    ) -> tuple[int, tuple[int, ...], int]:
-        """Writes the step's rows into ``h``, the other host buffer (``ring.peek()``): by the compiled
-        host path, which checks as it goes (``checked`` None), or by :func:`stage_step` from the numpy
-        checker's ``checked = (seq, pages, max_seq)``."""
-        ring = self._staging
-        if checked is None:  # common case
-            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
-            if staged is None:
-                self._checker.check(idx, qlens, clens)  # raises the message
-                raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
-            ring.memo[ring.current ^ 1] = None  # the compiled path keeps no memo of what the buffer holds
-            return staged
-        rows = self._checker.rows
-        args = (idx, qlens, clens, *checked, padded, graph, num_writes, on_device)
-        return stage_step(h, self._layout, ring.memo, ring.current ^ 1, self.config, rows, *args)
 
     def _apply_excess_writes(self, offsets: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Applies the staged writes beyond what one step's staging holds through the pinned ring,

@@ -135,7 +135,7 @@ def run(device: str, batch: int, adapter_counts: list[int], rank: int, iters: in
         def ours_host(h: np.ndarray = h) -> None:
             lora.stage(h, lay.idx, lay.qo_indptr, batch, compiled=meta._host_path is not None)
 
-        fill, plain_fill = meta._fills[ring.current], plain._fills[plain._staging.current]
+        fill, plain_fill = meta._launcher.fills[ring.current], plain._launcher.fills[plain._staging.current]
 
         def base(token_lora: np.ndarray = token_lora) -> None:
             baseline.prepare(token_lora)

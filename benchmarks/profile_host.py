@@ -3,7 +3,7 @@
 Run anywhere (no GPU needed):  python benchmarks/profile_host.py [--batch 256] [--steps 3000] [--cprofile]
 
 Builds a D1-like ``BatchMetadata`` (bench_steps' D1: decode, B=256, context ~4K, page 16, heads 32/8,
-head dim 64) on ``device="cpu"``, replaces its bound fill launches (``BatchMetadata._fills``, one per
+head dim 64) on ``device="cpu"``, replaces its bound fill launches (``StepLauncher.fills``, one per
 pinned staging buffer) with no-ops, and times ``with meta.prepare_decode(idx, cache_lens):`` over many
 steps (int64 numpy inputs, as bench_steps passes them; ``--lists`` for lists). What is left is the
 host's Python and numba work of a step (conversion and checks of the batch, staging, views, the
@@ -58,7 +58,7 @@ def build(batch: int, page_size: int = 16, context: int = 4096, seed: int = 0) -
         start += n
     idx = list(range(batch))
     meta.prepare_decode(idx, cache)  # applies the staged pages (with the real fill) and warms the caches
-    meta._fills = [lambda *a, **k: None for _ in meta._fills]  # the device work, stubbed
+    meta._launcher.fills = [lambda *a, **k: None for _ in meta._launcher.fills]  # the device work, stubbed
     return meta, idx, cache
 
 

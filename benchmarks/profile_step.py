@@ -80,11 +80,13 @@ def main() -> int:
     meta._checker.check = timed("validate", meta._checker.check)
     if getattr(meta, "_host_path", None) is not None:  # the compiled path: checks and staging in one call
         meta._host_path.stage = timed("stage", meta._host_path.stage)
-    meta._planner.plan = timed("plan", meta._planner.plan)
+    meta._launcher.planner.plan = timed("plan", meta._launcher.planner.plan)
     meta.block_tables.take_staged = timed("take_staged", meta.block_tables.take_staged)
     meta._staging.upload = timed("upload", meta._staging.upload)
     meta._scatter = timed("scatter", meta._scatter)
-    if hasattr(meta, "_fills"):
+    if hasattr(meta, "_launcher"):
+        meta._launcher.fills = [timed("fill", f) for f in meta._launcher.fills]
+    elif hasattr(meta, "_fills"):  # trees before the launcher
         meta._fills = [timed("fill", f) for f in meta._fills]
     else:  # trees before zero-copy staging
         meta._fill = timed("fill", meta._fill)

@@ -1,0 +1,148 @@
+"""A step's device work behind one staging ring: its rows staged, its launch, its views and its plan.
+
+:class:`StepLauncher` owns what a step needs past the checks: the bound launches of the ring's host
+buffers (:func:`~batchmeta.staging.bind_ring_launches`), the views made once per shape and the
+FlashInfer planner. ``BatchMetadata`` has one for its steps; every draft step index of a
+:class:`~batchmeta.draft.DraftLoop` has one of its own. The caller checks the batch, takes the staged
+block-table writes and makes the ``Step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from batchmeta.attention import StepPlanner
+from batchmeta.batch import BatchChecker
+from batchmeta.block_tables import BlockTables
+from batchmeta.config import MetadataConfig
+from batchmeta.ops.lora import LoraLayout
+from batchmeta.staging import PinnedRing, StagingLayout, StepBuffers, bind_ring_launches, stage_step
+from batchmeta.step import StepViews
+
+__all__ = ["StepLauncher"]
+
+
+class StepLauncher:
+    """Stages, launches, views and plans the steps of one staging ring.
+
+    Parameters
+    ----------
+    config, layout, ring, buffers, block_tables:
+        The owner's configuration, staging layout, pinned ring, device buffers and block tables.
+    lens:
+        ``[max_num_reqs + 1]`` int32 device: the per-slot cache lengths device-length rows resolve from.
+    checker, host_path:
+        The owner's :class:`~batchmeta.batch.BatchChecker` and compiled host path (None: numpy).
+    planned:
+        Whether FlashInfer plans the steps.
+    lora:
+        ``(layout, out)`` of the multi-LoRA rows the launch expands, or None.
+
+    Attributes
+    ----------
+    fills, resolves:
+        Per host buffer of ``ring``: the bound step launch and ``resolve_rows`` launch.
+    planner:
+        The :class:`~batchmeta.attention.StepPlanner` of these buffers.
+    """
+
+    def __init__(
+        self,
+        config: MetadataConfig,
+        layout: StagingLayout,
+        ring: PinnedRing,
+        buffers: StepBuffers,
+        block_tables: BlockTables,
+        lens: torch.Tensor,
+        *,
+        checker: BatchChecker,
+        host_path: Any,
+        planned: bool,
+        lora: tuple[LoraLayout, torch.Tensor] | None = None,
+    ):
+        self.config, self.layout, self.ring, self.buffers = config, layout, ring, buffers
+        self.fills, self.resolves = bind_ring_launches(config, layout, ring, buffers, block_tables, lens, lora=lora)
+        self.planner = StepPlanner(config, buffers.kv_indices)
+        self._checker = checker
+        self._host_path = host_path
+        self._planned = planned
+        self._views: dict[tuple, StepViews] = {}
+        self._min_page_size = min(grp.page_size for grp in config.kv_groups)
+
+    def stage_rows(
+        self,
+        h: np.ndarray,
+        checked: tuple | None,
+        idx: np.ndarray,
+        qlens: np.ndarray | int,
+        clens: np.ndarray,
+        padded: int,
+        graph: bool,
+        num_writes: int,
+        on_device: np.ndarray | None,
+    ) -> tuple[int, tuple[int, ...], int]:
+        """Writes the step's rows into ``h``, the ring's other host buffer (``ring.peek()``), not yet
+        current: by the compiled host path, which checks as it goes (``checked`` None), or by
+        :func:`stage_step` from the numpy checker's ``checked = (seq, pages, max_seq)``. Returns
+        ``(num_tokens, widths, max_seq)``."""
+        ring = self.ring
+        if checked is None:  # common case
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
+            if staged is None:
+                self._checker.check(idx, qlens, clens)  # raises the message
+                raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
+            ring.memo[ring.current ^ 1] = None  # the compiled path keeps no memo of what the buffer holds
+            return staged
+        args = (idx, qlens, clens, *checked, padded, graph, num_writes, on_device)
+        return stage_step(h, self.layout, ring.memo, ring.current ^ 1, self.config, self._checker.rows, *args)
+
+    def launch(
+        self,
+        kind: str,
+        b: int,
+        padded: int,
+        graph: bool,
+        qlens: np.ndarray | int,
+        num_tokens: int,
+        widths: tuple[int, ...],
+        max_seq: int,
+        on_device: np.ndarray | None,
+    ) -> tuple[StepViews, tuple[int, ...], tuple | None, int]:
+        """The current host buffer's step of ``b`` rows (``padded`` with a graph's padding rows;
+        ``qlens`` an int for decode): one launch (device-length rows resolved first), its views and,
+        when planned, its FlashInfer plans. Returns ``(views, num_kv_pages, wrappers, tokens_run)``."""
+        lay, ring = self.layout, self.ring
+        query_len = qlens if type(qlens) is int else None
+        current = ring.current
+        # One launch: staged writes and every metadata field; its column programs cover the longest
+        # row's pages in the group of smallest pages (and the per-step tables' width).
+        max_cols = max(-(-max_seq // self._min_page_size), *widths)
+        if on_device is None:  # common case
+            self.fills[current](padded, max_cols)
+        else:  # exact lengths from the device first; the bounds size the grid and the plan
+            self.resolves[current](padded)
+            self.fills[current](padded, max_cols, resolved=True)
+        tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
+        key = (current, b, padded, tokens_run, widths)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
+                self._views.clear()
+            views = self._views[key] = StepViews.build(
+                self.config, lay, ring, self.buffers, b, padded, tokens_run, widths
+            )
+        h = ring.host_np[current]
+        num_kv_pages = tuple([h.item(at + padded) for at in lay.kv_indptr])  # each group's kv_indptr[padded]
+        wrappers = None
+        if self._planned and padded:
+            ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
+            max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
+            wrappers = self.planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len)
+            if on_device is not None and self.planner.graph_stock_planned:
+                # A graph wrapper's stock plan (its first, or every one without fast plans) copied
+                # the host arrays, upper bounds for these rows, over the exact ones.
+                self.fills[current](padded, max_cols, resolved=True)
+        return views, num_kv_pages, wrappers, tokens_run
