@@ -51,6 +51,10 @@ Figures per loop (timed steps only):
   (clamped at 0) counts every gap, between steps and between the kernels of one step (an eager forward waiting
   for its launches); the gap between a step's last work and the next step's first is given separately
   (median). The events add about two ``record()`` calls (a few µs) of host time per step to both loops.
+- host syncs per step: the device-to-host waits the host did not ask for (``.tolist()``, ``.item()``, a
+  blocking copy), counted by torch's sync debug mode in the warm-up steps after the first (the timed steps are
+  not watched, so they pay nothing for it); where they happened is listed under the checks. The synchronous
+  loops have their one ``.tolist()`` a step; an overlapped loop should have none.
 
 ``--spec K``: speculative decoding instead, both loops on a ``MetadataConfig(token_history=True,
 max_draft_tokens=K)``. Each decode step verifies ``1 + K`` tokens per request (the last accepted token, then K
@@ -87,6 +91,7 @@ compared between eager and CUDA-graph runs too, for information only (their atte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -94,6 +99,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import attrs
@@ -349,12 +355,47 @@ def device_time_us(enqueue, reps: int, max_calls: int | None = None) -> float | 
         end.record()
         torch.cuda.synchronize()
         if (t1 - t0) * 1e6 > 0.8 * pre.elapsed_time(start) * 1e3:  # the sleep ended before the host was done
+            if cycles >= 2_000_000 << 8:  # a sleep of about a second: enqueue() waits for the GPU
+                raise RuntimeError("device_time_us: enqueue() waited for the GPU (a host sync in the step)")
             cycles *= 2
             continue
         times.append(start.elapsed_time(end) * 1e3)
         if len(times) == reps:
             break
     return statistics.median(times) if times else None
+
+
+class SyncCounter:
+    """The host syncs (device to host waits the host did not ask for: ``.tolist()``, ``.item()``, a blocking
+    copy) in the steps run under ``watch(True)``, counted by torch's sync debug mode in "warn" (CUDA only).
+    The loops watch their warm-up steps after the first, so the timed steps pay nothing for it."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.syncs, self.steps = cuda, 0, 0
+        self.sites: dict[str, int] = {}  # "file:line" of the Python code that synced -> count
+
+    @contextlib.contextmanager
+    def watch(self, on: bool):
+        if not (on and self.cuda):
+            yield
+            return
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        self.steps += 1
+        for w in log:
+            if "synchroniz" in str(w.message).lower():
+                self.syncs += 1
+                site = f"{Path(w.filename).name}:{w.lineno}"
+                self.sites[site] = self.sites.get(site, 0) + 1
+
+    def figures(self) -> dict:
+        per_step = self.syncs / self.steps if self.steps else None
+        return dict(host_syncs_per_step=per_step, sync_sites=self.sites)
 
 
 def _capture(fn) -> torch.cuda.CUDAGraph:
@@ -402,6 +443,7 @@ def run_sync(eng: Engine, graph: bool) -> dict:
 
     ev = StepEvents(args.steps, cuda)
     host, blocked = [], []
+    syncs = SyncCounter(cuda)
     _sync(cuda)
     t_start = _now()
     for i in range(eng.decode_steps):
@@ -411,12 +453,13 @@ def run_sync(eng: Engine, graph: bool) -> dict:
             t_start = _now()
         t0 = _now()
         ev.record(ev.begin, j)
-        eng.ensure_pages(meta, clens + 1)
-        nxt = enqueue(clens, tokens)
-        ev.record(ev.end, j)
-        tw = _now()
-        inputs, tokens = tokens, nxt.tolist()  # waits for the GPU
-        tw = _now() - tw
+        with syncs.watch(0 < i < args.warmup):
+            eng.ensure_pages(meta, clens + 1)
+            nxt = enqueue(clens, tokens)
+            ev.record(ev.end, j)
+            tw = _now()
+            inputs, tokens = tokens, nxt.tolist()  # waits for the GPU
+            tw = _now() - tw
         clens = clens + 1
         out.append(tokens)
         if j >= 0:
@@ -424,6 +467,7 @@ def run_sync(eng: Engine, graph: bool) -> dict:
             blocked.append(tw * 1e6)
     wall = _now() - t_start
     res = dict(tokens=np.array(out, dtype=np.int64), wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res.update(syncs.figures())
     res["gpu_busy_us"] = device_time_us(lambda: enqueue(clens - 1, inputs), args.calib)
     return res
 
@@ -493,6 +537,7 @@ def run_overlap(eng: Engine, graph: bool) -> dict:
 
     ev = StepEvents(args.steps, cuda)
     host, blocked = [], []
+    syncs = SyncCounter(cuda)
     _sync(cuda)
     t_start = _now()
     for i in range(eng.decode_steps):
@@ -509,9 +554,10 @@ def run_overlap(eng: Engine, graph: bool) -> dict:
             prepared.synchronize()  # type: ignore[union-attr]
             tw = _now() - tw
         last = clens
-        clens = enqueue(clens, rb.push)
-        ev.record(ev.end, j)
-        rb.poll()
+        with syncs.watch(0 < i < args.warmup):
+            clens = enqueue(clens, rb.push)
+            ev.record(ev.end, j)
+            rb.poll()
         if j >= 0:
             host.append((_now() - t0 - tw) * 1e6)
             blocked.append(tw * 1e6)
@@ -522,6 +568,7 @@ def run_overlap(eng: Engine, graph: bool) -> dict:
         raise RuntimeError("overlap loop: tokens not read back after a sync")
     lag = rb.lag[1 + args.warmup :]
     res = dict(tokens=rb.host.numpy().copy(), wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res.update(syncs.figures())
     res["readback_lag_steps"] = statistics.median(lag) if lag else None
     res["gpu_busy_us"] = device_time_us(
         lambda: enqueue(last, lambda t: eng.scratch.copy_(t, non_blocking=True)), args.calib
@@ -585,6 +632,7 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
 
     ev = StepEvents(args.steps, cuda)
     host, blocked = [], []
+    syncs = SyncCounter(cuda)
     _sync(cuda)
     t_start = _now()
     for i in range(eng.decode_steps):
@@ -600,18 +648,19 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
             tw = _now()
             prepared.synchronize()  # type: ignore[union-attr]
             tw = _now() - tw
-        step = launch(clens)
-        if sync:
-            tw = _now()
-            out[1 + i] = read_now()
-            tw = _now() - tw
-            clens = finish(step, out[1 + i, :, 0], parity)
-            ev.record(ev.end, j)
-        else:
-            clens = finish(step, counts, parity)
-            rb.push(counts, targets)  # type: ignore[union-attr]
-            ev.record(ev.end, j)
-            rb.poll()  # type: ignore[union-attr]
+        with syncs.watch(0 < i < args.warmup):
+            step = launch(clens)
+            if sync:
+                tw = _now()
+                out[1 + i] = read_now()
+                tw = _now() - tw
+                clens = finish(step, out[1 + i, :, 0], parity)
+                ev.record(ev.end, j)
+            else:
+                clens = finish(step, counts, parity)
+                rb.push(counts, targets)  # type: ignore[union-attr]
+                ev.record(ev.end, j)
+                rb.poll()  # type: ignore[union-attr]
         parity = 1 - parity
         if j >= 0:
             host.append((_now() - t0 - tw) * 1e6)
@@ -646,13 +695,18 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
             )
             break
     res.update(tokens=accepted, history=history, wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
+    res.update(syncs.figures())
     res["accepted"] = int(n_acc[1 + args.warmup :].sum())
     res["accepted_hist"] = np.bincount(n_acc[1 + args.warmup :].ravel(), minlength=2 + k)[1:].tolist()
 
     # Calibration: further steps (device counts in both loops: the host cannot wait behind the sleeping kernel),
     # each enqueued behind the sleep; the sync loop's readback becomes a non-blocking copy.
     state = [clens, parity]
+    # Contiguous pinned destinations: a copy into a strided view of pinned memory goes through a pageable
+    # temporary and waits for the GPU.
     scratch = torch.zeros(b, 2 + k, dtype=torch.int64, pin_memory=cuda)
+    scratch_counts = torch.zeros(b, dtype=torch.int64, pin_memory=cuda)
+    scratch_targets = torch.zeros(b, 1 + k, dtype=torch.int64, pin_memory=cuda)
 
     def calib_step():
         c, p = state
@@ -662,8 +716,8 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
             scratch.copy_(torch.cat((counts[:, None], targets), 1), non_blocking=True)
         state[0] = finish(step, counts, p)
         if not sync:
-            scratch[:, 0].copy_(counts, non_blocking=True)
-            scratch[:, 1:].copy_(targets, non_blocking=True)
+            scratch_counts.copy_(counts, non_blocking=True)
+            scratch_targets.copy_(targets, non_blocking=True)
         state[1] = 1 - p
 
     res["gpu_busy_us"] = device_time_us(calib_step, args.calib, max_calls=eng.calib_steps)
@@ -691,6 +745,8 @@ def figures(res: dict, batch: int, steps: int) -> dict:
         gpu_idle_frac=None if idle is None or not period else idle / period,
         gpu_gap_us=res.get("gpu_gap_us"),
         readback_lag_steps=res.get("readback_lag_steps"),
+        host_syncs_per_step=res.get("host_syncs_per_step"),
+        sync_sites=res.get("sync_sites"),
     )
 
 
@@ -755,8 +811,9 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
         ),
         "",
         f"| mode | loop | tokens/s |{acc_head} µs/step (wall) | host µs/step (p90) | host blocked µs/step | "
-        "GPU period µs/step | GPU busy µs/step | GPU idle µs/step | GPU idle % | gap between steps µs |",
-        f"|---|---|---:|{acc_rule}---:|---:|---:|---:|---:|---:|---:|---:|",
+        "GPU period µs/step | GPU busy µs/step | GPU idle µs/step | GPU idle % | gap between steps µs | "
+        "host syncs/step |",
+        f"|---|---|---:|{acc_rule}---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, loops in summary.items():
         for loop, f in loops.items():
@@ -774,6 +831,7 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
                 _num(f["gpu_idle_us"], ".1f"),
                 _num(idle_pct, ".0f", "%"),
                 _num(f["gpu_gap_us"], ".1f"),
+                _num(f["host_syncs_per_step"], ".2f"),
             ]
             lines.append(f"| {mode} | {loop} | " + " | ".join(cells) + " |")
     lines += [
@@ -790,7 +848,7 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
                 f"| {mode} | {_num(r['tokens_per_s'], '.2f', TIMES)} | {_num(r['host_us'], '.2f', TIMES)} | "
                 f"{_num(r['gpu_idle_us'], '.2f', TIMES)} |"
             )
-    lines += ["", "Token checks:", "", *[f"- {c}" for c in checks]]
+    lines += ["", "Checks:", "", *[f"- {c}" for c in checks]]
     if failed:
         lines += ["", "**FAILED: the overlapped loop sampled other tokens than the synchronous one (see the checks).**"]
     return "\n".join(lines) + "\n"
@@ -933,9 +991,20 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_idle_frac",
         "gpu_gap_us",
         "readback_lag_steps",
+        "host_syncs_per_step",
     )
     for mode in modes:
         summary[mode] = {name: {k: _median_of(runs[mode][name], k) for k in keys} for name in loops}
+        for name in loops:
+            sites: dict[str, int] = {}
+            for r in runs[mode][name]:
+                for site, n in (r.get("sync_sites") or {}).items():
+                    sites[site] = sites.get(site, 0) + n
+            if sites:
+                checks.append(
+                    f"{mode} {name}: host syncs in the watched warm-up steps at "
+                    + ", ".join(f"{site} ({n})" for site, n in sorted(sites.items()))
+                )
         if "overlap" in summary[mode]:
             o, s = summary[mode]["overlap"], summary[mode]["sync"]
             summary[mode]["ratios"] = {k: _ratio(o[k], s[k]) for k in ("tokens_per_s", "host_us", "gpu_idle_us")}

@@ -73,14 +73,16 @@ def main() -> int:
 
         return wrapper
 
-    # Methods of the object's parts are wrapped on the instances; stage_step where metadata.py finds it.
-    meta_module = sys.modules[type(meta).__module__]
-    meta_module.stage_step = timed("stage", meta_module.stage_step)
+    # Methods of the object's parts are wrapped on the instances; stage_step where its caller finds it
+    # (batchmeta/launcher.py, metadata.py in trees before the launcher).
+    stage_home = sys.modules.get("batchmeta.launcher") or sys.modules[type(meta).__module__]
+    stage_home.stage_step = timed("stage", stage_home.stage_step)
     type(meta)._prepare = timed("prepare", type(meta)._prepare)
     meta._checker.check = timed("validate", meta._checker.check)
     if getattr(meta, "_host_path", None) is not None:  # the compiled path: checks and staging in one call
         meta._host_path.stage = timed("stage", meta._host_path.stage)
-    meta._launcher.planner.plan = timed("plan", meta._launcher.planner.plan)
+    planner = meta._launcher.planner if hasattr(meta, "_launcher") else meta._planner
+    planner.plan = timed("plan", planner.plan)
     meta.block_tables.take_staged = timed("take_staged", meta.block_tables.take_staged)
     meta._staging.upload = timed("upload", meta._staging.upload)
     meta._scatter = timed("scatter", meta._scatter)

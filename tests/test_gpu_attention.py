@@ -253,7 +253,7 @@ def test_cuda_graph_replay_equals_eager_and_buffers_stay():
             lens[r] += 1
     assert addresses == [t.data_ptr() for t in fixed]
     # Every graph batch size took the fast path (its fast plan equal to its stock plan).
-    assert all(p.fast is True for key, p in meta._planner.decode_planners().items() if key[0] == "graph")
+    assert all(p.fast is True for key, p in meta._launcher.planner.decode_planners().items() if key[0] == "graph")
     # The padding page was never written: padded rows store nothing.
     for kc, vc in eng.caches:
         assert (kc[0] == 0).all() and (vc[0] == 0).all()
@@ -357,7 +357,7 @@ def test_fast_decode_plan_equals_stock_plan(page_size, heads):
         check_outputs(eng, q, [fast], batch, [1] * len(batch))
         for r in batch:
             lens[r] += 1
-    assert meta._planner.decode_planners()[("decode", 0)].fast is True
+    assert meta._launcher.planner.decode_planners()[("decode", 0)].fast is True
 
 
 def _skip_unless_backend(backend):
@@ -429,7 +429,7 @@ def test_fast_prefill_plan_equals_stock_plan(page_size, heads, window, dtype, ba
         check_outputs(eng, q, [fast], idx, qlens)
         for r, n in zip(idx, qlens, strict=True):
             lens[r] += n
-    planner = meta._planner.prefill_planners()[0]
+    planner = meta._launcher.planner.prefill_planners()[0]
     assert planner.fast is True
     assert planner.wrapper._backend == backend
     # Speculative decode steps plan through the same planner.
@@ -487,6 +487,6 @@ def test_fast_ragged_plan_equals_stock_plan(heads, window, dtype, backend):
         torch.cuda.synchronize()
         assert torch.equal(fast, ref)
         check_outputs(eng, q, [fast], idx, qlens)
-    planner = meta._planner.prefill_planners()[("ragged", 0)]
+    planner = meta._launcher.planner.prefill_planners()[("ragged", 0)]
     assert planner.fast is True
     assert planner.wrapper._backend == backend

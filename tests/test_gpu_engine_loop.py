@@ -83,7 +83,7 @@ def test_speculative_verify_under_cuda_graphs(heads):
     # Padding rows read the padding page and never write it.
     for kc, vc in eng.caches:
         assert (kc[0] == 0).all() and (vc[0] == 0).all()
-    planners = meta._planner.prefill_planners().items()
+    planners = meta._launcher.planner.prefill_planners().items()
     graph_planners = {k: p for k, p in planners if isinstance(k, tuple) and k[0] == "graph"}
     assert {key[2:] for key in graph_planners} == {(s, 1 + kd) for s in sizes for kd in drafts}
     assert all(p.fast is True for p in graph_planners.values())
@@ -163,7 +163,7 @@ def test_fast_verify_graph_plan_equals_stock_plan():
         assert torch.equal(fast, ref), batch
         for r in batch:
             lens[r] += 1
-    planner = meta._planner.prefill_planners()[("graph", 0, 4, 3)]
+    planner = meta._launcher.planner.prefill_planners()[("graph", 0, 4, 3)]
     assert planner.fast is True
 
 

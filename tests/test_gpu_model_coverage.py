@@ -161,8 +161,8 @@ def test_fast_plans_keep_scale_and_soft_cap(heads):
         check_outputs(eng, q, [fast], idx, qlens, raw=step.kind == "ragged_prefill")
         for r, n in zip(idx, qlens, strict=True):
             lens[r] += n
-    assert meta._planner.decode_planners()[("decode", 0)].fast is True
-    assert meta._planner.prefill_planners()[0].fast is True
+    assert meta._launcher.planner.decode_planners()[("decode", 0)].fast is True
+    assert meta._launcher.planner.prefill_planners()[0].fast is True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
         assert torch.equal(out, ref), step.kind
         torch.testing.assert_close(out.float(), eng.reference(q_nope, q_pe, idx, qlens), **tol(dtype))
     assert kinds == ["ragged_prefill", "prefill", "decode", "spec_decode"]
-    assert meta._planner.mla_planners()[("mla", 0)].fast is True
+    assert meta._launcher.planner.mla_planners()[("mla", 0)].fast is True
     with pytest.raises(ValueError, match="MLA group"):
         step.attention(q_nope, eng.ckv_cache, eng.kpe_cache)
 
@@ -354,7 +354,7 @@ def test_mla_prefill_mixed_decode_speculative_and_graphs(dtype, page_size):
     assert addresses == [
         t.data_ptr() for t in (meta.positions, *meta.slot_mappings, *meta.kv_indices, meta._staging.dev)
     ]
-    graph_planners = [p for key, p in meta._planner.mla_planners().items() if key[0] == "mla_graph"]
+    graph_planners = [p for key, p in meta._launcher.planner.mla_planners().items() if key[0] == "mla_graph"]
     assert len(graph_planners) == 3 and all(p.fast is True for p in graph_planners)
     # Padding rows wrote nothing: the padding page is still zero.
     assert (eng.ckv_cache[0] == 0).all() and (eng.kpe_cache[0] == 0).all()
