@@ -82,20 +82,26 @@ class Speculation:
         self.num_on_device = 0
         # What the host learns one or two steps late, without waiting: after an accept that leaves
         # lengths on the device, ``lens`` is copied to pinned memory behind an event; an accept that
-        # finds a copy complete takes its values. Per slot: accepts so far (``_version``), the newest
-        # length known exactly and its version, and the increments of the later accepts (``(version,
-        # most it added, whether exactly)``), so a bound is the known length plus those increments and
-        # never drifts further than the accepts the GPU has not reached yet.
+        # finds a copy complete takes its values. Per slot, as running totals so one accept is a few
+        # array operations over its rows: accepts so far (``_version``), the sum of the most each
+        # accept added (``_total``) and the number of accepts whose increment was only a bound
+        # (``_inexact``); and the same three at the newest exactly known length (``_known_*``, with
+        # that length in ``_known_value``). A bound is the known length plus what the later accepts
+        # added at most, so it never drifts further than the accepts the GPU has not reached yet.
         self._version = np.zeros(r + 1, np.int64)
+        self._total = np.zeros(r + 1, np.int64)
+        self._inexact = np.zeros(r + 1, np.int64)
         self._known_version = np.zeros(r + 1, np.int64)
+        self._known_total = np.zeros(r + 1, np.int64)
+        self._known_inexact = np.zeros(r + 1, np.int64)
         self._known_value = np.zeros(r + 1, np.int64)
-        self._increments: dict[int, list[tuple[int, int, bool]]] = {}
         pin = device.type == "cuda"
         self._copies = [
             (torch.zeros(r + 1, dtype=torch.int32, pin_memory=pin), torch.cuda.Event() if pin else None)
             for _ in range(3)
         ]
-        self._copy_versions: list[np.ndarray | None] = [None] * len(self._copies)
+        # Per copy in flight: the (version, total, inexact) snapshot its values belong to.
+        self._copy_state: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * len(self._copies)
         # Per accept: request slots, cache, query and prompt lengths, on-device flags [r] each, then
         # host counts [r] and their prefix sum [r + 1]; per write_drafts: slots, prompt lengths,
         # counts [r] each, prefix [r + 1].
@@ -104,50 +110,56 @@ class Speculation:
         block_tables.on_reset(self._forget)
 
     def _forget(self, req: int) -> None:
-        """A reset request slot starts over (or the host knows its length): its length is the host's."""
+        """A reset request slot starts over: its length is the host's again."""
         if self._on_device[req]:
             self._on_device[req] = 0
             self.num_on_device -= 1
-        self._increments.pop(req, None)
 
     def _learn(self) -> None:
         """Takes the device lengths of every completed copy (an event query: never waits)."""
         for i, (host, event) in enumerate(self._copies):
-            versions = self._copy_versions[i]
-            if versions is None or (event is not None and not event.query()):
+            state = self._copy_state[i]
+            if state is None or (event is not None and not event.query()):
                 continue
+            versions, totals, inexact = state
             newer = versions > self._known_version
             self._known_version[newer] = versions[newer]
+            self._known_total[newer] = totals[newer]
+            self._known_inexact[newer] = inexact[newer]
             self._known_value[newer] = host.numpy()[newer]
-            self._copy_versions[i] = None
+            self._copy_state[i] = None
 
     def _copy_lens(self) -> None:
         """Copies ``lens`` to a free pinned buffer behind an event (skipped when none is free)."""
         for i, (host, event) in enumerate(self._copies):
-            if self._copy_versions[i] is None:
+            if self._copy_state[i] is None:
                 host.copy_(self.lens, non_blocking=True)
                 if event is not None:
                     event.record()
-                self._copy_versions[i] = self._version.copy()
+                self._copy_state[i] = (self._version.copy(), self._total.copy(), self._inexact.copy())
                 return
 
     def _advance(
-        self, req: int, cache: int, increment: int, exact_increment: bool, input_exact: bool
-    ) -> tuple[int, bool]:
-        """Records one accept of request slot ``req`` (input length ``cache``, exact or a bound; its
-        next length at most ``cache + increment``); returns the slot's next length or bound, and
-        whether it is exact."""
-        v = int(self._version[req])
-        self._version[req] = v + 1
-        if input_exact:  # the host knew the input length: start the record there
-            self._known_version[req], self._known_value[req] = v, cache
-            self._increments[req] = []
-        steps = self._increments.setdefault(req, [])
-        steps.append((v + 1, increment, exact_increment))
-        known = int(self._known_version[req])
-        steps[:] = [s for s in steps if s[0] > known]
-        value = int(self._known_value[req]) + sum(s[1] for s in steps)
-        return value, all(s[2] for s in steps)
+        self,
+        idx: np.ndarray,
+        cache: np.ndarray,
+        increment: np.ndarray,
+        exact_increment: np.ndarray,
+        input_exact: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Records one accept of the request slots ``idx`` (distinct; input lengths ``cache``, exact
+        where ``input_exact``; next lengths at most ``cache + increment``, exactly where
+        ``exact_increment``); returns each row's next length or bound, and whether it is exact."""
+        start = idx[input_exact]  # the host knew the input length: the record starts there
+        self._known_version[start] = self._version[start]
+        self._known_total[start] = self._total[start]
+        self._known_inexact[start] = self._inexact[start]
+        self._known_value[start] = cache[input_exact]
+        self._version[idx] += 1
+        self._total[idx] += increment
+        self._inexact[idx] += ~exact_increment
+        bound = self._known_value[idx] + self._total[idx] - self._known_total[idx]
+        return bound, self._inexact[idx] == self._known_inexact[idx]
 
     def rows_on_device(self, idx: np.ndarray, cache_lens: np.ndarray) -> np.ndarray | None:
         """``[B]`` int64, 1 for rows whose cache length is on the device (None when no row's is), after
@@ -303,19 +315,10 @@ class Speculation:
         # Each row's next length, or its bound: from what the host knows (lengths learned from the
         # device copies included), which request slots stay on the device, and a copy if any does.
         self._learn()
-        bound, exact = np.empty(b, np.int64), np.empty(b, bool)
-        for i in range(b):
-            r = int(idx[i])
-            bound[i], exact[i] = self._advance(
-                r, int(cache[i]), int(increment[i]), bool(increment_exact[i]), bool(input_exact[i])
-            )
-            if exact[i]:
-                self._forget(r)
-            else:
-                if not self._on_device[r]:
-                    self._on_device[r] = 1
-                    self.num_on_device += 1
-                self._bound[r] = bound[i]
+        bound, exact = self._advance(idx, cache, increment, increment_exact, input_exact)
+        self._on_device[idx] = ~exact
+        self._bound[idx[~exact]] = bound[~exact]
+        self.num_on_device = int(np.count_nonzero(self._on_device))
         if not exact.all():
             self._copy_lens()
         return Acceptance(bound, exact)

@@ -365,6 +365,30 @@ def device_time_us(enqueue, reps: int, max_calls: int | None = None) -> float | 
     return statistics.median(times) if times else None
 
 
+class HostParts:
+    """Host µs per part of a step (``with parts("name"):``), kept for the steps after ``start(True)``;
+    ``medians()`` per part. A timer costs well under a microsecond."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+        self.on = False
+
+    def start(self, on: bool) -> None:
+        self.on = on
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = _now()
+        try:
+            yield
+        finally:
+            if self.on:
+                self.times.setdefault(name, []).append((_now() - t0) * 1e6)
+
+    def medians(self) -> dict[str, float]:
+        return {name: statistics.median(v) for name, v in self.times.items()}
+
+
 class SyncCounter:
     """The host syncs (device to host waits the host did not ask for: ``.tolist()``, ``.item()``, a blocking
     copy) in the steps run under ``watch(True)``, counted by torch's sync debug mode in "warn" (CUDA only).
@@ -599,11 +623,14 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
     def read_now() -> np.ndarray:
         return np.array(torch.cat((counts[:, None], targets), 1).tolist(), dtype=np.int64)  # waits for the GPU
 
+    parts = HostParts()
+
     def launch(clens):
-        step = meta.prepare_decode(idx, clens, num_draft_tokens=k, cuda_graph=graph)
-        if prepared is not None:
-            prepared.record()  # the GPU has taken this step's plan once it gets here
-        with step:
+        with parts("prepare_decode"):
+            step = meta.prepare_decode(idx, clens, num_draft_tokens=k, cuda_graph=graph)
+            if prepared is not None:
+                prepared.record()  # the GPU has taken this step's plan once it gets here
+        with parts("forward (verify)"), step:
             if graph:
                 meta.replay_decode_graph(step)
             else:
@@ -611,8 +638,12 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
         return step
 
     def finish(step, num_accepted, parity: int) -> np.ndarray:
-        acc = meta.accept_tokens(step, None, targets, num_accepted, prompt_lens)
-        meta.write_drafts(step, eng.draft(loop, parity, graph))
+        with parts("accept_tokens"):
+            acc = meta.accept_tokens(step, None, targets, num_accepted, prompt_lens)
+        with parts("drafter"):
+            drafts = eng.draft(loop, parity, graph)
+        with parts("write_drafts"):
+            meta.write_drafts(step, drafts)
         return acc.cache_lens
 
     # Prefill: one token per request, accepted with host counts (exact lengths), then the first drafts.
@@ -642,7 +673,9 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
             t_start = _now()
         t0 = _now()
         ev.record(ev.begin, j)
-        eng.ensure_pages(meta, clens + 1 + k)  # overlap: clens are bounds, whose pages the engine must hold
+        parts.start(j >= 0)
+        with parts("pages (engine)"):
+            eng.ensure_pages(meta, clens + 1 + k)  # overlap: clens are bounds, whose pages the engine must hold
         tw = 0.0
         if fence:
             tw = _now()
@@ -658,9 +691,10 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
                 ev.record(ev.end, j)
             else:
                 clens = finish(step, counts, parity)
-                rb.push(counts, targets)  # type: ignore[union-attr]
-                ev.record(ev.end, j)
-                rb.poll()  # type: ignore[union-attr]
+                with parts("readback"):
+                    rb.push(counts, targets)  # type: ignore[union-attr]
+                    ev.record(ev.end, j)
+                    rb.poll()  # type: ignore[union-attr]
         parity = 1 - parity
         if j >= 0:
             host.append((_now() - t0 - tw) * 1e6)
@@ -696,6 +730,7 @@ def run_spec(eng: Engine, graph: bool, loop: str) -> dict:
             break
     res.update(tokens=accepted, history=history, wall_s=wall, host_us=host, blocked_us=blocked, **ev.figures())
     res.update(syncs.figures())
+    res["host_parts_us"] = parts.medians()
     res["accepted"] = int(n_acc[1 + args.warmup :].sum())
     res["accepted_hist"] = np.bincount(n_acc[1 + args.warmup :].ravel(), minlength=2 + k)[1:].tolist()
 
@@ -747,6 +782,7 @@ def figures(res: dict, batch: int, steps: int) -> dict:
         readback_lag_steps=res.get("readback_lag_steps"),
         host_syncs_per_step=res.get("host_syncs_per_step"),
         sync_sites=res.get("sync_sites"),
+        host_parts_us=res.get("host_parts_us"),
     )
 
 
@@ -834,6 +870,19 @@ def report(args, device_name: str, summary: dict, checks: list[str], failed: boo
                 _num(f["host_syncs_per_step"], ".2f"),
             ]
             lines.append(f"| {mode} | {loop} | " + " | ".join(cells) + " |")
+    columns = [(m, n) for m, loops in summary.items() for n, f in loops.items() if f.get("host_parts_us")]
+    if columns:
+        part_names = list(dict.fromkeys(p for m, n in columns for p in summary[m][n]["host_parts_us"]))
+        lines += [
+            "",
+            "Host µs of a step by part (medians; the sync loops' wait for the GPU is not in any part):",
+            "",
+            "| part | " + " | ".join(f"{m} {n}" for m, n in columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for part in part_names:
+            cells = [_num(summary[m][n]["host_parts_us"].get(part), ".1f") for m, n in columns]
+            lines.append(f"| {part} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Overlapped / sync (same mode):",
@@ -996,6 +1045,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         summary[mode] = {name: {k: _median_of(runs[mode][name], k) for k in keys} for name in loops}
         for name in loops:
+            names = [n for r in runs[mode][name] for n in (r.get("host_parts_us") or {})]
+            if names:
+                summary[mode][name]["host_parts_us"] = {
+                    n: _median_of([r["host_parts_us"] for r in runs[mode][name]], n) for n in dict.fromkeys(names)
+                }
             sites: dict[str, int] = {}
             for r in runs[mode][name]:
                 for site, n in (r.get("sync_sites") or {}).items():
