@@ -321,6 +321,26 @@ def test_bad_input_raises_before_any_change(device, call, exc, match):
     assert meta.block_tables.take_staged()[0].size == 0, "a rejected append staged writes"
 
 
+@pytest.mark.parametrize("pages", [[7], [3, 9, 4], [], [1] * 12, [5, 2**31], [-3]])
+def test_append_of_python_ints_equals_append_of_an_array(pages):
+    """A list of Python ints takes append's fast path: the same staged writes, mirror and errors."""
+    metas = [make_meta("cpu", page_sizes=(4,)) for _ in range(2)]
+    errors = []
+    for meta, new in zip(metas, (list(pages), np.array(pages, np.int64)), strict=True):
+        meta.block_tables.append(1, [2])
+        try:
+            meta.block_tables.append(1, new)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    assert errors[0] == errors[1]
+    (off_a, val_a), (off_b, val_b) = (m.block_tables.take_staged() for m in metas)
+    assert off_a.tolist() == off_b.tolist() and val_a.tolist() == val_b.tolist()
+    a, b = (m.block_tables for m in metas)
+    assert np.array_equal(a.host_table(0), b.host_table(0))
+    assert np.array_equal(a.host_num_blocks(), b.host_num_blocks())
+
+
 def test_device_tensors_are_rejected_as_batch_descriptions():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA tensor")
