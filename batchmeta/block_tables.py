@@ -113,7 +113,7 @@ class BlockTables:
             With one group, a sequence of page ids; with several, one sequence per group.
         """
         req = self._check_slot(req_idx)
-        if self._one_group and type(new_pages) is list and all(type(p) is int for p in new_pages):
+        if self._one_group and type(new_pages) is list and new_pages and all(type(p) is int for p in new_pages):
             self._append_ints(req, new_pages)  # common case: one group, a list of Python ints
             return
         per_group = self._per_group(new_pages)
@@ -136,9 +136,7 @@ class BlockTables:
 
     def _append_ints(self, req: int, pages: list[int]) -> None:
         """``append`` of one group's pages given as Python ints: the same checks, messages and writes
-        in plain Python, without numpy's per-call cost on a list of one or a few pages."""
-        if not pages:
-            return
+        in plain Python, without numpy's per-call cost on a list of one or a few pages (not empty)."""
         have = int(self._host_num_blocks[0, req])
         width = self._host_tables[0].shape[1]
         if have + len(pages) > width:
