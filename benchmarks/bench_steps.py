@@ -37,6 +37,13 @@ Their host µs are prepare + forward launches (or + the graph launch), their GPU
 forward's kernels; the report adds a table of graph beside eager for such scenarios (and against S's own
 ``batchmeta`` row when S ran).
 
+``DCP`` (decode context parallelism, last): D1's batch on rank 0 of two ranks
+(``MetadataConfig(context_parallel=ContextParallel(2, 0))``, the rank holding pages for its share of every
+request), ``batchmeta`` and ``batchmeta-noplan`` beside ``batchmeta-world1`` and ``batchmeta-world1-noplan``, the
+same batch with ``world_size=1``, interleaved in one run; the report adds their ratios
+(:func:`against_world1`). One process: the rank's step (its metadata and FlashInfer plans for its parts), not
+the collective its attention runs. A failure of this scenario is reported and leaves the others' report intact.
+
 Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
 step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
 implementation that syncs waits for the GPU, so its gaps count); and host syncs (torch's sync debug
@@ -63,6 +70,7 @@ at most ``PEER_TARGETS["gpu"]`` of it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -82,6 +90,7 @@ import triton
 import triton.language as tl
 
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
+from batchmeta.context_parallel import ContextParallel, local_len
 
 
 @dataclass
@@ -94,6 +103,7 @@ class Scenario:
     graph: bool = False
     draft: int = 0
     forward: bool = False  # steps also run attention (ForwardPass): eager, and under a replayed CUDA graph
+    cp: int = 0  # context parallelism over this many ranks: the batch of rank 0 (its share of every request)
 
     @property
     def decode(self) -> bool:
@@ -132,6 +142,11 @@ def scenarios(rng) -> list[Scenario]:
             draft=spec.draft,
             forward=True,
         )
+    )
+    # D1's very batch on rank 0 of two context-parallel ranks (decode context parallelism), beside world_size=1.
+    d1 = out[0]
+    out.append(
+        Scenario("DCP", "D1 on rank 0 of 2 context-parallel ranks", list(d1.cache_lens), list(d1.query_lens), cp=2)
     )
     for s in out:
         s.cache_lens = [min(c, 40000) for c in s.cache_lens]
@@ -180,6 +195,7 @@ class Setup:
     meta: BatchMetadata
     idx: np.ndarray
     noplan: BatchMetadata | None = None
+    world1: Setup | None = None  # context parallelism: the same batch with world_size=1
     prefill_backend: str = "fa2"
     host: dict = field(default_factory=dict)
     dev: dict = field(default_factory=dict)
@@ -193,6 +209,9 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     # Trees before prefill_backend existed (benchmarks/ab_revisions.py, profile_step.py on an older
     # checkout) planned prefill with FlashInfer's default backend.
     extra = {"prefill_backend": prefill_backend} if "prefill_backend" in attrs.fields_dict(MetadataConfig) else {}
+    cp = ContextParallel(scn.cp, 0) if scn.cp else None
+    if cp is not None:
+        extra["context_parallel"] = cp
     cfg = MetadataConfig(
         max_num_reqs=b,
         max_num_tokens=max(int(sum(scn.query_lens)), b),
@@ -210,16 +229,19 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     )
     meta = BatchMetadata(cfg)
     noplan = BatchMetadata(attrs.evolve(cfg, plan_attention=False))
-    num_pages = int(sum(-(-seq // scn.page_size))) + 1
+    held = local_len(seq, cp) if cp is not None else seq  # a context-parallel rank holds pages for its share
+    num_pages = int(sum(-(-held // scn.page_size))) + 1
     perm = rng.permutation(np.arange(1, num_pages + 1))
     start = 0
     for r in range(b):
-        n = -(-int(seq[r]) // scn.page_size)
+        n = -(-int(held[r]) // scn.page_size)
         for m in (meta, noplan):
             m.block_tables.append(r, perm[start : start + n].tolist())
         start += n
     idx = np.arange(b)
     s = Setup(scn, meta, idx, noplan=noplan, prefill_backend=prefill_backend, num_pages=num_pages)
+    if cp is not None:
+        s.world1 = build(dataclasses.replace(scn, cp=0), rng, prefill_backend)
     # Host arrays for the stock plan, and device kv_indices, prepared once (not timed).
     with meta.prepare_prefill(idx, query_lens=scn.query_lens, cache_lens=scn.cache_lens) as step:
         s.host = dict(
@@ -549,7 +571,7 @@ def _count_syncs(step) -> int:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)  # not the "prototype" notice
 
 
 def measure(impls: dict, steps: int, progress) -> dict:
@@ -812,6 +834,54 @@ GRAPH_PAIRS = (
 GRAPH_OF = {"S_graph": "S"}
 
 
+def against_world1(results: dict) -> list[dict]:
+    """Per context-parallel scenario (those measuring ``batchmeta-world1``): a rank's ``batchmeta`` and
+    ``batchmeta-noplan`` host and GPU medians against the same batch's with ``world_size=1``, and their ratios."""
+    rows = []
+    for name, r in results.items():
+        impls = r["impls"]
+        if "batchmeta-world1" not in impls:
+            continue
+        for rank_impl, world1_impl in (
+            ("batchmeta", "batchmeta-world1"),
+            ("batchmeta-noplan", "batchmeta-world1-noplan"),
+        ):
+            rm, wm = impls.get(rank_impl, {}), impls.get(world1_impl, {})
+            rows.append(
+                dict(
+                    scenario=name,
+                    rank=rank_impl,
+                    world1=world1_impl,
+                    rank_host_us=rm.get("host_median"),
+                    world1_host_us=wm.get("host_median"),
+                    host_ratio=_ratio(rm.get("host_median"), wm.get("host_median")),
+                    rank_gpu_us=rm.get("gpu_median"),
+                    world1_gpu_us=wm.get("gpu_median"),
+                    gpu_ratio=_ratio(rm.get("gpu_median"), wm.get("gpu_median")),
+                )
+            )
+    return rows
+
+
+def against_world1_lines(rows: list[dict]) -> list[str]:
+    """The context-parallel table, in markdown."""
+
+    def num(v, fmt, suffix=""):
+        return "—" if v is None else format(v, fmt) + suffix
+
+    lines = [
+        "| scenario | rank | world 1 | rank host µs | world 1 host µs | ratio | rank GPU µs | world 1 GPU µs | ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['scenario']} | {r['rank']} | {r['world1']} | {num(r['rank_host_us'], '.1f')} | "
+            f"{num(r['world1_host_us'], '.1f')} | {num(r['host_ratio'], '.2f', TIMES)} | "
+            f"{num(r['rank_gpu_us'], '.1f')} | {num(r['world1_gpu_us'], '.1f')} | {num(r['gpu_ratio'], '.2f', TIMES)} |"
+        )
+    return lines
+
+
 def graph_vs_eager(results: dict) -> list[dict]:
     """Per graph scenario with a forward (those measuring ``batchmeta+fwd``): host and GPU medians of each graph
     implementation beside its eager twin from the same run, interleaved (:data:`GRAPH_PAIRS`), and the
@@ -900,6 +970,19 @@ def main() -> int:
 
     results, memory = {}, None
     for scn in chosen:
+        if scn.cp:  # last, and apart: a failure here must not lose the other scenarios' report
+            try:
+                s = build(scn, rng, prefill_backend=args.prefill_backend)
+                impls = {
+                    "batchmeta-world1": impl_batchmeta(s.world1, graph=False),
+                    "batchmeta": impl_batchmeta(s, graph=False),
+                    "batchmeta-noplan": impl_batchmeta(s, graph=False, plan=False),
+                    "batchmeta-world1-noplan": impl_batchmeta(s.world1, graph=False, plan=False),
+                }
+                results[scn.name] = dict(what=scn.what, impls=measure(impls, args.steps, progress))
+            except Exception as e:  # reported, not raised
+                print(f"\nbench_steps: {scn.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
         s = build(scn, rng, prefill_backend=args.prefill_backend)
         if scn.forward:  # graph beside eager on one batch; the glue's cost is S's row already
             fwd = ForwardPass(s)
@@ -991,6 +1074,15 @@ def main() -> int:
             "",
             *graph_vs_eager_lines(pairs),
         ]
+    cp_rows = against_world1(results)
+    if cp_rows:
+        lines += [
+            "",
+            "Context parallelism: a rank's step (rank 0 of the world) against the same batch with world_size=1 "
+            "(medians, interleaved in one run):",
+            "",
+            *against_world1_lines(cp_rows),
+        ]
     if memory:
         lines += [
             "",
@@ -1013,6 +1105,7 @@ def main() -> int:
                 summary=summary,
                 against_peers=peers,
                 graph_vs_eager=pairs,
+                against_world1=cp_rows,
             ),
             indent=1,
         )

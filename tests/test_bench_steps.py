@@ -104,3 +104,34 @@ def test_against_peers_takes_the_fastest_peer_for_host_and_peer_glue_for_gpu():
     assert rows["P1"]["passed"] is None and rows["P1"]["gpu_ratio"] is None  # no peer-glue: GPU unchecked
     lines = bench.against_peers_lines(rows)
     assert len(lines) == 2 + 3 and "**miss**" in lines[3]
+
+
+def test_against_world1_pairs_a_rank_with_the_same_batch_on_one_rank():
+    results = {
+        "D1": dict(what="", impls={"batchmeta": _impl(100, 10)}),  # not context-parallel: no row
+        "DCP": dict(
+            what="",
+            impls={
+                "batchmeta-world1": _impl(100, 10),
+                "batchmeta": _impl(150, 12),
+                "batchmeta-noplan": _impl(60, 9),
+                "batchmeta-world1-noplan": _impl(40, 6),
+            },
+        ),
+    }
+    rows = bench.against_world1(results)
+    assert [(r["scenario"], r["rank"], r["world1"]) for r in rows] == [
+        ("DCP", "batchmeta", "batchmeta-world1"),
+        ("DCP", "batchmeta-noplan", "batchmeta-world1-noplan"),
+    ]
+    assert rows[0]["host_ratio"] == pytest.approx(1.5) and rows[0]["gpu_ratio"] == pytest.approx(1.2)
+    assert rows[1]["host_ratio"] == pytest.approx(1.5) and rows[1]["gpu_ratio"] == pytest.approx(1.5)
+    lines = bench.against_world1_lines(rows)
+    assert len(lines) == 2 + 2 and f"1.50{bench.TIMES}" in lines[2]
+
+
+def test_the_context_parallel_scenario_is_d1s_batch_on_rank_0_of_2():
+    scns = {s.name: s for s in bench.scenarios(np.random.default_rng(0))}
+    dcp, d1 = scns["DCP"], scns["D1"]
+    assert dcp.cp == 2 and dcp.cache_lens == d1.cache_lens and dcp.query_lens == d1.query_lens
+    assert all(s.cp == 0 for name, s in scns.items() if name != "DCP")
