@@ -114,8 +114,8 @@ class BlockTables:
         """
         req = self._check_slot(req_idx)
         if self._one_group and type(new_pages) is list and new_pages and all(type(p) is int for p in new_pages):
-            self._append_ints(req, new_pages)  # common case: one group, a list of Python ints
-            return
+            if self._append_ints(req, new_pages):  # common case: one group, a list of Python ints
+                return
         per_group = self._per_group(new_pages)
         cfg = self.config
         for g, pages in enumerate(per_group):
@@ -134,20 +134,15 @@ class BlockTables:
             self._write(g, req, have, pages)
             self._set_count(g, req, have + len(pages))
 
-    def _append_ints(self, req: int, pages: list[int]) -> None:
-        """``append`` of one group's pages given as Python ints: the same checks, messages and writes
-        in plain Python, without numpy's per-call cost on a list of one or a few pages (not empty)."""
+    def _append_ints(self, req: int, pages: list[int]) -> bool:
+        """``append`` of one group's pages given as Python ints (not empty), in plain Python, without
+        numpy's per-call cost on a list of one or a few pages: the same writes. Returns False, having
+        changed nothing, for pages the general path must reject (it raises the message)."""
         have = int(self._host_num_blocks[0, req])
         width = self._host_tables[0].shape[1]
-        if have + len(pages) > width:
-            raise ValueError(
-                f"new_pages: request slot {req} would hold {have + len(pages)} pages in group 0, "
-                f"more than the {width} that max_model_len ({self.config.max_model_len}) needs"
-            )
-        lo, hi = min(pages), max(pages)
         upper = self.config.num_kv_pages or _I32_MAX + 1
-        if lo < 0 or hi >= upper:
-            raise ValueError(f"new_pages: page ids must be in [0, {upper}), got {lo}..{hi}")
+        if have + len(pages) > width or min(pages) < 0 or max(pages) >= upper:
+            return False
         table, staged, start = self._host_tables[0], self._staged, self.table_offsets[0] + req * width + have
         for i, page in enumerate(pages):
             table[req, have + i] = page
@@ -155,6 +150,7 @@ class BlockTables:
         n = have + len(pages)
         self._host_num_blocks[0, req] = n
         staged[self.num_blocks_offset + req] = n  # group 0's held counts start there
+        return True
 
     def reset(self, req_idx: int) -> None:
         """Request slot ``req_idx`` finished: it holds no pages in any group."""

@@ -90,7 +90,11 @@ import triton
 import triton.language as tl
 
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, ops
-from batchmeta.context_parallel import ContextParallel, local_len
+
+try:  # trees before context parallelism (benchmarks/ab_revisions.py runs this file against older checkouts)
+    from batchmeta.context_parallel import ContextParallel, local_len
+except ImportError:  # pragma: no cover
+    ContextParallel = local_len = None
 
 
 @dataclass
@@ -209,9 +213,11 @@ def build(scn: Scenario, rng, prefill_backend: str = "fa2") -> Setup:
     # Trees before prefill_backend existed (benchmarks/ab_revisions.py, profile_step.py on an older
     # checkout) planned prefill with FlashInfer's default backend.
     extra = {"prefill_backend": prefill_backend} if "prefill_backend" in attrs.fields_dict(MetadataConfig) else {}
-    cp = ContextParallel(scn.cp, 0) if scn.cp else None
-    if cp is not None:
-        extra["context_parallel"] = cp
+    cp = None
+    if scn.cp:  # the DCP scenario; a tree without context parallelism fails it (reported, see main)
+        if ContextParallel is None or "context_parallel" not in attrs.fields_dict(MetadataConfig):
+            raise RuntimeError("this checkout has no context parallelism")
+        cp = extra["context_parallel"] = ContextParallel(scn.cp, 0)
     cfg = MetadataConfig(
         max_num_reqs=b,
         max_num_tokens=max(int(sum(scn.query_lens)), b),

@@ -35,9 +35,12 @@ import bench_steps
 
 
 def _gpu_us(fn, iters: int) -> float:
+    """Device µs per call: ``iters`` calls enqueued behind a sleeping kernel, so the host's pace (the Python
+    around each launch) is not what the events time."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(20_000_000)
     start.record()
     for _ in range(iters):
         fn()

@@ -319,6 +319,29 @@ def test_bounds_must_be_passed_back_and_reset_forgets_them():
     assert step.rows_on_device.tolist() == [False]
 
 
+def test_two_steps_in_flight_keep_every_increment():
+    """Two verify steps prepared from one bound, then accepted in order with host counts: the second's
+    length is the device's (the first accept's increment kept, not dropped with the bookkeeping)."""
+    engine = Engine("torch", "compiled" if COMPILED else "numpy", True, 2)
+    meta = engine.meta
+    meta.stage_prompt(0, [1, 2, 3])
+    step = meta.prepare_prefill([0], query_lens=[3], cache_lens=[0])
+    meta.accept_tokens(step, None, torch.tensor([4], device=DEVICE), [1], [3])
+    step = meta.prepare_decode([0], [3], num_draft_tokens=2)
+    acc = meta.accept_tokens(
+        step, None, torch.tensor([[4, 4, 4]], device=DEVICE), torch.tensor([2], device=DEVICE), [3]
+    )
+    bound = acc.cache_lens.tolist()
+    assert bound == [6] and not acc.exact[0]
+    first = meta.prepare_decode([0], bound, num_draft_tokens=2)
+    second = meta.prepare_decode([0], bound, num_draft_tokens=2)  # prepared before the first is accepted
+    for s, n in ((first, 2), (second, 3)):
+        acc = meta.accept_tokens(s, None, torch.tensor([[4, 4, 4]], device=DEVICE), [n], [3])
+        device_len = int(meta._spec.lens[0])
+        assert acc.cache_lens[0] >= device_len and (not acc.exact[0] or acc.cache_lens[0] == device_len)
+    assert device_len == 10 and acc.cache_lens.tolist() == [10] and acc.exact[0]
+
+
 def test_write_drafts_checks():
     engine = Engine("torch", "compiled" if COMPILED else "numpy", False, 2)
     meta = engine.meta
