@@ -50,6 +50,8 @@ import attrs
 import numpy as np
 import torch
 
+from batchmeta.ops.block_table import write_kv_indices
+
 if TYPE_CHECKING:
     from batchmeta.config import KVGroup
 
@@ -206,8 +208,9 @@ class CPAttention:
     ----------
     config:
         The :class:`~batchmeta.MetadataConfig`; its ``context_parallel`` shards at least one group.
-    kv_indices:
-        Per group, the ``kv_indices`` buffer the step kernel writes (device).
+    block_tables:
+        Per group, the ``[max_num_reqs + 1, W]`` int32 device block table (this rank's pages); a
+        row's cached pages are its first ones.
     device:
         Where the step's tensors live.
     cp_group:
@@ -216,17 +219,19 @@ class CPAttention:
     Note
     ----
     Buffers are made once: per group and per host staging buffer (two, used in turn with the
-    step's) pinned host arrays on CUDA, and device arrays the size of ``kv_indices``. A step writes
-    them and copies them asynchronously; the staging ring's events keep a host buffer from being
+    step's) pinned host arrays on CUDA, and device arrays (the cached part's ``kv_indptr`` and
+    ``kv_indices``). A step writes the ``[B + 1]`` indptr on the host, copies it asynchronously and
+    gathers the cached pages from the block table on the device (:func:`batchmeta.ops.write_kv_indices`):
+    host work per row, not per page. The staging ring's events keep a host buffer from being
     rewritten before its copies ran.
     """
 
-    def __init__(self, config: Any, kv_indices: tuple[torch.Tensor, ...], device: torch.device, cp_group: Any = None):
+    def __init__(self, config: Any, block_tables: tuple[torch.Tensor, ...], device: torch.device, cp_group: Any = None):
         self.config = config
         self.cp: ContextParallel = config.context_parallel
         self.cp_group = cp_group
         self.groups = tuple(g for g in range(len(config.kv_groups)) if config.sharded(g))
-        self._kv_indices = kv_indices
+        self._tables = block_tables
         self._device = device
         pin = device.type == "cuda"
         r, t = config.max_num_reqs, config.max_num_tokens
@@ -234,15 +239,14 @@ class CPAttention:
         self._host_t: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._dev: dict[int, dict[str, torch.Tensor]] = {}
         for g in self.groups:
-            cap = kv_indices[g].numel()
-            sizes = {"indptr": (r + 1, torch.int32), "last": (r, torch.int32), "src": (cap, torch.int64)}
-            sizes["empty"] = (t, torch.bool)
+            cap = (r + 1) * block_tables[g].shape[1]  # every row's pages, at most
+            sizes = {"indptr": (r + 1, torch.int32), "last": (r, torch.int32), "empty": (t, torch.bool)}
             self._host_t[g] = [
                 {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()} for _ in range(2)
             ]
             self._host[g] = [{k: v.numpy() for k, v in bufs.items()} for bufs in self._host_t[g]]
             self._dev[g] = {
-                "src": torch.zeros(cap, dtype=torch.int64, device=device),
+                "indptr": torch.zeros(r + 1, dtype=torch.int32, device=device),
                 "indices": torch.zeros(cap, dtype=torch.int32, device=device),
                 "empty": torch.zeros(t, dtype=torch.bool, device=device),
             }
@@ -253,17 +257,17 @@ class CPAttention:
         kind: str,
         cache_lens: np.ndarray,
         query_lens: np.ndarray,
-        kv_indptr_host: tuple[np.ndarray, ...],
         qo_indptr_pinned: torch.Tensor,
+        idx_mapping: torch.Tensor,
         slot: int,
         *,
         plan: bool,
     ) -> dict[int, CPGroupStep]:
         """Each sharded group's :class:`CPGroupStep` for a step of ``B`` rows: ``cache_lens`` and
-        ``query_lens`` ``[B]`` (host, global), ``kv_indptr_host`` per group ``[B + 1]`` (this rank's
-        pages of the whole sequence), ``qo_indptr_pinned`` ``[B + 1]``; ``slot``: the staging ring's
-        current host buffer. With ``plan``, FlashInfer's wrappers are planned from host arrays."""
-        cp, b = self.cp, cache_lens.shape[0]
+        ``query_lens`` ``[B]`` (host, global), ``qo_indptr_pinned`` ``[B + 1]``, ``idx_mapping``
+        ``[>= B]`` the step's request slots on the device; ``slot``: the staging ring's current host
+        buffer. With ``plan``, FlashInfer's wrappers are planned from host arrays."""
+        cp, b, backend = self.cp, cache_lens.shape[0], self.config.backend
         num_tokens = int(qo_indptr_pinned[b]) if b else 0
         local = local_len(cache_lens, cp)  # never the step's local lengths minus its new tokens (#47181)
         out = {}
@@ -276,15 +280,15 @@ class CPAttention:
             np.cumsum(pages, out=indptr[1:])
             np.copyto(last, np.where(local > 0, (local - 1) % ps + 1, 0))
             total = int(indptr[b])
-            # A row's cached pages are the first of its pages in kv_indices: gather them from there
-            # on the device (the step kernel's own pages); the host sends only where each one is.
-            src = host["src"][:total]  # [total] int64 index into kv_indices
-            src[:] = np.repeat(kv_indptr_host[g][:b].astype(np.int64) - indptr[:b], pages) + np.arange(total)
             empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
             empty[:] = np.repeat(local == 0, query_lens)
-            dev["src"][:total].copy_(host_t["src"][:total], non_blocking=True)
+            # A row's cached pages are the first of its pages in the block table (which the step's
+            # launch has just brought up to date): gathered there on the device, from the indptr.
+            dev_indptr = dev["indptr"][: b + 1]
+            dev_indptr.copy_(host_t["indptr"][: b + 1], non_blocking=True)
+            rows = idx_mapping[:b]
+            write_kv_indices(self._tables[g], dev_indptr, out=dev["indices"], idx_mapping=rows, backend=backend)
             indices = dev["indices"][:total]
-            torch.index_select(self._kv_indices[g], 0, dev["src"][:total], out=indices)
             no_cached = dev["empty"][:num_tokens]
             no_cached.copy_(host_t["empty"][:num_tokens], non_blocking=True)
             part = CPGroupStep(

@@ -190,7 +190,7 @@ class BatchMetadata:
         self._clock = [0]  # number of the latest step: older steps' views are stale
         self._draft: DraftLoop | None = None  # made by the first prepare_draft
         self._sharded = sharded  # context parallelism shards a group: see batchmeta.context_parallel
-        self._cp = CPAttention(cfg, buf.kv_indices, dev, cp_group) if sharded else None
+        self._cp = CPAttention(cfg, self.block_tables.tables, dev, cp_group) if sharded else None
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -430,11 +430,11 @@ class BatchMetadata:
             if self.lora is not None:
                 step._lora = self.lora.views(ring.current, h, padded, tokens_run)
             if self._cp is not None:  # the sharded groups' cached-context arrays and plans
-                lens = (clens, np.full(b, query_len) if query_len else qlens, views.kv_indptr_host)
-                step._cp = (
-                    self._cp,
-                    self._cp.prepare(kind, *lens, views.qo_indptr_pinned, ring.current, plan=bool(wrappers)),
+                qo = np.full(b, query_len) if query_len else qlens
+                parts = self._cp.prepare(
+                    kind, clens, qo, views.qo_indptr_pinned, views.idx_mapping, ring.current, plan=bool(wrappers)
                 )
+                step._cp = (self._cp, parts)
             return step
         finally:
             ring.done()  # the host buffer stays busy until what was enqueued from it has run

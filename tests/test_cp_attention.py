@@ -208,6 +208,14 @@ def test_simulated_ranks_equal_dense_reference(world_size, interleave, page_size
         torch.testing.assert_close(got.float().cpu(), ref, atol=1e-5, rtol=1e-5, msg=f"step {n}, group {g}")
 
 
+def test_simulated_ranks_on_the_triton_backend():
+    """The same on the Triton kernels (the interpreter on the CPU): the step kernel, and the cached
+    pages gathered from the block table by ``ops.write_kv_indices``."""
+    ranks = [Rank(BatchMetadata(make_config(ContextParallel(2, r), (16, 1), backend="triton"))) for r in range(2)]
+    for n, g, got, ref in run_case(ranks, merge_simulated, backend="triton"):
+        torch.testing.assert_close(got.float().cpu(), ref, atol=1e-5, rtol=1e-5, msg=f"step {n}, group {g}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("page_sizes", [(16, 1), (1, 16)], ids=["full16-win1", "full1-win16"])
 @pytest.mark.parametrize("interleave", [1, 16])
