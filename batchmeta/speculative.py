@@ -37,6 +37,8 @@ from batchmeta.staging import PinnedRing
 __all__ = ["Acceptance", "Speculation"]
 
 _I32_MAX = 2**31 - 1
+_NULL_CONTEXT = contextlib.nullcontext()
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
 
 
 class Acceptance(NamedTuple):
@@ -107,7 +109,18 @@ class Speculation:
         # counts [r] each, prefix [r + 1].
         self._staging = PinnedRing(7 * r + 1, device)
         self._device = device
+        # The CUDA device to make current around a launch (None on the CPU); see _on_device.
+        self._device_index = (
+            (device.index if device.index is not None else torch.cuda.current_device()) if pin else None
+        )
         block_tables.on_reset(self._forget)
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """The config's CUDA device made current for a launch; no ``with`` (a few µs) when it already is."""
+        index = self._device_index
+        if index is None or _current_device() == index:
+            return _NULL_CONTEXT
+        return torch.cuda.device(index)
 
     def _forget(self, req: int) -> None:
         """A reset request slot starts over: its length is the host's again."""
@@ -284,7 +297,7 @@ class Speculation:
         # Staging: request slots, cache, query, prompt lengths, on-device flags, counts [b] each, prefix [b + 1].
         idx = step.idx_mapping_host
         h = self._staging.next()
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             try:
                 h[0:b] = idx
                 h[b : 2 * b] = cache
@@ -380,7 +393,7 @@ class Speculation:
                 f"draft_token_ids: expected [B, k] or ragged [N] drafts, got shape {tuple(draft_token_ids.shape)}"
             )
         h = self._staging.next()
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             try:
                 # Staging: request slots, prompt lengths, counts [b] each, their prefix sum [b + 1].
                 h[0:b] = step.idx_mapping_host
