@@ -109,13 +109,13 @@ class Speculation:
         # counts [r] each, prefix [r + 1].
         self._staging = PinnedRing(7 * r + 1, device)
         self._device = device
-        # The CUDA device to make current around a launch (None on the CPU); see _on_device.
+        # The CUDA device to make current around a launch (None on the CPU); see _device_context.
         self._device_index = (
             (device.index if device.index is not None else torch.cuda.current_device()) if pin else None
         )
         block_tables.on_reset(self._forget)
 
-    def _on_device(self) -> contextlib.AbstractContextManager:
+    def _device_context(self) -> contextlib.AbstractContextManager:
         """The config's CUDA device made current for a launch; no ``with`` (a few µs) when it already is."""
         index = self._device_index
         if index is None or _current_device() == index:
@@ -297,7 +297,7 @@ class Speculation:
         # Staging: request slots, cache, query, prompt lengths, on-device flags, counts [b] each, prefix [b + 1].
         idx = step.idx_mapping_host
         h = self._staging.next()
-        with self._on_device():
+        with self._device_context():
             try:
                 h[0:b] = idx
                 h[b : 2 * b] = cache
@@ -393,7 +393,7 @@ class Speculation:
                 f"draft_token_ids: expected [B, k] or ragged [N] drafts, got shape {tuple(draft_token_ids.shape)}"
             )
         h = self._staging.next()
-        with self._on_device():
+        with self._device_context():
             try:
                 # Staging: request slots, prompt lengths, counts [b] each, their prefix sum [b + 1].
                 h[0:b] = step.idx_mapping_host
