@@ -299,7 +299,9 @@ def test_host_counts_out_of_the_rule_are_rejected_before_anything_changes(num_ac
     assert not step._accepted
 
 
-def test_bounds_must_be_passed_back_and_reset_forgets_them():
+def _slot_0_on_the_device():
+    """A prompt of 3 in slot 0, then a verify step of 2 drafts accepted with device counts (2): the
+    slot's length is on the device, its bound 6."""
     engine = Engine("torch", "compiled" if COMPILED else "numpy", True, 2)
     meta = engine.meta
     meta.stage_prompt(0, [1, 2, 3])
@@ -309,6 +311,11 @@ def test_bounds_must_be_passed_back_and_reset_forgets_them():
     acc = meta.accept_tokens(
         step, None, torch.tensor([[4, 4, 4]], device=DEVICE), torch.tensor([2], device=DEVICE), [3]
     )
+    return meta, acc
+
+
+def test_bounds_must_be_passed_back_and_reset_forgets_them():
+    meta, acc = _slot_0_on_the_device()
     assert acc.cache_lens.tolist() == [6] and not acc.exact[0]
     with pytest.raises(ValueError, match=r"cache_lens: request slot 0's length is on the device .* 6, got 4"):
         meta.prepare_decode([0], [4])
@@ -322,15 +329,7 @@ def test_bounds_must_be_passed_back_and_reset_forgets_them():
 def test_two_steps_in_flight_keep_every_increment():
     """Two verify steps prepared from one bound, then accepted in order with host counts: the second's
     length is the device's (the first accept's increment kept, not dropped with the bookkeeping)."""
-    engine = Engine("torch", "compiled" if COMPILED else "numpy", True, 2)
-    meta = engine.meta
-    meta.stage_prompt(0, [1, 2, 3])
-    step = meta.prepare_prefill([0], query_lens=[3], cache_lens=[0])
-    meta.accept_tokens(step, None, torch.tensor([4], device=DEVICE), [1], [3])
-    step = meta.prepare_decode([0], [3], num_draft_tokens=2)
-    acc = meta.accept_tokens(
-        step, None, torch.tensor([[4, 4, 4]], device=DEVICE), torch.tensor([2], device=DEVICE), [3]
-    )
+    meta, acc = _slot_0_on_the_device()
     bound = acc.cache_lens.tolist()
     assert bound == [6] and not acc.exact[0]
     first = meta.prepare_decode([0], bound, num_draft_tokens=2)
