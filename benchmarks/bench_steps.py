@@ -649,6 +649,11 @@ def memory_report(s: Setup) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Summary against TARGETS (pure functions of the results dict: exercised without a GPU)
 # --------------------------------------------------------------------------------------------------
+def num(v: float | None, fmt: str, suffix: str = "") -> str:
+    """A table cell: ``v`` formatted, or a dash where it was not measured."""
+    return "—" if v is None else format(v, fmt) + suffix
+
+
 def _ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or not den > 0:
         return None
@@ -745,9 +750,6 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
 def summary_lines(summary: dict) -> list[str]:
     """The summary table, in markdown."""
 
-    def num(v, fmt, suffix=""):
-        return "—" if v is None else format(v, fmt) + suffix
-
     lines = [
         "| scenario | stock-plan host µs | batchmeta host µs | batchmeta / stock-plan | graph / eager host "
         "| batchmeta-noplan / stock-plan | GPU µs batchmeta / stock-plan | target | pass/miss |",
@@ -811,9 +813,6 @@ def against_peers(results: dict, targets: dict | None = None) -> dict:
 def against_peers_lines(rows: dict) -> list[str]:
     """The against-the-peers table, in markdown."""
 
-    def num(v, fmt, suffix=""):
-        return "—" if v is None else format(v, fmt) + suffix
-
     lines = [
         "| scenario | best peer (host) | its host µs | batchmeta host µs | ratio | peer-glue GPU µs | batchmeta GPU µs "
         "| ratio | target | pass/miss |",
@@ -872,9 +871,6 @@ def against_world1(results: dict) -> list[dict]:
 def against_world1_lines(rows: list[dict]) -> list[str]:
     """The context-parallel table, in markdown."""
 
-    def num(v, fmt, suffix=""):
-        return "—" if v is None else format(v, fmt) + suffix
-
     lines = [
         "| scenario | rank | world 1 | rank host µs | world 1 host µs | ratio | rank GPU µs | world 1 GPU µs | ratio |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -927,9 +923,6 @@ def graph_vs_eager_lines(rows: list[dict]) -> list[str]:
     """The graph-beside-eager table, in markdown (no lines without rows)."""
     if not rows:
         return []
-
-    def num(v, fmt, suffix=""):
-        return "—" if v is None else format(v, fmt) + suffix
 
     lines = [
         "| scenario | step | graph | eager | host µs graph / eager | ratio | GPU µs graph / eager | ratio | syncs |",
