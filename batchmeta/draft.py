@@ -7,20 +7,25 @@ accepted token for ``j = 0``, else the token step ``j - 1`` drafted) and drafts 
 room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
 
 1. checks and stages every step on the host (the compiled host path or numpy), from the lengths
-   ``accept_tokens`` returned (upper bounds where acceptance stayed on the device);
-2. one launch per step (enqueued back to back, before the drafter's first forward) writes the
-   step's positions, slot mappings, ``seq_lens``, ``kv_indptr``, ``kv_indices``,
-   ``kv_last_page_len`` and ``input_ids`` into that step's own buffers; rows whose length is on the
-   device are first resolved from it, ``j`` positions further;
-3. one FlashInfer plan per step and KV-cache group, each step with wrappers of its own (plans read
-   pinned host arrays, never the device);
-4. between forwards only the drafted token moves: :func:`batchmeta.ops.draft.advance_draft` writes
-   it into the token history (where the next verify step gathers its drafts), into the next step's
-   ``input_ids`` and into the round's ``draft_token_ids``.
+   ``accept_tokens`` returned (upper bounds where acceptance stayed on the device), so every step's
+   host twins are its own;
+2. plans FlashInfer once per KV-cache group: the last step's lengths bound every step's, and the
+   tensor-core decode kernel clamps each KV chunk to a step's own lengths, so every step's wrapper
+   takes that one plan (their int workspaces are one buffer: :meth:`StepPlanner.adopt
+   <batchmeta.attention.StepPlanner.adopt>`); an MLA group plans each step;
+3. one launch writes step 0 (rows whose length is on the device resolved there first), its packed
+   rows kept in its device mirror;
+4. the GPU advances the rest: :meth:`DraftRound.advance` after step ``j``'s forward writes the
+   drafted token (:func:`batchmeta.ops.draft.advance_draft`: the token history, the round's
+   ``draft_token_ids``), then step ``j + 1``: its packed rows are step 0's ``j + 1`` positions further
+   (:func:`batchmeta.ops.draft.shift_rows`) and the step kernel writes its positions, slots,
+   ``kv_indptr``, ``kv_indices``, ``kv_last_page_len`` and ``input_ids`` (the drafted token, from
+   the history) into buffers of its own.
 
 Nothing between two draft steps runs on the host, so a round of ``forward`` calls and advances is
 captured as one CUDA graph per ``(batch size, k)`` and replayed (:meth:`DraftLoop.capture`,
-:meth:`DraftLoop.replay`); every buffer it reads is allocated once per step index.
+:meth:`DraftLoop.replay`); every buffer it reads is allocated once per step index, and step 0's
+device mirror, which the graph reads, is written outside it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from batchmeta.batch import BatchChecker
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
 from batchmeta.launcher import StepLauncher
-from batchmeta.ops.draft import advance_draft
+from batchmeta.ops.draft import advance_draft, bind_shift_rows
 from batchmeta.speculative import Speculation
 from batchmeta.staging import (
     PinnedRing,
@@ -55,18 +60,18 @@ _NO_WRITES = np.zeros(0, np.int32)
 class DraftRound:
     """The ``k`` draft steps of one round (what ``BatchMetadata.prepare_draft`` returns).
 
-    Every step's metadata is already written (and planned) when the round is returned; only the
-    drafted tokens move between steps (:meth:`advance`). Valid until the next ``prepare_draft``
-    (or ``capture_draft_graph``) of the same ``BatchMetadata``; the verify steps in between do not
-    touch it.
+    Every step is planned, and step 0 written, when the round is returned; step ``j + 1``'s device
+    metadata is written by :meth:`advance` of step ``j`` (on the device, after the drafted token).
+    Valid until the next ``prepare_draft`` (or ``capture_draft_graph``) of the same
+    ``BatchMetadata``; the verify steps in between do not touch it.
 
     Attributes
     ----------
     steps:
         ``k`` :class:`~batchmeta.Step` objects, ``"decode"`` steps of one token per row: step ``j``
-        equals ``prepare_decode(idx_mapping, cache_lens + j)`` (with ``cuda_graph`` as asked), its
-        ``input_ids`` the last accepted token for ``j = 0`` and, once step ``j - 1`` advanced, the
-        token it drafted.
+        equals ``prepare_decode(idx_mapping, cache_lens + j)`` (with ``cuda_graph`` as asked; its
+        host twins from the start, its device views once step ``j - 1`` advanced), its
+        ``input_ids`` the last accepted token for ``j = 0`` and the token step ``j - 1`` drafted after.
     num_steps:
         ``k``.
     num_reqs, padded_num_reqs:
@@ -75,11 +80,23 @@ class DraftRound:
         Planned for :meth:`~batchmeta.BatchMetadata.replay_draft_graph`.
     """
 
-    __slots__ = ("_generation", "_loop", "cuda_graph", "num_reqs", "num_steps", "padded_num_reqs", "steps")
+    __slots__ = (
+        "_cols",
+        "_generation",
+        "_loop",
+        "cuda_graph",
+        "num_reqs",
+        "num_steps",
+        "padded_num_reqs",
+        "steps",
+    )
 
-    def __init__(self, loop: DraftLoop, steps: tuple[Step, ...], num_reqs: int, padded: int, graph: bool):
+    def __init__(
+        self, loop: DraftLoop, steps: tuple[Step, ...], num_reqs: int, padded: int, graph: bool, cols: tuple[int, ...]
+    ):
         self._loop = loop
         self._generation = loop._clock[0]
+        self._cols = cols  # per step, the column count its launch covers
         self.steps = steps
         self.num_steps = len(steps)
         self.num_reqs = num_reqs
@@ -112,9 +129,10 @@ class DraftRound:
         return self._loop.drafts[: self.num_reqs, : self.num_steps]
 
     def advance(self, j: int, token_ids: torch.Tensor) -> None:
-        """Hands step ``j``'s drafted tokens on: into the token history at each row's position + 1,
-        into step ``j + 1``'s ``input_ids`` and column ``j`` of :attr:`draft_token_ids`. One launch,
-        no sync (also under CUDA-graph capture).
+        """Hands step ``j``'s drafted tokens on and writes step ``j + 1``: the tokens into the token
+        history at each row's position + 1 and column ``j`` of :attr:`draft_token_ids`, then step
+        ``j + 1``'s device metadata, its ``input_ids`` the tokens (one launch after the last step,
+        three before the others; no sync, also under CUDA-graph capture).
 
         Parameters
         ----------
@@ -129,17 +147,20 @@ class DraftRound:
             raise ValueError(f"j: expected a step of this round in [0, {self.num_steps}), got {j!r}")
         loop = self._loop
         views = self.steps[j]._views
-        nxt = self.steps[j + 1]._views.input_ids if j + 1 < self.num_steps else None
         advance_draft(
             token_ids,
             views.idx_mapping,
             views.positions,
             loop.history,
-            nxt,
+            None,  # step j + 1's launch gathers the token from the history
             loop.drafts,
             column=j,
             backend=loop.config.backend,
         )
+        if j + 1 < self.num_steps:
+            slot = loop._slots[j + 1]
+            slot.shift(self.padded_num_reqs)
+            slot.launcher.fills[0](self.padded_num_reqs, self._cols[j + 1], resolved=True)
 
     def run(self, forward: Callable[[Step], torch.Tensor]) -> torch.Tensor:
         """Runs the round eagerly: for each step ``j``, ``token_ids = forward(step)`` with the step
@@ -160,29 +181,42 @@ class DraftRound:
 
 class _DraftSlot:
     """The buffers of draft step ``j`` (every round's step ``j``): its own staging (two pinned host
-    buffers and the device mirror), outputs, and its :class:`~batchmeta.launcher.StepLauncher`
-    (bound launches, views, FlashInfer wrappers)."""
+    buffers and the device mirror), outputs, its :class:`~batchmeta.launcher.StepLauncher` (bound
+    launches, views, FlashInfer wrappers) and, for ``j > 0``, the bound ``shift(num_rows)`` of step
+    0's packed rows ``j`` positions further into its mirror."""
 
-    def __init__(self, loop: DraftLoop):
+    def __init__(self, loop: DraftLoop, j: int):
         config = loop.config
         r = config.max_num_reqs
         self.ring = PinnedRing(loop._layout.total, loop.device)
         # One token per row: the token buffers hold max_num_reqs tokens (a graph's padding rows too).
         self.buffers = buf = StepBuffers(config, loop.device, token_capacity=r, history=loop.history)
-        # Device-length rows: step j's cache length is the slot's device length + j (into self.lens).
-        self.spec_lens = loop._spec.lens
-        self.lens = torch.zeros_like(self.spec_lens)
+        # Step 0 resolves device-length rows from the slots' device lengths; later steps shift from it.
         self.launcher = StepLauncher(
             config,
             loop._layout,
             self.ring,
             buf,
             loop.block_tables,
-            self.lens,
+            loop._spec.lens,
             checker=loop._checker,
             host_path=loop._host_path,
             planned=loop._planned,
+            int_workspaces=loop._int_workspaces,
         )
+        self.shift: Callable[[int], None] | None = None
+        if j:
+            self.shift = bind_shift_rows(
+                loop._slots[0].ring.dev,
+                self.ring.dev,
+                tuple(grp.page_size for grp in config.kv_groups),
+                shift=j,
+                rows_at=loop._layout.rows,
+                stride=loop._layout.row_stride,
+                pad_row=r,
+                max_len=config.max_model_len,
+                backend=config.backend,
+            )
 
 
 class DraftLoop:
@@ -238,6 +272,16 @@ class DraftLoop:
         if (self._layout.fixed_end, self._layout.pairs) != (layout.fixed_end, layout.pairs):
             raise RuntimeError("batchmeta: the draft steps' staging layout differs from the owner's")
         self._slots: list[_DraftSlot] = []
+        # One plan for every step (decode groups only: an MLA group's plan takes exact host lengths).
+        self._plan_once = all(grp.mla is None for grp in cfg.kv_groups)
+        self._int_workspaces: dict[tuple, torch.Tensor] | None = {} if self._plan_once else None
+        # Recorded after each round's plans: the next plan rewrites FlashInfer's pinned buffers only
+        # once the copies enqueued from them have run.
+        self._plan_event = torch.cuda.Event() if device.type == "cuda" else None
+        # A graph's launches are captured once: their column programs cover any row.
+        self._min_page = min(grp.page_size for grp in cfg.kv_groups)
+        widest = max(cfg.max_pages_per_req(g) for g in range(len(cfg.kv_groups)))
+        self._graph_cols = max(-(-cfg.max_model_len // self._min_page), widest)
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -245,7 +289,7 @@ class DraftLoop:
     def _slot(self, j: int) -> _DraftSlot:
         """Step ``j``'s buffers, made on first use (once per step index, never per round)."""
         while len(self._slots) <= j:
-            self._slots.append(_DraftSlot(self))
+            self._slots.append(_DraftSlot(self, len(self._slots)))
         return self._slots[j]
 
     # ---------------------------------------------------------------------------------------------
@@ -286,7 +330,7 @@ class DraftLoop:
             offsets, values = self._apply_excess_writes(offsets, values)
         rows = self.block_tables.rows_of(offsets) if counts[0] < 0 else None  # many writes: bucketed by row
         self._clock[0] += 1  # from here the buffers change: earlier rounds are stale
-        steps = []
+        shapes = []
         try:
             for j, slot in enumerate(slots):
                 ring = slot.ring
@@ -301,49 +345,67 @@ class DraftLoop:
                 stage_writes(h, lay, *writes)
                 if self.history is not None:
                     stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
-                steps.append(self._launch(j, slot, idx, lens[j], padded, graph, num_tokens, widths, max_seq, on_device))
+                launcher = slot.launcher
+                tokens_run = padded if graph else num_tokens
+                views = launcher.views(b, padded, tokens_run, widths)
+                shapes.append((num_tokens, max_seq, widths, views, launcher.num_kv_pages(padded)))
+            wrappers: list[Any] = [None] * k
+            if self._planned and padded:
+                wrappers = self._plan(slots, shapes, padded, graph)
+            # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
+            # host arrays into the device views: bounds where rows' lengths are on the device). Its
+            # packed rows stay in its device mirror, where advance() shifts them for later steps.
+            _, max_seq, widths, _, _ = shapes[0]
+            cols = [slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=True)]
         finally:
             for slot in slots:
                 slot.ring.done()  # each host buffer stays busy until what was enqueued from it has run
-        return DraftRound(self, tuple(steps), b, padded, graph)
+        for _, max_seq, widths, _, _ in shapes[1:]:  # the later steps' launches (advance): a graph's cover any row
+            cols.append(self._graph_cols if graph else max(-(-max_seq // self._min_page), *widths))
+        steps = tuple(
+            Step(
+                "decode",
+                b,
+                padded,
+                num_tokens,
+                1,
+                graph,
+                idx,
+                lens[j],
+                None,
+                num_kv_pages,
+                views,
+                wrappers[j],
+                self._clock,
+                self.block_tables,
+                on_device,
+            )
+            for j, (num_tokens, _, _, views, num_kv_pages) in enumerate(shapes)
+        )
+        return DraftRound(self, steps, b, padded, graph, tuple(cols))
 
-    def _launch(
-        self,
-        j: int,
-        slot: _DraftSlot,
-        idx: np.ndarray,
-        clens: np.ndarray,
-        padded: int,
-        graph: bool,
-        num_tokens: int,
-        widths: tuple[int, ...],
-        max_seq: int,
-        on_device: np.ndarray | None,
-    ) -> Step:
-        """Step ``j``'s launch (after resolving device-length rows), views, plan and ``Step``."""
-        if on_device is not None:  # the exact lengths, j positions further, from the device
-            torch.add(slot.spec_lens, j, out=slot.lens)
-        b = idx.shape[0]
-        views, num_kv_pages, wrappers, _ = slot.launcher.launch(
-            "decode", b, padded, graph, 1, num_tokens, widths, max_seq, on_device
-        )
-        return Step(
-            "decode",
-            b,
-            padded,
-            num_tokens,
-            1,
-            graph,
-            idx,
-            clens,
-            None,
-            num_kv_pages,
-            views,
-            wrappers,
-            self._clock,
-            self.block_tables,
-            on_device,
-        )
+    def _plan(self, slots: list[_DraftSlot], shapes: list[tuple], padded: int, graph: bool) -> list[Any]:
+        """The round's FlashInfer plans: the last step's (its lengths bound every step's), taken by
+        every step's wrappers; a step whose wrappers were never planned plans its own first. With
+        an MLA group, each step's own plan."""
+        ev = self._plan_event
+        if ev is not None and not ev.query():
+            ev.synchronize()  # the last round's plan copies are still queued: never in steady state
+        last = len(slots) - 1
+        wrappers: list[Any] = [None] * len(slots)
+        for j, slot in enumerate(slots):
+            planner = slot.launcher.planner
+            if self._plan_once and j < last and planner.decode_ready(padded, graph):
+                continue  # takes the last step's plan below
+            num_tokens, max_seq, _, views, num_kv_pages = shapes[j]
+            wrappers[j] = planner.plan("decode", padded, graph, views, max_seq, num_kv_pages, num_tokens, 1)
+        if self._plan_once:
+            source = slots[last].launcher.planner
+            for j in range(last):  # after every plan: the int workspace holds the last step's
+                wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, shapes[j][3])
+        if ev is not None:
+            ev.record()
+        return wrappers
 
     # ---------------------------------------------------------------------------------------------
     def capture(

@@ -40,6 +40,9 @@ class StepLauncher:
         Whether FlashInfer plans the steps.
     lora:
         ``(layout, out)`` of the multi-LoRA rows the launch expands, or None.
+    int_workspaces:
+        Shared by launchers whose decode wrappers share a plan (see
+        :class:`~batchmeta.attention.StepPlanner`), or None.
 
     Attributes
     ----------
@@ -62,10 +65,11 @@ class StepLauncher:
         host_path: Any,
         planned: bool,
         lora: tuple[LoraLayout, torch.Tensor] | None = None,
+        int_workspaces: dict[tuple, torch.Tensor] | None = None,
     ):
         self.config, self.layout, self.ring, self.buffers = config, layout, ring, buffers
         self.fills, self.resolves = bind_ring_launches(config, layout, ring, buffers, block_tables, lens, lora=lora)
-        self.planner = StepPlanner(config, buffers.kv_indices)
+        self.planner = StepPlanner(config, buffers.kv_indices, int_workspaces)
         self._checker = checker
         self._host_path = host_path
         self._planned = planned
@@ -114,35 +118,58 @@ class StepLauncher:
         """The current host buffer's step of ``b`` rows (``padded`` with a graph's padding rows;
         ``qlens`` an int for decode): one launch (device-length rows resolved first), its views and,
         when planned, its FlashInfer plans. Returns ``(views, num_kv_pages, wrappers, tokens_run)``."""
-        lay, ring = self.layout, self.ring
         query_len = qlens if type(qlens) is int else None
-        current = ring.current
-        # One launch: staged writes and every metadata field; its column programs cover the longest
-        # row's pages in the group of smallest pages (and the per-step tables' width).
-        max_cols = max(-(-max_seq // self._min_page_size), *widths)
-        if on_device is None:  # common case
-            self.fills[current](padded, max_cols)
-        else:  # exact lengths from the device first; the bounds size the grid and the plan
-            self.resolves[current](padded)
-            self.fills[current](padded, max_cols, resolved=True)
+        max_cols = self.fill(padded, max_seq, widths, on_device)
         tokens_run = padded * query_len if graph else num_tokens  # type: ignore[operator]
-        key = (current, b, padded, tokens_run, widths)
-        views = self._views.get(key)
-        if views is None:
-            if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
-                self._views.clear()
-            views = self._views[key] = StepViews.build(
-                self.config, lay, ring, self.buffers, b, padded, tokens_run, widths
-            )
-        h = ring.host_np[current]
-        num_kv_pages = tuple([h.item(at + padded) for at in lay.kv_indptr])  # each group's kv_indptr[padded]
+        views = self.views(b, padded, tokens_run, widths)
+        num_kv_pages = self.num_kv_pages(padded)
         wrappers = None
         if self._planned and padded:
-            ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
+            self.ring.wait_previous()  # the last step's plan copies have read FlashInfer's pinned buffers
             max_query_len = query_len if query_len else int(qlens.max())  # type: ignore[union-attr]
             wrappers = self.planner.plan(kind, padded, graph, views, max_seq, num_kv_pages, num_tokens, max_query_len)
             if on_device is not None and self.planner.graph_stock_planned:
                 # A graph wrapper's stock plan (its first, or every one without fast plans) copied
                 # the host arrays, upper bounds for these rows, over the exact ones.
-                self.fills[current](padded, max_cols, resolved=True)
+                self.fills[self.ring.current](padded, max_cols, resolved=True)
         return views, num_kv_pages, wrappers, tokens_run
+
+    def fill(
+        self,
+        padded: int,
+        max_seq: int,
+        widths: tuple[int, ...],
+        on_device: np.ndarray | None,
+        *,
+        resolved: bool = False,
+    ) -> int:
+        """The current host buffer's launch of ``padded`` rows: the step kernel, after
+        ``resolve_rows`` where rows' lengths are on the device or ``resolved`` asks for the packed
+        rows in the device mirror (a draft round's first step). Returns the column count it covered."""
+        # Its column programs cover the longest row's pages in the group of smallest pages (and the
+        # per-step tables' width).
+        max_cols = max(-(-max_seq // self._min_page_size), *widths)
+        current = self.ring.current
+        if on_device is None and not resolved:  # common case
+            self.fills[current](padded, max_cols)
+        else:  # exact lengths from the device first; the bounds size the grid and the plan
+            self.resolves[current](padded)
+            self.fills[current](padded, max_cols, resolved=True)
+        return max_cols
+
+    def views(self, b: int, padded: int, tokens_run: int, widths: tuple[int, ...]) -> StepViews:
+        """The views of a step of this shape over the current host buffer (made once per shape)."""
+        key = (self.ring.current, b, padded, tokens_run, widths)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
+                self._views.clear()
+            views = self._views[key] = StepViews.build(
+                self.config, self.layout, self.ring, self.buffers, b, padded, tokens_run, widths
+            )
+        return views
+
+    def num_kv_pages(self, padded: int) -> tuple[int, ...]:
+        """Each group's ``kv_indptr[padded]`` as the current host buffer stages it."""
+        h = self.ring.host_np[self.ring.current]
+        return tuple([h.item(at + padded) for at in self.layout.kv_indptr])

@@ -15,8 +15,8 @@ token accepted; then each round drafts ``k`` tokens from cache length ``c + (rou
 
 - ``decode x k``: ``k`` plain ``prepare_decode(idx, c + j)`` calls, each followed by the forward and the drafted
   token written into the token history at ``c + j + 1`` (a device scatter), where the next call gathers it;
-- ``loop``: ``prepare_draft(idx, c, num_steps=k)`` (every step staged, launched and planned at once), then
-  ``round.run(forward)``;
+- ``loop``: ``prepare_draft(idx, c, num_steps=k)`` (every step staged, planned once, step 0 launched), then
+  ``round.run(forward)`` (the GPU writes each later step);
 - ``graph`` (CUDA): ``capture_draft_graph(batch, k, forward)`` once, then per round ``prepare_draft(...,
   cuda_graph=True)`` and ``replay_draft_graph``.
 

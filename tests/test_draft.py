@@ -1,9 +1,11 @@
 """Draft loops (``batchmeta.draft``): every field of every draft step, and a drafter fed back through them.
 
-1. For random ragged batches, draft step ``j`` of ``prepare_draft(idx, c, num_steps=k)`` equals
-   ``prepare_decode(idx, c + j)`` of a twin ``BatchMetadata`` in every field (device and host),
-   with the draft buffers filled with sentinels first, block-table writes staged just before the
-   round, and lengths on the device (``accept_tokens`` with device counts) resolved exactly.
+1. For random ragged batches, draft step ``j`` of ``prepare_draft(idx, c, num_steps=k)``, read
+   while the round runs it (its device metadata is advanced from step 0 on the device, after step
+   ``j - 1``'s drafted token), equals ``prepare_decode(idx, c + j)`` of a twin ``BatchMetadata``
+   whose history holds the same drafts, in every field (device and host), with the draft buffers
+   filled with sentinels first, block-table writes staged just before the round, and lengths on
+   the device (``accept_tokens`` with device counts) resolved exactly.
 2. A toy greedy model whose drafter (its "first layers", with KV caches of their own: tensors over
    the target's pages, or a KV-cache group of its own) drafts through the loop, verified with
    ``prepare_decode(..., num_draft_tokens=k)`` and accepted with host or device counts, reproduces
@@ -171,7 +173,7 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
     # both, staged: the round's first launch applies them.
     for meta in (draft, twin):
         for r, c in zip(idx, draft_bounds, strict=True):
-            _hold(meta, r, int(c) + k + max(page_sizes))
+            _hold(meta, r, min(L, int(c) + k + max(page_sizes)))
     assert draft.block_tables.num_staged()
     # The draft buffers exist before the round (made once per step index), filled with sentinels.
     for j in range(k):
@@ -179,8 +181,27 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
     _sentinel(draft)
     round_ = draft.prepare_draft(idx, draft_bounds, num_steps=k)
     assert isinstance(round_, DraftRound) and round_.num_steps == k and len(round_.steps) == k
-    got = [(_fields(s), _host_fields(s)) for s in round_.steps]
+    drafted = torch.tensor(rng.integers(1, 1000, (k, b)), device=DEVICE)
+    got, tails = [], []
+
+    def forward(step):
+        j = len(got)
+        assert step is round_.steps[j]
+        got.append((_fields(step), _host_fields(step)))
+        buffers = draft._draft._slots[j].buffers
+        tails.append(
+            (
+                buffers.positions[b:].clone(),
+                [sm[b:].clone() for sm in buffers.slot_mappings],
+                buffers.input_ids[b:].clone(),
+            )
+        )
+        return drafted[j]
+
+    assert round_.run(forward).tolist() == drafted.T.tolist()
     for j in range(k):
+        if j:  # the twin's history holds the token step j - 1 drafted at each row's position c + j
+            twin.token_ids[torch.tensor(idx), torch.tensor(exact + j)] = drafted[j - 1].to(twin.token_ids.dtype)
         want_step = twin.prepare_decode(idx, exact + j)
         want = _fields(want_step)
         want["rows_on_device"] = [device_lens] * b
@@ -199,10 +220,12 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
             assert got[j][1] == _host_fields(want_step), j
         assert have == want, j
         # Tails: positions 0 and slots PAD past the step's tokens, in the whole buffer.
-        buffers = draft._draft._slots[j].buffers
-        assert not buffers.positions[b:].any()
-        assert all((sm[b:] == -1).all() for sm in buffers.slot_mappings)
-        assert not buffers.input_ids[b:].any()
+        positions, slot_mappings, input_ids = tails[j]
+        assert not positions.any()
+        assert all((sm == -1).all() for sm in slot_mappings)
+        assert not input_ids.any()
+    twin.token_ids[torch.tensor(idx), torch.tensor(exact + k)] = drafted[k - 1].to(twin.token_ids.dtype)
+    assert torch.equal(draft.token_ids, twin.token_ids)  # the round wrote its drafts where the twin has them
 
 
 def test_round_hands_each_draft_on_and_the_verify_step_gathers_them(path):

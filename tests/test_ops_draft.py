@@ -1,11 +1,26 @@
-"""``ops.draft.advance_draft``: a drafted token handed to the history, the next step and the round's drafts."""
+"""``ops.draft``: ``advance_draft`` (a drafted token handed to the history, the next step and the round's
+drafts) and ``shift_rows`` (a step's packed rows some positions further), each against a naive loop."""
 
 import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
 
-from batchmeta.ops.draft import advance_draft
+from batchmeta.ops.draft import advance_draft, shift_rows
+from batchmeta.ops.step import (
+    ROW_CACHE,
+    ROW_COUNT,
+    ROW_GROUP,
+    ROW_IDX,
+    ROW_KV_HI,
+    ROW_KV_LO,
+    ROW_LAST,
+    ROW_PER_GROUP,
+    ROW_SEQ,
+    ROW_SWIDTH,
+    row_chunks,
+    row_stride,
+)
 
 
 def naive(chosen, idx, positions, history, next_ids, drafts, column):
@@ -77,3 +92,88 @@ def test_advance_rejects_bad_input_before_writing(device):
         with pytest.raises(error, match=name):
             advance_draft(**args, column=column)
     assert not history.any() and not drafts.any()
+
+
+def naive_shift(packed, shift, page_sizes, num_rows, pad_row, max_len):
+    """Row by row: real rows move ``shift`` further, every kv_indptr is re-summed, counts dropped."""
+    out = [list(r) for r in packed]
+    longest = max((r[ROW_SEQ] + (shift if r[ROW_IDX] != pad_row else 0) for r in packed[:num_rows]), default=0)
+    total = [0] * len(page_sizes)
+    for b, row in enumerate(out):
+        real = b < num_rows and row[ROW_IDX] != pad_row
+        if real:
+            row[ROW_CACHE] += shift
+            row[ROW_SEQ] += shift
+        row[ROW_COUNT] = 0
+        row[row_chunks(len(page_sizes))] = 0
+        for g, ps in enumerate(page_sizes):
+            at = ROW_GROUP + ROW_PER_GROUP * g
+            pages = -(-row[ROW_SEQ] // ps) if real else row[at + ROW_KV_HI] - row[at + ROW_KV_LO]
+            if real:
+                row[at + ROW_LAST] = row[ROW_SEQ] - (pages - 1) * ps
+            full = -(-max_len // ps)
+            if row[at + ROW_SWIDTH] not in (0, full):
+                row[at + ROW_SWIDTH] = min(-(-longest // ps), full)
+            row[at + ROW_KV_LO] = total[g]
+            total[g] += pages
+            row[at + ROW_KV_HI] = total[g]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_shift_rows_matches_the_naive_rule(backend, device, data):
+    page_sizes = data.draw(st.sampled_from([(1,), (4, 1), (16, 2, 8)]), label="page_sizes")
+    ng, pad_row, max_len = len(page_sizes), 6, 64
+    stride = row_stride(ng)
+    num_rows = data.draw(st.integers(0, 7), label="rows")
+    shift = data.draw(st.integers(0, 5), label="shift")
+    width = data.draw(st.sampled_from(["none", "full", "eager"]), label="width")
+    rows = []
+    for b in range(num_rows + 1):
+        row = [data.draw(st.integers(-3, 50)) for _ in range(stride)]  # fields no rule touches: kept
+        tail = b == num_rows
+        padding = not tail and data.draw(st.booleans(), label="padding")
+        cache = data.draw(st.integers(0, 40), label="cache")
+        row[ROW_IDX] = pad_row if padding else data.draw(st.integers(0, pad_row - 1))
+        row[ROW_CACHE], row[ROW_SEQ] = cache, cache + 1
+        row[ROW_COUNT] = data.draw(st.integers(-3, 3))
+        for g, ps in enumerate(page_sizes):
+            at = ROW_GROUP + ROW_PER_GROUP * g
+            pages = 0 if tail else data.draw(st.integers(0, 3)) if padding else -(-(cache + 1) // ps)
+            row[at + ROW_KV_LO], row[at + ROW_KV_HI] = 0, pages  # not summed yet: the op re-sums them
+            row[at + ROW_SWIDTH] = {"none": 0, "full": -(-max_len // ps), "eager": 3}[width]
+        rows.append(row)
+    rows_at = 5
+    src = torch.full((rows_at + (num_rows + 1) * stride + 3,), -7, dtype=torch.int32, device=device)
+    src[rows_at : rows_at + (num_rows + 1) * stride] = torch.tensor(rows, dtype=torch.int32).flatten()
+    dst = torch.full_like(src, -9)
+    sizes = torch.tensor(page_sizes, dtype=torch.int32, device=device)
+    shift_rows(
+        src,
+        dst,
+        sizes,
+        num_rows,
+        shift=shift,
+        rows_at=rows_at,
+        stride=stride,
+        pad_row=pad_row,
+        max_len=max_len,
+        backend=backend,
+    )
+    want = naive_shift(rows, shift, page_sizes, num_rows, pad_row, max_len)
+    got = dst[rows_at : rows_at + (num_rows + 1) * stride].view(num_rows + 1, stride).tolist()
+    assert got == want
+    assert (dst[:rows_at] == -9).all() and (dst[rows_at + (num_rows + 1) * stride :] == -9).all()
+
+
+def test_shift_rows_rejects_bad_input(device):
+    src = torch.zeros(64, dtype=torch.int32, device=device)
+    sizes = torch.tensor([4], dtype=torch.int32, device=device)
+    kw = dict(rows_at=0, stride=row_stride(1), pad_row=4, max_len=16)
+    with pytest.raises(ValueError, match="shift"):
+        shift_rows(src, src.clone(), sizes, 2, shift=-1, **kw)
+    with pytest.raises(ValueError, match="src, dst"):
+        shift_rows(src, src.clone(), sizes, 20, shift=1, **kw)
+    with pytest.raises(TypeError, match="src"):
+        shift_rows(src.long(), src.clone(), sizes, 2, shift=1, **kw)

@@ -137,6 +137,25 @@ class DecodePlanner:
             )
         return self.wrapper
 
+    def adopt(
+        self, source: DecodePlanner, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor
+    ) -> None:
+        """Takes ``source``'s latest plan, over these device arrays: this wrapper must share
+        ``source``'s int workspace (where that plan's data is) and have been planned once itself.
+
+        The plan's host state (the plan info and the scalars :meth:`plan` sets) is copied; an eager
+        wrapper is pointed at ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` (a CUDA-graph
+        wrapper's own buffers are already this step's)."""
+        w, src = self.wrapper, source.wrapper
+        if not w.is_cuda_graph_enabled:
+            bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
+            w._qo_indptr_buf = src._qo_indptr_buf  # arange(B + 1) on the device: one row, one token
+        w._batch_size = src._batch_size
+        if w.use_tensor_cores:
+            w._max_kv_len = src._max_kv_len
+        w._plan_info = src._plan_info
+        self.stock_planned = False
+
     def _stock_plan(
         self,
         kv_indptr_host: torch.Tensor,

@@ -42,11 +42,22 @@ class StepPlanner:
     kv_indices:
         Per group, the ``kv_indices`` buffer the step kernel writes (fixed address; CUDA-graph
         wrappers read it directly).
+    int_workspaces:
+        A dict shared by the planners whose decode wrappers share one plan (a draft round's steps:
+        :meth:`adopt`): each decode wrapper made here uses the int workspace stored under its key
+        (``("decode", group)`` or ``("graph", group, batch_size)``), the first one made storing its
+        own. None: every wrapper keeps its own.
     """
 
-    def __init__(self, config: MetadataConfig, kv_indices: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        config: MetadataConfig,
+        kv_indices: Sequence[torch.Tensor],
+        int_workspaces: dict[tuple, torch.Tensor] | None = None,
+    ):
         self.config = config
         self._kv_indices = tuple(kv_indices)
+        self._int_workspaces = int_workspaces
         self._planners: dict[tuple, DecodePlanner] = {}
         self._prefill_planners: dict[int | tuple[str, int], PrefillPlanner] = {}
         self._mla_planners: dict[tuple, MLAPlanner] = {}
@@ -148,6 +159,31 @@ class StepPlanner:
             out.append(w)
         return tuple(out)
 
+    def decode_ready(self, padded: int, graph: bool) -> bool:
+        """Whether every group's decode wrapper for steps of this shape has been planned once (a
+        wrapper's first plan is FlashInfer's stock ``plan()``, which :meth:`adopt` does not replace)."""
+        for g in range(len(self.config.kv_groups)):
+            if (("graph", g, padded) if graph else ("decode", g)) not in self._planners:
+                return False
+        return True
+
+    def adopt(self, source: StepPlanner, padded: int, graph: bool, views: Any) -> tuple[Any, ...]:
+        """Gives this planner's decode wrappers ``source``'s latest decode plan of the same shape,
+        over this step's device ``views``; returns the wrappers.
+
+        Both planners' wrappers share each int workspace (``int_workspaces``), which ``source``'s
+        plan wrote; only the plan's host state is copied. Right for a step whose lengths are at most
+        the planned ones: tensor-core decode (every draft configuration's) clamps each KV chunk to
+        the device lengths. Every group must be a decode group (no MLA, no context parallelism).
+        """
+        out = []
+        for g in range(len(self.config.kv_groups)):
+            key = ("graph", g, padded) if graph else ("decode", g)
+            planner = self._planners[key]
+            planner.adopt(source._planners[key], views.kv_indptr[g], self._kv_indices[g], views.kv_last_page_len[g])
+            out.append(planner.wrapper)
+        return tuple(out)
+
     def mla_planners(self) -> dict[tuple, MLAPlanner]:
         """Every MLA planner made so far, keyed ``("mla", group)`` or ``("mla_graph", group, batch_size,
         query_len)``."""
@@ -230,6 +266,10 @@ class StepPlanner:
                 wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores, graph_buffers=buffers)
             else:
                 wrapper = new_decode_wrapper(ws, use_tensor_cores=tensor_cores)
+            if self._int_workspaces is not None:  # one plan for several planners' wrappers
+                shared = self._int_workspaces.setdefault(key, wrapper._int_workspace_buffer)
+                if shared is not wrapper._int_workspace_buffer:
+                    wrapper.reset_workspace_buffer(wrapper._float_workspace_buffer, shared)
             grp = cfg.kv_groups[g]
             planner = self._planners[key] = DecodePlanner(
                 wrapper,
