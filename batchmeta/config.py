@@ -395,17 +395,12 @@ class MetadataConfig:
         sharded = [g for g, grp in enumerate(self.kv_groups) if is_sharded(value, grp)]
         if not sharded:
             return
-        # Not built yet under sharding: each rejected here rather than accepted untested.
-        unsupported = [
-            (any(self.kv_groups[g].mla is not None for g in sharded), "an MLA group"),
-            (bool(self.cuda_graph_batch_sizes), f"cuda_graph_batch_sizes={self.cuda_graph_batch_sizes}"),
-        ]
-        for bad, what in unsupported:
-            if bad:
-                raise ValueError(
-                    f"context_parallel: world_size {value.world_size} shards groups {sharded}, which batchmeta "
-                    f"does not support yet with {what}"
-                )
+        # Not built yet under sharding: rejected here rather than accepted untested.
+        if any(self.kv_groups[g].mla is not None for g in sharded):
+            raise ValueError(
+                f"context_parallel: world_size {value.world_size} shards groups {sharded}, which batchmeta "
+                f"does not support yet with an MLA group"
+            )
 
     @padding_page.validator
     def _check_padding_page(self, attribute, value) -> None:

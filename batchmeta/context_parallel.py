@@ -235,80 +235,127 @@ class CPAttention:
         self._device = device
         pin = device.type == "cuda"
         r, t = config.max_num_reqs, config.max_num_tokens
+        self._r1 = r1 = r + 1  # each array's stride in the packed buffers: [R + 1] slots
         self._host: dict[int, list[dict[str, np.ndarray]]] = {}
         self._host_t: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._dev: dict[int, dict[str, torch.Tensor]] = {}
         for g in self.groups:
             cap = (r + 1) * block_tables[g].shape[1]  # every row's pages, at most
-            sizes = {"indptr": (r + 1, torch.int32), "last": (r, torch.int32), "empty": (t, torch.bool)}
+            # "arrays": kv_indptr, kv_last_page_len and the table row of each row (copied to the
+            # device in one transfer), then the KV lengths (host only: the decode plan's).
+            sizes = {"arrays": (4 * r1, torch.int32), "empty": (t, torch.bool)}
             self._host_t[g] = [
                 {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in sizes.items()} for _ in range(2)
             ]
             self._host[g] = [{k: v.numpy() for k, v in bufs.items()} for bufs in self._host_t[g]]
             self._dev[g] = {
-                "indptr": torch.zeros(r + 1, dtype=torch.int32, device=device),
+                "arrays": torch.zeros(3 * r1, dtype=torch.int32, device=device),
                 "indices": torch.zeros(cap, dtype=torch.int32, device=device),
                 "empty": torch.zeros(t, dtype=torch.bool, device=device),
             }
         self._wrappers: dict[tuple[str, int], Any] = {}
+        self._decode_planners: dict[tuple, Any] = {}
 
     def prepare(
         self,
         kind: str,
+        idx: np.ndarray,
         cache_lens: np.ndarray,
         query_lens: np.ndarray,
         qo_indptr_pinned: torch.Tensor,
-        idx_mapping: torch.Tensor,
         slot: int,
         *,
         plan: bool,
+        padded: int | None = None,
+        graph: bool = False,
     ) -> dict[int, CPGroupStep]:
-        """Each sharded group's :class:`CPGroupStep` for a step of ``B`` rows: ``cache_lens`` and
-        ``query_lens`` ``[B]`` (host, global), ``qo_indptr_pinned`` ``[B + 1]``, ``idx_mapping``
-        ``[>= B]`` the step's request slots on the device; ``slot``: the staging ring's current host
-        buffer. With ``plan``, FlashInfer's wrappers are planned from host arrays."""
-        cp, b, backend = self.cp, cache_lens.shape[0], self.config.backend
-        num_tokens = int(qo_indptr_pinned[b]) if b else 0
+        """Each sharded group's :class:`CPGroupStep` for a step of ``B`` rows (``padded``: with a
+        CUDA graph's padding rows, decode only): ``idx``, ``cache_lens`` and ``query_lens`` ``[B]``
+        (host; global lengths), ``qo_indptr_pinned`` ``[padded + 1]``; ``slot``: the staging ring's
+        current host buffer. With ``plan``, FlashInfer's wrappers are planned from host arrays
+        (``graph``: a decode graph's wrapper of ``padded`` rows, over fixed device buffers).
+
+        In a decode step every row attends over at least one page: a row holding none of its
+        cached context on this rank (and a padding row) reads the padding page instead (table row
+        ``max_num_reqs``) and its partial is masked (``no_cached``), so every row of a decode plan
+        has a length and a graph's rows always run the same kernels.
+        """
+        cp, b, backend, r1 = self.cp, cache_lens.shape[0], self.config.backend, self._r1
+        n = b if padded is None else padded
+        decode = kind == "decode"
+        # Queries: one per row in a decode step (a graph's padding rows' too), else the step's tokens.
+        num_tokens = n if decode else int(qo_indptr_pinned[n]) if n else 0
         local = local_len(cache_lens, cp)  # never the step's local lengths minus its new tokens (#47181)
+        pad_row = self.config.max_num_reqs
         out = {}
         for g in self.groups:
             ps = self.config.kv_groups[g].page_size
             host, host_t, dev = self._host[g][slot], self._host_t[g][slot], self._dev[g]
-            pages = -(-local // ps)
-            indptr, last = host["indptr"][: b + 1], host["last"][:b]  # [B + 1], [B] int32
+            arrays = host["arrays"]
+            indptr, last, rows, seqs = (arrays[i * r1 : i * r1 + n + (i == 0)] for i in range(4))
+            empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
+            rows[:b] = idx
+            rows[b:] = pad_row
+            if decode:
+                standin = local == 0
+                np.copyto(rows[:b], pad_row, where=standin)
+                seqs[:b] = np.where(standin, 1, local)
+                seqs[b:] = 1
+                empty[:b] = standin
+                empty[b:] = True
+            else:
+                seqs[:] = local
+                empty[:] = np.repeat(local == 0, query_lens)
+            pages = -(-seqs // ps)
             indptr[0] = 0
             np.cumsum(pages, out=indptr[1:])
-            np.copyto(last, np.where(local > 0, (local - 1) % ps + 1, 0))
-            total = int(indptr[b])
-            empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
-            empty[:] = np.repeat(local == 0, query_lens)
+            np.copyto(last, np.where(seqs > 0, (seqs - 1) % ps + 1, 0))
+            total = int(indptr[n])
             # A row's cached pages are the first of its pages in the block table (which the step's
             # launch has just brought up to date): gathered there on the device, from the indptr.
-            dev_indptr = dev["indptr"][: b + 1]
-            dev_indptr.copy_(host_t["indptr"][: b + 1], non_blocking=True)
-            rows = idx_mapping[:b]
-            write_kv_indices(self._tables[g], dev_indptr, out=dev["indices"], idx_mapping=rows, backend=backend)
-            indices = dev["indices"][:total]
+            dev_arrays = dev["arrays"]
+            dev_arrays.copy_(host_t["arrays"][: 3 * r1], non_blocking=True)
+            dev_indptr = dev_arrays[: n + 1]
+            write_kv_indices(
+                self._tables[g],
+                dev_indptr,
+                out=dev["indices"],
+                idx_mapping=dev_arrays[2 * r1 : 2 * r1 + n],
+                backend=backend,
+            )
             no_cached = dev["empty"][:num_tokens]
             no_cached.copy_(host_t["empty"][:num_tokens], non_blocking=True)
             part = CPGroupStep(
                 kv_indptr_cached=indptr,
                 kv_last_page_len_cached=last,
-                kv_indices_cached=indices,
+                kv_indices_cached=dev["indices"][:total],
                 no_cached=no_cached,
                 cached_wrapper=None,
                 new_wrapper=None,
             )
-            if plan and b:
-                self._plan(g, kind, part, host_t, qo_indptr_pinned, b, total)
+            if plan and n:
+                self._plan(g, kind, part, host_t, qo_indptr_pinned, n, total, graph, int(seqs.max()))
             out[g] = part
         return out
 
     def _plan(
-        self, g: int, kind: str, part: CPGroupStep, host_t: dict, qo_indptr: torch.Tensor, b: int, total: int
+        self,
+        g: int,
+        kind: str,
+        part: CPGroupStep,
+        host_t: dict,
+        qo_indptr: torch.Tensor,
+        n: int,
+        total: int,
+        graph: bool,
+        max_seq: int,
     ) -> None:
-        """Plans part A (when this rank holds cached pages) and part B (on rank 0, or on every rank of
-        a step with nothing cached) of group ``g`` from host arrays: no device→host sync."""
+        """Plans part A (when this rank holds cached pages) and, for steps of several tokens per
+        row, part B (on rank 0, or on every rank of a step with nothing cached) of group ``g`` from
+        host arrays: no device→host sync. A decode step's part A goes through
+        :class:`~batchmeta.attention.decode_planner.DecodePlanner` (fast plans; a CUDA-graph
+        wrapper per batch size); its part B needs no plan (each row's one new key)."""
+        from batchmeta.attention.decode_planner import DecodePlanner
         from batchmeta.attention.wrappers import (
             get_workspace,
             new_decode_wrapper,
@@ -316,46 +363,59 @@ class CPAttention:
             new_ragged_prefill_wrapper,
         )
 
-        cfg, grp = self.config, self.config.kv_groups[g]
+        cfg, grp, r1 = self.config, self.config.kv_groups[g], self._r1
         heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
         scales = dict(sm_scale=cfg.sm_scale(g), logits_soft_cap=float(grp.logits_soft_cap))
         ws = get_workspace(cfg.device, cfg.workspace_bytes)
-        indptr, last = host_t["indptr"][: b + 1], host_t["last"][:b]
+        arrays = host_t["arrays"]
+        indptr, last = arrays[: n + 1], arrays[r1 : r1 + n]
+        if kind == "decode":  # one query per row, every row with at least one page (see prepare)
+            key = ("graph", g, n) if graph else ("decode", g)
+            planner = self._decode_planners.get(key)
+            dev = self._dev[g]["arrays"]
+            dev_indptr, dev_last, indices = dev[: n + 1], dev[r1 : r1 + n], self._dev[g]["indices"]
+            if planner is None:
+                tensor_cores = cfg.gqa_ratio > 4
+                if graph:  # the graph reads these fixed buffers: prepare's copy and gather write them
+                    w = new_decode_wrapper(
+                        ws, use_tensor_cores=tensor_cores, graph_buffers=(dev_indptr, indices, dev_last)
+                    )
+                else:
+                    w = new_decode_wrapper(ws, use_tensor_cores=tensor_cores)
+                planner = self._decode_planners[key] = DecodePlanner(
+                    w,
+                    num_qo_heads=cfg.num_qo_heads,
+                    num_kv_heads=cfg.num_kv_heads,
+                    head_dim=cfg.head_dim,
+                    page_size=grp.page_size,
+                    window_left=-1,
+                    q_data_type=cfg.q_dtype,
+                    kv_data_type=cfg.kv_dtype,
+                    max_batch_size=cfg.max_num_reqs,
+                    **scales,
+                )
+            seqs = arrays[3 * r1 : 3 * r1 + n]
+            part.cached_wrapper = planner.plan(indptr, last, seqs, max_seq, dev_indptr, indices, dev_last)
+            return
         if kind != "ragged_prefill" and total:
-            if kind == "decode":  # one query per row: the decode kernels
-                key = ("decode", g)
-                w = self._wrappers.get(key)
-                if w is None:
-                    w = self._wrappers[key] = new_decode_wrapper(ws, use_tensor_cores=cfg.gqa_ratio > 4)
-                w.plan(
-                    indptr,
-                    part.kv_indices_cached,
-                    last,
-                    *heads,
-                    grp.page_size,
-                    window_left=-1,
-                    q_data_type=cfg.q_dtype,
-                    kv_data_type=cfg.kv_dtype,
-                    **scales,
-                )
-            else:  # several queries per row, none masked: every one comes after the whole cached context
-                key = ("paged", g)
-                w = self._wrappers.get(key)
-                if w is None:
-                    w = self._wrappers[key] = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend)
-                w.plan(
-                    qo_indptr,
-                    indptr,
-                    part.kv_indices_cached,
-                    last,
-                    *heads,
-                    grp.page_size,
-                    causal=False,
-                    window_left=-1,
-                    q_data_type=cfg.q_dtype,
-                    kv_data_type=cfg.kv_dtype,
-                    **scales,
-                )
+            # Several queries per row, none masked: every one comes after the whole cached context.
+            key = ("paged", g)
+            w = self._wrappers.get(key)
+            if w is None:
+                w = self._wrappers[key] = new_paged_prefill_wrapper(ws, backend=cfg.prefill_backend)
+            w.plan(
+                qo_indptr,
+                indptr,
+                part.kv_indices_cached,
+                last,
+                *heads,
+                grp.page_size,
+                causal=False,
+                window_left=-1,
+                q_data_type=cfg.q_dtype,
+                kv_data_type=cfg.kv_dtype,
+                **scales,
+            )
             part.cached_wrapper = w
         if kind == "ragged_prefill" or self.cp.rank == 0:
             key = ("ragged", g)
@@ -404,20 +464,20 @@ def partial_attention(
     from batchmeta.ops import correct_attn_out
 
     planned = part.cached_wrapper is not None or part.new_wrapper is not None
+    decode = kind == "decode"
     out_a = lse_a = out_b = lse_b = None
     if kind != "ragged_prefill" and part.num_cached_pages:
         if part.cached_wrapper is not None:
             out_a, lse_a = part.cached_wrapper.run(
                 q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale, return_lse=True
             )
-            # FlashInfer's lse is base 2, and a row with no key on this rank may hold any value: -inf there.
-            lse_a = lse_a.mul_(_LN2).masked_fill_(part.no_cached[:, None], float("-inf"))
+            lse_a = lse_a.mul_(_LN2)  # FlashInfer's lse is base 2
         elif not planned:
             out_a, lse_a = paged_attention_torch(
                 q,
                 k_cache,
                 v_cache,
-                qo_indptr_host,
+                qo_indptr_host if not decode else np.arange(q.shape[0] + 1),
                 part.kv_indptr_cached,
                 part.kv_indices_cached,
                 part.kv_last_page_len_cached,
@@ -428,8 +488,15 @@ def partial_attention(
                 v_scale=v_scale,
                 return_lse=True,
             )
+        if out_a is not None:
+            # A token whose row holds no cached key here saw none (or, in a decode step, the padding
+            # page): its partial is out 0, lse -inf, whatever the kernel left there.
+            lse_a = lse_a.masked_fill_(part.no_cached[:, None], float("-inf"))
+            out_a = out_a.masked_fill_(part.no_cached[:, None, None], 0)
     if with_new:
-        if part.new_wrapper is not None:
+        if decode:  # each row's one query over its one new key: no kernel to plan
+            out_b, lse_b = _own_key_attention(q, k, v, sm_scale, logits_soft_cap)
+        elif part.new_wrapper is not None:
             out_b, lse_b = part.new_wrapper.run(q, k, v, return_lse=True)
             lse_b = lse_b.mul_(_LN2)
         else:
@@ -458,3 +525,19 @@ def partial_attention(
     correct_attn_out(out_a, lses, 0, backend=backend)
     _, merged = correct_attn_out(out_b, lses, 1, backend=backend)
     return out_a.add_(out_b), merged
+
+
+def _own_key_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, logits_soft_cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of token ``t``'s queries ``q[t]`` ``[T, Hq, D]`` over its own key and value alone
+    (``k``, ``v`` ``[>= T, Hkv, D]``; query head ``h`` reads KV head ``h // (Hq / Hkv)``): the output
+    is the value and the log-sum-exp the one logit (``q·k * sm_scale``, soft-capped as FlashInfer
+    does). Returns ``(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)``."""
+    t, hq, _ = q.shape
+    rep = hq // k.shape[1]
+    keys = k[:t].float().repeat_interleave(rep, dim=1)
+    logits = torch.einsum("thd,thd->th", q.float(), keys) * sm_scale
+    if logits_soft_cap > 0:
+        logits = logits_soft_cap * torch.tanh(logits / logits_soft_cap)
+    return v[:t].repeat_interleave(rep, dim=1).to(q.dtype), logits

@@ -383,6 +383,8 @@ class BatchMetadata:
                 f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
                 f"got {num_draft_tokens}"
             )
+        if cuda_graph and num_draft_tokens and self._sharded:
+            self._reject_sharded_verify_graph()
         idx = host_ints("idx_mapping", idx_mapping)
         b = idx.shape[0]
         clens = host_ints("cache_lens", cache_lens, length=b)
@@ -432,7 +434,15 @@ class BatchMetadata:
             if self._cp is not None:  # the sharded groups' cached-context arrays and plans
                 qo = np.full(b, query_len) if query_len else qlens
                 parts = self._cp.prepare(
-                    kind, clens, qo, views.qo_indptr_pinned, views.idx_mapping, ring.current, plan=bool(wrappers)
+                    kind,
+                    idx,
+                    clens,
+                    qo,
+                    views.qo_indptr_pinned,
+                    ring.current,
+                    plan=bool(wrappers),
+                    padded=padded,
+                    graph=graph,
                 )
                 step._cp = (self._cp, parts)
             return step
@@ -483,12 +493,20 @@ class BatchMetadata:
                 f"num_draft_tokens: expected 0..{cfg.max_draft_tokens} (config.max_draft_tokens), "
                 f"got {num_draft_tokens}"
             )
+        if num_draft_tokens and self._sharded:
+            self._reject_sharded_verify_graph()
         self.graph_batch_size(batch_size)  # raises without CUDA or FlashInfer
         empty = np.zeros(0, np.int64)
         kind = "spec_decode" if num_draft_tokens else "decode"
         with self._on_device():
             step = self._prepare(empty, 1 + num_draft_tokens, empty, kind, padded=batch_size, graph=True)
             return self._graphs.capture(step, forward, warmup=warmup)
+
+    def _reject_sharded_verify_graph(self) -> None:
+        raise ValueError(
+            f"context_parallel: CUDA graphs of speculative verify steps are not supported yet with a KV-cache group "
+            f"sharded over {self.config.context_parallel.world_size} ranks (plain decode graphs are)"  # type: ignore[union-attr]
+        )
 
     def replay_decode_graph(self, step: Step) -> None:
         """Replays the graph captured for ``step.padded_num_reqs`` and its draft tokens (``step``: the

@@ -92,21 +92,26 @@ def test_metadata_config_context_parallel_field():
         config((2, 1))
 
 
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"cuda_graph_batch_sizes": (1, 2)},
-        {"kv_groups": (KVGroup(page_size=1, sm_scale=0.1, mla=MLA(num_heads=4, head_dim_ckv=64, head_dim_kpe=16)),)},
-    ],
-    ids=["cuda_graphs", "mla"],
-)
-def test_unsupported_features_with_sharding_are_rejected(kw):
-    with pytest.raises(ValueError, match=r"^context_parallel: world_size 2 shards groups"):
-        config(ContextParallel(2, 0), **dict(kw))
-    # Without sharding (world size 1, or only sliding-window groups) they are today's features.
-    config(ContextParallel(1, 0), **dict(kw))
-    if "kv_groups" not in kw:
-        config(ContextParallel(2, 0), kv_groups=(KVGroup(page_size=4, window_left=8),), **dict(kw))
+def test_mla_with_sharding_is_rejected():
+    mla = {"kv_groups": (KVGroup(page_size=1, sm_scale=0.1, mla=MLA(num_heads=4, head_dim_ckv=64, head_dim_kpe=16)),)}
+    with pytest.raises(ValueError, match=r"^context_parallel: world_size 2 shards groups \[0\].*MLA"):
+        config(ContextParallel(2, 0), **mla)
+    config(ContextParallel(1, 0), **mla)  # without sharding: today's feature
+
+
+def test_decode_graphs_are_accepted_and_verify_graphs_rejected_with_sharding():
+    """Plain CUDA-graph decode works under context parallelism (a GPU test replays it); speculative
+    verify graphs are rejected before anything changes."""
+    meta = BatchMetadata(config(ContextParallel(2, 0), cuda_graph_batch_sizes=(1, 2)))
+    meta.block_tables.append(0, [[1], [1]])
+    with pytest.raises(ValueError, match=r"^context_parallel: CUDA graphs of speculative verify steps"):
+        meta.prepare_decode([0], [3], num_draft_tokens=1, cuda_graph=True)
+    assert meta.block_tables.num_staged()  # nothing applied
+    # Without sharding the same configuration gets as far as the device (a CUDA graph needs one).
+    plain = BatchMetadata(config(ContextParallel(1, 0), cuda_graph_batch_sizes=(1, 2)))
+    plain.block_tables.append(0, [[1], [1]])
+    with pytest.raises(ValueError, match=r"^cuda_graph: CUDA graphs need a CUDA device"):
+        plain.prepare_decode([0], [3], num_draft_tokens=1, cuda_graph=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -498,3 +498,99 @@ def test_lora_metadata_under_context_parallelism_is_one_ranks():
             for name in fields:
                 assert torch.equal(getattr(step.lora, name), getattr(steps[0].lora, name)), (kind, name)
             assert step.lora.num_active == steps[0].lora.num_active == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size, interleave, page_size", [(2, 1, 16), (4, 16, 1), (2, 16, 16)])
+def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, page_size):
+    """CUDA-graph decode under context parallelism, ranks simulated in one process: each rank's
+    captured graph (``store_kv`` and ``cp_partial_attention`` of the sharded group) replayed over
+    changing batches, padded to the captured sizes, merged with ``ops.correct_attn_out``, equals
+    single-rank FlashInfer and the dense float32 reference; no host sync in preparing and
+    replaying; rows holding none of their context on a rank (short ones) included."""
+    heads, dtype, dev = (8, 2, 64), torch.bfloat16, "cuda"
+
+    def config(cp):
+        cfg = make_config(cp, (page_size, 16), backend=None, device=dev, dtype=dtype, heads=heads)
+        return attrs.evolve(cfg, cuda_graph_batch_sizes=(4, 8))
+
+    single = Rank(BatchMetadata(config(ContextParallel(1, 0))))
+    ranks = [
+        Rank(BatchMetadata(config(ContextParallel(world_size, r, interleave=interleave)))) for r in range(world_size)
+    ]
+    hq, hkv, d = heads
+    gen = torch.Generator().manual_seed(world_size * 100 + interleave + page_size)
+    keys = torch.randn(NUM_REQS, MAX_LEN, hkv, d, generator=gen).to(dtype)
+    values = torch.randn(NUM_REQS, MAX_LEN, hkv, d, generator=gen).to(dtype)
+    q_s = torch.zeros(8, hq, d, dtype=dtype, device=dev)
+    k_s = torch.zeros(8, hkv, d, dtype=dtype, device=dev)
+    v_s = torch.zeros(8, hkv, d, dtype=dtype, device=dev)
+    outs = torch.zeros(world_size, 8, hq, d, dtype=dtype, device=dev)
+    lses = torch.zeros(world_size, 8, hq, dtype=torch.float32, device=dev)
+
+    def forward_of(i, rank):
+        def forward(step):
+            n = step.padded_num_reqs
+            ops.store_kv(k_s[:n], v_s[:n], step.slot_mappings[0], *rank.caches[0])
+            out, lse = step.cp_partial_attention(q_s[:n], *rank.caches[0], group=0, k=k_s[:n], v=v_s[:n])
+            outs[i, :n].copy_(out)
+            lses[i, :n].copy_(lse)
+
+        return forward
+
+    for i, rank in enumerate(ranks):
+        for bs in (4, 8):
+            rank.meta.capture_decode_graph(bs, forward_of(i, rank))
+        with pytest.raises(ValueError, match=r"^context_parallel: CUDA graphs of speculative verify steps"):
+            rank.meta.capture_decode_graph(4, forward_of(i, rank), num_draft_tokens=1)
+    # Prompts of 1 to 60 tokens (rows of one token hold nothing cached on most ranks), stored eagerly.
+    prompt = {0: 1, 1: 2, 2: 60, 3: 17, 4: 33, 5: 5}
+    for rank in [single, *ranks]:
+        idx = list(prompt)
+        for r in idx:
+            rank.grow(r, prompt[r])
+        step = rank.meta.prepare_prefill(idx, query_lens=list(prompt.values()), cache_lens=[0] * len(idx))
+        k = torch.cat([keys[r, : prompt[r]] for r in idx]).to(dev)
+        v = torch.cat([values[r, : prompt[r]] for r in idx]).to(dev)
+        ops.store_kv(k, v, step.slot_mappings[0], *rank.caches[0])
+    lens = dict(prompt)
+    for batch in ([0, 1, 2], [3, 1, 0, 4, 5], [2], [5, 4, 3, 2, 1, 0], [1, 0, 5, 3]):
+        b = len(batch)
+        clens = [lens[r] for r in batch]
+        q = torch.randn(b, hq, d, generator=gen).to(dtype)
+        k = torch.stack([keys[r, c] for r, c in zip(batch, clens, strict=True)])
+        v = torch.stack([values[r, c] for r, c in zip(batch, clens, strict=True)])
+        q_s.zero_(), k_s.zero_(), v_s.zero_()
+        q_s[:b], k_s[:b], v_s[:b] = q.to(dev), k.to(dev), v.to(dev)
+        for rank in [single, *ranks]:
+            for r, c in zip(batch, clens, strict=True):
+                rank.grow(r, c + 1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for rank in ranks:
+                step = rank.meta.prepare_decode(batch, clens, cuda_graph=True)
+                assert step.padded_num_reqs == (4 if b <= 4 else 8)
+                rank.meta.replay_decode_graph(step)
+            n = step.padded_num_reqs
+            total = torch.zeros(n, hq, d, dtype=torch.float32, device=dev)
+            for i in range(world_size):
+                total += ops.correct_attn_out(outs[i, :n].clone(), lses[:, :n].contiguous(), i)[0].float()
+            one = single.meta.prepare_decode(batch, clens)
+            ops.store_kv(k_s[:b], v_s[:b], one.slot_mappings[0], *single.caches[0])
+            want = one.attention(q_s[:b], *single.caches[0], group=0)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        ref = dense_reference(q, keys, values, batch, [1] * b, clens, -1)
+        msg = f"batch {batch}"
+        torch.testing.assert_close(total[:b], want.float(), atol=2e-2, rtol=2e-2, msg=msg)
+        torch.testing.assert_close(total[:b].cpu(), ref, atol=2e-2, rtol=2e-2, msg=msg)
+        for r, c in zip(batch, clens, strict=True):
+            lens[r] = c + 1
+    # Every rank stored each decode token once across the ranks, where its owner keeps it.
+    for rank in ranks:
+        for r, length in lens.items():
+            k, _ = rank.stored(0, r, length)
+            held = ~torch.isnan(k[:, 0, 0])
+            assert torch.equal(held, owner(torch.arange(length), rank.cp) == rank.cp.rank)
+            assert torch.equal(k[held], keys[r, :length].float()[held])
