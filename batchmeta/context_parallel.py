@@ -36,9 +36,18 @@ keys only, and part A is a plain unmasked paged attention (FlashInfer's decode o
 kernels). A step with nothing cached (``"ragged_prefill"``) has no part A: every rank computes
 part B itself and no collective runs.
 
+A decode step (one query per row) needs no kernel for part B: a query over its own key alone
+has the value as output and the logit as log-sum-exp. Its part A is a decode plan
+(:class:`~batchmeta.attention.decode_planner.DecodePlanner`) in which every row holds at least one
+page: a row with none of its cached context on this rank (and a CUDA graph's padding row) reads
+the padding page instead and its partial is masked. So every row runs the same kernels, and decode
+steps capture and replay as CUDA graphs (a CUDA-graph wrapper per batch size over fixed buffers,
+written by :meth:`CPAttention.prepare` outside the graph).
+
 The token history and multi-LoRA work as on one rank (positions and adapter segments are per
-token). Not yet under context parallelism: CUDA-graph decode, draft loops, speculative acceptance
-on the device and MLA groups (each rejected with a ``ValueError`` naming ``context_parallel``).
+token). Not yet under context parallelism: CUDA graphs of speculative verify steps, draft loops,
+speculative acceptance on the device and MLA groups (each rejected with a ``ValueError`` naming
+``context_parallel``).
 """
 
 from __future__ import annotations
