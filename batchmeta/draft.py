@@ -54,8 +54,6 @@ from batchmeta.step import StaleStepError, Step
 
 __all__ = ["DraftLoop", "DraftRound"]
 
-_NO_WRITES = np.zeros(0, np.int32)
-
 
 class DraftRound:
     """The ``k`` draft steps of one round (what ``BatchMetadata.prepare_draft`` returns).
@@ -334,7 +332,6 @@ class DraftLoop:
         try:
             for j, slot in enumerate(slots):
                 ring = slot.ring
-                writes = (offsets, values, rows) if j == 0 else (_NO_WRITES, _NO_WRITES, None)
                 h = ring.peek()
                 if self._host_path is not None:
                     num_tokens, widths, max_seq = staged[j]  # staged above
@@ -342,24 +339,30 @@ class DraftLoop:
                     args = (h, staged[j], idx, 1, lens[j], padded, graph, counts[j], on_device)
                     num_tokens, widths, max_seq = slot.launcher.stage_rows(*args)
                 ring.advance()
-                stage_writes(h, lay, *writes)
-                if self.history is not None:
-                    stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
+                if not j:  # only step 0's launch reads its host buffer: later steps' rows come from its mirror
+                    stage_writes(h, lay, offsets, values, rows)
+                    if self.history is not None:
+                        stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
                 launcher = slot.launcher
                 tokens_run = padded if graph else num_tokens
                 views = launcher.views(b, padded, tokens_run, widths)
                 shapes.append((num_tokens, max_seq, widths, views, launcher.num_kv_pages(padded)))
             wrappers: list[Any] = [None] * k
+            planned_alone = ()
             if self._planned and padded:
-                wrappers = self._plan(slots, shapes, padded, graph)
+                wrappers, planned_alone = self._plan(slots, shapes, padded, graph)
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
             # host arrays into the device views: bounds where rows' lengths are on the device). Its
             # packed rows stay in its device mirror, where advance() shifts them for later steps.
             _, max_seq, widths, _, _ = shapes[0]
             cols = [slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=True)]
         finally:
-            for slot in slots:
-                slot.ring.done()  # each host buffer stays busy until what was enqueued from it has run
+            # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
+            # reads it), and those a stock plan may have copied from (a step planned on its own, the
+            # last step's). No device work reads the other steps' (their host twins only).
+            for j, slot in enumerate(slots):
+                if not j or j == k - 1 or j in planned_alone:
+                    slot.ring.done()
         for _, max_seq, widths, _, _ in shapes[1:]:  # the later steps' launches (advance): a graph's cover any row
             cols.append(self._graph_cols if graph else max(-(-max_seq // self._min_page), *widths))
         steps = tuple(
@@ -384,28 +387,32 @@ class DraftLoop:
         )
         return DraftRound(self, steps, b, padded, graph, tuple(cols))
 
-    def _plan(self, slots: list[_DraftSlot], shapes: list[tuple], padded: int, graph: bool) -> list[Any]:
+    def _plan(
+        self, slots: list[_DraftSlot], shapes: list[tuple], padded: int, graph: bool
+    ) -> tuple[list[Any], list[int]]:
         """The round's FlashInfer plans: the last step's (its lengths bound every step's), taken by
         every step's wrappers; a step whose wrappers were never planned plans its own first. With
-        an MLA group, each step's own plan."""
+        an MLA group, each step's own plan. Returns the wrappers and the steps planned on their own."""
         ev = self._plan_event
         if ev is not None and not ev.query():
             ev.synchronize()  # the last round's plan copies are still queued: never in steady state
         last = len(slots) - 1
         wrappers: list[Any] = [None] * len(slots)
+        alone = []
         for j, slot in enumerate(slots):
             planner = slot.launcher.planner
             if self._plan_once and j < last and planner.decode_ready(padded, graph):
                 continue  # takes the last step's plan below
             num_tokens, max_seq, _, views, num_kv_pages = shapes[j]
             wrappers[j] = planner.plan("decode", padded, graph, views, max_seq, num_kv_pages, num_tokens, 1)
+            alone.append(j)
         if self._plan_once:
             source = slots[last].launcher.planner
             for j in range(last):  # after every plan: the int workspace holds the last step's
                 wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, shapes[j][3])
         if ev is not None:
             ev.record()
-        return wrappers
+        return wrappers, alone
 
     # ---------------------------------------------------------------------------------------------
     def capture(

@@ -23,7 +23,8 @@ token accepted; then each round drafts ``k`` tokens from cache length ``c + (rou
 Figures per round (medians over ``--repeats`` alternated passes):
 
 - host µs: wall time from the round's first ``prepare_*`` until its last GPU work is enqueued, with the device
-  synchronized after every round (outside the timed span), so no wait for the GPU is inside it;
+  synchronized after every round (outside the timed span), so no wait for the GPU is inside it; for ``graph``
+  also ``prepare_draft`` alone (the rest is ``replay_draft_graph``);
 - GPU idle µs: the GPU's period per round when rounds run back to back (events recorded before each round's first
   ``prepare_*`` and after its last work; ``(last end - first start) / rounds``) minus the round's device time,
   measured by enqueueing one round behind a sleeping kernel (``torch.cuda._sleep``) long enough for the host to
@@ -159,6 +160,7 @@ class Bench:
             meta.capture_draft_graph(len(self.idx), k, self.model.forward)
             self.graphs.add(k)
         round_ = meta.prepare_draft(self.idx, clens, num_steps=k, cuda_graph=True)
+        self.prepared_at = time.perf_counter()
         meta.replay_draft_graph(round_)
         return round_.draft_token_ids
 
@@ -166,10 +168,11 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def host_us(self, mode: str, k: int) -> tuple[list[float], np.ndarray]:
-        """Host µs per round (synchronized between rounds) and every round's drafts."""
+    def host_us(self, mode: str, k: int) -> tuple[list[float], np.ndarray, list[float]]:
+        """Host µs per round (synchronized between rounds), every round's drafts and (graph) the
+        µs of each round's ``prepare_draft`` alone (the rest is ``replay_draft_graph``)."""
         self.restore()
-        times, drafts = [], []
+        times, drafts, prepared = [], [], []
         for i in range(self.args.warmup + self.args.rounds):
             self.sync()
             t0 = time.perf_counter()
@@ -177,9 +180,11 @@ class Bench:
             t1 = time.perf_counter()
             if i >= self.args.warmup:
                 times.append((t1 - t0) * 1e6)
+                if mode == "graph":
+                    prepared.append((self.prepared_at - t0) * 1e6)
             drafts.append(out.clone())
         self.sync()
-        return times, torch.stack(drafts).cpu().numpy()
+        return times, torch.stack(drafts).cpu().numpy(), prepared
 
     def prepare_decode_us(self) -> list[float]:
         """Host µs of one ``prepare_decode`` of the batch (under CUDA graphs where the rounds are), the
@@ -260,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         drafts: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
             for mode in modes:
-                times, out = bench.host_us(mode, k)
+                times, out, prepared = bench.host_us(mode, k)
                 runs[mode].append(
-                    (statistics.median(times), float(np.percentile(times, 90)), bench.gpu_idle_us(mode, k))
+                    (
+                        statistics.median(times),
+                        float(np.percentile(times, 90)),
+                        bench.gpu_idle_us(mode, k),
+                        statistics.median(prepared) if prepared else None,
+                    )
                 )
                 drafts[mode] = out
         results[str(k)] = {}
@@ -273,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 "host_us_p90": statistics.median(r[1] for r in runs[mode]),
                 "gpu_idle_us": statistics.median(idle) if idle else None,
             }
+            if mode == "graph":  # the round's prepare_draft alone; the rest is the replay
+                results[str(k)][mode]["prepare_draft_us"] = statistics.median(r[3] for r in runs[mode])
             if mode != "decode x k":
                 same = bool(np.array_equal(drafts[mode], drafts["decode x k"]))
                 results[str(k)][mode]["drafts_equal_decode_x_k"] = same
@@ -323,6 +335,22 @@ def main(argv: list[str] | None = None) -> int:
             for k, t in target.items()
         ),
         "",
+        *(
+            [
+                "Of a graph round's host µs, `prepare_draft` alone (the rest is `replay_draft_graph`):",
+                "",
+                "| k | prepare_draft µs | replay µs |",
+                "|---|---:|---:|",
+                *(
+                    f"| {k} | {r['graph']['prepare_draft_us']:.1f} | "
+                    f"{r['graph']['host_us_median'] - r['graph']['prepare_draft_us']:.1f} |"
+                    for k, r in results.items()
+                ),
+                "",
+            ]
+            if cuda
+            else []
+        ),
         *(f"- {c}" for c in checks),
     ]
     out = Path(args.out)

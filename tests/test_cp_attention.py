@@ -512,7 +512,7 @@ def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, pag
 
     def config(cp):
         cfg = make_config(cp, (page_size, 16), backend=None, device=dev, dtype=dtype, heads=heads)
-        return attrs.evolve(cfg, cuda_graph_batch_sizes=(4, 8))
+        return attrs.evolve(cfg, cuda_graph_batch_sizes=(4, NUM_REQS))
 
     single = Rank(BatchMetadata(config(ContextParallel(1, 0))))
     ranks = [
@@ -522,11 +522,11 @@ def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, pag
     gen = torch.Generator().manual_seed(world_size * 100 + interleave + page_size)
     keys = torch.randn(NUM_REQS, MAX_LEN, hkv, d, generator=gen).to(dtype)
     values = torch.randn(NUM_REQS, MAX_LEN, hkv, d, generator=gen).to(dtype)
-    q_s = torch.zeros(8, hq, d, dtype=dtype, device=dev)
-    k_s = torch.zeros(8, hkv, d, dtype=dtype, device=dev)
-    v_s = torch.zeros(8, hkv, d, dtype=dtype, device=dev)
-    outs = torch.zeros(world_size, 8, hq, d, dtype=dtype, device=dev)
-    lses = torch.zeros(world_size, 8, hq, dtype=torch.float32, device=dev)
+    q_s = torch.zeros(NUM_REQS, hq, d, dtype=dtype, device=dev)
+    k_s = torch.zeros(NUM_REQS, hkv, d, dtype=dtype, device=dev)
+    v_s = torch.zeros(NUM_REQS, hkv, d, dtype=dtype, device=dev)
+    outs = torch.zeros(world_size, NUM_REQS, hq, d, dtype=dtype, device=dev)
+    lses = torch.zeros(world_size, NUM_REQS, hq, dtype=torch.float32, device=dev)
 
     def forward_of(i, rank):
         def forward(step):
@@ -539,7 +539,7 @@ def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, pag
         return forward
 
     for i, rank in enumerate(ranks):
-        for bs in (4, 8):
+        for bs in (4, NUM_REQS):
             rank.meta.capture_decode_graph(bs, forward_of(i, rank))
         with pytest.raises(ValueError, match=r"^context_parallel: CUDA graphs of speculative verify steps"):
             rank.meta.capture_decode_graph(4, forward_of(i, rank), num_draft_tokens=1)
@@ -570,7 +570,7 @@ def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, pag
         try:
             for rank in ranks:
                 step = rank.meta.prepare_decode(batch, clens, cuda_graph=True)
-                assert step.padded_num_reqs == (4 if b <= 4 else 8)
+                assert step.padded_num_reqs == (4 if b <= 4 else NUM_REQS)
                 rank.meta.replay_decode_graph(step)
             n = step.padded_num_reqs
             total = torch.zeros(n, hq, d, dtype=torch.float32, device=dev)
