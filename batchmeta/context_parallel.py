@@ -132,10 +132,15 @@ def local_len(lens, cp: ContextParallel):
     span = i * n
     rest = lens % span - cp.rank * i
     if isinstance(lens, torch.Tensor):
-        extra = rest.clamp(0, i)
-    else:
-        extra = np.clip(rest, 0, i)
-    return (lens // span) * i + extra
+        return (lens // span) * i + rest.clamp(0, i)
+    if isinstance(rest, np.ndarray):  # every step, over the batch: in place (np.clip costs more than the math)
+        np.maximum(rest, 0, out=rest)
+        np.minimum(rest, i, out=rest)
+        out = lens // span
+        out *= i
+        out += rest
+        return out
+    return (lens // span) * i + min(max(rest, 0), i)
 
 
 # --------------------------------------------------------------------------------------------------
