@@ -527,10 +527,12 @@ class BatchMetadata:
         """A drafter's round of ``num_steps`` single-token steps (EAGLE, MTP), prepared and planned at once.
 
         Step ``j`` of the round is the decode step ``prepare_decode(idx_mapping, cache_lens + j)``
-        would give (every field), written into buffers of its own by a launch enqueued now, and
-        planned now. Between steps only the drafted token moves: ``round.run(forward)`` (or
-        ``round.advance(j, tokens)`` after each forward) writes it into the next step's
-        ``input_ids`` and the token history at ``c + j + 1``, where the next
+        would give (every field), in buffers of its own. Every step is checked and staged on the
+        host now (its host twins), FlashInfer is planned once per group (the last step's lengths,
+        taken by every step's wrappers) and step 0 is written by a launch enqueued now; the GPU
+        writes each later step: ``round.run(forward)`` (or ``round.advance(j, tokens)`` after each
+        forward) puts the drafted token into the token history at ``c + j + 1``, then writes step
+        ``j + 1``, whose ``input_ids`` gather it, and the next
         ``prepare_decode(..., num_draft_tokens=num_steps)`` gathers the drafts. Under a CUDA graph
         the whole round replays with :meth:`replay_draft_graph`. Needs ``config.token_history``.
 
@@ -550,7 +552,7 @@ class BatchMetadata:
             ``k``, in ``[1, config.max_draft_tokens]``.
         cuda_graph:
             Pad the batch to the next size in ``config.cuda_graph_batch_sizes`` and plan the
-            CUDA-graph wrappers of each step, for :meth:`replay_draft_graph`.
+            CUDA-graph wrappers of the steps, for :meth:`replay_draft_graph`.
 
         Returns
         -------
