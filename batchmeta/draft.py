@@ -273,9 +273,6 @@ class DraftLoop:
         # One plan for every step (decode groups only: an MLA group's plan takes exact host lengths).
         self._plan_once = all(grp.mla is None for grp in cfg.kv_groups)
         self._int_workspaces: dict[tuple, torch.Tensor] | None = {} if self._plan_once else None
-        # Recorded after each round's plans: the next plan rewrites FlashInfer's pinned buffers only
-        # once the copies enqueued from them have run.
-        self._plan_event = torch.cuda.Event() if device.type == "cuda" else None
         # A graph's launches are captured once: their column programs cover any row.
         self._min_page = min(grp.page_size for grp in cfg.kv_groups)
         widest = max(cfg.max_pages_per_req(g) for g in range(len(cfg.kv_groups)))
@@ -316,9 +313,10 @@ class DraftLoop:
         # Step 0's launch applies the staged writes: its packed rows carry their count.
         counts = [packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))] + [0] * (k - 1)
         staged: list[Any] = []
+        free = [slot.ring.peek() for slot in slots]  # each step's free host buffer
         for j, slot in enumerate(slots):  # check (and, compiled, stage) every step into a free buffer
             if self._host_path is not None:  # common case
-                args = (slot.ring.peek(), None, idx, 1, lens[j], padded, graph, counts[j], on_device)
+                args = (free[j], None, idx, 1, lens[j], padded, graph, counts[j], on_device)
                 out = slot.launcher.stage_rows(*args)
             else:
                 out = self._checker.check(idx, 1, lens[j])
@@ -332,7 +330,7 @@ class DraftLoop:
         try:
             for j, slot in enumerate(slots):
                 ring = slot.ring
-                h = ring.peek()
+                h = free[j]
                 if self._host_path is not None:
                     num_tokens, widths, max_seq = staged[j]  # staged above
                 else:
@@ -352,10 +350,10 @@ class DraftLoop:
             if self._planned and padded:
                 wrappers, planned_alone = self._plan(slots, shapes, padded, graph)
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
-            # host arrays into the device views: bounds where rows' lengths are on the device). Its
-            # packed rows stay in its device mirror, where advance() shifts them for later steps.
+            # host arrays into the device views: bounds where rows' lengths are on the device). With
+            # later steps its packed rows go to its device mirror, where advance() shifts them.
             _, max_seq, widths, _, _ = shapes[0]
-            cols = [slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=True)]
+            cols = [slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=k > 1)]
         finally:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
             # reads it), and those a stock plan may have copied from (a step planned on its own, the
@@ -393,9 +391,9 @@ class DraftLoop:
         """The round's FlashInfer plans: the last step's (its lengths bound every step's), taken by
         every step's wrappers; a step whose wrappers were never planned plans its own first. With
         an MLA group, each step's own plan. Returns the wrappers and the steps planned on their own."""
-        ev = self._plan_event
-        if ev is not None and not ev.query():
-            ev.synchronize()  # the last round's plan copies are still queued: never in steady state
+        # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if
+        # needed) for what that round enqueued before its step 0's buffer was marked busy.
+        slots[0].ring.wait_previous()
         last = len(slots) - 1
         wrappers: list[Any] = [None] * len(slots)
         alone = []
@@ -410,8 +408,6 @@ class DraftLoop:
             source = slots[last].launcher.planner
             for j in range(last):  # after every plan: the int workspace holds the last step's
                 wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, shapes[j][3])
-        if ev is not None:
-            ev.record()
         return wrappers, alone
 
     # ---------------------------------------------------------------------------------------------
