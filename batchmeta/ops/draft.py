@@ -26,14 +26,12 @@ import triton.language as tl
 
 from batchmeta.launch import cached_kernel
 from batchmeta.ops._common import check_tensor, use_triton
+from batchmeta.ops.speculative import packed_column, repage_group, repage_group_torch
 from batchmeta.ops.step import (
     ROW_CACHE,
     ROW_COUNT,
     ROW_GROUP,
     ROW_IDX,
-    ROW_KV_HI,
-    ROW_KV_LO,
-    ROW_LAST,
     ROW_PER_GROUP,
     ROW_SEQ,
     ROW_SWIDTH,
@@ -175,13 +173,7 @@ def advance_draft(
 # --------------------------------------------------------------------------------------------------
 _F_IDX, _F_CACHE, _F_SEQ, _F_COUNT = (tl.constexpr(f) for f in (ROW_IDX, ROW_CACHE, ROW_SEQ, ROW_COUNT))
 _F_GROUP, _F_PER_GROUP = tl.constexpr(ROW_GROUP), tl.constexpr(ROW_PER_GROUP)
-_F_KV_LO, _F_KV_HI, _F_LAST, _F_SWIDTH = (tl.constexpr(f) for f in (ROW_KV_LO, ROW_KV_HI, ROW_LAST, ROW_SWIDTH))
-
-
-@triton.jit
-def _column(tile, ar, F):
-    """Column ``F`` of a ``[rows, STRIDE]`` tile."""
-    return tl.sum(tl.where(ar[None, :] == F, tile, 0), axis=1)
+_F_SWIDTH = tl.constexpr(ROW_SWIDTH)
 
 
 @triton.jit
@@ -220,34 +212,24 @@ def _shift_rows_kernel(
         m = i <= num_rows
         at = ROWS + i[:, None].to(tl.int64) * STRIDE + ar[None, :]
         tile = tl.load(src_ptr + at, mask=m[:, None], other=0)
-        real = (i < num_rows) & (_column(tile, ar, _F_IDX) != PAD_ROW)
+        real = (i < num_rows) & (packed_column(tile, ar, _F_IDX) != PAD_ROW)
         moved = tl.where(real, shift, 0)
-        seq = _column(tile, ar, _F_SEQ) + moved
-        tile = tl.where(ar[None, :] == _F_CACHE, (_column(tile, ar, _F_CACHE) + moved)[:, None], tile)
+        seq = packed_column(tile, ar, _F_SEQ) + moved
+        tile = tl.where(ar[None, :] == _F_CACHE, (packed_column(tile, ar, _F_CACHE) + moved)[:, None], tile)
         tile = tl.where(ar[None, :] == _F_SEQ, seq[:, None], tile)
         # The first step applied the staged block-table writes and prompt spans: none here.
         tile = tl.where((ar[None, :] == _F_COUNT) | (ar[None, :] == CHUNKS_F), 0, tile)
         for g in tl.static_range(NUM_GROUPS):
+            # Padding rows keep their page count (the tail row has none); real rows hold seq tokens.
             ps = tl.load(page_sizes_ptr + g)
             f = _F_GROUP + _F_PER_GROUP * g
-            lo = _column(tile, ar, f + _F_KV_LO)
-            hi = _column(tile, ar, f + _F_KV_HI)
-            # Padding rows keep their page count (the tail row has none); real rows hold seq tokens.
-            pages = tl.where(real, (seq + ps - 1) // ps, hi - lo)
-            pages = tl.where(m, pages, 0)
-            before = tl.sum(tl.where(gar == g, carry, 0))
-            new_lo = before + tl.cumsum(pages, 0) - pages
-            last = tl.where(real, seq - (pages - 1) * ps, _column(tile, ar, f + _F_LAST))
+            tile, carry = repage_group(tile, ar, gar, carry, real, seq, m, ps, g, f)
             # Per-step table width: 0 (none) and a graph's full width stay; an eager step's is its
             # longest row's pages.
-            width = _column(tile, ar, f + _F_SWIDTH)
+            width = packed_column(tile, ar, f + _F_SWIDTH)
             full = (MAX_LEN + ps - 1) // ps
             width = tl.where((width == 0) | (width == full), width, tl.minimum((max_seq + ps - 1) // ps, full))
             tile = tl.where(ar[None, :] == f + _F_SWIDTH, width[:, None], tile)
-            tile = tl.where(ar[None, :] == f + _F_KV_LO, new_lo[:, None], tile)
-            tile = tl.where(ar[None, :] == f + _F_KV_HI, (new_lo + pages)[:, None], tile)
-            tile = tl.where(ar[None, :] == f + _F_LAST, last[:, None], tile)
-            carry = tl.where(gar == g, before + tl.sum(pages, 0), carry)
         tl.store(dst_ptr + at, tile, mask=m[:, None])
 
 
@@ -268,11 +250,7 @@ def _shift_rows_torch(src, dst, shift: int, page_sizes, num_rows, rows_at, strid
     packed[:, row_chunks(len(page_sizes))] = 0
     for g, ps in enumerate(page_sizes):
         at = ROW_GROUP + ROW_PER_GROUP * g
-        pages = torch.where(real, (seq + ps - 1) // ps, packed[:, at + ROW_KV_HI] - packed[:, at + ROW_KV_LO])
-        lo = torch.cumsum(pages, 0) - pages
-        packed[:, at + ROW_LAST] = torch.where(real, seq - (pages - 1) * ps, packed[:, at + ROW_LAST])
-        packed[:, at + ROW_KV_LO] = lo
-        packed[:, at + ROW_KV_HI] = lo + pages
+        repage_group_torch(packed, real, seq, ps, at)
         full = -(-max_len // ps)
         width = packed[:, at + ROW_SWIDTH]
         keep = (width == 0) | (width == full)

@@ -55,9 +55,38 @@ _F_KV_LO, _F_KV_HI, _F_LAST = (tl.constexpr(f) for f in (ROW_KV_LO, ROW_KV_HI, R
 
 
 @triton.jit
-def _col(tile, ar, F):
-    """Column ``F`` of a ``[rows, STRIDE]`` tile."""
+def packed_column(tile, ar, F):
+    """Column ``F`` of a ``[rows, STRIDE]`` tile of packed rows."""
     return tl.sum(tl.where(ar[None, :] == F, tile, 0), axis=1)
+
+
+@triton.jit
+def repage_group(tile, ar, gar, carry, rows, seq, m, ps, g, F):
+    """Group ``g``'s fields (from packed-row field ``F``) of a tile of packed rows after new
+    sequence lengths: a row in ``rows`` holds ``seq`` tokens (``ceil(seq / ps)`` pages, and the last
+    page's length), the others keep their page count; every row's ``kv_indptr`` fields are summed
+    again, from ``carry`` (the pages of the tiles before). Returns ``(tile, carry)``."""
+    lo = packed_column(tile, ar, F + _F_KV_LO)
+    hi = packed_column(tile, ar, F + _F_KV_HI)
+    pages = tl.where(rows, (seq + ps - 1) // ps, hi - lo)
+    pages = tl.where(m, pages, 0)
+    before = tl.sum(tl.where(gar == g, carry, 0))
+    new_lo = before + tl.cumsum(pages, 0) - pages
+    last = tl.where(rows, seq - (pages - 1) * ps, packed_column(tile, ar, F + _F_LAST))
+    tile = tl.where(ar[None, :] == F + _F_KV_LO, new_lo[:, None], tile)
+    tile = tl.where(ar[None, :] == F + _F_KV_HI, (new_lo + pages)[:, None], tile)
+    tile = tl.where(ar[None, :] == F + _F_LAST, last[:, None], tile)
+    return tile, tl.where(gar == g, before + tl.sum(pages, 0), carry)
+
+
+def repage_group_torch(packed: torch.Tensor, rows: torch.Tensor, seq: torch.Tensor, ps: int, at: int) -> None:
+    """:func:`repage_group` on a whole ``[num_rows + 1, stride]`` int64 tensor, in place (group
+    fields at ``at``)."""
+    pages = torch.where(rows, (seq + ps - 1) // ps, packed[:, at + ROW_KV_HI] - packed[:, at + ROW_KV_LO])
+    lo = torch.cumsum(pages, 0) - pages
+    packed[:, at + ROW_LAST] = torch.where(rows, seq - (pages - 1) * ps, packed[:, at + ROW_LAST])
+    packed[:, at + ROW_KV_LO] = lo
+    packed[:, at + ROW_KV_HI] = lo + pages
 
 
 @triton.jit
@@ -87,29 +116,18 @@ def _resolve_rows_kernel(
         m = i <= num_rows
         at = ROWS + i[:, None].to(tl.int64) * STRIDE + ar[None, :]
         tile = tl.load(src_ptr + at, mask=m[:, None], other=0)
-        on_device = (_col(tile, ar, DEV) != 0) & (i < num_rows)
-        req = _col(tile, ar, _F_IDX)
-        cache = tl.where(on_device, tl.load(lens_ptr + req, mask=on_device, other=0), _col(tile, ar, _F_CACHE))
-        query = _col(tile, ar, _F_END) - _col(tile, ar, _F_START)
-        seq = tl.where(on_device, cache + query, _col(tile, ar, _F_SEQ))
+        on_device = (packed_column(tile, ar, DEV) != 0) & (i < num_rows)
+        req = packed_column(tile, ar, _F_IDX)
+        cache = tl.where(on_device, tl.load(lens_ptr + req, mask=on_device, other=0), packed_column(tile, ar, _F_CACHE))
+        query = packed_column(tile, ar, _F_END) - packed_column(tile, ar, _F_START)
+        seq = tl.where(on_device, cache + query, packed_column(tile, ar, _F_SEQ))
         tile = tl.where(ar[None, :] == _F_CACHE, cache[:, None], tile)
         tile = tl.where(ar[None, :] == _F_SEQ, seq[:, None], tile)
         for g in tl.static_range(NUM_GROUPS):
-            ps = tl.load(page_sizes_ptr + g)
-            f = _F_GROUP + _F_PER_GROUP * g
-            lo = _col(tile, ar, f + _F_KV_LO)
-            hi = _col(tile, ar, f + _F_KV_HI)
             # Rows whose length is on the host keep their page count (padding rows included; the
             # tail row has none), so only the device rows' counts and everyone's offsets change.
-            pages = tl.where(on_device, (seq + ps - 1) // ps, hi - lo)
-            pages = tl.where(m, pages, 0)
-            before = tl.sum(tl.where(gar == g, carry, 0))
-            new_lo = before + tl.cumsum(pages, 0) - pages
-            last = tl.where(on_device, seq - (pages - 1) * ps, _col(tile, ar, f + _F_LAST))
-            tile = tl.where(ar[None, :] == f + _F_KV_LO, new_lo[:, None], tile)
-            tile = tl.where(ar[None, :] == f + _F_KV_HI, (new_lo + pages)[:, None], tile)
-            tile = tl.where(ar[None, :] == f + _F_LAST, last[:, None], tile)
-            carry = tl.where(gar == g, before + tl.sum(pages, 0), carry)
+            ps = tl.load(page_sizes_ptr + g)
+            tile, carry = repage_group(tile, ar, gar, carry, on_device, seq, m, ps, g, _F_GROUP + _F_PER_GROUP * g)
         tl.store(dst_ptr + at, tile, mask=m[:, None])
 
 
@@ -126,12 +144,7 @@ def _resolve_rows_torch(src, dst, lens, page_sizes, num_rows, rows_at, stride) -
     packed[:, ROW_CACHE] = cache
     packed[:, ROW_SEQ] = seq
     for g, ps in enumerate(page_sizes):
-        at = ROW_GROUP + ROW_PER_GROUP * g
-        pages = torch.where(on_device, (seq + ps - 1) // ps, packed[:, at + ROW_KV_HI] - packed[:, at + ROW_KV_LO])
-        lo = torch.cumsum(pages, 0) - pages
-        packed[:, at + ROW_LAST] = torch.where(on_device, seq - (pages - 1) * ps, packed[:, at + ROW_LAST])
-        packed[:, at + ROW_KV_LO] = lo
-        packed[:, at + ROW_KV_HI] = lo + pages
+        repage_group_torch(packed, on_device, seq, ps, ROW_GROUP + ROW_PER_GROUP * g)
     dst[rows_at : rows_at + (num_rows + 1) * stride] = packed.flatten().to(dst.dtype)
 
 
