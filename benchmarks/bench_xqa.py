@@ -158,7 +158,10 @@ def main() -> int:
         try:
             row = run(scns[name], args, np.random.default_rng(0))
         except Exception as e:  # report and go on: one unsupported shape must not hide the others
-            row = {"scenario": name, "xqa": f"{type(e).__name__}: {str(e)[:160]}"}
+            first = str(e).splitlines()[0] if str(e) else ""
+            row = {"scenario": name, "xqa": f"{type(e).__name__}: {first[:160]}"}
+            # The whole message (a JIT build's compiler output runs to many lines) on stderr.
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         cells = [row.get(c, "") for c in cols]
         print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
     return 0
