@@ -183,17 +183,22 @@ class CPGroupStep:
     Attributes
     ----------
     kv_indptr_cached:
-        ``[B + 1]`` int32 numpy: this rank's pages of each row's cached context, prefix-summed.
+        ``[n + 1]`` int32 numpy (``n`` = ``B``, or a decode graph's padded rows): this rank's pages
+        of each row's cached context, prefix-summed. In a decode step a row holding none of it (and
+        a padding row) has one page, the padding page.
     kv_last_page_len_cached:
-        ``[B]`` int32 numpy: tokens in the last of those pages (0 for a row with none).
+        ``[n]`` int32 numpy: tokens in the last of those pages (decode: 1 for such a row; other
+        kinds: 0 for a row with none).
     kv_indices_cached:
-        ``[kv_indptr_cached[B]]`` int32 device: those pages, back to back (the first pages of each
-        row's ``kv_indices``: a rank's local positions only grow).
+        ``[kv_indptr_cached[n]]`` int32 device: those pages, back to back (the first pages of each
+        row's block-table row: a rank's local positions only grow).
     no_cached:
-        ``[T]`` bool device: tokens whose row has none of its cached context on this rank.
+        ``[queries]`` bool device: the queries whose row has none of its cached context on this
+        rank (and a decode graph's padding rows): their part-A partial is masked.
     cached_wrapper, new_wrapper:
-        FlashInfer wrappers planned for part A (paged, no mask) and part B (ragged, causal), or
-        None where that part does not run on this rank or nothing plans FlashInfer.
+        FlashInfer wrappers planned for part A (paged, no mask: a decode wrapper in a decode step)
+        and part B (ragged, causal; none in a decode step, whose part B needs no kernel), or None
+        where that part does not run on this rank or nothing plans FlashInfer.
     """
 
     __slots__ = (
@@ -548,10 +553,12 @@ def _own_key_attention(
     (``k``, ``v`` ``[>= T, Hkv, D]``; query head ``h`` reads KV head ``h // (Hq / Hkv)``): the output
     is the value and the log-sum-exp the one logit (``q·k * sm_scale``, soft-capped as FlashInfer
     does). Returns ``(out [T, Hq, D] in q's dtype, lse [T, Hq] float32)``."""
-    t, hq, _ = q.shape
-    rep = hq // k.shape[1]
-    keys = k[:t].float().repeat_interleave(rep, dim=1)
-    logits = torch.einsum("thd,thd->th", q.float(), keys) * sm_scale
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    # Query heads grouped by their KV head: no copy of the keys per query head.
+    logits = torch.einsum("tgrd,tgd->tgr", q.float().reshape(t, hkv, rep, d), k[:t].float()).reshape(t, hq)
+    logits = logits * sm_scale
     if logits_soft_cap > 0:
         logits = logits_soft_cap * torch.tanh(logits / logits_soft_cap)
-    return v[:t].repeat_interleave(rep, dim=1).to(q.dtype), logits
+    return v[:t, :, None, :].expand(t, hkv, rep, d).reshape(t, hq, d).to(q.dtype), logits

@@ -10,9 +10,10 @@ room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
    ``accept_tokens`` returned (upper bounds where acceptance stayed on the device), so every step's
    host twins are its own;
 2. plans FlashInfer once per KV-cache group: the last step's lengths bound every step's, and the
-   tensor-core decode kernel clamps each KV chunk to a step's own lengths, so every step's wrapper
-   takes that one plan (their int workspaces are one buffer: :meth:`StepPlanner.adopt
-   <batchmeta.attention.StepPlanner.adopt>`); an MLA group plans each step;
+   tensor-core decode kernel (FA2) clamps each KV chunk to a step's own lengths, so every step's
+   wrapper takes that one plan (their int workspaces are one buffer: :meth:`StepPlanner.adopt
+   <batchmeta.attention.StepPlanner.adopt>`); with an MLA group or float8 data each step plans
+   its own;
 3. one launch writes step 0 (rows whose length is on the device resolved there first), its packed
    rows kept in its device mirror;
 4. the GPU advances the rest: :meth:`DraftRound.advance` after step ``j``'s forward writes the
@@ -270,8 +271,12 @@ class DraftLoop:
         if (self._layout.fixed_end, self._layout.pairs) != (layout.fixed_end, layout.pairs):
             raise RuntimeError("batchmeta: the draft steps' staging layout differs from the owner's")
         self._slots: list[_DraftSlot] = []
-        # One plan for every step (decode groups only: an MLA group's plan takes exact host lengths).
-        self._plan_once = all(grp.mla is None for grp in cfg.kv_groups)
+        # One plan for every step: where FlashInfer's tensor-core decode runs FA2, whose kernels
+        # clamp each KV chunk to the device lengths. Not for an MLA group (its plan takes exact host
+        # lengths) nor float8 queries or caches (FlashInfer may pick FA3 there, whose scheduler
+        # takes the planned lengths): those steps plan on their own.
+        fp8 = {torch.float8_e4m3fn, torch.float8_e5m2} & {cfg.q_dtype, cfg.kv_dtype}
+        self._plan_once = all(grp.mla is None for grp in cfg.kv_groups) and not fp8
         self._int_workspaces: dict[tuple, torch.Tensor] | None = {} if self._plan_once else None
         # A graph's launches are captured once: their column programs cover any row.
         self._min_page = min(grp.page_size for grp in cfg.kv_groups)

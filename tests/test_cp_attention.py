@@ -594,3 +594,31 @@ def test_gpu_decode_graphs_under_context_parallelism(world_size, interleave, pag
             held = ~torch.isnan(k[:, 0, 0])
             assert torch.equal(held, owner(torch.arange(length), rank.cp) == rank.cp.rank)
             assert torch.equal(k[held], keys[r, :length].float()[held])
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 5.0])
+def test_decode_new_token_part_is_attention_over_the_own_key(soft_cap):
+    """A decode step's part B without a kernel (each query over its own key alone) equals the
+    torch paged attention over one-token pages, lse included (natural log), with GQA and a soft cap."""
+    from batchmeta.context_parallel import _own_key_attention
+
+    gen = torch.Generator().manual_seed(3)
+    t, hq, hkv, d = 5, 8, 2, 16
+    q = torch.randn(t, hq, d, generator=gen)[:, :, :].transpose(0, 1).contiguous().transpose(0, 1)  # strided
+    k, v = torch.randn(t + 2, hkv, d, generator=gen), torch.randn(t + 2, hkv, d, generator=gen)
+    out, lse = _own_key_attention(q, k, v, 0.3, soft_cap)
+    want, want_lse = paged_attention_torch(
+        q,
+        k[:t].unsqueeze(1),
+        v[:t].unsqueeze(1),
+        np.arange(t + 1),
+        np.arange(t + 1),
+        torch.arange(t),
+        np.ones(t, np.int32),
+        causal=True,
+        sm_scale=0.3,
+        logits_soft_cap=soft_cap,
+        return_lse=True,
+    )
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)

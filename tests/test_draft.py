@@ -679,3 +679,29 @@ def test_graph_round_over_device_lengths_matches_exact_lengths():
     for x, y in zip(results["device"][1], results["host"][1], strict=True):
         assert torch.equal(x, y)
     torch.testing.assert_close(results["device"][2].float(), results["host"][2].float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_plan_is_shared_only_from_fa2_tensor_core_decode():
+    """``DecodePlanner.adopt`` (a draft round's steps taking the last step's plan) refuses a source
+    wrapper whose kernels take the planned lengths (FA3, CUDA-core decode) instead of clamping."""
+    from batchmeta.attention.decode_planner import DecodePlanner
+
+    class Wrapper:
+        def __init__(self, tensor_cores, backend):
+            self.use_tensor_cores, self._backend = tensor_cores, backend
+            self.is_cuda_graph_enabled = True
+            self._batch_size, self._max_kv_len, self._plan_info = 3, 40, [1, 2]
+
+    def planner(wrapper):
+        p = DecodePlanner.__new__(DecodePlanner)
+        p.wrapper = wrapper
+        return p
+
+    dst = planner(Wrapper(True, "fa2"))
+    for tensor_cores, backend in ((True, "fa3"), (False, "auto")):
+        with pytest.raises(RuntimeError, match="tensor-core FA2"):
+            dst.adopt(planner(Wrapper(tensor_cores, backend)), None, None, None)
+    src = Wrapper(True, "fa2")
+    src._batch_size, src._max_kv_len, src._plan_info = 4, 50, [7]
+    dst.adopt(planner(src), None, None, None)
+    assert (dst.wrapper._batch_size, dst.wrapper._max_kv_len, dst.wrapper._plan_info) == (4, 50, [7])

@@ -147,6 +147,14 @@ class DecodePlanner:
         wrapper is pointed at ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` (a CUDA-graph
         wrapper's own buffers are already this step's)."""
         w, src = self.wrapper, source.wrapper
+        if not (src.use_tensor_cores and getattr(src, "_backend", None) == "fa2"):
+            # Only FA2's kernels clamp each KV chunk to the step's device lengths; FA3's scheduler
+            # takes the planned ones, the CUDA-core decode kernel does not clamp.
+            backend = getattr(src, "_backend", None) if src.use_tensor_cores else "CUDA-core decode"
+            raise RuntimeError(
+                f"batchmeta: a plan of longer lengths is shared only with FlashInfer's tensor-core FA2 decode; "
+                f"this wrapper runs {backend}"
+            )
         if not w.is_cuda_graph_enabled:
             bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
             w._qo_indptr_buf = src._qo_indptr_buf  # arange(B + 1) on the device: one row, one token

@@ -173,8 +173,10 @@ class StepPlanner:
 
         Both planners' wrappers share each int workspace (``int_workspaces``), which ``source``'s
         plan wrote; only the plan's host state is copied. Right for a step whose lengths are at most
-        the planned ones: tensor-core decode (every draft configuration's) clamps each KV chunk to
-        the device lengths. Every group must be a decode group (no MLA, no context parallelism).
+        the planned ones where FlashInfer's tensor-core decode runs FA2, whose kernels clamp each KV
+        chunk's start and end to the device lengths (0.7.2.post1 and 0.7.4; FA3's scheduler takes
+        the planned lengths: :meth:`DecodePlanner.adopt` raises ``RuntimeError`` for any other
+        kernel). Every group must be a decode group (no MLA, no context parallelism).
         """
         out = []
         for g in range(len(self.config.kv_groups)):
