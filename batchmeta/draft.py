@@ -395,7 +395,8 @@ class DraftLoop:
     ) -> tuple[list[Any], list[int]]:
         """The round's FlashInfer plans: the last step's (its lengths bound every step's), taken by
         every step's wrappers; a step whose wrappers were never planned plans its own first. With
-        an MLA group, each step's own plan. Returns the wrappers and the steps planned on their own."""
+        an MLA group or float8 data, each step's own plan. Returns the wrappers and the steps planned
+        on their own."""
         # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if
         # needed) for what that round enqueued before its step 0's buffer was marked busy.
         slots[0].ring.wait_previous()
