@@ -278,10 +278,6 @@ class DraftLoop:
         fp8 = {torch.float8_e4m3fn, torch.float8_e5m2} & {cfg.q_dtype, cfg.kv_dtype}
         self._plan_once = all(grp.mla is None for grp in cfg.kv_groups) and not fp8
         self._int_workspaces: dict[tuple, torch.Tensor] | None = {} if self._plan_once else None
-        # A graph's launches are captured once: their column programs cover any row.
-        self._min_page = min(grp.page_size for grp in cfg.kv_groups)
-        widest = max(cfg.max_pages_per_req(g) for g in range(len(cfg.kv_groups)))
-        self._graph_cols = max(-(-cfg.max_model_len // self._min_page), widest)
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -366,8 +362,9 @@ class DraftLoop:
             for j, slot in enumerate(slots):
                 if not j or j == k - 1 or j in planned_alone:
                     slot.ring.done()
-        for _, max_seq, widths, _, _ in shapes[1:]:  # the later steps' launches (advance): a graph's cover any row
-            cols.append(self._graph_cols if graph else max(-(-max_seq // self._min_page), *widths))
+        # The later steps' launches (advance): a graph's are captured once, so they cover any row.
+        for j, (_, max_seq, widths, _, _) in enumerate(shapes[1:], 1):
+            cols.append(slots[j].launcher.columns(cfg.max_model_len if graph else max_seq, widths))
         steps = tuple(
             Step(
                 "decode",

@@ -146,9 +146,7 @@ class StepLauncher:
         """The current host buffer's launch of ``padded`` rows: the step kernel, after
         ``resolve_rows`` where rows' lengths are on the device or ``resolved`` asks for the packed
         rows in the device mirror (a draft round's first step). Returns the column count it covered."""
-        # Its column programs cover the longest row's pages in the group of smallest pages (and the
-        # per-step tables' width).
-        max_cols = max(-(-max_seq // self._min_page_size), *widths)
+        max_cols = self.columns(max_seq, widths)
         current = self.ring.current
         if on_device is None and not resolved:  # common case
             self.fills[current](padded, max_cols)
@@ -156,6 +154,11 @@ class StepLauncher:
             self.resolves[current](padded)
             self.fills[current](padded, max_cols, resolved=True)
         return max_cols
+
+    def columns(self, max_seq: int, widths: tuple[int, ...]) -> int:
+        """The columns a launch's programs cover: the pages of a row of ``max_seq`` tokens in the
+        group of smallest pages, and the per-step tables' ``widths``."""
+        return max(-(-max_seq // self._min_page_size), *widths)
 
     def views(self, b: int, padded: int, tokens_run: int, widths: tuple[int, ...]) -> StepViews:
         """The views of a step of this shape over the current host buffer (made once per shape)."""
