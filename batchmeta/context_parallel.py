@@ -219,6 +219,34 @@ class CPGroupStep:
         return int(self.kv_indptr_cached[-1])
 
 
+class _GroupViews:
+    """One sharded group's views for one shape of step (:meth:`CPAttention._group_views`): host
+    numpy arrays (``indptr``, ``last``, ``rows``, ``seqs``, ``empty``), the same as pinned tensors
+    for the plan and the copies (``*_t``, ``copied``), and device views (``dev_*``, ``no_cached``)."""
+
+    __slots__ = (
+        "copied",
+        "dev_arrays",
+        "dev_indptr",
+        "dev_last",
+        "dev_rows",
+        "empty",
+        "empty_t",
+        "indptr",
+        "indptr_t",
+        "last",
+        "last_t",
+        "no_cached",
+        "rows",
+        "seqs",
+        "seqs_t",
+    )
+
+    def __init__(self, **views: Any):
+        for k, v in views.items():
+            setattr(self, k, v)
+
+
 class CPAttention:
     """A ``BatchMetadata``'s context-parallel attention: per step, the cached-context arrays of each
     sharded group (and their FlashInfer plans); per layer, the partial and merged attention.
@@ -274,6 +302,7 @@ class CPAttention:
             }
         self._wrappers: dict[tuple[str, int], Any] = {}
         self._decode_planners: dict[tuple, Any] = {}
+        self._views: dict[tuple[int, int, int, int], _GroupViews] = {}
 
     def prepare(
         self,
@@ -299,7 +328,7 @@ class CPAttention:
         ``max_num_reqs``) and its partial is masked (``no_cached``), so every row of a decode plan
         has a length and a graph's rows always run the same kernels.
         """
-        cp, b, backend, r1 = self.cp, cache_lens.shape[0], self.config.backend, self._r1
+        cp, b, backend = self.cp, cache_lens.shape[0], self.config.backend
         n = b if padded is None else padded
         decode = kind == "decode"
         # Queries: one per row in a decode step (a graph's padding rows' too), else the step's tokens.
@@ -309,10 +338,8 @@ class CPAttention:
         out = {}
         for g in self.groups:
             ps = self.config.kv_groups[g].page_size
-            host, host_t, dev = self._host[g][slot], self._host_t[g][slot], self._dev[g]
-            arrays = host["arrays"]
-            indptr, last, rows, seqs = (arrays[i * r1 : i * r1 + n + (i == 0)] for i in range(4))
-            empty = host["empty"][:num_tokens]  # [T] bool: the token's row has no cached page here
+            v = self._group_views(g, slot, n, num_tokens)
+            indptr, last, rows, seqs, empty = v.indptr, v.last, v.rows, v.seqs, v.empty
             rows[:b] = idx
             rows[b:] = pad_row
             if decode:
@@ -332,37 +359,59 @@ class CPAttention:
             total = int(indptr[n])
             # A row's cached pages are the first of its pages in the block table (which the step's
             # launch has just brought up to date): gathered there on the device, from the indptr.
-            dev_arrays = dev["arrays"]
-            dev_arrays.copy_(host_t["arrays"][: 3 * r1], non_blocking=True)
-            dev_indptr = dev_arrays[: n + 1]
-            write_kv_indices(
-                self._tables[g],
-                dev_indptr,
-                out=dev["indices"],
-                idx_mapping=dev_arrays[2 * r1 : 2 * r1 + n],
-                backend=backend,
-            )
-            no_cached = dev["empty"][:num_tokens]
-            no_cached.copy_(host_t["empty"][:num_tokens], non_blocking=True)
+            v.dev_arrays.copy_(v.copied, non_blocking=True)
+            indices = self._dev[g]["indices"]
+            write_kv_indices(self._tables[g], v.dev_indptr, out=indices, idx_mapping=v.dev_rows, backend=backend)
+            v.no_cached.copy_(v.empty_t, non_blocking=True)
             part = CPGroupStep(
                 kv_indptr_cached=indptr,
                 kv_last_page_len_cached=last,
-                kv_indices_cached=dev["indices"][:total],
-                no_cached=no_cached,
+                kv_indices_cached=indices[:total],
+                no_cached=v.no_cached,
                 cached_wrapper=None,
                 new_wrapper=None,
             )
             if plan and n:
-                self._plan(g, kind, part, host_t, qo_indptr_pinned, n, total, graph, int(seqs.max()))
+                self._plan(g, kind, part, v, qo_indptr_pinned, n, total, graph, int(seqs.max()))
             out[g] = part
         return out
+
+    def _group_views(self, g: int, slot: int, n: int, num_tokens: int) -> _GroupViews:
+        """Group ``g``'s views of host buffer ``slot`` and the device buffers for ``n`` rows and
+        ``num_tokens`` queries (made once per shape: a step slices nothing)."""
+        key = (g, slot, n, num_tokens)
+        views = self._views.get(key)
+        if views is None:
+            if len(self._views) > 4096:  # many distinct prefill shapes: start over rather than grow
+                self._views.clear()
+            r1, host, host_t, dev = self._r1, self._host[g][slot], self._host_t[g][slot], self._dev[g]
+            spans = [(i * r1, i * r1 + n + (i == 0)) for i in range(4)]  # indptr [n + 1], last, rows, seqs [n]
+            arrays, arrays_t, dev_arrays = host["arrays"], host_t["arrays"], dev["arrays"]
+            views = self._views[key] = _GroupViews(
+                indptr=arrays[spans[0][0] : spans[0][1]],
+                last=arrays[spans[1][0] : spans[1][1]],
+                rows=arrays[spans[2][0] : spans[2][1]],
+                seqs=arrays[spans[3][0] : spans[3][1]],
+                empty=host["empty"][:num_tokens],
+                indptr_t=arrays_t[spans[0][0] : spans[0][1]],
+                last_t=arrays_t[spans[1][0] : spans[1][1]],
+                seqs_t=arrays_t[spans[3][0] : spans[3][1]],
+                empty_t=host_t["empty"][:num_tokens],
+                copied=arrays_t[: 3 * r1],  # kv_indptr, kv_last_page_len and table rows: one copy
+                dev_arrays=dev_arrays,
+                dev_indptr=dev_arrays[spans[0][0] : spans[0][1]],
+                dev_last=dev_arrays[spans[1][0] : spans[1][1]],
+                dev_rows=dev_arrays[spans[2][0] : spans[2][1]],
+                no_cached=dev["empty"][:num_tokens],
+            )
+        return views
 
     def _plan(
         self,
         g: int,
         kind: str,
         part: CPGroupStep,
-        host_t: dict,
+        v: _GroupViews,
         qo_indptr: torch.Tensor,
         n: int,
         total: int,
@@ -382,18 +431,15 @@ class CPAttention:
             new_ragged_prefill_wrapper,
         )
 
-        cfg, grp, r1 = self.config, self.config.kv_groups[g], self._r1
-        heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
-        scales = dict(sm_scale=cfg.sm_scale(g), logits_soft_cap=float(grp.logits_soft_cap))
-        ws = get_workspace(cfg.device, cfg.workspace_bytes)
-        arrays = host_t["arrays"]
-        indptr, last = arrays[: n + 1], arrays[r1 : r1 + n]
+        cfg, grp = self.config, self.config.kv_groups[g]
+        indptr, last = v.indptr_t, v.last_t
         if kind == "decode":  # one query per row, every row with at least one page (see prepare)
             key = ("graph", g, n) if graph else ("decode", g)
             planner = self._decode_planners.get(key)
-            dev = self._dev[g]["arrays"]
-            dev_indptr, dev_last, indices = dev[: n + 1], dev[r1 : r1 + n], self._dev[g]["indices"]
+            dev_indptr, dev_last, indices = v.dev_indptr, v.dev_last, self._dev[g]["indices"]
             if planner is None:
+                scales = dict(sm_scale=cfg.sm_scale(g), logits_soft_cap=float(grp.logits_soft_cap))
+                ws = get_workspace(cfg.device, cfg.workspace_bytes)
                 tensor_cores = cfg.gqa_ratio > 4
                 if graph:  # the graph reads these fixed buffers: prepare's copy and gather write them
                     w = new_decode_wrapper(
@@ -413,9 +459,11 @@ class CPAttention:
                     max_batch_size=cfg.max_num_reqs,
                     **scales,
                 )
-            seqs = arrays[3 * r1 : 3 * r1 + n]
-            part.cached_wrapper = planner.plan(indptr, last, seqs, max_seq, dev_indptr, indices, dev_last)
+            part.cached_wrapper = planner.plan(indptr, last, v.seqs_t, max_seq, dev_indptr, indices, dev_last)
             return
+        heads = (cfg.num_qo_heads, cfg.num_kv_heads, cfg.head_dim)
+        scales = dict(sm_scale=cfg.sm_scale(g), logits_soft_cap=float(grp.logits_soft_cap))
+        ws = get_workspace(cfg.device, cfg.workspace_bytes)
         if kind != "ragged_prefill" and total:
             # Several queries per row, none masked: every one comes after the whole cached context.
             key = ("paged", g)
