@@ -6,14 +6,18 @@ accepted token for ``j = 0``, else the token step ``j - 1`` drafted) and drafts 
 ``c + j + 1``. Its metadata is what ``prepare_decode(idx, c + j)`` gives. :class:`DraftLoop` (the
 room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
 
-1. checks and stages every step on the host (the compiled host path or numpy), from the lengths
-   ``accept_tokens`` returned (upper bounds where acceptance stayed on the device), so every step's
-   host twins are its own;
+1. checks and stages the first and the last step on the host (the compiled host path or numpy),
+   from the lengths ``accept_tokens`` returned (upper bounds where acceptance stayed on the device);
+   the checks only grow stricter with the length, so the last step's cover the ones between, whose
+   host twins (read by nobody on the device) are staged on first read;
 2. plans FlashInfer once per KV-cache group: the last step's lengths bound every step's, and the
    tensor-core decode kernel (FA2) clamps each KV chunk to a step's own lengths, so every step's
    wrapper takes that one plan (their int workspaces are one buffer: :meth:`StepPlanner.adopt
-   <batchmeta.attention.StepPlanner.adopt>`); with an MLA group or float8 data each step plans
-   its own;
+   <batchmeta.attention.StepPlanner.adopt>`). The plan is made for lengths ``headroom`` tokens
+   longer than the last step's (:func:`plan_headroom`), so the next rounds, whose rows grew by the
+   tokens their verify step accepted, take it too, until a row outgrows it (or the batch changes
+   shape, or a row's plan is more than twice the headroom longer than it needs); with an MLA group
+   or float8 data each step plans its own, every round;
 3. one launch writes step 0 (rows whose length is on the device resolved there first), its packed
    rows kept in its device mirror;
 4. the GPU advances the rest: :meth:`DraftRound.advance` after step ``j``'s forward writes the
@@ -71,41 +75,55 @@ class DraftRound:
         equals ``prepare_decode(idx_mapping, cache_lens + j)`` (with ``cuda_graph`` as asked; its
         host twins from the start, its device views once step ``j - 1`` advanced), its
         ``input_ids`` the last accepted token for ``j = 0`` and the token step ``j - 1`` drafted after.
+        Made on first read (a replayed round needs none): read them while the round is the latest.
     num_steps:
         ``k``.
     num_reqs, padded_num_reqs:
         ``B`` and ``Bp`` (the captured batch size under a CUDA graph).
     cuda_graph:
         Planned for :meth:`~batchmeta.BatchMetadata.replay_draft_graph`.
+    planned:
+        Whether preparing the round planned FlashInfer; False where it took the plan of an earlier
+        round (of the same shape and ``k``), made for lengths that bound this round's, or where
+        nothing is planned (no FlashInfer, ``plan_attention=False``).
     """
 
     __slots__ = (
-        "_cols",
+        "_built",
         "_generation",
         "_loop",
+        "_spec",
         "cuda_graph",
         "num_reqs",
         "num_steps",
         "padded_num_reqs",
-        "steps",
+        "planned",
     )
 
-    def __init__(
-        self, loop: DraftLoop, steps: tuple[Step, ...], num_reqs: int, padded: int, graph: bool, cols: tuple[int, ...]
-    ):
+    def __init__(self, loop: DraftLoop, spec: _RoundSpec, planned: bool):
         self._loop = loop
         self._generation = loop._clock[0]
-        self._cols = cols  # per step, the column count its launch covers
-        self.steps = steps
-        self.num_steps = len(steps)
-        self.num_reqs = num_reqs
-        self.padded_num_reqs = padded
-        self.cuda_graph = graph
+        self._spec = spec
+        self._built: tuple[tuple[Step, ...], tuple[int, ...]] | None = None  # the steps, each launch's columns
+        self.num_steps = len(spec.shapes)
+        self.num_reqs = spec.idx.shape[0]
+        self.padded_num_reqs = spec.padded
+        self.cuda_graph = spec.graph
+        self.planned = planned
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The round's ``k`` steps (see the class docstring)."""
+        built = self._built
+        if built is None:
+            self._check_fresh("steps")
+            built = self._built = self._loop._build(self._spec)
+        return built[0]
 
     def __repr__(self) -> str:
         return (
             f"DraftRound(num_steps={self.num_steps}, num_reqs={self.num_reqs}, "
-            f"padded_num_reqs={self.padded_num_reqs}, cuda_graph={self.cuda_graph})"
+            f"padded_num_reqs={self.padded_num_reqs}, cuda_graph={self.cuda_graph}, planned={self.planned})"
         )
 
     @property
@@ -159,7 +177,7 @@ class DraftRound:
         if j + 1 < self.num_steps:
             slot = loop._slots[j + 1]
             slot.shift(self.padded_num_reqs)
-            slot.launcher.fills[0](self.padded_num_reqs, self._cols[j + 1], resolved=True)
+            slot.launcher.fills[0](self.padded_num_reqs, self._built[1][j + 1], resolved=True)  # type: ignore[index]
 
     def run(self, forward: Callable[[Step], torch.Tensor]) -> torch.Tensor:
         """Runs the round eagerly: for each step ``j``, ``token_ids = forward(step)`` with the step
@@ -176,6 +194,78 @@ class DraftRound:
                 token_ids = forward(step)
             self.advance(j, token_ids)
         return self.draft_token_ids
+
+
+class _RoundSpec:
+    """What a round's steps are made from (on first read of ``DraftRound.steps``): the batch, and per
+    step ``(num_tokens, max_seq, widths, views, num_kv_pages)`` (views and the rest None until
+    made; ``num_kv_pages`` None for a step staged on first read) and its wrappers."""
+
+    __slots__ = ("clens", "graph", "idx", "on_device", "padded", "shapes", "tokens_run", "wrappers")
+
+    def __init__(self, idx, clens, on_device, padded, graph, tokens_run, shapes, wrappers):
+        self.idx, self.clens, self.on_device = idx, clens, on_device
+        self.padded, self.graph, self.tokens_run = padded, graph, tokens_run
+        self.shapes, self.wrappers = shapes, wrappers
+
+
+def plan_headroom(num_steps: int) -> int:
+    """Tokens a draft round's plan adds to each row's last-step length, so the next rounds (each
+    row ``1 .. num_steps + 1`` tokens further after its verify step) take the same plan: about
+    eight rounds' growth."""
+    return 8 * (num_steps + 1)
+
+
+class _LazyDraftStep(Step):
+    """A draft step between the first and the last of its round: no device work reads its host
+    staging buffer, so its host twins (``*_host``, ``kv_indices``' length, the torch attention
+    path's arrays) are staged on first read, while the round is the latest."""
+
+    __slots__ = ("_pending",)
+
+    def _stage(self, what: str) -> None:
+        if self._generation != self._clock[0]:
+            self._raise_stale(what)
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            loop, j, args = pending
+            self._views, self._num_kv_pages = loop._stage_later(j, *args)
+
+    @property
+    def qo_indptr_host(self) -> np.ndarray:
+        self._stage("qo_indptr_host")
+        return self._views.qo_indptr_host
+
+    @property
+    def kv_indptr_host(self) -> tuple[np.ndarray, ...]:
+        self._stage("kv_indptr_host")
+        return self._views.kv_indptr_host
+
+    @property
+    def kv_last_page_len_host(self) -> tuple[np.ndarray, ...]:
+        self._stage("kv_last_page_len_host")
+        return self._views.kv_last_page_len_host
+
+    @property
+    def kv_indices(self) -> tuple[torch.Tensor, ...]:
+        self._stage("kv_indices")
+        return Step.kv_indices.fget(self)  # type: ignore[attr-defined]
+
+    @property
+    def kv_indices_host(self) -> tuple[np.ndarray, ...]:
+        self._stage("kv_indices_host")
+        return Step.kv_indices_host.fget(self)  # type: ignore[attr-defined]
+
+    def attention(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._pending is not None and self._wrappers is None:  # the torch path reads the host twins
+            self._stage("attention")
+        return Step.attention(self, *args, **kwargs)
+
+    def mla_attention(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._pending is not None and self._wrappers is None:
+            self._stage("mla_attention")
+        return Step.mla_attention(self, *args, **kwargs)
 
 
 class _DraftSlot:
@@ -281,6 +371,11 @@ class DraftLoop:
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
+        # The shared plan's lengths per int workspace ("graph", batch size) / ("eager",): (k, [padded]
+        # int64), while the slots' wrappers hold that plan; and the host arrays it is made from.
+        self._bounds: dict[tuple, tuple[int, np.ndarray]] = {}
+        self._plan_host: tuple | None = None
 
     def _slot(self, j: int) -> _DraftSlot:
         """Step ``j``'s buffers, made on first use (once per step index, never per round)."""
@@ -295,11 +390,14 @@ class DraftLoop:
         """The round (see ``BatchMetadata.prepare_draft``); ``idx`` / ``clens`` are checked host int64
         arrays, ``staged_prompts`` the request slots with prompt tokens staged.
 
-        Nothing changes before every check has passed (every step's batch is checked, as
-        ``prepare_decode`` checks it, before the staged block-table writes are taken).
+        Nothing changes before every check has passed: the first and the last step are checked (and
+        staged) before the staged block-table writes are taken, and every check only grows stricter
+        with the cache length, so they hold for the steps between, which are staged on first read
+        of a host twin (or now, where a step's wrappers plan on their own).
         """
         cfg, lay = self.config, self._layout
         k = num_steps
+        last = k - 1
         b = idx.shape[0]
         on_device = self._spec.rows_on_device(idx, clens)  # rows whose cache length is on the device (rare)
         if staged_prompts and b:
@@ -309,109 +407,215 @@ class DraftLoop:
                     f"idx_mapping: request slot {hit[0]} has prompt tokens staged (stage_prompt); a draft round "
                     f"does not apply them: prepare its prefill first, or discard_prompt"
                 )
-        slots = [self._slot(j) for j in range(k)]
-        lens = [clens + j for j in range(k)]
+        slots = self._slots[:k] if len(self._slots) >= k else [self._slot(j) for j in range(k)]
+        planning = self._planned and padded > 0
+        # Staged now: step 0 (its launch reads its host buffer), the last step (the round's checks
+        # and its plan's lengths) and any step that plans on its own (its wrappers' first plan, or
+        # every plan without a shared one); the others on first read.
+        now = [
+            j
+            for j in range(k)
+            if not j
+            or j == last
+            or (planning and not (self._plan_once and slots[j].launcher.planner.decode_ready(padded, graph)))
+        ]
         # Step 0's launch applies the staged writes: its packed rows carry their count.
-        counts = [packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))] + [0] * (k - 1)
-        staged: list[Any] = []
-        free = [slot.ring.peek() for slot in slots]  # each step's free host buffer
-        for j, slot in enumerate(slots):  # check (and, compiled, stage) every step into a free buffer
+        count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
+        free = {j: slots[j].ring.peek() for j in now}  # each staged step's free host buffer
+        staged: dict[int, Any] = {}
+        for j in now:  # check (and, compiled, stage)
             if self._host_path is not None:  # common case
-                args = (free[j], None, idx, 1, lens[j], padded, graph, counts[j], on_device)
-                out = slot.launcher.stage_rows(*args)
+                args = (free[j], None, idx, 1, clens + j, padded, graph, 0 if j else count, on_device)
+                staged[j] = slots[j].launcher.stage_rows(*args)
             else:
-                out = self._checker.check(idx, 1, lens[j])
-            staged.append(out)
+                staged[j] = self._checker.check(idx, 1, clens + j)
         offsets, values = self.block_tables.take_staged()
         if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
             offsets, values = self._apply_excess_writes(offsets, values)
-        rows = self.block_tables.rows_of(offsets) if counts[0] < 0 else None  # many writes: bucketed by row
+        rows = self.block_tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
         self._clock[0] += 1  # from here the buffers change: earlier rounds are stale
-        shapes = []
+        shapes: list[Any] = [None] * k
+        planned_alone: list[int] = []
         try:
-            for j, slot in enumerate(slots):
-                ring = slot.ring
-                h = free[j]
+            for j in now:
+                slot, h = slots[j], free[j]
                 if self._host_path is not None:
                     num_tokens, widths, max_seq = staged[j]  # staged above
                 else:
-                    args = (h, staged[j], idx, 1, lens[j], padded, graph, counts[j], on_device)
+                    args = (h, staged[j], idx, 1, clens + j, padded, graph, 0 if j else count, on_device)
                     num_tokens, widths, max_seq = slot.launcher.stage_rows(*args)
-                ring.advance()
+                slot.ring.advance()
                 if not j:  # only step 0's launch reads its host buffer: later steps' rows come from its mirror
                     stage_writes(h, lay, offsets, values, rows)
                     if self.history is not None:
                         stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
-                launcher = slot.launcher
                 tokens_run = padded if graph else num_tokens
-                views = launcher.views(b, padded, tokens_run, widths)
-                shapes.append((num_tokens, max_seq, widths, views, launcher.num_kv_pages(padded)))
-            wrappers: list[Any] = [None] * k
-            planned_alone = ()
-            if self._planned and padded:
-                wrappers, planned_alone = self._plan(slots, shapes, padded, graph)
+                views = slot.launcher.views(b, padded, tokens_run, widths)
+                shapes[j] = (num_tokens, max_seq, widths, views, slot.launcher.num_kv_pages(padded))
+            spec = _RoundSpec(idx, clens, on_device, padded, graph, tokens_run, shapes, [None] * k)
+            planned = False
+            if planning:
+                need = free[last][lay.seq : lay.seq + padded]  # the last step's lengths, padding rows too
+                planned_alone, planned = self._plan(slots, spec, b, need)
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
             # host arrays into the device views: bounds where rows' lengths are on the device). With
             # later steps its packed rows go to its device mirror, where advance() shifts them.
             _, max_seq, widths, _, _ = shapes[0]
-            cols = [slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=k > 1)]
+            slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=k > 1)
         finally:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
             # reads it), and those a stock plan may have copied from (a step planned on its own, the
             # last step's). No device work reads the other steps' (their host twins only).
-            for j, slot in enumerate(slots):
-                if not j or j == k - 1 or j in planned_alone:
-                    slot.ring.done()
-        # The later steps' launches (advance): a graph's are captured once, so they cover any row.
-        for j, (_, max_seq, widths, _, _) in enumerate(shapes[1:], 1):
-            cols.append(slots[j].launcher.columns(cfg.max_model_len if graph else max_seq, widths))
-        steps = tuple(
-            Step(
+            for j in now:
+                if not j or j == last or j in planned_alone:
+                    slots[j].ring.done()
+        return DraftRound(self, spec, planned)
+
+    def _shape(self, spec: _RoundSpec, j: int) -> tuple:
+        """Step ``j``'s ``(num_tokens, max_seq, widths, views, num_kv_pages)``: as staged, or for a
+        step staged on first read step 0's, ``j`` tokens longer (``num_kv_pages`` None)."""
+        shape = spec.shapes[j]
+        if shape is None:
+            num_tokens, max_seq, widths, _, _ = spec.shapes[0]
+            if spec.idx.shape[0]:
+                max_seq += j
+            if not spec.graph:  # an eager step's per-batch tables are as wide as its longest row needs
+                sizes = self._page_sizes
+                widths = tuple(-(-max_seq // sizes[g]) if w else 0 for g, w in enumerate(widths))
+            views = self._slots[j].launcher.views(spec.idx.shape[0], spec.padded, spec.tokens_run, widths)
+            shape = spec.shapes[j] = (num_tokens, max_seq, widths, views, None)
+        return shape
+
+    def _build(self, spec: _RoundSpec) -> tuple[tuple[Step, ...], tuple[int, ...]]:
+        """The round's steps, and the column count of each step's launch (a graph's are captured
+        once, so they cover any row)."""
+        cfg, idx, on_device = self.config, spec.idx, spec.on_device
+        b = idx.shape[0]
+        steps, cols = [], []
+        for j in range(len(spec.shapes)):
+            num_tokens, max_seq, widths, views, num_kv_pages = self._shape(spec, j)
+            cols.append(self._slots[j].launcher.columns(cfg.max_model_len if spec.graph else max_seq, widths))
+            lens = spec.clens + j if j else spec.clens
+            later = num_kv_pages is None
+            step = (_LazyDraftStep if later else Step)(
                 "decode",
                 b,
-                padded,
+                spec.padded,
                 num_tokens,
                 1,
-                graph,
+                spec.graph,
                 idx,
-                lens[j],
+                lens,
                 None,
                 num_kv_pages,
                 views,
-                wrappers[j],
+                spec.wrappers[j],
                 self._clock,
                 self.block_tables,
                 on_device,
             )
-            for j, (num_tokens, _, _, views, num_kv_pages) in enumerate(shapes)
-        )
-        return DraftRound(self, steps, b, padded, graph, tuple(cols))
+            if later:
+                step._pending = (self, j, (idx, lens, spec.padded, spec.graph, on_device, b, spec.tokens_run))
+            steps.append(step)
+        return tuple(steps), tuple(cols)
 
-    def _plan(
-        self, slots: list[_DraftSlot], shapes: list[tuple], padded: int, graph: bool
-    ) -> tuple[list[Any], list[int]]:
-        """The round's FlashInfer plans: the last step's (its lengths bound every step's), taken by
-        every step's wrappers; a step whose wrappers were never planned plans its own first. With
-        an MLA group or float8 data, each step's own plan. Returns the wrappers and the steps planned
-        on their own."""
+    def _stage_later(
+        self,
+        j: int,
+        idx: np.ndarray,
+        lens: np.ndarray,
+        padded: int,
+        graph: bool,
+        on_device: np.ndarray | None,
+        b: int,
+        tokens_run: int,
+    ) -> tuple[Any, tuple[int, ...]]:
+        """Stages step ``j`` of the latest round into its ring's free host buffer (its host twins:
+        no device work reads them); returns its views over that buffer and its ``num_kv_pages``."""
+        launcher, ring = self._slots[j].launcher, self._slots[j].ring
+        h = ring.peek()
+        checked = None if self._host_path is not None else self._checker.check(idx, 1, lens)
+        _, widths, _ = launcher.stage_rows(h, checked, idx, 1, lens, padded, graph, 0, on_device)
+        ring.advance()
+        return launcher.views(b, padded, tokens_run, widths), launcher.num_kv_pages(padded)
+
+    def _plan(self, slots: list[_DraftSlot], spec: _RoundSpec, b: int, need: np.ndarray) -> tuple[list[int], bool]:
+        """The round's FlashInfer plans, into ``spec.wrappers``: one for every step (the last step's
+        lengths bound every step's), made for ``plan_headroom`` more tokens per row and kept for
+        later rounds of the same shape and ``k`` while it bounds their last step's lengths ``need``
+        (``[padded]``) by at most twice the headroom; a step whose wrappers were never planned plans
+        its own first. With an MLA group or float8 data, each step's own plan, every round. Returns
+        the steps planned on their own and whether anything was planned."""
+        k, padded, graph, wrappers = len(slots), spec.padded, spec.graph, spec.wrappers
+        last = k - 1
+        key = ("graph", padded) if graph else ("eager",)
+        if self._plan_once:
+            kept = self._bounds.get(key)
+            if kept is not None and kept[0] == k and kept[1].shape[0] == padded:
+                spare = kept[1] - need
+                if spare.min() >= 0 and spare.max() <= 2 * plan_headroom(k):  # common case
+                    for j, slot in enumerate(slots):
+                        wrappers[j] = slot.launcher.planner.decode_wrappers(padded, graph)
+                    return [], False
         # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if
         # needed) for what that round enqueued before its step 0's buffer was marked busy.
         slots[0].ring.wait_previous()
-        last = len(slots) - 1
-        wrappers: list[Any] = [None] * len(slots)
         alone = []
+        bounds = need
         for j, slot in enumerate(slots):
             planner = slot.launcher.planner
             if self._plan_once and j < last and planner.decode_ready(padded, graph):
                 continue  # takes the last step's plan below
-            num_tokens, max_seq, _, views, num_kv_pages = shapes[j]
+            num_tokens, max_seq, _, views, num_kv_pages = spec.shapes[j]  # staged: a step planning on its own
+            if self._plan_once and j == last:  # the shared plan: for lengths with headroom
+                self._bounds.pop(key, None)  # the workspace's plan changes
+                bounds = need.astype(np.int64)
+                bounds[:b] += plan_headroom(k)
+                views, max_seq = self._bound_views(views, bounds, b, padded), int(bounds.max())
             wrappers[j] = planner.plan("decode", padded, graph, views, max_seq, num_kv_pages, num_tokens, 1)
             alone.append(j)
         if self._plan_once:
             source = slots[last].launcher.planner
             for j in range(last):  # after every plan: the int workspace holds the last step's
-                wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, shapes[j][3])
-        return wrappers, alone
+                # A graph wrapper reads its own buffers: an eager one is pointed at the step's views.
+                views = None if graph else self._shape(spec, j)[3]
+                wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, views)
+            self._bounds[key] = (k, bounds)
+        return alone, True
+
+    def _bound_views(self, views: Any, seq: np.ndarray, b: int, padded: int) -> Any:
+        """``views`` with its planning host arrays (``seq_lens_pinned``, per group
+        ``kv_indptr_pinned`` and ``kv_last_page_len_pinned``) replaced by those of lengths ``seq``
+        (``[padded]``; rows past ``b``, a graph's padding rows, as staged). CPU tensors of this
+        loop's, not pinned: FlashInfer's fast plan reads them on the host, and its stock plan's
+        copies from pageable memory finish before it returns."""
+        r = self.config.max_num_reqs
+        if self._plan_host is None:
+            n = len(self._page_sizes)
+            self._plan_host = (
+                torch.zeros(r, dtype=torch.int32),
+                tuple(torch.zeros(r + 1, dtype=torch.int32) for _ in range(n)),
+                tuple(torch.zeros(r, dtype=torch.int32) for _ in range(n)),
+            )
+        seq_t, indptr_t, last_t = self._plan_host
+        seq_t[:padded].numpy()[:] = seq
+        fields = {name: getattr(views, name) for name in views.__slots__}
+        fields["seq_lens_pinned"] = seq_t[:padded]
+        indptrs, lasts = [], []
+        for g, ps in enumerate(self._page_sizes):
+            pages = np.diff(views.kv_indptr_host[g])  # as staged (padding rows: the padding page)
+            pages[:b] = -(-seq[:b] // ps)
+            indptr, last = indptr_t[g][: padded + 1], last_t[g][:padded]
+            ind = indptr.numpy()
+            ind[0] = 0
+            np.cumsum(pages, out=ind[1:])
+            lp = last.numpy()
+            lp[:] = views.kv_last_page_len_host[g]
+            lp[:b] = seq[:b] - (pages[:b] - 1) * ps
+            indptrs.append(indptr)
+            lasts.append(last)
+        fields["kv_indptr_pinned"], fields["kv_last_page_len_pinned"] = tuple(indptrs), tuple(lasts)
+        return type(views)(**fields)
 
     # ---------------------------------------------------------------------------------------------
     def capture(

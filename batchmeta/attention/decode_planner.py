@@ -138,14 +138,18 @@ class DecodePlanner:
         return self.wrapper
 
     def adopt(
-        self, source: DecodePlanner, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor
+        self,
+        source: DecodePlanner,
+        kv_indptr: torch.Tensor | None,
+        kv_indices: torch.Tensor | None,
+        kv_last_page_len: torch.Tensor | None,
     ) -> None:
         """Takes ``source``'s latest plan, over these device arrays: this wrapper must share
         ``source``'s int workspace (where that plan's data is) and have been planned once itself.
 
         The plan's host state (the plan info and the scalars :meth:`plan` sets) is copied; an eager
         wrapper is pointed at ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` (a CUDA-graph
-        wrapper's own buffers are already this step's)."""
+        wrapper's own buffers are already this step's: pass None)."""
         w, src = self.wrapper, source.wrapper
         if not (src.use_tensor_cores and getattr(src, "_backend", None) == "fa2"):
             # Only FA2's kernels clamp each KV chunk to the step's device lengths; FA3's scheduler
@@ -156,6 +160,8 @@ class DecodePlanner:
                 f"this wrapper runs {backend}"
             )
         if not w.is_cuda_graph_enabled:
+            if kv_indptr is None or kv_indices is None or kv_last_page_len is None:
+                raise ValueError("kv_indptr, kv_indices, kv_last_page_len: an eager wrapper adopts a plan over arrays")
             bind_device_arrays(w, kv_indptr, kv_indices, kv_last_page_len)
             w._qo_indptr_buf = src._qo_indptr_buf  # arange(B + 1) on the device: one row, one token
         w._batch_size = src._batch_size

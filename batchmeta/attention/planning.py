@@ -167,9 +167,18 @@ class StepPlanner:
                 return False
         return True
 
+    def decode_wrappers(self, padded: int, graph: bool) -> tuple[Any, ...]:
+        """Every group's decode wrapper for steps of this shape, as the latest plan (or
+        :meth:`adopt`) left it: for a step that takes that plan again."""
+        return tuple(
+            self._planners[("graph", g, padded) if graph else ("decode", g)].wrapper
+            for g in range(len(self.config.kv_groups))
+        )
+
     def adopt(self, source: StepPlanner, padded: int, graph: bool, views: Any) -> tuple[Any, ...]:
         """Gives this planner's decode wrappers ``source``'s latest decode plan of the same shape,
-        over this step's device ``views``; returns the wrappers.
+        over this step's device ``views`` (None for CUDA-graph wrappers, which read their own
+        buffers); returns the wrappers.
 
         Both planners' wrappers share each int workspace (``int_workspaces``), which ``source``'s
         plan wrote; only the plan's host state is copied. Right for a step whose lengths are at most
@@ -182,7 +191,10 @@ class StepPlanner:
         for g in range(len(self.config.kv_groups)):
             key = ("graph", g, padded) if graph else ("decode", g)
             planner = self._planners[key]
-            planner.adopt(source._planners[key], views.kv_indptr[g], self._kv_indices[g], views.kv_last_page_len[g])
+            if graph:  # a CUDA-graph wrapper reads its own buffers
+                planner.adopt(source._planners[key], None, None, None)
+            else:
+                planner.adopt(source._planners[key], views.kv_indptr[g], self._kv_indices[g], views.kv_last_page_len[g])
             out.append(planner.wrapper)
         return tuple(out)
 
