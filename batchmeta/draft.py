@@ -461,7 +461,7 @@ class DraftLoop:
             # host arrays into the device views: bounds where rows' lengths are on the device). With
             # later steps its packed rows go to its device mirror, where advance() shifts them.
             _, max_seq, widths, _, _ = shapes[0]
-            slots[0].launcher.fill(padded, max_seq, widths, on_device, resolved=k > 1)
+            slots[0].launcher.fill(padded, max_seq, widths, on_device, mirror_rows=k > 1)
         finally:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
             # reads it), and those a stock plan may have copied from (a step planned on its own, the

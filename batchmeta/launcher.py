@@ -141,18 +141,21 @@ class StepLauncher:
         widths: tuple[int, ...],
         on_device: np.ndarray | None,
         *,
-        resolved: bool = False,
+        mirror_rows: bool = False,
     ) -> int:
         """The current host buffer's launch of ``padded`` rows: the step kernel, after
-        ``resolve_rows`` where rows' lengths are on the device or ``resolved`` asks for the packed
-        rows in the device mirror (a draft round's first step). Returns the column count it covered."""
+        ``resolve_rows`` where rows' lengths are on the device. ``mirror_rows``: the packed rows end
+        in the device mirror too (a draft round's first step, whose later steps shift them). Returns
+        the column count it covered."""
         max_cols = self.columns(max_seq, widths)
         current = self.ring.current
-        if on_device is None and not resolved:  # common case
-            self.fills[current](padded, max_cols)
-        else:  # exact lengths from the device first; the bounds size the grid and the plan
-            self.resolves[current](padded)
+        if on_device is not None:  # exact lengths from the device first; the bounds size the grid and the plan
+            self.resolves[current](padded)  # the packed rows, resolved, into the mirror
             self.fills[current](padded, max_cols, resolved=True)
+        elif mirror_rows:
+            self.fills[current](padded, max_cols, mirror_rows=True)
+        else:  # common case
+            self.fills[current](padded, max_cols)
         return max_cols
 
     def columns(self, max_seq: int, widths: tuple[int, ...]) -> int:

@@ -11,7 +11,8 @@ fallbacks as a smoke test: host figures only, no GPU figures.
 The drafter: an embedding, ``--layers`` attention layers (q/k/v projections, ``ops.store_kv`` at the step's slot
 mapping, ``step.attention``, output projection, residual) and a tied unembedding; its token is the argmax, on the
 device, written into a static buffer. ``--batch`` requests with random prompts are prefilled and their first
-token accepted; then each round drafts ``k`` tokens from cache length ``c + (round % 4)``. Three ways, per ``k``:
+token accepted; then each round drafts ``k`` tokens, every row ``1 .. k + 1`` tokens further than in the round
+before (what its verify step accepted; a fixed pseudo-random walk, the same for every way). Three ways, per ``k``:
 
 - ``decode x k``: ``k`` plain ``prepare_decode(idx, c + j)`` calls, each followed by the forward and the drafted
   token written into the token history at ``c + j + 1`` (a device scatter), where the next call gathers it;
@@ -21,6 +22,10 @@ token accepted; then each round drafts ``k`` tokens from cache length ``c + (rou
   cuda_graph=True)`` and ``replay_draft_graph``.
 
 Figures per round (medians over ``--repeats`` alternated passes):
+
+- planned: the share of rounds whose ``prepare_draft`` planned FlashInfer (the others took an earlier round's
+  plan, made with headroom: ``batchmeta.draft.plan_headroom``);
+- GPU busy µs: one round's device time (below);
 
 - host µs: wall time from the round's first ``prepare_*`` until its last GPU work is enqueued, with the device
   synchronized after every round (outside the timed span), so no wait for the GPU is inside it; for ``graph``
@@ -99,7 +104,13 @@ class Bench:
         b, k_max, ps = args.batch, max(args.ks), args.page_size
         rng = np.random.default_rng(args.seed)
         self.prompts = rng.integers(args.prompt_len * 3 // 4, args.prompt_len * 5 // 4 + 1, b)
-        max_len = int(self.prompts.max()) + 8 + 2 * k_max
+        # Each round's rows are 1 .. k + 1 tokens further than the last round's (growth[k][i]: round i's offset).
+        n = args.warmup + args.rounds
+        self.growth = {
+            k: np.concatenate([np.zeros((1, b), np.int64), np.cumsum(rng.integers(1, k + 2, (n - 1, b)), axis=0)])
+            for k in sorted(set(args.ks) | {1})
+        }
+        max_len = int(self.prompts.max()) + 8 + 2 * k_max + int(max(g[-1].max() for g in self.growth.values()))
         pages_per_req = -(-max_len // ps)
         cfg = MetadataConfig(
             max_num_reqs=b,
@@ -141,9 +152,9 @@ class Bench:
             dst.copy_(src)
 
     def enqueue(self, mode: str, k: int, i: int, steps: range | None = None) -> torch.Tensor:
-        """One round from cache length ``c + i % 4``; returns its ``[B, k]`` drafts (a device tensor).
-        ``steps``: with ``decode x k``, only these of the round's steps."""
-        meta, clens = self.meta, self.cache_lens + i % 4
+        """Round ``i``; returns its ``[B, k]`` drafts (a device tensor). ``steps``: with ``decode x k``, only
+        these of the round's steps."""
+        meta, clens = self.meta, self.cache_lens + self.growth[k][i]
         if mode == "decode x k":
             out = torch.zeros(len(self.idx), k, dtype=torch.int64, device=self.device)
             for j in range(k) if steps is None else steps:
@@ -155,12 +166,15 @@ class Bench:
                 out[:, j] = tokens
             return out
         if mode == "loop":
-            return meta.prepare_draft(self.idx, clens, num_steps=k).run(self.model.forward)
+            round_ = meta.prepare_draft(self.idx, clens, num_steps=k)
+            self.planned = round_.planned
+            return round_.run(self.model.forward)
         if k not in self.graphs:
             meta.capture_draft_graph(len(self.idx), k, self.model.forward)
             self.graphs.add(k)
         round_ = meta.prepare_draft(self.idx, clens, num_steps=k, cuda_graph=True)
         self.prepared_at = time.perf_counter()
+        self.planned = round_.planned
         meta.replay_draft_graph(round_)
         return round_.draft_token_ids
 
@@ -168,11 +182,12 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def host_us(self, mode: str, k: int) -> tuple[list[float], np.ndarray, list[float]]:
-        """Host µs per round (synchronized between rounds), every round's drafts and (graph) the
-        µs of each round's ``prepare_draft`` alone (the rest is ``replay_draft_graph``)."""
+    def host_us(self, mode: str, k: int) -> tuple[list[float], np.ndarray, list[float], float | None]:
+        """Host µs per round (synchronized between rounds), every round's drafts, (graph) the µs of each
+        round's ``prepare_draft`` alone (the rest is ``replay_draft_graph``) and the share of timed rounds that
+        planned FlashInfer (None for ``decode x k``: every step plans)."""
         self.restore()
-        times, drafts, prepared = [], [], []
+        times, drafts, prepared, planned = [], [], [], []
         for i in range(self.args.warmup + self.args.rounds):
             self.sync()
             t0 = time.perf_counter()
@@ -182,9 +197,11 @@ class Bench:
                 times.append((t1 - t0) * 1e6)
                 if mode == "graph":
                     prepared.append((self.prepared_at - t0) * 1e6)
+                if mode != "decode x k":
+                    planned.append(self.planned)
             drafts.append(out.clone())
         self.sync()
-        return times, torch.stack(drafts).cpu().numpy(), prepared
+        return times, torch.stack(drafts).cpu().numpy(), prepared, (float(np.mean(planned)) if planned else None)
 
     def prepare_decode_us(self) -> list[float]:
         """Host µs of one ``prepare_decode`` of the batch (under CUDA graphs where the rounds are), the
@@ -194,17 +211,18 @@ class Bench:
         for i in range(self.args.warmup + self.args.rounds):
             self.sync()
             t0 = time.perf_counter()
-            self.meta.prepare_decode(self.idx, self.cache_lens + i % 4, cuda_graph=self.cuda)
+            self.meta.prepare_decode(self.idx, self.cache_lens + self.growth[1][i], cuda_graph=self.cuda)
             t1 = time.perf_counter()
             if i >= self.args.warmup:
                 times.append((t1 - t0) * 1e6)
         self.sync()
         return times
 
-    def gpu_idle_us(self, mode: str, k: int) -> float | None:
-        """GPU period per round back to back minus one round's device time (CUDA only)."""
+    def gpu_us(self, mode: str, k: int) -> tuple[float | None, float | None]:
+        """GPU idle µs per round (the period per round back to back minus one round's device time) and that
+        device time (CUDA only)."""
         if not self.cuda:
-            return None
+            return None, None
         self.restore()
         n = self.args.rounds
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -232,7 +250,7 @@ class Bench:
                 self.sync()
                 total += start.elapsed_time(end) * 1e3
             busy.append(total)
-        return max(0.0, period - min(busy))
+        return max(0.0, period - min(busy)), min(busy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,23 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         drafts: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
             for mode in modes:
-                times, out, prepared = bench.host_us(mode, k)
+                times, out, prepared, planned = bench.host_us(mode, k)
+                idle, busy = bench.gpu_us(mode, k)
                 runs[mode].append(
                     (
                         statistics.median(times),
                         float(np.percentile(times, 90)),
-                        bench.gpu_idle_us(mode, k),
+                        idle,
                         statistics.median(prepared) if prepared else None,
+                        busy,
+                        planned,
                     )
                 )
                 drafts[mode] = out
         results[str(k)] = {}
         for mode in modes:
             idle = [r[2] for r in runs[mode] if r[2] is not None]
+            busy = [r[4] for r in runs[mode] if r[4] is not None]
+            planned = [r[5] for r in runs[mode] if r[5] is not None]
             results[str(k)][mode] = {
                 "host_us_median": statistics.median(r[0] for r in runs[mode]),
                 "host_us_p90": statistics.median(r[1] for r in runs[mode]),
                 "gpu_idle_us": statistics.median(idle) if idle else None,
+                "gpu_busy_us": statistics.median(busy) if busy else None,
+                "planned_share": statistics.mean(planned) if planned else None,
             }
             if mode == "graph":  # the round's prepare_draft alone; the rest is the replay
                 results[str(k)][mode]["prepare_draft_us"] = statistics.median(r[3] for r in runs[mode])
@@ -315,14 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         f"page size {args.page_size}, prompts ~{args.prompt_len}; medians of {args.repeats} passes of {args.rounds} "
         "rounds.",
         "",
-        "| k | way | host µs / round (median) | p90 | GPU idle µs / round | drafts = decode x k |",
-        "|---|---|---|---|---|---|",
+        "| k | way | host µs / round (median) | p90 | GPU busy µs / round | GPU idle µs / round | rounds planned "
+        "| drafts = decode x k |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for k, per_mode in results.items():
         for mode, r in per_mode.items():
             idle = "n/a" if r["gpu_idle_us"] is None else f"{r['gpu_idle_us']:.1f}"
+            busy = "n/a" if r["gpu_busy_us"] is None else f"{r['gpu_busy_us']:.1f}"
+            share = "every step" if r["planned_share"] is None else f"{100 * r['planned_share']:.0f}%"
             same = {True: "yes", False: "no", None: "-"}[r.get("drafts_equal_decode_x_k")]
-            lines.append(f"| {k} | {mode} | {r['host_us_median']:.1f} | {r['host_us_p90']:.1f} | {idle} | {same} |")
+            lines.append(
+                f"| {k} | {mode} | {r['host_us_median']:.1f} | {r['host_us_p90']:.1f} | {busy} | {idle} | {share} "
+                f"| {same} |"
+            )
     lines += [
         "",
         f"Target: a {best} round costs the host less than one `prepare_decode` of the same batch "

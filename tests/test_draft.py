@@ -26,7 +26,7 @@ import torch
 from hypothesis import Phase, given, settings
 
 from batchmeta import BatchMetadata, KVGroup, MetadataConfig, StaleStepError
-from batchmeta.draft import DraftRound
+from batchmeta.draft import DraftRound, plan_headroom
 from batchmeta.host_path import COMPILED
 
 DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -258,6 +258,18 @@ def test_round_hands_each_draft_on_and_the_verify_step_gathers_them(path):
         _ = round_.steps[0].positions
     with pytest.raises(StaleStepError):
         round_.advance(0, torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    # A step between the first and the last stages its host twins on first read, while its round is
+    # the latest: after the next round they are stale, as are the steps of a round never read.
+    round_ = meta.prepare_draft([2, 0], acc.cache_lens, num_steps=3)
+    middle = round_.steps[1]
+    assert not round_.planned  # nothing plans here (plan_attention=False)
+    unread = meta.prepare_draft([2, 0], acc.cache_lens, num_steps=3)
+    for name in ("kv_indptr_host", "qo_indptr_host", "kv_last_page_len_host", "kv_indices", "kv_indices_host"):
+        with pytest.raises(StaleStepError):
+            getattr(middle, name)
+    meta.prepare_draft([2, 0], acc.cache_lens, num_steps=2)
+    with pytest.raises(StaleStepError):
+        _ = unread.steps
 
 
 def test_prepare_draft_rejects_bad_input_before_anything_changes():
@@ -679,6 +691,49 @@ def test_graph_round_over_device_lengths_matches_exact_lengths():
     for x, y in zip(results["device"][1], results["host"][1], strict=True):
         assert torch.equal(x, y)
     torch.testing.assert_close(results["device"][2].float(), results["host"][2].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_plan_is_kept_while_its_lengths_bound_the_rounds(cuda_graph):
+    """Rounds whose rows grew by what their verify step accepted take the plan an earlier round made
+    for ``plan_headroom`` more tokens per row, until a row outgrows it or needs more than twice the
+    headroom less (then the round plans again); every round's attention stays within bf16 tolerance
+    of dense float32, replayed or run step by step, with no host sync."""
+    k, b, page_size = 3, 5, 16
+    headroom = plan_headroom(k)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(120, 200, b)]
+    meta = _gpu_meta(page_size, k)
+    drafter = _GpuDrafter(k, page_size)
+    if cuda_graph:
+        meta.capture_draft_graph(8, k, drafter)
+        drafter.calls = 0
+    acc = _admit(meta, prompts, page_size)
+    clens, bounds, planned = acc.cache_lens.copy(), None, []
+    for i in range(16):
+        if i == 12:  # every row far shorter than the plan (as if other requests took the rows)
+            clens = clens - 3 * headroom
+        need = clens + k  # the last step's lengths
+        fits = bounds is not None and (need <= bounds).all() and (bounds - need <= 2 * headroom).all()
+        with _no_sync() if i else contextlib.nullcontext():  # the first round makes buffers and stock plans
+            round_ = meta.prepare_draft(list(range(b)), clens, num_steps=k, cuda_graph=cuda_graph)
+            if cuda_graph:
+                meta.replay_draft_graph(round_)
+            else:
+                round_.run(drafter)
+        assert round_.planned == (not fits), i
+        if round_.planned:
+            bounds = need + headroom
+        planned.append(round_.planned)
+        torch.cuda.synchronize()
+        for j, step in enumerate(round_.steps):
+            assert step.seq_lens[:b].tolist() == (clens + j + 1).tolist()
+            for g in range(2):
+                ref = _reference(drafter, step, j, g, b)
+                torch.testing.assert_close(drafter.out[g, j, :b].float(), ref, atol=2e-2, rtol=2e-2)
+        clens = clens + rng.integers(1, k + 2, b)  # the next verify step accepted 0..k drafts, and its token
+    assert planned[0] and planned[12] and planned.count(False) >= 8, planned
 
 
 def test_a_plan_is_shared_only_from_fa2_tensor_core_decode():

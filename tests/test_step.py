@@ -169,12 +169,17 @@ class Case:
             self.guarded[0] = self.guarded[0].cpu().pin_memory()
         self.staging, self.table_buf, self.out32, self.out64, self.mirror = (g[GUARD:-GUARD] for g in self.guarded)
 
-    def expected_mirror(self):
-        """The mirror after a launch with it: the rows' staged fields, sentinels everywhere else."""
+    def expected_mirror(self, mirror="fields"):
+        """The mirror after a launch with it: the rows' staged fields (and with ``"rows"`` the
+        ``b + 1`` packed rows), sentinels everywhere else."""
         lay, b = self.layout, len(self.rows)
         out = [S] * len(self.staging_values)
+        if mirror == "none":
+            return out
         fields = [(lay.idx, b), (lay.qo_indptr, b + 1), (lay.cache_lens, b), (lay.seq_lens, b), (lay.logits, b)]
         fields += [(at, b + 1) for at in lay.kv_indptr] + [(at, b) for at in lay.last_page_len]
+        if mirror == "rows":
+            fields.append((lay.rows, (b + 1) * lay.row_stride))
         for at, n in fields:
             out[at : at + n] = self.staging_values[at : at + n]
         return out
@@ -245,11 +250,14 @@ def cases(draw, device=None):
     )
 
 
-def check_case(case, with_mirror):
+MIRRORS = st.sampled_from(["none", "fields", "rows"])  # no mirror, the staged fields, and the packed rows too
+
+
+def check_case(case, mirror):
     exp32, exp64 = case.expected()
     assert case.out32.cpu().tolist() == exp32
     assert case.out64.cpu().tolist() == exp64
-    assert case.mirror.cpu().tolist() == (case.expected_mirror() if with_mirror else [S] * case.mirror.numel())
+    assert case.mirror.cpu().tolist() == case.expected_mirror(mirror)
     assert case.staging.cpu().tolist() == case.staging_values  # read only
 
 
@@ -272,8 +280,8 @@ def columns_per_program(n):
         step_ops._COLS = saved
 
 
-@given(data=st.data(), with_mirror=st.booleans(), cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
-def test_fill_step_metadata_matches_naive(data, with_mirror, cols, tight, device, backend):
+@given(data=st.data(), mirror=MIRRORS, cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
+def test_fill_step_metadata_matches_naive(data, mirror, cols, tight, device, backend):
     case = data.draw(cases(device=device))
     with columns_per_program(cols):
         fill_step_metadata(
@@ -283,15 +291,16 @@ def test_fill_step_metadata_matches_naive(data, with_mirror, cols, tight, device
             case.out32,
             case.out64,
             len(case.rows),
-            mirror=case.mirror if with_mirror else None,
+            mirror=None if mirror == "none" else case.mirror,
             max_cols=max_cols_of(case) if tight else None,
             backend=backend,
+            mirror_rows=mirror == "rows",
         )
-    check_case(case, with_mirror)
+    check_case(case, mirror)
 
 
-@given(data=st.data(), with_mirror=st.booleans(), cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
-def test_bound_fill_matches_naive(data, with_mirror, cols, tight, device):
+@given(data=st.data(), mirror=MIRRORS, cols=st.sampled_from([1, 3, 4096]), tight=st.booleans())
+def test_bound_fill_matches_naive(data, mirror, cols, tight, device):
     case = data.draw(cases(device=device))
     with columns_per_program(cols):
         fill = bind_step_metadata(
@@ -301,18 +310,23 @@ def test_bound_fill_matches_naive(data, with_mirror, cols, tight, device):
             case.out32,
             case.out64,
             max_rows=len(case.rows),
-            mirror=case.mirror if with_mirror else None,
+            mirror=None if mirror == "none" else case.mirror,
         )
         max_cols = max_cols_of(case) if tight else None
-        fill(len(case.rows), max_cols)
-        fill(len(case.rows), max_cols)  # the bound (cached) launch, on a GPU
-    check_case(case, with_mirror)
+        fill(len(case.rows), max_cols, mirror_rows=mirror == "rows")
+        fill(len(case.rows), max_cols, mirror_rows=mirror == "rows")  # the bound (cached) launch, on a GPU
+    check_case(case, mirror)
 
 
 def test_staging_must_be_on_the_device_or_pinned(device):
     case = _small_case(device)
     with pytest.raises(ValueError, match="mirror"):
         fill_step_metadata(case.layout, case.staging, case.table_buf, case.out32, case.out64, 1, mirror=case.mirror[:3])
+    bufs = (case.layout, case.staging, case.table_buf, case.out32, case.out64, 1)
+    for mirror, rows in ((None, None), (case.mirror, case.mirror)):  # no mirror to copy into; rows read from it
+        with pytest.raises(ValueError, match="mirror_rows"):
+            fill_step_metadata(*bufs, mirror=mirror, rows=rows, mirror_rows=True)
+    assert case.out64.cpu().eq(S).all() and case.mirror.cpu().eq(S).all()  # nothing written
     if device.type != "cuda":
         return
     with pytest.raises(ValueError, match=r"staging: .*not pinned"):

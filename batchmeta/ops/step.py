@@ -495,6 +495,7 @@ def _step_kernel(
     ROWS: tl.constexpr,
     STRIDE: tl.constexpr,
     PAD_ROW: tl.constexpr,
+    MIRROR_ROWS: tl.constexpr,  # also copy the packed rows to the mirror (a draft round's first step)
     # Token history: on/off, the packed-row field of the span count, spans, their tokens, the
     # history's row length, input_ids in out64.
     HIST: tl.constexpr,
@@ -574,6 +575,10 @@ def _step_kernel(
     # Everything this program reads from staging, in one contiguous load (its packed row).
     ar = tl.arange(0, STRIDE)
     v = tl.load(rows_ptr + ROWS + b.to(tl.int64) * STRIDE + ar)
+    if MIRROR_ROWS:
+        if g == 0:
+            if ch == 0:
+                tl.store(mirror_ptr + ROWS + b.to(tl.int64) * STRIDE + ar, v)
     if b == num_rows and ch == 0:
         # The last program of each group fills every slot past the step's tokens with PAD (and
         # positions with 0), so a graph captured for more tokens writes nothing for its padding;
@@ -828,9 +833,11 @@ def _launch_args(
     rows=None,
     lora: LoraLayout | None = None,
     lora_out=None,
+    mirror_rows: bool = False,
 ) -> list[tuple[int, tuple]]:
     """``(groups in launch, kernel arguments)`` per launch: up to four groups each. ``rows``: where the
-    packed rows are read (default ``staging``). The first launch expands the LoRA rows (``lora``)."""
+    packed rows are read (default ``staging``); ``mirror_rows``: copied to ``mirror`` too. The first
+    launch expands the LoRA rows (``lora``)."""
     launches = []
     lay = layout
     for n, arg_groups in group_launches(layout.num_groups):
@@ -863,6 +870,7 @@ def _launch_args(
             layout.rows,
             layout.row_stride,
             layout.num_table_rows - 1,
+            mirror_rows,
             lay.has_history,
             row_chunks(lay.num_groups),
             lay.chunks,
@@ -939,13 +947,25 @@ def _rank_positions(lay: StepLayout, g: int, pos: torch.Tensor) -> tuple[torch.T
 
 
 def _fill_torch(
-    layout: StepLayout, staging, tables, out32, out64, num_rows: int, mirror=None, history=None, rows=None
+    layout: StepLayout,
+    staging,
+    tables,
+    out32,
+    out64,
+    num_rows: int,
+    mirror=None,
+    history=None,
+    rows=None,
+    mirror_rows: bool = False,
 ) -> None:
     """The kernel's work in torch, reading the same packed rows (from ``rows``, default ``staging``)."""
     lay, dev = layout, tables.device
     staging = staging.to(dev)  # pinned host staging of a CUDA step: the reference path reads a copy
     src = staging if rows is None else rows.to(dev)
-    packed = src[lay.rows : lay.rows + (num_rows + 1) * lay.row_stride].view(num_rows + 1, lay.row_stride).long()
+    at_rows = slice(lay.rows, lay.rows + (num_rows + 1) * lay.row_stride)
+    packed = src[at_rows].view(num_rows + 1, lay.row_stride).long()
+    if mirror_rows:
+        mirror[at_rows] = src[at_rows]
     idx = packed[:num_rows, ROW_IDX]
     qo = packed[:, ROW_START]
     cache = packed[:num_rows, ROW_CACHE]
@@ -1016,6 +1036,7 @@ def fill_step_metadata(
     rows: torch.Tensor | None = None,
     lora: LoraLayout | None = None,
     lora_out: torch.Tensor | None = None,
+    mirror_rows: bool = False,
 ) -> None:
     """Positions, slot mappings, kv_indices and per-step block tables of ``num_rows`` batch rows.
 
@@ -1041,7 +1062,9 @@ def fill_step_metadata(
     every group; the launch sizes its column programs by it. Default: the widest table.
     The kernel reads every per-row value from the packed rows (``layout.rows``), in ``staging``
     or, when given, in ``rows`` (a device buffer of staging's layout, for rows
-    :func:`batchmeta.ops.speculative.resolve_rows` rewrote from device lengths).
+    :func:`batchmeta.ops.speculative.resolve_rows` rewrote from device lengths); ``mirror_rows``
+    copies the ``num_rows + 1`` packed rows read into ``mirror`` too (where
+    :func:`batchmeta.ops.draft.shift_rows` reads a draft round's first step).
     With ``lora`` (a :class:`~batchmeta.ops.lora.LoraLayout` over the same ``staging``) and
     ``lora_out``, the same launch also expands the staged multi-LoRA rows into ``lora_out``, as
     :func:`batchmeta.ops.lora.fill_lora_metadata` does.
@@ -1049,6 +1072,8 @@ def fill_step_metadata(
     layout.check(staging, tables, out32, out64, num_rows, mirror)
     _check_history(layout, history, tables.device)
     _check_lora(lora, lora_out, staging, num_rows)
+    if mirror_rows and (mirror is None or rows is not None):
+        raise ValueError("mirror_rows: copies the staged packed rows into mirror; give mirror, and no rows")
     if rows is not None:
         check_tensor("rows", rows, dtypes=(torch.int32,), ndim=1, device=tables.device, contiguous=True)
         if rows.numel() < layout.rows + (num_rows + 1) * layout.row_stride:
@@ -1058,10 +1083,13 @@ def fill_step_metadata(
             )
     if use_triton(backend, tables):
         chunks = _num_chunks(layout, max_cols)
-        for n, args in _launch_args(layout, staging, tables, out32, out64, mirror, history, rows, lora, lora_out):
+        launches = _launch_args(
+            layout, staging, tables, out32, out64, mirror, history, rows, lora, lora_out, mirror_rows
+        )
+        for n, args in launches:
             _step.launch((num_rows + 1, n, chunks), args, num_warps=_NUM_WARPS)
         return
-    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history, rows)
+    _fill_torch(layout, staging, tables, out32, out64, num_rows, mirror, history, rows, mirror_rows)
     if lora is not None:
         fill_lora_torch(lora, staging, lora_out, num_rows)  # type: ignore[arg-type]
 
@@ -1098,9 +1126,10 @@ def bind_step_metadata(
     lora: LoraLayout | None = None,
     lora_out: torch.Tensor | None = None,
 ) -> Callable[..., None]:
-    """``fill(num_rows, max_cols=None, resolved=False)``: :func:`fill_step_metadata` over these
-    buffers, checked once here. ``resolved``: read the packed rows from ``mirror`` (where
-    :func:`batchmeta.ops.speculative.resolve_rows` wrote them) instead of ``staging``. With ``lora``
+    """``fill(num_rows, max_cols=None, resolved=False, mirror_rows=False)``: :func:`fill_step_metadata`
+    over these buffers, checked once here. ``resolved``: read the packed rows from ``mirror`` (where
+    :func:`batchmeta.ops.speculative.resolve_rows` wrote them) instead of ``staging``;
+    ``mirror_rows``: copy the staged packed rows into ``mirror`` (not with ``resolved``). With ``lora``
     and ``lora_out``, the launch also expands the staged multi-LoRA rows.
 
     On CUDA (``backend`` None or ``"triton"``) the launches are bound
@@ -1112,39 +1141,50 @@ def bind_step_metadata(
     _check_lora(lora, lora_out, staging, max_rows)
     use_triton(backend, tables)  # raises for an unknown backend, or "triton" where it cannot run
     if tables.is_cuda and backend != "torch":
-        bound = {
-            resolved: [
-                (n, _step.bind(args, num_warps=_NUM_WARPS))
-                for n, args in _launch_args(
-                    layout, staging, tables, out32, out64, mirror, history, mirror if resolved else None, lora, lora_out
-                )
-            ]
-            for resolved in ((False, True) if mirror is not None else (False,))
-        }
-        if len(bound[False]) == 1:
-            ((n0, launch0),) = bound[False]
-            launch_resolved = bound[True][0][1] if mirror is not None else None
+
+        def bind(resolved: bool, mirrored: bool) -> list:
+            rows = mirror if resolved else None
+            args = _launch_args(layout, staging, tables, out32, out64, mirror, history, rows, lora, lora_out, mirrored)
+            return [(n, _step.bind(a, num_warps=_NUM_WARPS)) for n, a in args]
+
+        # (resolved, mirror_rows) -> the bound launches; the mirrored ones (draft rounds) on first use
+        bound = {(False, False): bind(False, False)}
+        if mirror is not None:
+            bound[True, False] = bind(True, False)
+
+        def launches(resolved: bool, mirrored: bool) -> list:
+            if (resolved, mirrored) not in bound:
+                if mirror is None or (resolved and mirrored):
+                    raise ValueError("mirror_rows: copies the staged packed rows into mirror; not with resolved")
+                bound[resolved, mirrored] = bind(resolved, mirrored)
+            return bound[resolved, mirrored]
+
+        if len(bound[False, False]) == 1:
+            ((n0, launch0),) = bound[False, False]
+            launch_resolved = bound[True, False][0][1] if mirror is not None else None
             widest = max(layout.width)
 
-            def fill(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
+            def fill(num_rows: int, max_cols: int | None = None, resolved: bool = False, mirror_rows: bool = False):
                 # _num_chunks(layout, max_cols), written out: this runs every step.
                 cols = widest if max_cols is None or max_cols > widest else max_cols
                 grid = (num_rows + 1, n0, 1 if cols <= _COLS else -(-cols // _COLS))
                 if resolved:  # rare: speculative acceptance on the device
                     launch_resolved(grid)  # type: ignore[misc]
+                elif mirror_rows:  # a draft round's first step
+                    launches(False, True)[0][1](grid)
                 else:  # common case
                     launch0(grid)
 
             return fill
 
-        def fill_many(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
+        def fill_many(num_rows: int, max_cols: int | None = None, resolved: bool = False, mirror_rows: bool = False):
             chunks = _num_chunks(layout, max_cols)
-            for n, launch in bound[resolved]:
+            for n, launch in launches(resolved, mirror_rows):
                 launch((num_rows + 1, n, chunks))
 
         return fill_many
 
-    def fill_host(num_rows: int, max_cols: int | None = None, resolved: bool = False) -> None:
+    def fill_host(num_rows: int, max_cols: int | None = None, resolved: bool = False, mirror_rows: bool = False):
         fill_step_metadata(
             layout,
             staging,
@@ -1159,6 +1199,7 @@ def bind_step_metadata(
             rows=mirror if resolved else None,
             lora=lora,
             lora_out=lora_out,
+            mirror_rows=mirror_rows,
         )
 
     return fill_host
