@@ -198,8 +198,8 @@ class DraftRound:
 
 class _RoundSpec:
     """What a round's steps are made from (on first read of ``DraftRound.steps``): the batch, and per
-    step ``(num_tokens, max_seq, widths, views, num_kv_pages)`` (views and the rest None until
-    made; ``num_kv_pages`` None for a step staged on first read) and its wrappers."""
+    step ``(num_tokens, max_seq, widths, views, staged)`` (None until :meth:`DraftLoop._shape`;
+    views None until made; ``staged`` False for a step staged on first read) and its wrappers."""
 
     __slots__ = ("clens", "graph", "idx", "on_device", "padded", "shapes", "tokens_run", "wrappers")
 
@@ -376,6 +376,7 @@ class DraftLoop:
         # int64), while the slots' wrappers hold that plan; and the host arrays it is made from.
         self._bounds: dict[tuple, tuple[int, np.ndarray]] = {}
         self._plan_host: tuple | None = None
+        self._ready: set[tuple[int, bool, int]] = set()  # (padded, graph, k) whose steps' wrappers all planned once
 
     def _slot(self, j: int) -> _DraftSlot:
         """Step ``j``'s buffers, made on first use (once per step index, never per round)."""
@@ -412,13 +413,10 @@ class DraftLoop:
         # Staged now: step 0 (its launch reads its host buffer), the last step (the round's checks
         # and its plan's lengths) and any step that plans on its own (its wrappers' first plan, or
         # every plan without a shared one); the others on first read.
-        now = [
-            j
-            for j in range(k)
-            if not j
-            or j == last
-            or (planning and not (self._plan_once and slots[j].launcher.planner.decode_ready(padded, graph)))
-        ]
+        now: Any = (0,) if k == 1 else (0, last)
+        if planning and (padded, graph, k) not in self._ready:
+            ready = [self._plan_once and slot.launcher.planner.decode_ready(padded, graph) for slot in slots]
+            now = [j for j in range(k) if not j or j == last or not ready[j]]
         # Step 0's launch applies the staged writes: its packed rows carry their count.
         count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
         free = {j: slots[j].ring.peek() for j in now}  # each staged step's free host buffer
@@ -449,9 +447,8 @@ class DraftLoop:
                     stage_writes(h, lay, offsets, values, rows)
                     if self.history is not None:
                         stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
-                tokens_run = padded if graph else num_tokens
-                views = slot.launcher.views(b, padded, tokens_run, widths)
-                shapes[j] = (num_tokens, max_seq, widths, views, slot.launcher.num_kv_pages(padded))
+                shapes[j] = (num_tokens, max_seq, widths, None, True)  # views made when needed
+            tokens_run = padded if graph else num_tokens
             spec = _RoundSpec(idx, clens, on_device, padded, graph, tokens_run, shapes, [None] * k)
             planned = False
             if planning:
@@ -472,8 +469,8 @@ class DraftLoop:
         return DraftRound(self, spec, planned)
 
     def _shape(self, spec: _RoundSpec, j: int) -> tuple:
-        """Step ``j``'s ``(num_tokens, max_seq, widths, views, num_kv_pages)``: as staged, or for a
-        step staged on first read step 0's, ``j`` tokens longer (``num_kv_pages`` None)."""
+        """Step ``j``'s ``(num_tokens, max_seq, widths, views, staged)``, its views made: as staged,
+        or for a step staged on first read step 0's, ``j`` tokens longer."""
         shape = spec.shapes[j]
         if shape is None:
             num_tokens, max_seq, widths, _, _ = spec.shapes[0]
@@ -482,8 +479,10 @@ class DraftLoop:
             if not spec.graph:  # an eager step's per-batch tables are as wide as its longest row needs
                 sizes = self._page_sizes
                 widths = tuple(-(-max_seq // sizes[g]) if w else 0 for g, w in enumerate(widths))
-            views = self._slots[j].launcher.views(spec.idx.shape[0], spec.padded, spec.tokens_run, widths)
-            shape = spec.shapes[j] = (num_tokens, max_seq, widths, views, None)
+            shape = (num_tokens, max_seq, widths, None, False)
+        if shape[3] is None:  # views over the ring's current host buffer: a staged step's own
+            views = self._slots[j].launcher.views(spec.idx.shape[0], spec.padded, spec.tokens_run, shape[2])
+            shape = spec.shapes[j] = (*shape[:3], views, shape[4])
         return shape
 
     def _build(self, spec: _RoundSpec) -> tuple[tuple[Step, ...], tuple[int, ...]]:
@@ -493,10 +492,12 @@ class DraftLoop:
         b = idx.shape[0]
         steps, cols = [], []
         for j in range(len(spec.shapes)):
-            num_tokens, max_seq, widths, views, num_kv_pages = self._shape(spec, j)
-            cols.append(self._slots[j].launcher.columns(cfg.max_model_len if spec.graph else max_seq, widths))
+            num_tokens, max_seq, widths, views, staged = self._shape(spec, j)
+            launcher = self._slots[j].launcher
+            cols.append(launcher.columns(cfg.max_model_len if spec.graph else max_seq, widths))
             lens = spec.clens + j if j else spec.clens
-            later = num_kv_pages is None
+            later = not staged
+            num_kv_pages = launcher.num_kv_pages(spec.padded) if staged else None
             step = (_LazyDraftStep if later else Step)(
                 "decode",
                 b,
@@ -566,7 +567,8 @@ class DraftLoop:
             planner = slot.launcher.planner
             if self._plan_once and j < last and planner.decode_ready(padded, graph):
                 continue  # takes the last step's plan below
-            num_tokens, max_seq, _, views, num_kv_pages = spec.shapes[j]  # staged: a step planning on its own
+            num_tokens, max_seq, _, views, _ = self._shape(spec, j)  # staged: a step planning on its own
+            num_kv_pages = slot.launcher.num_kv_pages(padded)
             if self._plan_once and j == last:  # the shared plan: for lengths with headroom
                 self._bounds.pop(key, None)  # the workspace's plan changes
                 bounds = need.astype(np.int64)
@@ -581,6 +583,7 @@ class DraftLoop:
                 views = None if graph else self._shape(spec, j)[3]
                 wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, views)
             self._bounds[key] = (k, bounds)
+            self._ready.add((padded, graph, k))  # every step's wrappers planned once: later rounds stage two
         return alone, True
 
     def _bound_views(self, views: Any, seq: np.ndarray, b: int, padded: int) -> Any:
