@@ -201,12 +201,12 @@ class _RoundSpec:
     step ``(num_tokens, max_seq, widths, views, staged)`` (None until :meth:`DraftLoop._shape`;
     views None until made; ``staged`` False for a step staged on first read) and its wrappers."""
 
-    __slots__ = ("clens", "graph", "idx", "on_device", "padded", "shapes", "tokens_run", "wrappers")
+    __slots__ = ("clens", "graph", "idx", "on_device", "padded", "resets", "shapes", "tokens_run", "wrappers")
 
-    def __init__(self, idx, clens, on_device, padded, graph, tokens_run, shapes, wrappers):
+    def __init__(self, idx, clens, on_device, padded, graph, tokens_run, shapes, wrappers, resets):
         self.idx, self.clens, self.on_device = idx, clens, on_device
         self.padded, self.graph, self.tokens_run = padded, graph, tokens_run
-        self.shapes, self.wrappers = shapes, wrappers
+        self.shapes, self.wrappers, self.resets = shapes, wrappers, resets
 
 
 def plan_headroom(num_steps: int) -> int:
@@ -228,9 +228,20 @@ class _LazyDraftStep(Step):
             self._raise_stale(what)
         pending = self._pending
         if pending is not None:
-            self._pending = None
+            if self._block_tables.num_resets != self._resets:
+                # The checks would run on other pages: the twins of the round's batch are gone.
+                raise StaleStepError(
+                    f"step.{what}: a request slot was reset since this draft round was prepared; read a draft "
+                    f"step's host twins before resetting"
+                )
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"step.{what}: a draft step's host twins are staged on first read, which waits on the host: "
+                    f"read them outside CUDA-graph capture (capture_draft_graph's warm-up rounds read them first)"
+                )
             loop, j, args = pending
             self._views, self._num_kv_pages = loop._stage_later(j, *args)
+            self._pending = None
 
     @property
     def qo_indptr_host(self) -> np.ndarray:
@@ -449,7 +460,8 @@ class DraftLoop:
                         stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
                 shapes[j] = (num_tokens, max_seq, widths, None, True)  # views made when needed
             tokens_run = padded if graph else num_tokens
-            spec = _RoundSpec(idx, clens, on_device, padded, graph, tokens_run, shapes, [None] * k)
+            resets = self.block_tables.num_resets
+            spec = _RoundSpec(idx, clens, on_device, padded, graph, tokens_run, shapes, [None] * k, resets)
             planned = False
             if planning:
                 need = free[last][lay.seq : lay.seq + padded]  # the last step's lengths, padding rows too
@@ -515,6 +527,7 @@ class DraftLoop:
                 self.block_tables,
                 on_device,
             )
+            step._resets = spec.resets  # as at prepare time: a reset since makes the host twins stale
             if later:
                 step._pending = (self, j, (idx, lens, spec.padded, spec.graph, on_device, b, spec.tokens_run))
             steps.append(step)
@@ -569,11 +582,14 @@ class DraftLoop:
                 continue  # takes the last step's plan below
             num_tokens, max_seq, _, views, _ = self._shape(spec, j)  # staged: a step planning on its own
             num_kv_pages = slot.launcher.num_kv_pages(padded)
-            if self._plan_once and j == last:  # the shared plan: for lengths with headroom
+            if self._plan_once and j == last:
                 self._bounds.pop(key, None)  # the workspace's plan changes
-                bounds = need.astype(np.int64)
-                bounds[:b] += plan_headroom(k)
-                views, max_seq = self._bound_views(views, bounds, b, padded), int(bounds.max())
+                # With headroom only over wrappers whose kernels clamp to the device lengths (FA2's,
+                # known once planned: a first plan is for the step's own lengths, and not kept).
+                if planner.clamps_decode_lengths(padded, graph):
+                    bounds = need.astype(np.int64)
+                    bounds[:b] += plan_headroom(k)
+                    views, max_seq = self._bound_views(views, bounds, b, padded), int(bounds.max())
             wrappers[j] = planner.plan("decode", padded, graph, views, max_seq, num_kv_pages, num_tokens, 1)
             alone.append(j)
         if self._plan_once:
@@ -582,7 +598,8 @@ class DraftLoop:
                 # A graph wrapper reads its own buffers: an eager one is pointed at the step's views.
                 views = None if graph else self._shape(spec, j)[3]
                 wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, views)
-            self._bounds[key] = (k, bounds)
+            if bounds is not need:  # planned with headroom: later rounds may keep it
+                self._bounds[key] = (k, bounds)
             self._ready.add((padded, graph, k))  # every step's wrappers planned once: later rounds stage two
         return alone, True
 

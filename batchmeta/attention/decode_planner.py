@@ -151,7 +151,7 @@ class DecodePlanner:
         wrapper is pointed at ``kv_indptr``, ``kv_indices`` and ``kv_last_page_len`` (a CUDA-graph
         wrapper's own buffers are already this step's: pass None)."""
         w, src = self.wrapper, source.wrapper
-        if not (src.use_tensor_cores and getattr(src, "_backend", None) == "fa2"):
+        if not source.clamps_lengths:
             # Only FA2's kernels clamp each KV chunk to the step's device lengths; FA3's scheduler
             # takes the planned ones, the CUDA-core decode kernel does not clamp.
             backend = getattr(src, "_backend", None) if src.use_tensor_cores else "CUDA-core decode"
@@ -169,6 +169,13 @@ class DecodePlanner:
             w._max_kv_len = src._max_kv_len
         w._plan_info = src._plan_info
         self.stock_planned = False
+
+    @property
+    def clamps_lengths(self) -> bool:
+        """Whether the wrapper runs FlashInfer's tensor-core FA2 decode (known once planned), whose
+        kernels clamp each KV chunk to the device lengths: a plan of longer lengths serves it."""
+        w = self.wrapper
+        return bool(w.use_tensor_cores) and getattr(w, "_backend", None) == "fa2"
 
     def _stock_plan(
         self,

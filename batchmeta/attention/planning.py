@@ -167,6 +167,16 @@ class StepPlanner:
                 return False
         return True
 
+    def clamps_decode_lengths(self, padded: int, graph: bool) -> bool:
+        """Whether every group's decode wrapper for steps of this shape has been planned and runs
+        FlashInfer's tensor-core FA2 decode, whose kernels clamp each KV chunk to the device lengths
+        (so a plan of longer lengths serves shorter steps: :meth:`adopt`)."""
+        for g in range(len(self.config.kv_groups)):
+            planner = self._planners.get(("graph", g, padded) if graph else ("decode", g))
+            if planner is None or not planner.clamps_lengths:
+                return False
+        return True
+
     def decode_wrappers(self, padded: int, graph: bool) -> tuple[Any, ...]:
         """Every group's decode wrapper for steps of this shape, as the latest plan (or
         :meth:`adopt`) left it: for a step that takes that plan again."""
