@@ -201,12 +201,24 @@ class _RoundSpec:
     step ``(num_tokens, max_seq, widths, views, staged)`` (None until :meth:`DraftLoop._shape`;
     views None until made; ``staged`` False for a step staged on first read) and its wrappers."""
 
-    __slots__ = ("clens", "graph", "idx", "on_device", "padded", "resets", "shapes", "tokens_run", "wrappers")
+    __slots__ = (
+        "clens",
+        "graph",
+        "idx",
+        "on_device",
+        "padded",
+        "resets",
+        "shapes",
+        "staged_now",
+        "tokens_run",
+        "wrappers",
+    )
 
     def __init__(self, idx, clens, on_device, padded, graph, tokens_run, shapes, wrappers, resets):
         self.idx, self.clens, self.on_device = idx, clens, on_device
         self.padded, self.graph, self.tokens_run = padded, graph, tokens_run
         self.shapes, self.wrappers, self.resets = shapes, wrappers, resets
+        self.staged_now: list[int] = []  # steps staged while the round is prepared
 
 
 def plan_headroom(num_steps: int) -> int:
@@ -421,13 +433,14 @@ class DraftLoop:
                 )
         slots = self._slots[:k] if len(self._slots) >= k else [self._slot(j) for j in range(k)]
         planning = self._planned and padded > 0
-        # Staged now: step 0 (its launch reads its host buffer), the last step (the round's checks
-        # and its plan's lengths) and any step that plans on its own (its wrappers' first plan, or
-        # every plan without a shared one); the others on first read.
-        now: Any = (0,) if k == 1 else (0, last)
+        # Staged now: step 0 (its launch reads its host buffer; its checks are also made with every
+        # row k - 1 tokens longer, the last step's) and any step that plans on its own (its
+        # wrappers' first plan, or every plan without a shared one). The last step is staged when a
+        # plan is made from it; the others on first read of a host twin.
+        now = [0]
         if planning and (padded, graph, k) not in self._ready:
             ready = [self._plan_once and slot.launcher.planner.decode_ready(padded, graph) for slot in slots]
-            now = [j for j in range(k) if not j or j == last or not ready[j]]
+            now += [j for j in range(1, k) if not ready[j]]
         # Step 0's launch applies the staged writes: its packed rows carry their count.
         count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
         free = {j: slots[j].ring.peek() for j in now}  # each staged step's free host buffer
@@ -435,15 +448,19 @@ class DraftLoop:
         for j in now:  # check (and, compiled, stage)
             if self._host_path is not None:  # common case
                 args = (free[j], None, idx, 1, clens + j, padded, graph, 0 if j else count, on_device)
-                staged[j] = slots[j].launcher.stage_rows(*args)
+                staged[j] = slots[j].launcher.stage_rows(*args, ahead=0 if j else last)
             else:
                 staged[j] = self._checker.check(idx, 1, clens + j)
+                if not j and last:
+                    self._checker.check(idx, 1, clens + last)
         offsets, values = self.block_tables.take_staged()
         if len(offsets) > lay.max_writes:  # more new pages than one step holds: apply the excess first
             offsets, values = self._apply_excess_writes(offsets, values)
         rows = self.block_tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
         self._clock[0] += 1  # from here the buffers change: earlier rounds are stale
         shapes: list[Any] = [None] * k
+        spec = _RoundSpec(idx, clens, on_device, padded, graph, 0, shapes, [None] * k, self.block_tables.num_resets)
+        spec.staged_now = now
         planned_alone: list[int] = []
         try:
             for j in now:
@@ -458,13 +475,13 @@ class DraftLoop:
                     stage_writes(h, lay, offsets, values, rows)
                     if self.history is not None:
                         stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
+                    spec.tokens_run = padded if graph else num_tokens
                 shapes[j] = (num_tokens, max_seq, widths, None, True)  # views made when needed
-            tokens_run = padded if graph else num_tokens
-            resets = self.block_tables.num_resets
-            spec = _RoundSpec(idx, clens, on_device, padded, graph, tokens_run, shapes, [None] * k, resets)
             planned = False
             if planning:
-                need = free[last][lay.seq : lay.seq + padded]  # the last step's lengths, padding rows too
+                # The last step's lengths, padding rows too (theirs are the same in every step).
+                need = free[0][lay.seq : lay.seq + padded].astype(np.int64)
+                need[:b] += last
                 planned_alone, planned = self._plan(slots, spec, b, need)
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
             # host arrays into the device views: bounds where rows' lengths are on the device). With
@@ -475,10 +492,23 @@ class DraftLoop:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
             # reads it), and those a stock plan may have copied from (a step planned on its own, the
             # last step's). No device work reads the other steps' (their host twins only).
-            for j in now:
+            for j in spec.staged_now:
                 if not j or j == last or j in planned_alone:
                     slots[j].ring.done()
         return DraftRound(self, spec, planned)
+
+    def _stage_now(self, spec: _RoundSpec, j: int) -> None:
+        """Stages step ``j`` of the round being prepared (checked already: step 0's checks hold
+        for it), for a plan made from it."""
+        slot = self._slots[j]
+        h = slot.ring.peek()
+        lens = spec.clens + j
+        checked = None if self._host_path is not None else self._checker.check(spec.idx, 1, lens)
+        args = (h, checked, spec.idx, 1, lens, spec.padded, spec.graph, 0, spec.on_device)
+        num_tokens, widths, max_seq = slot.launcher.stage_rows(*args)
+        slot.ring.advance()
+        spec.staged_now.append(j)
+        spec.shapes[j] = (num_tokens, max_seq, widths, None, True)
 
     def _shape(self, spec: _RoundSpec, j: int) -> tuple:
         """Step ``j``'s ``(num_tokens, max_seq, widths, views, staged)``, its views made: as staged,
@@ -571,6 +601,8 @@ class DraftLoop:
                     for j, slot in enumerate(slots):
                         wrappers[j] = slot.launcher.planner.decode_wrappers(padded, graph)
                     return [], False
+        if spec.shapes[last] is None:  # planned from: staged now
+            self._stage_now(spec, last)
         # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if
         # needed) for what that round enqueued before its step 0's buffer was marked busy.
         slots[0].ring.wait_previous()

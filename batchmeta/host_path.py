@@ -106,8 +106,11 @@ def _local_len(seq_len, ws):
     return (seq_len // span) * interleave + min(max(rest, 0), interleave)
 
 
-def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes, on_device):
+def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes, on_device, ahead):
     """Checks the batch, then (only if valid) writes its staging fields into ``h``.
+
+    ``ahead`` (``>= 0``): the checks also hold for every row ``ahead`` tokens longer (a draft
+    round's last step), the staged fields are this batch's.
 
     Returns the step's ``num_tokens`` (``>= 0``), or ``_INVALID`` / ``_MISUSE`` with ``h``
     untouched. ``ws`` is the workspace (module constants above); its scratch entries are written
@@ -162,7 +165,7 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
             if c < 0 or c > mml:
                 return _INVALID
             s = c + (q if decode else qlens[i])  # both terms < 2^31: no overflow
-            if s > mml:
+            if s + ahead > mml:
                 return _INVALID
             max_seq = max(max_seq, s)
             seq[i] = s
@@ -175,6 +178,10 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
             for i in range(b):
                 kv = _local_len(seq[i], ws) if sharded else seq[i]  # context parallelism: local pages
                 need = (kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps
+                if ahead:
+                    kv = _local_len(seq[i] + ahead, ws) if sharded else seq[i] + ahead
+                    if held_g[idx[i]] < ((kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps):
+                        return _INVALID
                 if held_g[idx[i]] < need:
                     return _INVALID
                 pages[i] = need
@@ -364,8 +371,8 @@ class HostPath:
             # batch on a scratch buffer of the staging layout.
             scratch = np.zeros(layout.fixed_end, np.int32)
             empty = self._no_qlens
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0, empty)
-            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0, empty)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 1, True, 0, False, 0, empty, 0)
+            _stage_kernel(scratch, held, self._ws, empty, empty, empty, 0, False, 0, False, 0, empty, 0)
 
     def stage(
         self,
@@ -377,6 +384,7 @@ class HostPath:
         graph: bool,
         num_writes: int = 0,
         on_device: np.ndarray | None = None,
+        ahead: int = 0,
     ) -> tuple[int, tuple[int, ...], int] | None:
         """Checks a batch and, if valid, writes its staging fields into ``h``.
 
@@ -400,6 +408,9 @@ class HostPath:
         on_device:
             ``[B]`` int64, 1 for rows whose cache length is on the device (``clens`` holds their
             bounds), or None.
+        ahead:
+            ``>= 0``: the checks also hold with every row ``ahead`` tokens longer (pages held, the
+            model length); what is written is this batch's.
 
         Returns
         -------
@@ -427,11 +438,12 @@ class HostPath:
             )
         flags = self._no_qlens if on_device is None else on_device
         if type(qlens) is int:
-            n = _stage_kernel(
-                h, self._held, self._ws, idx, clens, self._no_qlens, qlens, True, padded, graph, num_writes, flags
-            )
+            no_q, held, ws = self._no_qlens, self._held, self._ws
+            n = _stage_kernel(h, held, ws, idx, clens, no_q, qlens, True, padded, graph, num_writes, flags, ahead)
         else:
-            n = _stage_kernel(h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes, flags)
+            n = _stage_kernel(
+                h, self._held, self._ws, idx, clens, qlens, 0, False, padded, graph, num_writes, flags, ahead
+            )
         if n < 0:
             if n == _INVALID:
                 return None

@@ -87,16 +87,19 @@ class StepLauncher:
         graph: bool,
         num_writes: int,
         on_device: np.ndarray | None,
+        ahead: int = 0,
     ) -> tuple[int, tuple[int, ...], int]:
         """Writes the step's rows into ``h``, the ring's other host buffer (``ring.peek()``), not yet
-        current: by the compiled host path, which checks as it goes (``checked`` None), or by
-        :func:`stage_step` from the numpy checker's ``checked = (seq, pages, max_seq)``. Returns
-        ``(num_tokens, widths, max_seq)``."""
+        current: by the compiled host path, which checks as it goes (``checked`` None; ``ahead``:
+        also with every row that many tokens longer), or by :func:`stage_step` from the numpy
+        checker's ``checked = (seq, pages, max_seq)``. Returns ``(num_tokens, widths, max_seq)``."""
         ring = self.ring
         if checked is None:  # common case
-            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device)
+            staged = self._host_path.stage(h, idx, qlens, clens, padded, graph, num_writes, on_device, ahead)
             if staged is None:
                 self._checker.check(idx, qlens, clens)  # raises the message
+                if ahead:
+                    self._checker.check(idx, qlens, clens + ahead)
                 raise RuntimeError("batchmeta: the compiled checks rejected a batch the numpy checks accept")
             ring.memo[ring.current ^ 1] = None  # the compiled path keeps no memo of what the buffer holds
             return staged

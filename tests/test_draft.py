@@ -713,7 +713,7 @@ def test_a_plan_is_kept_while_its_lengths_bound_the_rounds(cuda_graph, k):
     headroom = plan_headroom(k)
     rng = np.random.default_rng(11)
     prompts = [rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(120, 200, b)]
-    meta = _gpu_meta(page_size, k)
+    meta = _gpu_meta(page_size, 3)  # rounds of up to 3 steps
     drafter = _GpuDrafter(k, page_size)
     if cuda_graph:
         meta.capture_draft_graph(8, k, drafter)

@@ -177,16 +177,20 @@ def test_same_verdict_as_numpy_checker(data):
             qlens[i] = T - sum(qlens) + qlens[i] + 1  # one token over the budget (with the other rows)
     idx, clens = ints(idx), ints(clens)
     qlens = q if decode else ints(qlens)
+    # ahead: the checks also with every row that many tokens longer (a draft round's last step).
+    ahead = data.draw(st.integers(0, 3), label="ahead") if clens.size == 0 or clens.max() < 2**40 else 0
     h = np.full(m._layout.total, SENTINEL, np.int32)
     ref = h.copy()
     try:
+        if ahead:
+            m._checker.check(idx, qlens, clens + ahead)
         want = reference(m, ref, idx, qlens, clens, len(idx), False)
     except ValueError as e:
         want = None
         event(f"rejected: {str(e)[:24]}")
     else:
         event("valid")
-    assert hp.stage(h, idx, qlens, clens, len(idx), False) == want
+    assert hp.stage(h, idx, qlens, clens, len(idx), False, ahead=ahead) == want
     np.testing.assert_array_equal(h, ref)
 
 
