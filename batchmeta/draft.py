@@ -6,10 +6,11 @@ accepted token for ``j = 0``, else the token step ``j - 1`` drafted) and drafts 
 ``c + j + 1``. Its metadata is what ``prepare_decode(idx, c + j)`` gives. :class:`DraftLoop` (the
 room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
 
-1. checks and stages the first and the last step on the host (the compiled host path or numpy),
-   from the lengths ``accept_tokens`` returned (upper bounds where acceptance stayed on the device);
-   the checks only grow stricter with the length, so the last step's cover the ones between, whose
-   host twins (read by nobody on the device) are staged on first read;
+1. checks every step and stages step 0 on the host (the compiled host path or numpy), from the
+   lengths ``accept_tokens`` returned (upper bounds where acceptance stayed on the device): the
+   checks only grow stricter with the length, so step 0's, made also with every row ``k - 1``
+   tokens longer, cover the others, whose host twins (read by nobody on the device) are staged
+   on first read, or when a plan is made from them;
 2. plans FlashInfer once per KV-cache group: the last step's lengths bound every step's, and the
    tensor-core decode kernel (FA2) clamps each KV chunk to a step's own lengths, so every step's
    wrapper takes that one plan (their int workspaces are one buffer: :meth:`StepPlanner.adopt
@@ -229,8 +230,8 @@ def plan_headroom(num_steps: int) -> int:
 
 
 class _LazyDraftStep(Step):
-    """A draft step between the first and the last of its round: no device work reads its host
-    staging buffer, so its host twins (``*_host``, ``kv_indices``' length, the torch attention
+    """A draft step after the first of its round, not staged when prepared: no device work reads
+    its host staging buffer, so its host twins (``*_host``, ``kv_indices``' length, the torch attention
     path's arrays) are staged on first read, while the round is the latest."""
 
     __slots__ = ("_pending",)
@@ -414,10 +415,10 @@ class DraftLoop:
         """The round (see ``BatchMetadata.prepare_draft``); ``idx`` / ``clens`` are checked host int64
         arrays, ``staged_prompts`` the request slots with prompt tokens staged.
 
-        Nothing changes before every check has passed: the first and the last step are checked (and
-        staged) before the staged block-table writes are taken, and every check only grows stricter
-        with the cache length, so they hold for the steps between, which are staged on first read
-        of a host twin (or now, where a step's wrappers plan on their own).
+        Nothing changes before every check has passed: step 0 is checked (and staged) with every
+        row also ``k - 1`` tokens longer before the staged block-table writes are taken, and every
+        check only grows stricter with the cache length, so they hold for the later steps, which
+        are staged on first read of a host twin (or now, where a plan is made from them).
         """
         cfg, lay = self.config, self._layout
         k = num_steps
@@ -632,7 +633,7 @@ class DraftLoop:
                 wrappers[j] = slots[j].launcher.planner.adopt(source, padded, graph, views)
             if bounds is not need:  # planned with headroom: later rounds may keep it
                 self._bounds[key] = (k, bounds)
-            self._ready.add((padded, graph, k))  # every step's wrappers planned once: later rounds stage two
+            self._ready.add((padded, graph, k))  # every step's wrappers planned once: later rounds stage one
         return alone, True
 
     def _bound_views(self, views: Any, seq: np.ndarray, b: int, padded: int) -> Any:
