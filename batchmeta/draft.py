@@ -474,7 +474,7 @@ class DraftLoop:
                 slot.ring.advance()
                 if not j:  # only step 0's launch reads its host buffer: later steps' rows come from its mirror
                     stage_writes(h, lay, offsets, values, rows)
-                    if self.history is not None:
+                    if self.history is not None and self._host_path is None:  # the compiled path zeroed the count
                         stage_prompts(h, lay, [], padded, len(cfg.kv_groups))  # no spans: input_ids from the history
                     spec.tokens_run = padded if graph else num_tokens
                 shapes[j] = (num_tokens, max_seq, widths, None, True)  # views made when needed

@@ -788,7 +788,9 @@ class BatchMetadata:
         ring.advance()
         rows = tables.rows_of(offsets) if count < 0 else None  # many writes: bucketed by row
         stage_writes(h, lay, offsets, values, rows)
-        if self.token_ids is not None:
+        # The prompt spans and their count in the packed rows; none (common) leaves the count the
+        # compiled path zeroed (the numpy path may keep the packed rows of an earlier step).
+        if self.token_ids is not None and (self._prompts or self._host_path is None):
             stage_prompts(h, lay, self._take_prompts(), padded, len(self.config.kv_groups))
         return (h, *staged)
 
