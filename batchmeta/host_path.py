@@ -127,7 +127,7 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
     # ---- checks: no write into h before all pass ----
     if b > r:
         return _INVALID
-    if padded < b or padded > r or h.shape[0] < ws[_FIXED_END] or clens.shape[0] != b:
+    if padded < b or padded > r or h.shape[0] < ws[_FIXED_END] or clens.shape[0] != b or ahead < 0:
         return _MISUSE
     if held.shape[0] != groups or held.shape[1] != r + 1 or (not decode and qlens.shape[0] != b):
         return _MISUSE
@@ -449,8 +449,8 @@ class HostPath:
                 return None
             raise ValueError(
                 f"HostPath.stage: padded={padded} outside [{idx.shape[0]}, {self.config.max_num_reqs}], "
-                f"a staging buffer of {h.shape[0]} < {self.layout.fixed_end} elements, or input arrays "
-                f"of mismatched lengths"
+                f"a staging buffer of {h.shape[0]} < {self.layout.fixed_end} elements, input arrays "
+                f"of mismatched lengths, or ahead={ahead} < 0"
             )
         out = self._out.tolist()
         return n, tuple(out[1:]), out[0]

@@ -327,6 +327,7 @@ def test_held_is_read_live():
         lambda hp, h: hp.stage(h[:10], ints([0]), 1, ints([0]), 1, False),  # short staging buffer
         lambda hp, h: hp.stage(h, ints([0, 3]), 1, ints([0]), 2, False),  # cache_lens of another length
         lambda hp, h: hp.stage(h, ints([0, 3]), ints([1]), ints([0, 0]), 2, False),  # query_lens too
+        lambda hp, h: hp.stage(h, ints([0]), 1, ints([0]), 1, False, ahead=-1),  # checks behind the batch
     ],
 )
 def test_caller_bugs_raise_and_write_nothing(call):
