@@ -144,7 +144,7 @@ class DraftRound:
         """``[B, k]`` int64 device: the tokens drafted so far (column ``j`` after :meth:`advance` of
         step ``j``); the same tokens are in the token history at positions ``c + 1 .. c + k``."""
         self._check_fresh("draft_token_ids")
-        return self._loop.drafts[: self.num_reqs, : self.num_steps]
+        return self._loop.drafts_view(self.num_reqs, self.num_steps)
 
     def advance(self, j: int, token_ids: torch.Tensor) -> None:
         """Hands step ``j``'s drafted tokens on and writes step ``j + 1``: the tokens into the token
@@ -400,7 +400,16 @@ class DraftLoop:
         # int64), while the slots' wrappers hold that plan; and the host arrays it is made from.
         self._bounds: dict[tuple, tuple[int, np.ndarray]] = {}
         self._plan_host: tuple | None = None
+        self._drafts_views: dict[tuple[int, int], torch.Tensor] = {}
         self._ready: set[tuple[int, bool, int]] = set()  # (padded, graph, k) whose steps' wrappers all planned once
+
+    def drafts_view(self, num_reqs: int, num_steps: int) -> torch.Tensor:
+        """``drafts[:num_reqs, :num_steps]``, made once per shape (a slice costs microseconds)."""
+        key = (num_reqs, num_steps)
+        view = self._drafts_views.get(key)
+        if view is None:
+            view = self._drafts_views[key] = self.drafts[:num_reqs, :num_steps]
+        return view
 
     def _slot(self, j: int) -> _DraftSlot:
         """Step ``j``'s buffers, made on first use (once per step index, never per round)."""
