@@ -26,7 +26,6 @@ Figures per round (medians over ``--repeats`` alternated passes):
 - planned: the share of rounds whose ``prepare_draft`` planned FlashInfer (the others took an earlier round's
   plan, made with headroom: ``batchmeta.draft.plan_headroom``);
 - GPU busy µs: one round's device time (below);
-
 - host µs: wall time from the round's first ``prepare_*`` until its last GPU work is enqueued, with the device
   synchronized after every round (outside the timed span), so no wait for the GPU is inside it; for ``graph``
   also ``prepare_draft`` alone (the rest is ``replay_draft_graph``);
