@@ -252,8 +252,8 @@ class _LazyDraftStep(Step):
                     f"step.{what}: a draft step's host twins are staged on first read, which waits on the host: "
                     f"read them outside CUDA-graph capture (capture_draft_graph's warm-up rounds read them first)"
                 )
-            loop, j, args = pending
-            self._views, self._num_kv_pages = loop._stage_later(j, *args)
+            loop, j, spec = pending
+            self._views, self._num_kv_pages = loop._stage_later(spec, j)
             self._pending = None
 
     @property
@@ -401,6 +401,9 @@ class DraftLoop:
         self._bounds: dict[tuple, tuple[int, np.ndarray]] = {}
         self._plan_host: tuple | None = None
         self._drafts_views: dict[tuple[int, int], torch.Tensor] = {}
+        # A round's last-step lengths and the kept plan's spare tokens per row (no arrays per round).
+        self._need = np.zeros(cfg.max_num_reqs, np.int64)
+        self._spare = np.zeros(cfg.max_num_reqs, np.int64)
         self._ready: set[tuple[int, bool, int]] = set()  # (padded, graph, k) whose steps' wrappers all planned once
 
     def drafts_view(self, num_reqs: int, num_steps: int) -> torch.Tensor:
@@ -490,7 +493,8 @@ class DraftLoop:
             planned = False
             if planning:
                 # The last step's lengths, padding rows too (theirs are the same in every step).
-                need = free[0][lay.seq : lay.seq + padded].astype(np.int64)
+                need = self._need[:padded]
+                need[:] = free[0][lay.seq : lay.seq + padded]
                 need[:b] += last
                 planned_alone, planned = self._plan(slots, spec, b, need)
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
@@ -507,16 +511,19 @@ class DraftLoop:
                     slots[j].ring.done()
         return DraftRound(self, spec, planned)
 
-    def _stage_now(self, spec: _RoundSpec, j: int) -> None:
-        """Stages step ``j`` of the round being prepared (checked already: step 0's checks hold
-        for it), for a plan made from it."""
-        slot = self._slots[j]
+    def _stage_step(self, spec: _RoundSpec, j: int) -> tuple[int, tuple[int, ...], int]:
+        """Stages step ``j`` of the latest round (checked already: step 0's checks hold for it) into
+        its ring's free host buffer, made current; returns ``(num_tokens, widths, max_seq)``."""
+        slot, lens = self._slots[j], spec.clens + j
         h = slot.ring.peek()
-        lens = spec.clens + j
         checked = None if self._host_path is not None else self._checker.check(spec.idx, 1, lens)
-        args = (h, checked, spec.idx, 1, lens, spec.padded, spec.graph, 0, spec.on_device)
-        num_tokens, widths, max_seq = slot.launcher.stage_rows(*args)
+        staged = slot.launcher.stage_rows(h, checked, spec.idx, 1, lens, spec.padded, spec.graph, 0, spec.on_device)
         slot.ring.advance()
+        return staged
+
+    def _stage_now(self, spec: _RoundSpec, j: int) -> None:
+        """Stages step ``j`` of the round being prepared, for a plan made from it."""
+        num_tokens, widths, max_seq = self._stage_step(spec, j)
         spec.staged_now.append(j)
         spec.shapes[j] = (num_tokens, max_seq, widths, None, True)
 
@@ -548,9 +555,8 @@ class DraftLoop:
             launcher = self._slots[j].launcher
             cols.append(launcher.columns(cfg.max_model_len if spec.graph else max_seq, widths))
             lens = spec.clens + j if j else spec.clens
-            later = not staged
             num_kv_pages = launcher.num_kv_pages(spec.padded) if staged else None
-            step = (_LazyDraftStep if later else Step)(
+            step = (Step if staged else _LazyDraftStep)(
                 "decode",
                 b,
                 spec.padded,
@@ -568,30 +574,17 @@ class DraftLoop:
                 on_device,
             )
             step._resets = spec.resets  # as at prepare time: a reset since makes the host twins stale
-            if later:
-                step._pending = (self, j, (idx, lens, spec.padded, spec.graph, on_device, b, spec.tokens_run))
+            if not staged:
+                step._pending = (self, j, spec)
             steps.append(step)
         return tuple(steps), tuple(cols)
 
-    def _stage_later(
-        self,
-        j: int,
-        idx: np.ndarray,
-        lens: np.ndarray,
-        padded: int,
-        graph: bool,
-        on_device: np.ndarray | None,
-        b: int,
-        tokens_run: int,
-    ) -> tuple[Any, tuple[int, ...]]:
-        """Stages step ``j`` of the latest round into its ring's free host buffer (its host twins:
-        no device work reads them); returns its views over that buffer and its ``num_kv_pages``."""
-        launcher, ring = self._slots[j].launcher, self._slots[j].ring
-        h = ring.peek()
-        checked = None if self._host_path is not None else self._checker.check(idx, 1, lens)
-        _, widths, _ = launcher.stage_rows(h, checked, idx, 1, lens, padded, graph, 0, on_device)
-        ring.advance()
-        return launcher.views(b, padded, tokens_run, widths), launcher.num_kv_pages(padded)
+    def _stage_later(self, spec: _RoundSpec, j: int) -> tuple[Any, tuple[int, ...]]:
+        """Stages step ``j`` of the latest round on first read of a host twin (no device work reads
+        them); returns its views over that buffer and its ``num_kv_pages``."""
+        _, widths, _ = self._stage_step(spec, j)
+        launcher, padded = self._slots[j].launcher, spec.padded
+        return launcher.views(spec.idx.shape[0], padded, spec.tokens_run, widths), launcher.num_kv_pages(padded)
 
     def _plan(self, slots: list[_DraftSlot], spec: _RoundSpec, b: int, need: np.ndarray) -> tuple[list[int], bool]:
         """The round's FlashInfer plans, into ``spec.wrappers``: one for every step (the last step's
@@ -606,7 +599,7 @@ class DraftLoop:
         if self._plan_once:
             kept = self._bounds.get(key)
             if kept is not None and kept[0] == k and kept[1].shape[0] == padded:
-                spare = kept[1] - need
+                spare = np.subtract(kept[1], need, out=self._spare[:padded])
                 if spare.min() >= 0 and spare.max() <= 2 * plan_headroom(k):  # common case
                     for j, slot in enumerate(slots):
                         wrappers[j] = slot.launcher.planner.decode_wrappers(padded, graph)

@@ -527,12 +527,13 @@ class BatchMetadata:
         """A drafter's round of ``num_steps`` single-token steps (EAGLE, MTP), prepared and planned at once.
 
         Step ``j`` of the round is the decode step ``prepare_decode(idx_mapping, cache_lens + j)``
-        would give (every field), in buffers of its own. Every step is checked and staged on the
-        host now (its host twins), FlashInfer is planned once per group (the last step's lengths,
-        taken by every step's wrappers) and step 0 is written by a launch enqueued now; the GPU
-        writes each later step: ``round.run(forward)`` (or ``round.advance(j, tokens)`` after each
-        forward) puts the drafted token into the token history at ``c + j + 1``, then writes step
-        ``j + 1``, whose ``input_ids`` gather it, and the next
+        would give (every field), in buffers of its own. Every step is checked now; step 0 is
+        staged and written by a launch enqueued now (a later step's host twins are staged on first
+        read); FlashInfer is planned once per group for the last step's lengths with headroom,
+        taken by every step's wrappers and kept by later rounds it still bounds
+        (``round.planned``); the GPU writes each later step: ``round.run(forward)`` (or
+        ``round.advance(j, tokens)`` after each forward) puts the drafted token into the token
+        history at ``c + j + 1``, then writes step ``j + 1``, whose ``input_ids`` gather it, and the next
         ``prepare_decode(..., num_draft_tokens=num_steps)`` gathers the drafts. Under a CUDA graph
         the whole round replays with :meth:`replay_draft_graph`. Needs ``config.token_history``.
 
