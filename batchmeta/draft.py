@@ -20,7 +20,8 @@ room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
    shape, or a row's plan is more than twice the headroom longer than it needs); with an MLA group
    or float8 data each step plans its own, every round;
 3. one launch writes step 0 (rows whose length is on the device resolved there first), its packed
-   rows kept in its device mirror;
+   rows kept in its device mirror; under a captured graph that launch is the replay's first, so
+   preparing a replayed round launches nothing;
 4. the GPU advances the rest: :meth:`DraftRound.advance` after step ``j``'s forward writes the
    drafted token (:func:`batchmeta.ops.draft.advance_draft`: the token history, the round's
    ``draft_token_ids``), then step ``j + 1``: its packed rows are step 0's ``j + 1`` positions further
@@ -29,9 +30,12 @@ room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
    the history) into buffers of its own.
 
 Nothing between two draft steps runs on the host, so a round of ``forward`` calls and advances is
-captured as one CUDA graph per ``(batch size, k)`` and replayed (:meth:`DraftLoop.capture`,
-:meth:`DraftLoop.replay`); every buffer it reads is allocated once per step index, and step 0's
-device mirror, which the graph reads, is written outside it.
+captured as one CUDA graph per ``(batch size, k)`` and host buffer of step 0's staging, and
+replayed (:meth:`DraftLoop.capture`, :meth:`DraftLoop.replay`); every buffer it reads is allocated
+once per step index. A round prepared for a captured graph leaves step 0's launch to the replay;
+if anything else comes first (reading ``round.steps``, the next ``prepare_*``, ``accept_tokens``,
+``write_drafts``), :meth:`DraftLoop.flush` enqueues it then, since it also applies the block-table
+writes staged since the last step.
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ __all__ = ["DraftLoop", "DraftRound"]
 class DraftRound:
     """The ``k`` draft steps of one round (what ``BatchMetadata.prepare_draft`` returns).
 
-    Every step is planned, and step 0 written, when the round is returned; step ``j + 1``'s device
-    metadata is written by :meth:`advance` of step ``j`` (on the device, after the drafted token).
+    Every step is planned, and step 0's launch enqueued, when the round is returned (for a round
+    with a captured graph, by :meth:`~batchmeta.BatchMetadata.replay_draft_graph`, or on first read
+    of :attr:`steps` if that comes first); step ``j + 1``'s device metadata is written by
+    :meth:`advance` of step ``j`` (on the device, after the drafted token).
     Valid until the next ``prepare_draft`` (or ``capture_draft_graph``) of the same
     ``BatchMetadata``; the verify steps in between do not touch it.
 
@@ -118,6 +124,7 @@ class DraftRound:
         built = self._built
         if built is None:
             self._check_fresh("steps")
+            self._loop.flush()  # step 0's device metadata, where its launch was left to a replay
             built = self._built = self._loop._build(self._spec)
         return built[0]
 
@@ -203,6 +210,7 @@ class _RoundSpec:
     views None until made; ``staged`` False for a step staged on first read) and its wrappers."""
 
     __slots__ = (
+        "buffer",
         "clens",
         "graph",
         "idx",
@@ -220,6 +228,7 @@ class _RoundSpec:
         self.padded, self.graph, self.tokens_run = padded, graph, tokens_run
         self.shapes, self.wrappers, self.resets = shapes, wrappers, resets
         self.staged_now: list[int] = []  # steps staged while the round is prepared
+        self.buffer = 0  # which of step 0's host buffers holds its staging
 
 
 def plan_headroom(num_steps: int) -> int:
@@ -394,7 +403,12 @@ class DraftLoop:
         self._int_workspaces: dict[tuple, torch.Tensor] | None = {} if self._plan_once else None
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # Per (batch size, k): one graph per host buffer of step 0's ring (each graph's first launch
+        # reads that buffer in place).
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ...]] = {}
+        # Step 0's launch of the latest round, left to its replay: (padded, max_seq, widths,
+        # on_device, mirror_rows) for flush(), or None.
+        self._pending: tuple | None = None
         self._page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
         # The shared plan's lengths per int workspace ("graph", batch size) / ("eager",): (k, [padded]
         # int64), while the slots' wrappers hold that plan; and the host arrays it is made from.
@@ -433,6 +447,8 @@ class DraftLoop:
         are staged on first read of a host twin (or now, where a plan is made from them).
         """
         cfg, lay = self.config, self._layout
+        if self._pending is not None:  # the last round's step 0 was never replayed: its launch first
+            self.flush()
         k = num_steps
         last = k - 1
         b = idx.shape[0]
@@ -474,7 +490,10 @@ class DraftLoop:
         shapes: list[Any] = [None] * k
         spec = _RoundSpec(idx, clens, on_device, padded, graph, 0, shapes, [None] * k, self.block_tables.num_resets)
         spec.staged_now = now
+        spec.buffer = slots[0].ring.current ^ 1  # step 0's host buffer, current once staged
         planned_alone: list[int] = []
+        # Under a captured graph, step 0's launch is the replay's first (see capture).
+        deferred = graph and (padded, k) in self._graphs
         try:
             for j in now:
                 slot, h = slots[j], free[j]
@@ -501,15 +520,32 @@ class DraftLoop:
             # host arrays into the device views: bounds where rows' lengths are on the device). With
             # later steps its packed rows go to its device mirror, where advance() shifts them.
             _, max_seq, widths, _, _ = shapes[0]
-            slots[0].launcher.fill(padded, max_seq, widths, on_device, mirror_rows=k > 1)
+            if deferred:  # the replay launches it (or flush(), if something else comes first)
+                self._pending = (padded, max_seq, widths, on_device, k > 1)
+            else:
+                slots[0].launcher.fill(padded, max_seq, widths, on_device, mirror_rows=k > 1)
         finally:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
-            # reads it), and those a stock plan may have copied from (a step planned on its own, the
-            # last step's). No device work reads the other steps' (their host twins only).
+            # reads it; a deferred one's busy mark comes with its launch), and those a stock plan
+            # may have copied from (a step planned on its own, the last step's). No device work
+            # reads the other steps' (their host twins only).
             for j in spec.staged_now:
-                if not j or j == last or j in planned_alone:
+                if (not j and self._pending is None) or (j and (j == last or j in planned_alone)):
                     slots[j].ring.done()
         return DraftRound(self, spec, planned)
+
+    def flush(self) -> None:
+        """Enqueues the latest round's step-0 launch where it was left to a replay that has not
+        come: before anything else reads the device state it writes (the staged block-table writes
+        it applies, step 0's metadata)."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        launcher = self._slots[0].launcher
+        padded, max_seq, widths, on_device, mirror_rows = pending
+        launcher.fill(padded, max_seq, widths, on_device, mirror_rows=mirror_rows)
+        launcher.ring.done()
 
     def _stage_step(self, spec: _RoundSpec, j: int) -> tuple[int, tuple[int, ...], int]:
         """Stages step ``j`` of the latest round (checked already: step 0's checks hold for it) into
@@ -675,34 +711,50 @@ class DraftLoop:
     # ---------------------------------------------------------------------------------------------
     def capture(
         self, batch_size: int, num_steps: int, forward: Callable[[Step], torch.Tensor], *, warmup: int
-    ) -> torch.cuda.CUDAGraph:
-        """Captures a round of ``num_steps`` steps of ``batch_size`` rows (``forward`` and the
-        advance after each step) as one CUDA graph. ``forward`` runs ``warmup`` rounds on a side
-        stream first; the capture round is planned with padding rows only."""
-        round_ = self.prepare(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), num_steps, padded=batch_size, graph=True, staged_prompts=()
-        )
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
+    ) -> tuple[torch.cuda.CUDAGraph, ...]:
+        """Captures a round of ``num_steps`` steps of ``batch_size`` rows (step 0's launch,
+        ``forward`` and the advance after each step) as CUDA graphs, one per host buffer of step
+        0's ring (the launch reads it in place); returns them. ``forward`` runs ``warmup`` rounds
+        on a side stream first; the capture rounds are planned with padding rows only."""
+        key = (batch_size, num_steps)
+        self._graphs.pop(key, None)  # the capture rounds launch step 0 themselves
+        cols = self.config.max_model_len
+        graphs: list[Any] = [None, None]
+        empty = np.zeros(0, np.int64)
+        for _ in graphs:  # one graph per host buffer of step 0's ring: each round stages the other
+            round_ = self.prepare(empty, empty, num_steps, padded=batch_size, graph=True, staged_prompts=())
+            if warmup:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        round_.run(forward)
+                torch.cuda.current_stream().wait_stream(stream)
+                warmup = 0
+            launcher = self._slots[0].launcher
+            max_cols = launcher.columns(cols, round_._spec.shapes[0][2])  # any row a later round has
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                # Step 0's launch, which prepare() leaves to the replay: rows resolved from the device
+                # lengths first, a no-op for rows whose lengths the host knows, so one graph serves both.
+                launcher.fill_resolving(batch_size, max_cols)
                 round_.run(forward)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            round_.run(forward)
-        self._graphs[(batch_size, num_steps)] = graph
-        return graph
+            graphs[round_._spec.buffer] = graph
+        self._graphs[key] = tuple(graphs)
+        return self._graphs[key]
 
     def replay(self, round_: DraftRound) -> None:
         """Replays the graph captured for the round's batch size and step count."""
         if not round_.cuda_graph:
             raise ValueError("round: prepared without cuda_graph=True; its wrappers do not match a captured graph")
         round_._check_fresh("replay")
-        graph = self._graphs.get((round_.padded_num_reqs, round_.num_steps))
-        if graph is None:
+        graphs = self._graphs.get((round_.padded_num_reqs, round_.num_steps))
+        if graphs is None:
             raise ValueError(
                 f"round: no draft graph captured for batch size {round_.padded_num_reqs} with {round_.num_steps} "
                 f"steps (capture_draft_graph({round_.padded_num_reqs}, {round_.num_steps}, forward))"
             )
-        graph.replay()
+        # Step 0's launch is the graph's first (a second time, harmlessly, if flush() ran it).
+        self._pending = None
+        graphs[round_._spec.buffer].replay()
+        self._slots[0].ring.done()  # the graph read step 0's host buffer

@@ -161,6 +161,14 @@ class StepLauncher:
             self.fills[current](padded, max_cols)
         return max_cols
 
+    def fill_resolving(self, padded: int, max_cols: int) -> None:
+        """The current host buffer's launch of ``padded`` rows covering ``max_cols`` columns, rows
+        resolved first (``resolve_rows``: only those flagged as on the device change, so it is right
+        for any batch): what a captured graph replays whatever rows a later step has."""
+        current = self.ring.current
+        self.resolves[current](padded)
+        self.fills[current](padded, max_cols, resolved=True)
+
     def columns(self, max_seq: int, widths: tuple[int, ...]) -> int:
         """The columns a launch's programs cover: the pages of a row of ``max_seq`` tokens in the
         group of smallest pages, and the per-step tables' ``widths``."""

@@ -528,10 +528,12 @@ class BatchMetadata:
 
         Step ``j`` of the round is the decode step ``prepare_decode(idx_mapping, cache_lens + j)``
         would give (every field), in buffers of its own. Every step is checked now; step 0 is
-        staged and written by a launch enqueued now (a later step's host twins are staged on first
-        read); FlashInfer is planned once per group for the last step's lengths with headroom,
-        taken by every step's wrappers and kept by later rounds it still bounds
-        (``round.planned``); the GPU writes each later step: ``round.run(forward)`` (or
+        staged and written by a launch enqueued now, or, with a graph captured for the round's
+        batch size and ``k``, by the replay (the first read of ``round.steps``, or the next
+        ``prepare_*``, ``accept_tokens`` or ``write_drafts``, enqueues it if it comes first); a
+        later step's host twins are staged on first read. FlashInfer is planned once per group for
+        the last step's lengths with headroom, taken by every step's wrappers and kept by later
+        rounds it still bounds (``round.planned``); the GPU writes each later step: ``round.run(forward)`` (or
         ``round.advance(j, tokens)`` after each forward) puts the drafted token into the token
         history at ``c + j + 1``, then writes step ``j + 1``, whose ``input_ids`` gather it, and the next
         ``prepare_decode(..., num_draft_tokens=num_steps)`` gathers the drafts. Under a CUDA graph
@@ -581,8 +583,9 @@ class BatchMetadata:
         ``forward`` must read and write only fixed buffers (the step's views, the engine's static
         tensors), as for :meth:`capture_decode_graph`. Later rounds are prepared with
         ``prepare_draft(..., num_steps=num_steps, cuda_graph=True)`` and replayed with
-        :meth:`replay_draft_graph`. The capture prepares a round of padding rows (which makes any
-        earlier round stale).
+        :meth:`replay_draft_graph`, whose first launch writes step 0: preparing such a round enqueues
+        nothing. The capture prepares two rounds of padding rows (which makes any earlier round
+        stale) and captures one graph for each of step 0's two host staging buffers (returned).
 
         Parameters
         ----------
@@ -725,6 +728,8 @@ class BatchMetadata:
                 "KV-cache group; pass num_accepted as host ints"
             )
         with self._on_device():
+            if self._draft is not None:
+                self._draft.flush()  # a draft round's step 0 reads the history this writes
             return self._spec.accept(step, token_ids, next_input_ids, num_accepted, prompt_lens)
 
     def write_drafts(self, step: Step, draft_token_ids: torch.Tensor, num_drafts: Any = None) -> None:
@@ -752,6 +757,8 @@ class BatchMetadata:
         if step._clock is not self._clock:
             raise ValueError("step: prepared by another BatchMetadata")
         with self._on_device():
+            if self._draft is not None:
+                self._draft.flush()  # a draft round's step 0 reads the history this writes
             self._spec.write_drafts(step, draft_token_ids, num_drafts)
 
     # ---------------------------------------------------------------------------------------------
@@ -774,6 +781,8 @@ class BatchMetadata:
         the batch is invalid; the numpy checker then raises the message).
         """
         lay, ring, tables = self._layout, self._staging, self.block_tables
+        if self._draft is not None and self._draft._pending is not None:
+            self._draft.flush()  # a draft round's step 0 left to a replay that did not come
         checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
         count = packed_write_count(min(tables.num_staged(), lay.max_writes))
         h = ring.peek()

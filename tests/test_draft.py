@@ -228,6 +228,106 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
     assert torch.equal(draft.token_ids, twin.token_ids)  # the round wrote its drafts where the twin has them
 
 
+class _FakeGraph:
+    """What ``DraftLoop.capture`` records, run eagerly on a CPU: step 0's launch as the graph has it
+    (rows resolved, columns for any row), then the round through ``forward``."""
+
+    def __init__(self, loop, padded: int, max_cols: int):
+        self.loop, self.padded, self.max_cols = loop, padded, max_cols
+        self.round, self.forward, self.replays = None, None, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.loop._slots[0].launcher.fill_resolving(self.padded, self.max_cols)
+        self.round.run(self.forward)
+
+
+@settings(max_examples=8, deadline=None, phases=_NO_SHRINK)
+@given(data=st.data())
+def test_a_round_for_a_captured_graph_leaves_step_0_to_what_comes_next(path, data):
+    """Prepared for a captured graph, a round enqueues no launch; step 0's is enqueued by what comes
+    next: the replay (whose first launch resolves the rows, right whether or not their lengths are
+    on the device), the first read of ``round.steps``, or the next ``prepare_decode`` (which needs the
+    block-table writes it applies). Every field of every step, the block tables and the history
+    equal those of a twin whose round launched step 0 when prepared."""
+    backend, host = path
+    deferred, twin = (_meta(backend, host) for _ in range(2))
+    b = data.draw(st.integers(1, R), label="rows")
+    idx = np.array(data.draw(st.permutations(range(R)), label="slots")[:b], np.int64)
+    padded = data.draw(st.integers(b, R), label="padded")
+    k = data.draw(st.integers(1, K), label="k")
+    then = data.draw(st.sampled_from(["replay", "steps", "prepare_decode"]), label="then")
+    device_lens = data.draw(st.booleans(), label="device lengths")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    prompts = rng.integers(1, L - 2 * (K + 2), b)
+    counts = torch.tensor(rng.integers(1, K + 2, b), device=DEVICE)
+    history = torch.tensor(rng.integers(0, 1000, (R, L)), device=DEVICE)
+    for meta in (deferred, twin):
+        meta.token_ids.copy_(history)
+        for r, p in zip(idx, prompts, strict=True):
+            _hold(meta, r, int(p))
+        step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
+        acc = meta.accept_tokens(step, None, torch.ones(b, dtype=torch.int64, device=DEVICE), [1] * b, prompts)
+        if device_lens:  # a verify step accepted on the device: the round's rows are resolved there
+            for r, c in zip(idx, acc.cache_lens, strict=True):
+                _hold(meta, r, int(c) + 1 + K)
+            step = meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=K)
+            targets = torch.tensor(np.arange(b * (1 + K)).reshape(b, 1 + K), device=DEVICE)
+            acc = meta.accept_tokens(step, None, targets, counts, prompts)
+            assert not acc.exact.any()
+        clens = acc.cache_lens
+        for r, c in zip(idx, clens, strict=True):  # pages for the round and its verify step, staged
+            _hold(meta, r, min(L, int(c) + k + 1))
+        loop = meta._draft_loop()
+        for j in range(k):
+            loop._slot(j)
+        _sentinel(meta)
+    assert deferred.block_tables.num_staged()
+    loop = deferred._draft
+    launcher = loop._slots[0].launcher
+    launches = []
+    fill = launcher.fill
+    launcher.fill = lambda *a, **kw: (launches.append(a), fill(*a, **kw))[1]
+    widths = tuple(deferred.block_tables.host_table(g).shape[1] for g in range(2))  # a graph step's
+    graphs = tuple(_FakeGraph(loop, padded, launcher.columns(L, widths)) for _ in range(2))
+    loop._graphs[(padded, k)] = graphs  # as if capture_draft_graph(padded, k, ...) had run
+    rounds = [m._draft.prepare(idx, clens, k, padded=padded, graph=True, staged_prompts=()) for m in (deferred, twin)]
+    assert not launches and loop._pending is not None, "a round for a captured graph launched step 0"
+    assert twin._draft._pending is None  # nothing captured: launched now
+    drafted = torch.tensor(rng.integers(1, 1000, (k, padded)), device=DEVICE)
+    seen: dict[int, list] = {0: [], 1: []}
+
+    def forward(m: int):
+        def run(step):
+            j = len(seen[m])
+            seen[m].append(_fields(step))
+            return drafted[j]
+
+        return run
+
+    if then == "replay":
+        graph = graphs[rounds[0]._spec.buffer]
+        graph.round, graph.forward = rounds[0], forward(0)
+        deferred.replay_draft_graph(rounds[0])
+        assert graph.replays == 1 and not launches and loop._pending is None
+    elif then == "steps":
+        assert len(rounds[0].steps) == k  # the first read enqueues step 0's launch
+        assert len(launches) == 1 and launches[0][0] == padded and loop._pending is None
+        rounds[0].run(forward(0))
+    else:
+        verify = deferred.prepare_decode(idx, clens, num_draft_tokens=k)
+        assert len(launches) == 1 and loop._pending is None
+        twin_verify = twin.prepare_decode(idx, clens, num_draft_tokens=k)
+        assert _fields(verify) == _fields(twin_verify)
+    if then != "prepare_decode":
+        rounds[1].run(forward(1))
+        assert len(seen[0]) == len(seen[1]) == k
+        for j in range(k):
+            assert seen[0][j] == seen[1][j], j
+    assert torch.equal(deferred.block_tables.flat, twin.block_tables.flat)
+    assert torch.equal(deferred.token_ids, twin.token_ids)
+
+
 def test_round_hands_each_draft_on_and_the_verify_step_gathers_them(path):
     backend, host = path
     meta = _meta(backend, host)
@@ -603,12 +703,21 @@ def _reference(drafter: _GpuDrafter, step, j: int, g: int, b: int) -> torch.Tens
     )
 
 
-def _admit(meta: BatchMetadata, prompts: list[list[int]], page_size: int):
-    """Pages for the whole model length and a prefill of every prompt; returns its acceptance."""
+def _gpu_hold(meta: BatchMetadata, r: int, tokens: int) -> None:
+    """Request slot ``r``'s pages (the same in both groups) for ``tokens`` tokens, staged."""
+    ps = meta.config.kv_groups[0].page_size
+    held = meta.block_tables.num_pages(r, 0)
+    pages = list(range(1 + r * (512 // ps), 1 + (r + 1) * (512 // ps)))[held : max(held, -(-tokens // ps))]
+    if pages:
+        meta.block_tables.append(r, [pages, pages])
+
+
+def _admit(meta: BatchMetadata, prompts: list[list[int]], page_size: int, upfront: bool = True):
+    """Pages (for the whole model length, or ``upfront=False`` the prompt's) and a prefill of every
+    prompt; returns its acceptance."""
     b = len(prompts)
     for r, prompt in enumerate(prompts):
-        pages = list(range(1 + r * (512 // page_size), 1 + (r + 1) * (512 // page_size)))
-        meta.block_tables.append(r, [pages, pages])
+        _gpu_hold(meta, r, 512 if upfront else len(prompt))
         meta.stage_prompt(r, prompt)
     lens = [len(p) for p in prompts]
     step = meta.prepare_prefill(list(range(b)), query_lens=lens, cache_lens=[0] * b)
@@ -620,7 +729,9 @@ def _admit(meta: BatchMetadata, prompts: list[list[int]], page_size: int):
 def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(page_size):
     """Three rounds replayed as one graph each, against the same rounds run step by step (the same
     graph-planned rounds, so the same kernels and plans): the same drafts, bit for bit; attention
-    of every step within bf16 tolerance of dense float32; no host sync; no buffer moves."""
+    of every step within bf16 tolerance of dense float32; no host sync; no buffer moves. Pages come
+    a round at a time (the replay's first launch applies them), and the rounds alternate between
+    the graphs of step 0's two host buffers."""
     k, b = 3, 5
     rng = np.random.default_rng(page_size)
     prompts = [rng.integers(0, 1000, int(n)).tolist() for n in rng.integers(20, 200, b)]
@@ -631,7 +742,9 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
         if mode == "graph":
             meta.capture_draft_graph(8, k, drafter)
             drafter.calls = 0
-        acc = _admit(meta, prompts, page_size)
+        acc = _admit(meta, prompts, page_size, upfront=False)
+        for r in range(b):
+            _gpu_hold(meta, r, int(acc.cache_lens[r]) + k)
         # A first round outside the no-sync check: it makes the draft steps' buffers (once per step
         # index) and FlashInfer's first (stock) plans. What it writes the rounds below write again.
         round_ = meta.prepare_draft(list(range(b)), acc.cache_lens, num_steps=k, cuda_graph=True)
@@ -641,6 +754,9 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
             round_.run(drafter)
         addresses, drafts = None, []
         for i in range(3):  # rounds from lengths one further each time (drafts of the last round accepted)
+            for r in range(b):
+                _gpu_hold(meta, r, int(acc.cache_lens[r]) + i + k)
+            assert page_size > 1 or meta.block_tables.num_staged()
             with _no_sync():
                 round_ = meta.prepare_draft(list(range(b)), acc.cache_lens + i, num_steps=k, cuda_graph=True)
                 if mode == "graph":
@@ -654,6 +770,11 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
         torch.cuda.synchronize()
         for j, step in enumerate(round_.steps):  # the last round
             assert step.positions[:b].tolist() == (acc.cache_lens + 2 + j).tolist()
+            for g in range(2):  # the pages staged just before the round, in every step
+                indptr = step.kv_indptr[g][: b + 1].tolist()
+                for r in range(b):
+                    want = meta.block_tables.pages(r, g)[: -(-int(acc.cache_lens[r] + 3 + j) // page_size)]
+                    assert step.kv_indices[g][indptr[r] : indptr[r + 1]].tolist() == want.tolist(), (j, g, r)
             for g in range(2):
                 ref = _reference(drafter, step, j, g, b)
                 torch.testing.assert_close(drafter.out[g, j, :b].float(), ref, atol=2e-2, rtol=2e-2)
