@@ -214,6 +214,7 @@ class _RoundSpec:
         "clens",
         "graph",
         "idx",
+        "kept",
         "on_device",
         "padded",
         "resets",
@@ -229,6 +230,7 @@ class _RoundSpec:
         self.shapes, self.wrappers, self.resets = shapes, wrappers, resets
         self.staged_now: list[int] = []  # steps staged while the round is prepared
         self.buffer = 0  # which of step 0's host buffers holds its staging
+        self.kept = False  # took the plan an earlier round made (its wrappers not looked up yet)
 
 
 def plan_headroom(num_steps: int) -> int:
@@ -592,6 +594,8 @@ class DraftLoop:
             cols.append(launcher.columns(cfg.max_model_len if spec.graph else max_seq, widths))
             lens = spec.clens + j if j else spec.clens
             num_kv_pages = launcher.num_kv_pages(spec.padded) if staged else None
+            if spec.kept:
+                spec.wrappers[j] = self._slots[j].launcher.planner.decode_wrappers(spec.padded, spec.graph)
             step = (Step if staged else _LazyDraftStep)(
                 "decode",
                 b,
@@ -637,8 +641,7 @@ class DraftLoop:
             if kept is not None and kept[0] == k and kept[1].shape[0] == padded:
                 spare = np.subtract(kept[1], need, out=self._spare[:padded])
                 if spare.min() >= 0 and spare.max() <= 2 * plan_headroom(k):  # common case
-                    for j, slot in enumerate(slots):
-                        wrappers[j] = slot.launcher.planner.decode_wrappers(padded, graph)
+                    spec.kept = True  # the steps' wrappers hold the plan: looked up if steps are made
                     return [], False
         if spec.shapes[last] is None:  # planned from: staged now
             self._stage_now(spec, last)
