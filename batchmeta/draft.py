@@ -49,6 +49,7 @@ import torch
 from batchmeta.batch import BatchChecker
 from batchmeta.block_tables import BlockTables
 from batchmeta.config import MetadataConfig
+from batchmeta.host_path import COMPILED, plan_fits
 from batchmeta.launcher import StepLauncher
 from batchmeta.ops.draft import advance_draft, bind_shift_rows
 from batchmeta.speculative import Speculation
@@ -417,9 +418,9 @@ class DraftLoop:
         self._bounds: dict[tuple, tuple[int, np.ndarray]] = {}
         self._plan_host: tuple | None = None
         self._drafts_views: dict[tuple[int, int], torch.Tensor] = {}
-        # A round's last-step lengths and the kept plan's spare tokens per row (no arrays per round).
-        self._need = np.zeros(cfg.max_num_reqs, np.int64)
-        self._spare = np.zeros(cfg.max_num_reqs, np.int64)
+        self._need = np.zeros(cfg.max_num_reqs, np.int64)  # a planning round's last-step lengths
+        if COMPILED and self._plan_once and planned:  # compiled (or loaded) now, not in a round
+            plan_fits(self._need[:1].astype(np.int32), self._need[:1], 0, 0, 0)
         self._ready: set[tuple[int, bool, int]] = set()  # (padded, graph, k) whose steps' wrappers all planned once
 
     def drafts_view(self, num_reqs: int, num_steps: int) -> torch.Tensor:
@@ -512,12 +513,8 @@ class DraftLoop:
                     spec.tokens_run = padded if graph else num_tokens
                 shapes[j] = (num_tokens, max_seq, widths, None, True)  # views made when needed
             planned = False
-            if planning:
-                # The last step's lengths, padding rows too (theirs are the same in every step).
-                need = self._need[:padded]
-                need[:] = free[0][lay.seq : lay.seq + padded]
-                need[:b] += last
-                planned_alone, planned = self._plan(slots, spec, b, need)
+            if planning:  # from step 0's staged sequence lengths (a graph's padding rows too)
+                planned_alone, planned = self._plan(slots, spec, b, free[0][lay.seq : lay.seq + padded])
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
             # host arrays into the device views: bounds where rows' lengths are on the device). With
             # later steps its packed rows go to its device mirror, where advance() shifts them.
@@ -626,23 +623,26 @@ class DraftLoop:
         launcher, padded = self._slots[j].launcher, spec.padded
         return launcher.views(spec.idx.shape[0], padded, spec.tokens_run, widths), launcher.num_kv_pages(padded)
 
-    def _plan(self, slots: list[_DraftSlot], spec: _RoundSpec, b: int, need: np.ndarray) -> tuple[list[int], bool]:
+    def _plan(self, slots: list[_DraftSlot], spec: _RoundSpec, b: int, seq: np.ndarray) -> tuple[list[int], bool]:
         """The round's FlashInfer plans, into ``spec.wrappers``: one for every step (the last step's
         lengths bound every step's), made for ``plan_headroom`` more tokens per row and kept for
-        later rounds of the same shape and ``k`` while it bounds their last step's lengths ``need``
-        (``[padded]``) by at most twice the headroom; a step whose wrappers were never planned plans
-        its own first. With an MLA group or float8 data, each step's own plan, every round. Returns
-        the steps planned on their own and whether anything was planned."""
+        later rounds of the same shape and ``k`` while it bounds their last step's lengths (step
+        0's staged ``seq``, ``[padded]``, its ``b`` rows ``k - 1`` further) by at most twice the
+        headroom; a step whose wrappers were never planned plans its own first. With an MLA group
+        or float8 data, each step's own plan, every round. Returns the steps planned on their own
+        and whether anything was planned."""
         k, padded, graph, wrappers = len(slots), spec.padded, spec.graph, spec.wrappers
         last = k - 1
         key = ("graph", padded) if graph else ("eager",)
         if self._plan_once:
             kept = self._bounds.get(key)
             if kept is not None and kept[0] == k and kept[1].shape[0] == padded:
-                spare = np.subtract(kept[1], need, out=self._spare[:padded])
-                if spare.min() >= 0 and spare.max() <= 2 * plan_headroom(k):  # common case
+                if plan_fits(seq, kept[1], b, last, 2 * plan_headroom(k)):  # common case
                     spec.kept = True  # the steps' wrappers hold the plan: looked up if steps are made
                     return [], False
+        need = self._need[:padded]  # the last step's lengths
+        need[:] = seq
+        need[:b] += last
         if spec.shapes[last] is None:  # planned from: staged now
             self._stage_now(spec, last)
         # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if

@@ -54,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
     numba = None
 
-__all__ = ["COMPILED", "HostPath"]
+__all__ = ["COMPILED", "HostPath", "plan_fits"]
 
 COMPILED: bool = numba is not None and os.environ.get("BATCHMETA_HOST_PATH", "") != "numpy"
 """Whether :class:`HostPath` can stage (numba imported and ``BATCHMETA_HOST_PATH`` is not ``"numpy"``)."""
@@ -297,9 +297,32 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
     return num_tokens
 
 
+def plan_fits(seq: np.ndarray, bounds: np.ndarray, num_reqs: int, ahead: int, limit: int) -> bool:
+    """Whether a plan made for lengths ``bounds`` (``[padded]`` int64) still serves a step whose
+    staged sequence lengths are ``seq`` (``[padded]`` int32, a staging buffer's view), its first
+    ``num_reqs`` rows ``ahead`` tokens further (a draft round's last step): every row's
+    ``bounds - need`` in ``[0, limit]``. One compiled loop where :data:`COMPILED` (a draft round
+    that keeps its plan asks this every round), else numpy."""
+    if not COMPILED:
+        need = seq.astype(np.int64)
+        need[:num_reqs] += ahead
+        spare = bounds - need
+        return bool(spare.min() >= 0 and spare.max() <= limit) if spare.shape[0] else True
+    return _plan_fits(seq, bounds, num_reqs, ahead, limit)
+
+
+def _plan_fits(seq, bounds, num_reqs, ahead, limit):
+    for i in range(seq.shape[0]):
+        spare = bounds[i] - seq[i] - (ahead if i < num_reqs else 0)
+        if spare < 0 or spare > limit:
+            return False
+    return True
+
+
 if COMPILED:
     _local_len = numba.njit(cache=True)(_local_len)
     _stage_kernel = numba.njit(cache=True)(_stage_kernel)
+    _plan_fits = numba.njit(cache=True)(_plan_fits)
 
 
 class HostPath:

@@ -754,8 +754,8 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
             round_.run(drafter)
         addresses, drafts = None, []
         for i in range(3):  # rounds from lengths one further each time (drafts of the last round accepted)
-            for r in range(b):
-                _gpu_hold(meta, r, int(acc.cache_lens[r]) + i + k)
+            for r in range(b):  # a token more than the round needs: page size 1 stages pages every round
+                _gpu_hold(meta, r, int(acc.cache_lens[r]) + i + 1 + k)
             assert page_size > 1 or meta.block_tables.num_staged()
             with _no_sync():
                 round_ = meta.prepare_draft(list(range(b)), acc.cache_lens + i, num_steps=k, cuda_graph=True)

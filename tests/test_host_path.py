@@ -16,9 +16,9 @@ import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from batchmeta import BatchMetadata, KVGroup, MetadataConfig
+from batchmeta import BatchMetadata, KVGroup, MetadataConfig, host_path
 from batchmeta.batch import BatchChecker
-from batchmeta.host_path import COMPILED, HostPath
+from batchmeta.host_path import COMPILED, HostPath, plan_fits
 from batchmeta.staging import stage_step
 
 if not COMPILED:
@@ -365,3 +365,25 @@ def test_env_var_turns_it_off():
     env = {**os.environ, "BATCHMETA_HOST_PATH": "numpy"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+@given(
+    seq=st.lists(st.integers(1, 1000), max_size=12),
+    data=st.data(),
+    ahead=st.integers(0, 5),
+    limit=st.integers(0, 30),
+)
+def test_plan_fits_against_a_naive_loop(seq, data, ahead, limit):
+    """``plan_fits`` (a draft round keeping its plan): compiled and numpy, against a loop over rows."""
+    n = len(seq)
+    bounds = data.draw(st.lists(st.integers(0, 1100), min_size=n, max_size=n))
+    b = data.draw(st.integers(0, n))
+    want = all(0 <= bounds[i] - seq[i] - (ahead if i < b else 0) <= limit for i in range(n))
+    staging = np.array([-1, *seq, -1], np.int32)  # a view into a staging buffer, as the caller passes
+    args = (staging[1 : n + 1], np.array(bounds, np.int64), b, ahead, limit)
+    for compiled in (True, False) if COMPILED else (False,):
+        saved, host_path.COMPILED = host_path.COMPILED, compiled
+        try:
+            assert plan_fits(*args) == want, compiled
+        finally:
+            host_path.COMPILED = saved
