@@ -533,10 +533,11 @@ class BatchMetadata:
         ``prepare_*``, ``accept_tokens`` or ``write_drafts``, enqueues it if it comes first); a
         later step's host twins are staged on first read. FlashInfer is planned once per group for
         the last step's lengths with headroom, taken by every step's wrappers and kept by later
-        rounds it still bounds (``round.planned``); the GPU writes each later step: ``round.run(forward)`` (or
-        ``round.advance(j, tokens)`` after each forward) puts the drafted token into the token
-        history at ``c + j + 1``, then writes step ``j + 1``, whose ``input_ids`` gather it, and the next
-        ``prepare_decode(..., num_draft_tokens=num_steps)`` gathers the drafts. Under a CUDA graph
+        rounds it still bounds (``round.planned``); the GPU writes each later step:
+        ``round.run(forward)`` (or ``round.advance(j, tokens)`` after each forward) puts the
+        drafted token into the token history at ``c + j + 1``, then writes step ``j + 1``, whose
+        ``input_ids`` gather it, and the next ``prepare_decode(..., num_draft_tokens=num_steps)``
+        gathers the drafts. Under a CUDA graph
         the whole round replays with :meth:`replay_draft_graph`. Needs ``config.token_history``.
 
         The drafter's KV caches may be tensors of its own over the request's pages (pass the
