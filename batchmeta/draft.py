@@ -96,28 +96,31 @@ class DraftRound:
         nothing is planned (no FlashInfer, ``plan_attention=False``).
     """
 
-    __slots__ = (
-        "_built",
-        "_generation",
-        "_loop",
-        "_spec",
-        "cuda_graph",
-        "num_reqs",
-        "num_steps",
-        "padded_num_reqs",
-        "planned",
-    )
+    __slots__ = ("_built", "_generation", "_loop", "_spec", "planned")
 
     def __init__(self, loop: DraftLoop, spec: _RoundSpec, planned: bool):
         self._loop = loop
         self._generation = loop._clock[0]
         self._spec = spec
         self._built: tuple[tuple[Step, ...], tuple[int, ...]] | None = None  # the steps, each launch's columns
-        self.num_steps = len(spec.shapes)
-        self.num_reqs = spec.idx.shape[0]
-        self.padded_num_reqs = spec.padded
-        self.cuda_graph = spec.graph
         self.planned = planned
+
+    # The shape, read from the spec (a replayed round reads none of it on the host).
+    @property
+    def num_steps(self) -> int:
+        return len(self._spec.shapes)
+
+    @property
+    def num_reqs(self) -> int:
+        return self._spec.idx.shape[0]
+
+    @property
+    def padded_num_reqs(self) -> int:
+        return self._spec.padded
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self._spec.graph
 
     @property
     def steps(self) -> tuple[Step, ...]:
@@ -475,14 +478,17 @@ class DraftLoop:
             now += [j for j in range(1, k) if not ready[j]]
         # Step 0's launch applies the staged writes: its packed rows carry their count.
         count = packed_write_count(min(self.block_tables.num_staged(), lay.max_writes))
-        free = {j: slots[j].ring.peek() for j in now}  # each staged step's free host buffer
+        free = {0: slots[0].ring.peek()}  # each staged step's free host buffer
+        if len(now) > 1:
+            free.update((j, slots[j].ring.peek()) for j in now[1:])
         staged: dict[int, Any] = {}
         for j in now:  # check (and, compiled, stage)
+            lens = clens + j if j else clens
             if self._host_path is not None:  # common case
-                args = (free[j], None, idx, 1, clens + j, padded, graph, 0 if j else count, on_device)
+                args = (free[j], None, idx, 1, lens, padded, graph, 0 if j else count, on_device)
                 staged[j] = slots[j].launcher.stage_rows(*args, ahead=0 if j else last)
             else:
-                staged[j] = self._checker.check(idx, 1, clens + j)
+                staged[j] = self._checker.check(idx, 1, lens)
                 if not j and last:
                     self._checker.check(idx, 1, clens + last)
         offsets, values = self.block_tables.take_staged()
@@ -748,10 +754,12 @@ class DraftLoop:
 
     def replay(self, round_: DraftRound) -> None:
         """Replays the graph captured for the round's batch size and step count."""
-        if not round_.cuda_graph:
+        spec = round_._spec
+        if not spec.graph:
             raise ValueError("round: prepared without cuda_graph=True; its wrappers do not match a captured graph")
-        round_._check_fresh("replay")
-        graphs = self._graphs.get((round_.padded_num_reqs, round_.num_steps))
+        if round_._generation != self._clock[0]:
+            round_._check_fresh("replay")  # raises
+        graphs = self._graphs.get((spec.padded, len(spec.shapes)))
         if graphs is None:
             raise ValueError(
                 f"round: no draft graph captured for batch size {round_.padded_num_reqs} with {round_.num_steps} "
@@ -759,5 +767,5 @@ class DraftLoop:
             )
         # Step 0's launch is the graph's first (a second time, harmlessly, if flush() ran it).
         self._pending = None
-        graphs[round_._spec.buffer].replay()
+        graphs[spec.buffer].replay()
         self._slots[0].ring.done()  # the graph read step 0's host buffer
