@@ -129,6 +129,17 @@ def _hold(meta: BatchMetadata, r: int, tokens: int) -> None:
         meta.block_tables.append(r, news)
 
 
+def _prefill(meta: BatchMetadata, idx, prompts: np.ndarray, history: torch.Tensor):
+    """The history set to ``history``, pages for each row's prompt, and the prompts' prefill
+    accepted with token 1 each; returns the acceptance."""
+    meta.token_ids.copy_(history)
+    for r, p in zip(idx, prompts, strict=True):
+        _hold(meta, r, int(p))
+    b = len(idx)
+    step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
+    return meta.accept_tokens(step, None, torch.ones(b, dtype=torch.int64, device=DEVICE), [1] * b, prompts)
+
+
 @settings(max_examples=10, deadline=None, phases=_NO_SHRINK)
 @given(data=st.data())
 def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
@@ -145,11 +156,7 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
     targets = torch.tensor(rng.integers(0, 1000, (b, 1 + K)), device=DEVICE)
     history = torch.tensor(rng.integers(0, 1000, (R, L)), device=DEVICE)
     for meta in (draft, twin):
-        meta.token_ids.copy_(history)
-        for r, p in zip(idx, prompts, strict=True):
-            _hold(meta, r, int(p))
-        step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
-        acc = meta.accept_tokens(step, None, torch.ones(b, dtype=torch.int64, device=DEVICE), [1] * b, prompts)
+        acc = _prefill(meta, idx, prompts, history)
         exact = acc.cache_lens
         if device_lens:  # a verify step accepted on the device (draft) or on the host (twin)
             for r, c in zip(idx, exact, strict=True):
@@ -263,11 +270,7 @@ def test_a_round_for_a_captured_graph_leaves_step_0_to_what_comes_next(path, dat
     counts = torch.tensor(rng.integers(1, K + 2, b), device=DEVICE)
     history = torch.tensor(rng.integers(0, 1000, (R, L)), device=DEVICE)
     for meta in (deferred, twin):
-        meta.token_ids.copy_(history)
-        for r, p in zip(idx, prompts, strict=True):
-            _hold(meta, r, int(p))
-        step = meta.prepare_prefill(idx, query_lens=prompts, cache_lens=[0] * b)
-        acc = meta.accept_tokens(step, None, torch.ones(b, dtype=torch.int64, device=DEVICE), [1] * b, prompts)
+        acc = _prefill(meta, idx, prompts, history)
         if device_lens:  # a verify step accepted on the device: the round's rows are resolved there
             for r, c in zip(idx, acc.cache_lens, strict=True):
                 _hold(meta, r, int(c) + 1 + K)
