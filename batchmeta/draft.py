@@ -21,7 +21,7 @@ room :class:`~batchmeta.BatchMetadata` composes) prepares a whole round at once:
    or float8 data each step plans its own, every round;
 3. one launch writes step 0 (rows whose length is on the device resolved there first), its packed
    rows kept in its device mirror; under a captured graph that launch is the replay's first, so
-   preparing a replayed round launches nothing;
+   preparing a replayed round launches no kernel of its own;
 4. the GPU advances the rest: :meth:`DraftRound.advance` after step ``j``'s forward writes the
    drafted token (:func:`batchmeta.ops.draft.advance_draft`: the token history, the round's
    ``draft_token_ids``), then step ``j + 1``: its packed rows are step 0's ``j + 1`` positions further
@@ -40,6 +40,7 @@ writes staged since the last step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -70,9 +71,10 @@ class DraftRound:
     """The ``k`` draft steps of one round (what ``BatchMetadata.prepare_draft`` returns).
 
     Every step is planned, and step 0's launch enqueued, when the round is returned (for a round
-    with a captured graph, by :meth:`~batchmeta.BatchMetadata.replay_draft_graph`, or on first read
-    of :attr:`steps` if that comes first); step ``j + 1``'s device metadata is written by
-    :meth:`advance` of step ``j`` (on the device, after the drafted token).
+    with a captured graph, by :meth:`~batchmeta.BatchMetadata.replay_draft_graph`, or by whatever
+    comes first of the first read of :attr:`steps`, the next ``prepare_*``, ``accept_tokens`` and
+    ``write_drafts``; a replay after that leaves step 0 alone); step ``j + 1``'s device metadata is
+    written by :meth:`advance` of step ``j`` (on the device, after the drafted token).
     Valid until the next ``prepare_draft`` (or ``capture_draft_graph``) of the same
     ``BatchMetadata``; the verify steps in between do not touch it.
 
@@ -216,6 +218,7 @@ class _RoundSpec:
     __slots__ = (
         "buffer",
         "clens",
+        "flushed",
         "graph",
         "idx",
         "kept",
@@ -234,6 +237,7 @@ class _RoundSpec:
         self.shapes, self.wrappers, self.resets = shapes, wrappers, resets
         self.staged_now: list[int] = []  # steps staged while the round is prepared
         self.buffer = 0  # which of step 0's host buffers holds its staging
+        self.flushed = False  # step 0 launched before (or without) a replay: the replay must not again
         self.kept = False  # took the plan an earlier round made (its wrappers not looked up yet)
 
 
@@ -410,11 +414,14 @@ class DraftLoop:
         self.drafts = torch.zeros(cfg.max_num_reqs, max(cfg.max_draft_tokens, 1), dtype=torch.int64, device=device)
         self._clock = [0]  # number of the latest round: older rounds' steps are stale
         # Per (batch size, k): one graph per host buffer of step 0's ring (each graph's first launch
-        # reads that buffer in place).
+        # reads that buffer in place), then one without step 0's launch (for a round flushed first).
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ...]] = {}
         # Step 0's launch of the latest round, left to its replay: (padded, max_seq, widths,
         # on_device, mirror_rows) for flush(), or None.
         self._pending: tuple | None = None
+        # Recorded after each round's plans: the next plan rewrites FlashInfer's pinned buffers, whose
+        # copies to the device must have run (not the rounds' forwards).
+        self._planned_event = torch.cuda.Event() if device.type == "cuda" else None
         self._page_sizes = tuple(grp.page_size for grp in cfg.kv_groups)
         # The shared plan's lengths per int workspace ("graph", batch size) / ("eager",): (k, [padded]
         # int64), while the slots' wrappers hold that plan; and the host arrays it is made from.
@@ -526,7 +533,7 @@ class DraftLoop:
             # later steps its packed rows go to its device mirror, where advance() shifts them.
             _, max_seq, widths, _, _ = shapes[0]
             if deferred:  # the replay launches it (or flush(), if something else comes first)
-                self._pending = (padded, max_seq, widths, on_device, k > 1)
+                self._pending = (spec, padded, max_seq, widths, on_device, k > 1)
             else:
                 slots[0].launcher.fill(padded, max_seq, widths, on_device, mirror_rows=k > 1)
         finally:
@@ -542,15 +549,18 @@ class DraftLoop:
     def flush(self) -> None:
         """Enqueues the latest round's step-0 launch where it was left to a replay that has not
         come: before anything else reads the device state it writes (the staged block-table writes
-        it applies, step 0's metadata)."""
+        it applies, step 0's metadata). A later replay of the round then leaves step 0 alone (what
+        came in between may have written newer block-table entries or lengths)."""
         pending = self._pending
         if pending is None:
             return
         self._pending = None
+        spec, padded, max_seq, widths, on_device, mirror_rows = pending
+        spec.flushed = True
         launcher = self._slots[0].launcher
-        padded, max_seq, widths, on_device, mirror_rows = pending
-        launcher.fill(padded, max_seq, widths, on_device, mirror_rows=mirror_rows)
-        launcher.ring.done()
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            launcher.fill(padded, max_seq, widths, on_device, mirror_rows=mirror_rows)
+            launcher.ring.done()
 
     def _stage_step(self, spec: _RoundSpec, j: int) -> tuple[int, tuple[int, ...], int]:
         """Stages step ``j`` of the latest round (checked already: step 0's checks hold for it) into
@@ -651,9 +661,11 @@ class DraftLoop:
         need[:b] += last
         if spec.shapes[last] is None:  # planned from: staged now
             self._stage_now(spec, last)
-        # FlashInfer's plans rewrite pinned buffers the last round's plan copies read: wait (if
-        # needed) for what that round enqueued before its step 0's buffer was marked busy.
-        slots[0].ring.wait_previous()
+        # FlashInfer's plans rewrite pinned buffers the last planning round's copies read: wait (if
+        # needed) for what that round enqueued while it planned.
+        event = self._planned_event
+        if event is not None and not event.query():
+            event.synchronize()
         alone = []
         bounds = need
         for j, slot in enumerate(slots):
@@ -681,6 +693,8 @@ class DraftLoop:
             if bounds is not need:  # planned with headroom: later rounds may keep it
                 self._bounds[key] = (k, bounds)
             self._ready.add((padded, graph, k))  # every step's wrappers planned once: later rounds stage one
+        if self._planned_event is not None:
+            self._planned_event.record()
         return alone, True
 
     def _bound_views(self, views: Any, seq: np.ndarray, b: int, padded: int) -> Any:
@@ -721,39 +735,45 @@ class DraftLoop:
     def capture(
         self, batch_size: int, num_steps: int, forward: Callable[[Step], torch.Tensor], *, warmup: int
     ) -> tuple[torch.cuda.CUDAGraph, ...]:
-        """Captures a round of ``num_steps`` steps of ``batch_size`` rows (step 0's launch,
-        ``forward`` and the advance after each step) as CUDA graphs, one per host buffer of step
-        0's ring (the launch reads it in place); returns them. ``forward`` runs ``warmup`` rounds
-        on a side stream first; the capture rounds are planned with padding rows only."""
+        """Captures a round of ``num_steps`` steps of ``batch_size`` rows as CUDA graphs, returned:
+        for each host buffer of step 0's ring, step 0's launch (which reads that buffer in place),
+        then ``forward`` and the advance after each step; last, the round without step 0's launch
+        (the replay of a round whose step 0 :meth:`flush` launched). Before each capture the round
+        runs on a side stream (``warmup`` times before the first, once before the others: their
+        host twins staged, every launch bound); the capture rounds have padding rows only."""
         key = (batch_size, num_steps)
         self._graphs.pop(key, None)  # the capture rounds launch step 0 themselves
-        cols = self.config.max_model_len
-        graphs: list[Any] = [None, None]
         empty = np.zeros(0, np.int64)
-        for _ in graphs:  # one graph per host buffer of step 0's ring: each round stages the other
+        graphs: list[Any] = [None, None, None]
+        for i in range(3):  # each round stages step 0 into the other host buffer
             round_ = self.prepare(empty, empty, num_steps, padded=batch_size, graph=True, staged_prompts=())
-            if warmup:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(warmup):
-                        round_.run(forward)
-                torch.cuda.current_stream().wait_stream(stream)
-                warmup = 0
             launcher = self._slots[0].launcher
-            max_cols = launcher.columns(cols, round_._spec.shapes[0][2])  # any row a later round has
+            in_graph = i < 2
+            max_cols = launcher.columns(self.config.max_model_len, round_._spec.shapes[0][2])  # any row's
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup if i == 0 else 1):
+                    if in_graph:
+                        launcher.fill_resolving(batch_size, max_cols)
+                    round_.run(forward)
+            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                # Step 0's launch, which prepare() leaves to the replay: rows resolved from the device
-                # lengths first, a no-op for rows whose lengths the host knows, so one graph serves both.
-                launcher.fill_resolving(batch_size, max_cols)
+                if in_graph:
+                    # Step 0's launch, which prepare() leaves to the replay: rows resolved from the
+                    # device lengths first, a no-op for rows whose lengths the host knows, so one
+                    # graph serves both.
+                    launcher.fill_resolving(batch_size, max_cols)
                 round_.run(forward)
-            graphs[round_._spec.buffer] = graph
+            graphs[round_._spec.buffer if in_graph else 2] = graph
         self._graphs[key] = tuple(graphs)
         return self._graphs[key]
 
     def replay(self, round_: DraftRound) -> None:
-        """Replays the graph captured for the round's batch size and step count."""
+        """Replays the graph captured for the round's batch size and step count: the one whose
+        first launch writes step 0 from the round's host buffer, or, where :meth:`flush` launched
+        step 0 already, the one without."""
         spec = round_._spec
         if not spec.graph:
             raise ValueError("round: prepared without cuda_graph=True; its wrappers do not match a captured graph")
@@ -765,7 +785,9 @@ class DraftLoop:
                 f"round: no draft graph captured for batch size {round_.padded_num_reqs} with {round_.num_steps} "
                 f"steps (capture_draft_graph({round_.padded_num_reqs}, {round_.num_steps}, forward))"
             )
-        # Step 0's launch is the graph's first (a second time, harmlessly, if flush() ran it).
+        if spec.flushed:  # step 0 ran; what came since may have written newer block-table entries
+            graphs[2].replay()
+            return
         self._pending = None
         graphs[spec.buffer].replay()
         self._slots[0].ring.done()  # the graph read step 0's host buffer

@@ -584,9 +584,11 @@ class BatchMetadata:
         ``forward`` must read and write only fixed buffers (the step's views, the engine's static
         tensors), as for :meth:`capture_decode_graph`. Later rounds are prepared with
         ``prepare_draft(..., num_steps=num_steps, cuda_graph=True)`` and replayed with
-        :meth:`replay_draft_graph`, whose first launch writes step 0: preparing such a round enqueues
-        nothing. The capture prepares two rounds of padding rows (which makes any earlier round
-        stale) and captures one graph for each of step 0's two host staging buffers (returned).
+        :meth:`replay_draft_graph`, whose first launch writes step 0: preparing such a round
+        launches no kernel of its own (a round that plans enqueues FlashInfer's copies). The
+        capture prepares three rounds of padding rows (which makes any earlier round stale) and
+        returns three graphs: one for each of step 0's two host staging buffers, and one without
+        step 0's launch, replayed where something before the replay launched it.
 
         Parameters
         ----------

@@ -237,15 +237,20 @@ def test_every_draft_step_equals_prepare_decode_one_token_further(path, data):
 
 class _FakeGraph:
     """What ``DraftLoop.capture`` records, run eagerly on a CPU: step 0's launch as the graph has it
-    (rows resolved, columns for any row), then the round through ``forward``."""
+    (rows resolved, columns for any row, from host buffer ``buffer``; None: the graph without it),
+    then the round through ``forward``."""
 
-    def __init__(self, loop, padded: int, max_cols: int):
-        self.loop, self.padded, self.max_cols = loop, padded, max_cols
+    def __init__(self, loop, buffer: int | None):
+        self.loop, self.buffer = loop, buffer
         self.round, self.forward, self.replays = None, None, 0
 
     def replay(self) -> None:
         self.replays += 1
-        self.loop._slots[0].launcher.fill_resolving(self.padded, self.max_cols)
+        launcher = self.loop._slots[0].launcher
+        if self.buffer is not None:
+            assert launcher.ring.current == self.buffer, "replayed the graph of the other host buffer"
+            spec = self.round._spec
+            launcher.fill_resolving(spec.padded, launcher.columns(self.loop.config.max_model_len, spec.shapes[0][2]))
         self.round.run(self.forward)
 
 
@@ -255,15 +260,18 @@ def test_a_round_for_a_captured_graph_leaves_step_0_to_what_comes_next(path, dat
     """Prepared for a captured graph, a round enqueues no launch; step 0's is enqueued by what comes
     next: the replay (whose first launch resolves the rows, right whether or not their lengths are
     on the device), the first read of ``round.steps``, or the next ``prepare_decode`` (which needs the
-    block-table writes it applies). Every field of every step, the block tables and the history
-    equal those of a twin whose round launched step 0 when prepared."""
+    block-table writes it applies); a replay after those runs the graph without step 0, so pages
+    given in between stay. Every field of every step, the block tables and the history equal those
+    of a twin whose round launched step 0 when prepared."""
     backend, host = path
     deferred, twin = (_meta(backend, host) for _ in range(2))
     b = data.draw(st.integers(1, R), label="rows")
     idx = np.array(data.draw(st.permutations(range(R)), label="slots")[:b], np.int64)
     padded = data.draw(st.integers(b, R), label="padded")
     k = data.draw(st.integers(1, K), label="k")
-    then = data.draw(st.sampled_from(["replay", "steps", "prepare_decode"]), label="then")
+    then = data.draw(
+        st.sampled_from(["replay", "steps", "steps, replay", "prepare_decode", "prepare_decode, replay"]), label="then"
+    )
     device_lens = data.draw(st.booleans(), label="device lengths")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
     prompts = rng.integers(1, L - 2 * (K + 2), b)
@@ -291,8 +299,7 @@ def test_a_round_for_a_captured_graph_leaves_step_0_to_what_comes_next(path, dat
     launches = []
     fill = launcher.fill
     launcher.fill = lambda *a, **kw: (launches.append(a), fill(*a, **kw))[1]
-    widths = tuple(deferred.block_tables.host_table(g).shape[1] for g in range(2))  # a graph step's
-    graphs = tuple(_FakeGraph(loop, padded, launcher.columns(L, widths)) for _ in range(2))
+    graphs = (_FakeGraph(loop, 0), _FakeGraph(loop, 1), _FakeGraph(loop, None))
     loop._graphs[(padded, k)] = graphs  # as if capture_draft_graph(padded, k, ...) had run
     rounds = [m._draft.prepare(idx, clens, k, padded=padded, graph=True, staged_prompts=()) for m in (deferred, twin)]
     assert not launches and loop._pending is not None, "a round for a captured graph launched step 0"
@@ -308,20 +315,26 @@ def test_a_round_for_a_captured_graph_leaves_step_0_to_what_comes_next(path, dat
 
         return run
 
-    if then == "replay":
-        graph = graphs[rounds[0]._spec.buffer]
+    for graph in graphs:
         graph.round, graph.forward = rounds[0], forward(0)
-        deferred.replay_draft_graph(rounds[0])
-        assert graph.replays == 1 and not launches and loop._pending is None
-    elif then == "steps":
+    if then.startswith("steps"):
         assert len(rounds[0].steps) == k  # the first read enqueues step 0's launch
         assert len(launches) == 1 and launches[0][0] == padded and loop._pending is None
-        rounds[0].run(forward(0))
-    else:
+    elif then.startswith("prepare_decode"):
+        for meta in (deferred, twin):  # newer pages for the verify step, applied by its launch
+            _hold(meta, int(idx[0]), min(L, int(clens[0]) + k + 1 + 8))
         verify = deferred.prepare_decode(idx, clens, num_draft_tokens=k)
         assert len(launches) == 1 and loop._pending is None
-        twin_verify = twin.prepare_decode(idx, clens, num_draft_tokens=k)
-        assert _fields(verify) == _fields(twin_verify)
+        assert _fields(verify) == _fields(twin.prepare_decode(idx, clens, num_draft_tokens=k))
+    if then.endswith("replay"):
+        deferred.replay_draft_graph(rounds[0])
+        flushed = then != "replay"
+        buffer = rounds[0]._spec.buffer
+        assert [g.replays for g in graphs] == ([0, 0, 1] if flushed else [buffer == 0, buffer == 1, 0])
+        assert loop._pending is None
+        assert len(launches) == flushed  # the graph launched step 0, or flush() did: never both
+    elif then == "steps":
+        rounds[0].run(forward(0))
     if then != "prepare_decode":
         rounds[1].run(forward(1))
         assert len(seen[0]) == len(seen[1]) == k
