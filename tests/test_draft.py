@@ -802,6 +802,40 @@ def test_replayed_round_equals_eager_round_and_dense_attention_without_syncs(pag
 
 
 @pytest.mark.gpu
+def test_a_replay_after_step_0_was_launched_keeps_what_came_between():
+    """A round whose step 0 was launched before its replay (here by a verify step prepared in
+    between, which then applied newer pages) replays the graph captured without step 0: the newer
+    pages stay, and the drafts and the block tables equal those of the same calls with the round
+    run step by step."""
+    k, b, page_size = 2, 3, 16
+    prompts = [list(range(10 + r, 40 + r)) for r in range(b)]
+    idx = list(range(b))
+    results = {}
+    for mode in ("graph", "eager"):
+        meta = _gpu_meta(page_size, k)
+        drafter = _GpuDrafter(k, page_size, choose="ids")
+        if mode == "graph":
+            meta.capture_draft_graph(4, k, drafter)
+            drafter.calls = 0
+        acc = _admit(meta, prompts, page_size, upfront=False)
+        for r in idx:
+            _gpu_hold(meta, r, int(acc.cache_lens[r]) + k)
+        round_ = meta.prepare_draft(idx, acc.cache_lens, num_steps=k, cuda_graph=True)
+        for r in idx:  # newer pages, applied by the verify step's launch
+            _gpu_hold(meta, r, int(acc.cache_lens[r]) + k + 1 + 2 * page_size)
+        assert meta.block_tables.num_staged()
+        meta.prepare_decode(idx, acc.cache_lens, num_draft_tokens=k)
+        if mode == "graph":
+            meta.replay_draft_graph(round_)
+        else:
+            round_.run(drafter)
+        torch.cuda.synchronize()
+        results[mode] = (round_.draft_token_ids.clone(), meta.block_tables.flat.clone())
+    assert torch.equal(results["graph"][0], results["eager"][0])
+    assert torch.equal(results["graph"][1], results["eager"][1])
+
+
+@pytest.mark.gpu
 def test_graph_round_over_device_lengths_matches_exact_lengths():
     """A replayed round after device acceptance (the host plans from bounds) has the metadata of one
     after host acceptance of the same counts, and attention within bf16 tolerance of it."""
