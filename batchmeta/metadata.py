@@ -586,10 +586,10 @@ class BatchMetadata:
         ``prepare_draft(..., num_steps=num_steps, cuda_graph=True)`` and replayed with
         :meth:`replay_draft_graph`, whose first launch writes step 0: preparing such a round
         launches no kernel of its own (a round that plans enqueues FlashInfer's copies; more staged
-        block-table writes than one step holds are scattered first). The
-        capture prepares three rounds of padding rows (which makes any earlier round stale) and
-        returns three graphs: one for each of step 0's two host staging buffers, and one without
-        step 0's launch, replayed where something before the replay launched it.
+        block-table writes than one step holds are scattered first). The capture prepares three
+        rounds of padding rows (which makes any earlier round stale) and returns three graphs: one
+        for each of step 0's two host staging buffers, and one without step 0's launch, replayed
+        where something before the replay launched it.
 
         Parameters
         ----------
