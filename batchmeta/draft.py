@@ -416,9 +416,8 @@ class DraftLoop:
         # Per (batch size, k): one graph per host buffer of step 0's ring (each graph's first launch
         # reads that buffer in place), then one without step 0's launch (for a round flushed first).
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, ...]] = {}
-        # Step 0's launch of the latest round, left to its replay: (padded, max_seq, widths,
-        # on_device, mirror_rows) for flush(), or None.
-        self._pending: tuple | None = None
+        # The latest round, where its step 0's launch is left to its replay (else None).
+        self._pending: _RoundSpec | None = None
         # Recorded after each round's plans: the next plan rewrites FlashInfer's pinned buffers, whose
         # copies to the device must have run (not the rounds' forwards).
         self._planned_event = torch.cuda.Event() if device.type == "cuda" else None
@@ -531,10 +530,10 @@ class DraftLoop:
             # Step 0's launch, after the plans (a CUDA-graph wrapper's first, stock plan copies the
             # host arrays into the device views: bounds where rows' lengths are on the device). With
             # later steps its packed rows go to its device mirror, where advance() shifts them.
-            _, max_seq, widths, _, _ = shapes[0]
             if deferred:  # the replay launches it (or flush(), if something else comes first)
-                self._pending = (spec, padded, max_seq, widths, on_device, k > 1)
+                self._pending = spec
             else:
+                _, max_seq, widths, _, _ = shapes[0]
                 slots[0].launcher.fill(padded, max_seq, widths, on_device, mirror_rows=k > 1)
         finally:
             # A host buffer stays busy until what was enqueued from it has run: step 0's (its launch
@@ -551,15 +550,15 @@ class DraftLoop:
         come: before anything else reads the device state it writes (the staged block-table writes
         it applies, step 0's metadata). A later replay of the round then leaves step 0 alone (what
         came in between may have written newer block-table entries or lengths)."""
-        pending = self._pending
-        if pending is None:
+        spec = self._pending
+        if spec is None:
             return
         self._pending = None
-        spec, padded, max_seq, widths, on_device, mirror_rows = pending
         spec.flushed = True
+        _, max_seq, widths, _, _ = spec.shapes[0]
         launcher = self._slots[0].launcher
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            launcher.fill(padded, max_seq, widths, on_device, mirror_rows=mirror_rows)
+            launcher.fill(spec.padded, max_seq, widths, spec.on_device, mirror_rows=len(spec.shapes) > 1)
             launcher.ring.done()
 
     def _stage_step(self, spec: _RoundSpec, j: int) -> tuple[int, tuple[int, ...], int]:

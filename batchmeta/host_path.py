@@ -106,6 +106,11 @@ def _local_len(seq_len, ws):
     return (seq_len // span) * interleave + min(max(rest, 0), interleave)
 
 
+def _num_pages(kv, ps, shift):
+    """Pages of ``ps`` tokens for ``kv`` tokens (``shift``: log2 of ``ps`` where a power of two, else -1)."""
+    return (kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps
+
+
 def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_writes, on_device, ahead):
     """Checks the batch, then (only if valid) writes its staging fields into ``h``.
 
@@ -177,12 +182,10 @@ def _stage_kernel(h, held, ws, idx, clens, qlens, q, decode, padded, graph, num_
             pages = ws[o_rows + (1 + g) * r : o_rows + (2 + g) * r]
             for i in range(b):
                 kv = _local_len(seq[i], ws) if sharded else seq[i]  # context parallelism: local pages
-                need = (kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps
-                if ahead:
+                need = _num_pages(kv, ps, shift)
+                if ahead:  # the check with every row `ahead` tokens longer also covers this one
                     kv = _local_len(seq[i] + ahead, ws) if sharded else seq[i] + ahead
-                    if held_g[idx[i]] < ((kv + ps - 1) >> shift if shift >= 0 else (kv + ps - 1) // ps):
-                        return _INVALID
-                if held_g[idx[i]] < need:
+                if held_g[idx[i]] < (_num_pages(kv, ps, shift) if ahead else need):
                     return _INVALID
                 pages[i] = need
     # Padding rows (graph steps) hold one cached token and, in a speculative step, q new ones.
@@ -321,6 +324,7 @@ def _plan_fits(seq, bounds, num_reqs, ahead, limit):
 
 if COMPILED:
     _local_len = numba.njit(cache=True)(_local_len)
+    _num_pages = numba.njit(cache=True)(_num_pages)
     _stage_kernel = numba.njit(cache=True)(_stage_kernel)
     _plan_fits = numba.njit(cache=True)(_plan_fits)
 

@@ -151,14 +151,12 @@ class StepLauncher:
         in the device mirror too (a draft round's first step, whose later steps shift them). Returns
         the column count it covered."""
         max_cols = self.columns(max_seq, widths)
-        current = self.ring.current
         if on_device is not None:  # exact lengths from the device first; the bounds size the grid and the plan
-            self.resolves[current](padded)  # the packed rows, resolved, into the mirror
-            self.fills[current](padded, max_cols, resolved=True)
+            self.fill_resolving(padded, max_cols)
         elif mirror_rows:
-            self.fills[current](padded, max_cols, mirror_rows=True)
+            self.fills[self.ring.current](padded, max_cols, mirror_rows=True)
         else:  # common case
-            self.fills[current](padded, max_cols)
+            self.fills[self.ring.current](padded, max_cols)
         return max_cols
 
     def fill_resolving(self, padded: int, max_cols: int) -> None:

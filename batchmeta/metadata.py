@@ -537,8 +537,8 @@ class BatchMetadata:
         ``round.run(forward)`` (or ``round.advance(j, tokens)`` after each forward) puts the
         drafted token into the token history at ``c + j + 1``, then writes step ``j + 1``, whose
         ``input_ids`` gather it, and the next ``prepare_decode(..., num_draft_tokens=num_steps)``
-        gathers the drafts. Under a CUDA graph
-        the whole round replays with :meth:`replay_draft_graph`. Needs ``config.token_history``.
+        gathers the drafts. Under a CUDA graph the whole round replays with
+        :meth:`replay_draft_graph`. Needs ``config.token_history``.
 
         The drafter's KV caches may be tensors of its own over the request's pages (pass the
         target's group to ``step.attention(..., group=g)`` and write at ``step.slot_mappings[g]``)
