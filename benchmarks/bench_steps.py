@@ -44,7 +44,10 @@ same batch with ``world_size=1``, interleaved in one run; the report adds their 
 (:func:`against_world1`). One process: the rank's step (its metadata and FlashInfer plans for its parts), not
 the collective its attention runs. A failure of this scenario is reported and leaves the others' report intact.
 
-Figures per step: host µs (what the engine's CPU pays; median, p90); GPU µs (CUDA events around the
+Figures per step: host µs (what the engine's CPU pays; median, p90), interleaved, then again with each
+implementation's steps back to back (every step still after a sync, the device idle; the step run just before is
+the same one, so caches hold its code and data, as in an engine whose loop between steps is short, a graph replay
+and a sampler, where interleaving leaves them holding another implementation's); GPU µs (CUDA events around the
 step's device work, enqueued behind a sleeping kernel so the host's pace is excluded; an
 implementation that syncs waits for the GPU, so its gaps count); and host syncs (torch's sync debug
 mode, counted in a separate pass).
@@ -64,7 +67,7 @@ without D1). A graph scenario's row also gives its host µs as a ratio of the ea
 A second summary sets batchmeta against the best peer of each scenario (:func:`against_peers`): host µs against
 the fastest of ``fast-decode-plan`` and ``peer-glue`` (at most ``PEER_TARGETS["host"]`` of it), GPU µs against
 ``peer-glue``, the peer path that builds the whole step (``fast-decode-plan`` alone builds nothing on the device),
-at most ``PEER_TARGETS["gpu"]`` of it.
+at most ``PEER_TARGETS["gpu"]`` of it. Both summaries are repeated with the back-to-back host µs.
 """
 
 from __future__ import annotations
@@ -581,7 +584,7 @@ def _count_syncs(step) -> int:
 
 
 def measure(impls: dict, steps: int, progress) -> dict:
-    res = {name: dict(host=[], gpu=[]) for name in impls}
+    res = {name: dict(host=[], host_run=[], gpu=[]) for name in impls}
     for fn in impls.values():  # warm up: kernels compiled, wrappers built, FlashInfer JIT loaded
         for _ in range(3):
             fn()
@@ -610,8 +613,18 @@ def measure(impls: dict, steps: int, progress) -> dict:
             torch.cuda.synchronize()
             res[name]["gpu"].append(start.elapsed_time(end) * 1e3)
         progress()
+    for name in shuffle.permutation(names):  # host time, back to back: the step run just before is this one
+        fn = impls[name]
+        fn()
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter_ns()
+            fn()
+            t1 = time.perf_counter_ns()
+            res[name]["host_run"].append((t1 - t0) / 1e3)
     for r in res.values():
         r["host_median"] = statistics.median(r["host"])
+        r["host_run_median"] = statistics.median(r["host_run"])
         r["host_p90"] = float(np.percentile(r["host"], 90))
         r["gpu_median"] = statistics.median(r["gpu"])
     return res
@@ -677,9 +690,10 @@ def _check(label: str, value: float | None, limit: float | None, shown: str, bou
     return dict(name=label, value=value, limit=limit, ok=ok, text=f"{label} {shown} ≤ {bound} {mark}")
 
 
-def summarize(results: dict, targets: dict | None = None) -> dict:
+def summarize(results: dict, targets: dict | None = None, host: str = "host_median") -> dict:
     """Per scenario: batchmeta's medians against stock-plan's, each target checked; ``passed`` is True when
-    every check passes, False when any fails, None when none fails but some cannot be checked."""
+    every check passes, False when any fails, None when none fails but some cannot be checked. ``host`` names
+    the host figure compared, as in :func:`against_peers`."""
     targets = TARGETS if targets is None else targets
     out = {}
     for name, r in results.items():
@@ -689,8 +703,8 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
         bm_name = tgt.get("impl") or ("batchmeta-graph" if "batchmeta-graph" in impls else "batchmeta")
         bm = impls.get(bm_name, {})
         noplan = impls.get("batchmeta-noplan", {})
-        host_ratio = _ratio(bm.get("host_median"), stock.get("host_median"))
-        noplan_ratio = _ratio(noplan.get("host_median"), stock.get("host_median"))
+        host_ratio = _ratio(bm.get(host), stock.get(host))
+        noplan_ratio = _ratio(noplan.get(host), stock.get(host))
         # A row checked against another implementation's GPU µs (gpu_vs: one running the same forward) has no
         # meaningful ratio to the stock plan, which runs no attention.
         gpu_ratio = None if "gpu_vs" in tgt else _ratio(bm.get("gpu_median"), stock.get("gpu_median"))
@@ -704,8 +718,8 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
             checks.append(_check("noplan", noplan_ratio, tgt["noplan"], shown, f"{tgt['noplan']:g}"))
         if "host_vs" in tgt:
             other, other_impl = (tgt["host_vs"], "batchmeta") if isinstance(tgt["host_vs"], str) else tgt["host_vs"]
-            ref = results.get(other, {}).get("impls", {}).get(other_impl, {}).get("host_median")
-            value = bm.get("host_median")
+            ref = results.get(other, {}).get("impls", {}).get(other_impl, {}).get(host)
+            value = bm.get(host)
             eager_ratio = _ratio(value, ref)
             if value is None or ref is None:
                 checks.append(
@@ -734,8 +748,8 @@ def summarize(results: dict, targets: dict | None = None) -> dict:
         out[name] = dict(
             what=r.get("what", ""),
             batchmeta_impl=bm_name,
-            stock_plan_host_us=stock.get("host_median"),
-            batchmeta_host_us=bm.get("host_median"),
+            stock_plan_host_us=stock.get(host),
+            batchmeta_host_us=bm.get(host),
             host_ratio=host_ratio,
             eager_ratio=eager_ratio,
             noplan_ratio=noplan_ratio,
@@ -767,10 +781,11 @@ def summary_lines(summary: dict) -> list[str]:
     return lines
 
 
-def against_peers(results: dict, targets: dict | None = None) -> dict:
+def against_peers(results: dict, targets: dict | None = None, host: str = "host_median") -> dict:
     """Per scenario where a peer ran: batchmeta (``batchmeta-graph`` under graphs) against the best peer, host µs
     against the fastest of :data:`PEERS`, GPU µs against ``peer-glue``, each checked against ``targets``
-    (default :data:`PEER_TARGETS`); ``passed`` as in :func:`summarize`."""
+    (default :data:`PEER_TARGETS`); ``passed`` as in :func:`summarize`. ``host`` names the host figure compared:
+    ``host_median`` (steps interleaved) or ``host_run_median`` (each implementation's steps back to back)."""
     targets = PEER_TARGETS if targets is None else targets
     out = {}
     for name, r in results.items():
@@ -780,8 +795,8 @@ def against_peers(results: dict, targets: dict | None = None) -> dict:
         bm = impls.get(bm_name)
         if not peers or bm is None:
             continue
-        best = min(peers, key=lambda p: peers[p]["host_median"])
-        host_ratio = _ratio(bm["host_median"], peers[best]["host_median"])
+        best = min(peers, key=lambda p: peers[p][host])
+        host_ratio = _ratio(bm[host], peers[best][host])
         glue = peers.get("peer-glue", {})
         gpu_ratio = _ratio(bm["gpu_median"], glue.get("gpu_median"))
         checks = [
@@ -798,8 +813,8 @@ def against_peers(results: dict, targets: dict | None = None) -> dict:
         out[name] = dict(
             batchmeta_impl=bm_name,
             best_peer=best,
-            best_peer_host_us=peers[best]["host_median"],
-            batchmeta_host_us=bm["host_median"],
+            best_peer_host_us=peers[best][host],
+            batchmeta_host_us=bm[host],
             host_ratio=host_ratio,
             peer_glue_gpu_us=glue.get("gpu_median"),
             batchmeta_gpu_us=bm["gpu_median"],
@@ -1035,16 +1050,17 @@ def main() -> int:
         "",
         f"torch {torch.__version__}; FlashInfer {fi_version}; heads {HEADS}; bf16; "
         f"prefill backend {args.prefill_backend}; "
-        f"{args.steps} interleaved steps per implementation.",
+        f"{args.steps} interleaved steps per implementation, then {args.steps} back to back.",
         "",
-        "| scenario | implementation | host µs median | host µs p90 | GPU µs median | syncs/step |",
-        "|---|---|---:|---:|---:|---:|",
+        "| scenario | implementation | host µs median | host µs p90 | host µs median, back to back | GPU µs median "
+        "| syncs/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         for impl, m in r["impls"].items():
             lines.append(
                 f"| {name}: {r['what']} | {impl} | {m['host_median']:.1f} | {m['host_p90']:.1f} | "
-                f"{m['gpu_median']:.1f} | {m['syncs']} |"
+                f"{m['host_run_median']:.1f} | {m['gpu_median']:.1f} | {m['syncs']} |"
             )
     summary = summarize(results)
     lines += [
@@ -1064,6 +1080,19 @@ def main() -> int:
             "",
             *against_peers_lines(peers),
         ]
+    # The same checks on each implementation's steps timed back to back: caches hold that step's own code and
+    # data, as in an engine whose loop between two steps is short (a graph replay and a sampler).
+    summary_run = summarize(results, host="host_run_median")
+    peers_run = against_peers(results, host="host_run_median")
+    lines += [
+        "",
+        "Back to back: the summary against the speed targets with host µs from each implementation's steps run "
+        "consecutively (GPU µs as above):",
+        "",
+        *summary_lines(summary_run),
+    ]
+    if peers_run:
+        lines += ["", "Back to back: against the best peer:", "", *against_peers_lines(peers_run)]
     pairs = graph_vs_eager(results)
     if pairs:
         lines += [
@@ -1103,6 +1132,8 @@ def main() -> int:
                 flashinfer=fi_version,
                 summary=summary,
                 against_peers=peers,
+                summary_back_to_back=summary_run,
+                against_peers_back_to_back=peers_run,
                 graph_vs_eager=pairs,
                 against_world1=cp_rows,
             ),

@@ -106,6 +106,32 @@ def test_against_peers_takes_the_fastest_peer_for_host_and_peer_glue_for_gpu():
     assert len(lines) == 2 + 3 and "**miss**" in lines[3]
 
 
+def test_the_back_to_back_summaries_compare_the_back_to_back_host_figures():
+    def impl(host, run, gpu):
+        return dict(host_median=host, host_run_median=run, gpu_median=gpu)
+
+    results = {
+        "D1": dict(
+            what="",
+            impls={
+                "stock-plan": impl(500, 400, 20),
+                "batchmeta": impl(160, 60, 12),
+                "batchmeta-noplan": impl(120, 30, 7),
+                "fast-decode-plan": impl(300, 200, 1),
+                "peer-glue": impl(450, 100, 10),
+            },
+        )
+    }
+    rows = bench.against_peers(results, host="host_run_median")["D1"]
+    assert rows["best_peer"] == "peer-glue" and rows["host_ratio"] == pytest.approx(0.6)
+    assert rows["best_peer_host_us"] == 100 and rows["batchmeta_host_us"] == 60
+    assert bench.against_peers(results)["D1"]["best_peer"] == "fast-decode-plan"
+    s = bench.summarize(results, host="host_run_median")["D1"]
+    assert s["host_ratio"] == pytest.approx(60 / 400) and s["noplan_ratio"] == pytest.approx(30 / 400)
+    assert [c["ok"] for c in s["checks"]] == [True, True, True]
+    assert bench.summarize(results)["D1"]["passed"] is False
+
+
 def test_against_world1_pairs_a_rank_with_the_same_batch_on_one_rank():
     results = {
         "D1": dict(what="", impls={"batchmeta": _impl(100, 10)}),  # not context-parallel: no row
