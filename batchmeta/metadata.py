@@ -785,7 +785,7 @@ class BatchMetadata:
         the batch is invalid; the numpy checker then raises the message).
         """
         lay, ring, tables = self._layout, self._staging, self.block_tables
-        if self._draft is not None:
+        if self._draft is not None and self._draft._pending is not None:
             self._draft.flush()  # a draft round's step 0 left to a replay that did not come
         checked = None if self._host_path is not None else self._checker.check(idx, qlens, clens)
         count = packed_write_count(min(tables.num_staged(), lay.max_writes))
